@@ -1,0 +1,3 @@
+from slimexport.cli import main
+
+main()

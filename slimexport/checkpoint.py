@@ -1,0 +1,80 @@
+"""Checkpoints: the architecture as plain data plus weights, loaded with ``torch.load(weights_only=True)``.
+
+A checkpoint is a dict::
+
+    {"format": "slimexport", "version": 1, "arch": "vgg19", "num_classes": 10, "in_channels": 3,
+     "config": {...},          # plain data from which create_model rebuilds the (pruned) architecture
+     "state_dict": {...},
+     "data": {"name", "mean", "std", "image_size", "label_names"},   # how inputs were normalised
+     "meta": {"stage", "epochs", "accuracy", "history", "args", "prune", ...}}
+
+Nothing but tensors and plain Python values is stored, so no arbitrary object is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimexport.errors import CheckpointError
+from slimexport.fileio import atomic_path
+from slimexport.models import create_model
+
+FORMAT, VERSION = "slimexport", 1
+
+
+def make_checkpoint(model: nn.Module, data: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "arch": model.arch,
+        "num_classes": model.num_classes,
+        "in_channels": model.in_channels,
+        "config": model.config,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "data": data,
+        "meta": meta,
+    }
+
+
+def save_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike) -> None:
+    """Atomic: written to a temporary file beside ``path`` and renamed."""
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(ckpt, tmp)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load and validate a checkpoint dict; one-line :class:`CheckpointError` for anything wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({reason[:160]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a slimexport checkpoint")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {ckpt.get('version')}, this slimexport reads {VERSION}")
+    return ckpt
+
+
+def load_checkpoint(path: str | os.PathLike, expect_arch: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model a checkpoint describes (pruned or not) from the checkpoint alone."""
+    ckpt = read_checkpoint(path)
+    if expect_arch is not None and ckpt["arch"] != expect_arch:
+        raise CheckpointError(f"{path} holds a {ckpt['arch']} model, not the requested {expect_arch}")
+    try:
+        model = create_model(ckpt["arch"], ckpt["num_classes"], ckpt["in_channels"], ckpt["config"])
+        model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: weights do not match its {ckpt.get('arch')} architecture ({first[:160]})") from None
+    return model, ckpt

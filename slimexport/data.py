@@ -1,0 +1,229 @@
+"""Data sets as uint8 tensors in memory, with batching and augmentation done on tensors (CPU or GPU).
+
+Sources, by ``--dataset``:
+
+- ``embedded`` (default): a stratified subset of the real Fashion-MNIST shipped inside the package;
+- ``fashion-mnist``: the original idx ``.gz`` files found under ``--data-dir`` (or ``$SLIMEXPORT_DATA``), else
+  downloaded through torchvision where the network allows;
+- ``cifar10`` / ``cifar100``: ``cifar10.npz`` / ``cifar100.npz`` under the data dir (``fetch_cifar10.py``
+  builds the former offline), else torchvision;
+- a path to any ``.npz`` of uint8 arrays ``x_train``, ``y_train``, ``x_test``, ``y_test``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zipfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from slimexport.errors import DataError
+
+DATA_ENV = "SLIMEXPORT_DATA"
+EMBEDDED = "embedded"
+NAMED = ("embedded", "fashion-mnist", "cifar10", "cifar100")
+FASHION_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                  "Ankle boot"]
+
+
+@dataclass
+class Dataset:
+    """uint8 images (N, C, H, W) and int64 labels, plus the per-channel normalisation of the training set."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    label_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        x = self.x_train.float().div_(255)
+        self.mean = x.mean(dim=(0, 2, 3)).tolist()
+        self.std = x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.x_train.shape[1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.x_train.shape[2]), int(self.x_train.shape[3])
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, H, W) → normalised float32, on x's device."""
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        return (x.float().div_(255) - mean) / std
+
+    def to(self, device: str | torch.device) -> "Dataset":
+        """Move the raw tensors (kept uint8, so a whole data set fits on a GPU) to ``device``."""
+        for k in ("x_train", "y_train", "x_test", "y_test"):
+            setattr(self, k, getattr(self, k).to(device))
+        return self
+
+    def summary(self) -> str:
+        c, (h, w) = self.in_channels, self.image_size
+        return f"{self.name}: {len(self.y_train)} train / {len(self.y_test)} test, {c}×{h}×{w}, {self.num_classes} classes"
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get(DATA_ENV, "~/.cache/slimexport/data")).expanduser()
+
+
+def load_dataset(name: str = EMBEDDED, data_dir: str | os.PathLike | None = None) -> Dataset:
+    """Load a data set by name or ``.npz`` path; raises :class:`DataError` with a one-line reason."""
+    data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    if name == EMBEDDED:
+        with resources.as_file(resources.files("slimexport.assets") / "fashion_mnist_subset.npz") as p:
+            return load_npz(p, name=EMBEDDED)
+    if name.endswith(".npz") or Path(name).is_file():
+        return load_npz(Path(name).expanduser())
+    if name == "fashion-mnist":
+        return _load_fashion_mnist(data_dir)
+    if name in ("cifar10", "cifar100"):
+        npz = data_dir / f"{name}.npz"
+        if npz.is_file():
+            return load_npz(npz, name=name)
+        return _load_torchvision(name, data_dir)
+    raise DataError(f"unknown data set {name!r}: use one of {', '.join(NAMED)} or a path to an .npz file")
+
+
+def load_npz(path: Path, name: str | None = None) -> Dataset:
+    if not path.is_file():
+        raise DataError(f"data set file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in z.files]
+            if missing:
+                raise DataError(f"{path} lacks the array(s) {', '.join(missing)} (needs x_train, y_train, x_test, y_test)")
+            arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+            labels = [str(s) for s in z["label_names"]] if "label_names" in z.files else []
+    except DataError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"cannot read data set {path}: {e}") from None
+    return from_arrays(name or path.stem, labels=labels, **arrays)
+
+
+def _images(x: np.ndarray, what: str) -> torch.Tensor:
+    if x.dtype != np.uint8:
+        raise DataError(f"{what} must be uint8 images, got dtype {x.dtype}")
+    if x.ndim == 3:  # (N, H, W) grayscale
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):  # NHWC
+        x = x.transpose(0, 3, 1, 2)
+    elif x.ndim != 4:
+        raise DataError(f"{what} must have shape (N, H, W), (N, H, W, C) or (N, C, H, W), got {x.shape}")
+    if x.shape[0] == 0 or min(x.shape[2:]) < 8:
+        raise DataError(f"{what} has shape {x.shape}: needs at least one image of at least 8×8 pixels")
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def from_arrays(name: str, x_train, y_train, x_test, y_test, labels: list[str] | None = None) -> Dataset:
+    xtr, xte = _images(np.asarray(x_train), "x_train"), _images(np.asarray(x_test), "x_test")
+    if xtr.shape[1:] != xte.shape[1:]:
+        raise DataError(f"x_train images are {tuple(xtr.shape[1:])} but x_test images are {tuple(xte.shape[1:])}")
+    ys = []
+    for what, y, x in (("y_train", y_train, xtr), ("y_test", y_test, xte)):
+        y = np.asarray(y).reshape(-1)
+        if not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"{what} must hold integer class labels, got dtype {y.dtype}")
+        if len(y) != len(x):
+            raise DataError(f"{what} has {len(y)} labels for {len(x)} images")
+        if y.min() < 0:
+            raise DataError(f"{what} holds negative labels")
+        ys.append(torch.from_numpy(y.astype(np.int64)))
+    num_classes = int(max(ys[0].max(), ys[1].max())) + 1
+    if num_classes < 2:
+        raise DataError("the data set needs at least two classes")
+    return Dataset(name, xtr, ys[0], xte, ys[1], num_classes, list(labels or []))
+
+
+def _read_idx_gz(path: Path) -> np.ndarray:
+    """An idx file (the MNIST format: magic, dims, big-endian uint32 sizes, then uint8 data), gzipped."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    if len(raw) < 8 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+        raise DataError(f"{path} is not a uint8 idx file")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(int)
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DataError(f"{path} is truncated: {body.size} bytes of data for shape {tuple(dims)}")
+    return body.reshape(dims).copy()  # frombuffer is read-only; torch wants writable memory
+
+
+FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz")
+
+
+def find_fashion_mnist(data_dir: Path) -> Path | None:
+    for d in (data_dir, data_dir / "fashion-mnist", data_dir / "FashionMNIST" / "raw"):
+        if all((d / f).is_file() for f in FASHION_FILES):
+            return d
+    return None
+
+
+def _load_fashion_mnist(data_dir: Path) -> Dataset:
+    d = find_fashion_mnist(data_dir)
+    if d is None:
+        return _load_torchvision("fashion-mnist", data_dir)
+    xtr, ytr, xte, yte = (_read_idx_gz(d / f) for f in FASHION_FILES)
+    return from_arrays("fashion-mnist", xtr, ytr, xte, yte, FASHION_LABELS)
+
+
+def _load_torchvision(name: str, data_dir: Path) -> Dataset:
+    import torchvision
+
+    cls = {"fashion-mnist": torchvision.datasets.FashionMNIST, "cifar10": torchvision.datasets.CIFAR10,
+           "cifar100": torchvision.datasets.CIFAR100}[name]
+    try:
+        train = cls(str(data_dir), train=True, download=True)
+        test = cls(str(data_dir), train=False, download=True)
+    except Exception as e:  # torchvision raises URLError, RuntimeError, OSError... for a failed download
+        hint = " (for CIFAR-10 offline: python fetch_cifar10.py DIR, then --data-dir DIR)" if name == "cifar10" else ""
+        raise DataError(f"{name} not found under {data_dir} and could not be downloaded: "
+                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{hint}") from None
+    arrays = [np.asarray(ds.data) for ds in (train, test)]
+    labels = [np.asarray(ds.targets) for ds in (train, test)]
+    return from_arrays(name, arrays[0], labels[0], arrays[1], labels[1], list(getattr(train, "classes", [])))
+
+
+def augment(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random pad-and-crop plus horizontal flip on a batch (N, C, H, W), vectorised, on x's device."""
+    n, c, h, w = x.shape
+    if pad:
+        xp = F.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=generator)
+        dx = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=generator)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        x = xp[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+    if flip:
+        m = torch.rand(n, device=x.device, generator=generator) < 0.5
+        x = torch.where(m[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def batches(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, generator: torch.Generator | None = None,
+    drop_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    n = len(y)
+    order = torch.randperm(n, generator=generator).to(x.device) if shuffle else torch.arange(n, device=x.device)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for i in range(0, stop, batch_size):
+        idx = order[i : i + batch_size]
+        yield x[idx], y[idx]

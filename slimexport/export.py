@@ -1,0 +1,146 @@
+"""ONNX export: torch's default (dynamo) exporter with a dynamic batch axis, onnx.checker, onnxsim, and a parity
+check against PyTorch on real test images. Export is not done until the parity check passes; a mismatch beyond
+tolerance raises :class:`ParityError` and leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import time
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slimexport.checkpoint import load_checkpoint
+from slimexport.data import Dataset
+from slimexport.errors import ConfigError, ParityError, SlimExportError
+from slimexport.fileio import atomic_path
+
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+@dataclass
+class ExportConfig:
+    opset: int = 20
+    simplify: bool = True
+    atol: float = 1e-3  # max |onnx - torch| over all logits of the parity images
+    parity_images: int = 512
+    parity_batch: int = 128
+
+
+def _export_torch(model: torch.nn.Module, sample: torch.Tensor, path: Path, opset: int) -> None:
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (sample,), str(path), dynamo=True, opset_version=opset,
+                              dynamic_shapes=({0: batch},), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              external_data=False, verbose=False)
+    except Exception as e:  # the exporter raises many types; report the first line, keep the log for debugging
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SlimExportError(f"torch.onnx.export failed for {getattr(model, 'arch', 'model')}: {first[:200]}") from e
+
+
+def op_counts(model_proto) -> dict[str, int]:
+    return dict(sorted(Counter(n.op_type for n in model_proto.graph.node).items()))
+
+
+def ort_session(path: str | os.PathLike | bytes, threads: int = 1, provider: str = "CPUExecutionProvider",
+                profile_prefix: str | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(str(path) if not isinstance(path, bytes) else path, so, providers=[provider])
+
+
+@torch.no_grad()
+def parity(model: torch.nn.Module, onnx_path: Path, ds: Dataset, n_images: int, batch: int) -> dict[str, float]:
+    """Max |ONNX − PyTorch| over the logits of the first ``n_images`` test images, and top-1 agreement."""
+    sess = ort_session(onnx_path, threads=os.cpu_count() or 1)
+    model.eval()
+    n = min(n_images, len(ds.y_test))
+    max_diff, agree = 0.0, 0
+    for i in range(0, n, batch):
+        x = ds.normalize(ds.x_test[i : min(i + batch, n)].cpu())
+        ref = model(x).numpy()
+        got = sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+        if got.shape != ref.shape:
+            raise ParityError(f"ONNX output shape {got.shape} differs from PyTorch's {ref.shape}")
+        max_diff = max(max_diff, float(np.abs(got - ref).max()))
+        agree += int((got.argmax(1) == ref.argmax(1)).sum())
+    return {"max_abs_diff": max_diff, "top1_agreement": agree / n, "images": n}
+
+
+def export(ckpt_path: str | os.PathLike, out: str | os.PathLike, ds: Dataset, cfg: ExportConfig | None = None
+           ) -> dict[str, Any]:
+    """Export a checkpoint to ONNX at ``out`` (atomically, only once checked, simplified and verified)."""
+    import onnx
+
+    cfg = cfg or ExportConfig()
+    if cfg.atol <= 0:
+        raise ConfigError(f"--atol must be positive, got {cfg.atol}")
+    model, ckpt = load_checkpoint(ckpt_path)
+    if (ckpt["in_channels"], ckpt["num_classes"]) != (ds.in_channels, ds.num_classes):
+        raise ConfigError(f"{ckpt_path} expects {ckpt['in_channels']}-channel inputs and {ckpt['num_classes']} classes; "
+                          f"the data set {ds.name} has {ds.in_channels} and {ds.num_classes}")
+    model.eval()
+    t0 = time.perf_counter()
+    sample = ds.normalize(ds.x_test[:2].cpu())
+    with atomic_path(out, suffix=".onnx") as tmp:
+        _export_torch(model, sample, tmp, cfg.opset)
+        proto = onnx.load(str(tmp))
+        onnx.checker.check_model(proto, full_check=True)
+        ops_exported = op_counts(proto)
+        simplified = False
+        if cfg.simplify:
+            import onnxsim
+
+            try:
+                simp, ok = onnxsim.simplify(proto)
+            except Exception as e:
+                raise SlimExportError(f"onnxsim failed on {out}: {str(e).strip().splitlines()[0][:200]}") from e
+            if not ok:
+                raise SlimExportError(f"onnxsim could not validate the simplified model for {out}")
+            proto, simplified = simp, True
+            onnx.checker.check_model(proto, full_check=True)
+        meta = {"arch": ckpt["arch"], "stage": ckpt["meta"].get("stage", ""), "mean": json.dumps(ckpt["data"].get("mean")),
+                "std": json.dumps(ckpt["data"].get("std")), "labels": json.dumps(ckpt["data"].get("label_names")),
+                "producer": "slimexport"}
+        del proto.metadata_props[:]
+        for k, v in meta.items():
+            proto.metadata_props.add(key=k, value=str(v))
+        onnx.save(proto, str(tmp))
+        par = parity(model, tmp, ds, cfg.parity_images, cfg.parity_batch)
+        par["atol"] = cfg.atol
+        if not (par["max_abs_diff"] <= cfg.atol):
+            raise ParityError(f"ONNX output differs from PyTorch by {par['max_abs_diff']:.3g} > atol {cfg.atol:g} "
+                              f"(top-1 agreement {par['top1_agreement']:.4f}); {out} not written")
+        size = tmp.stat().st_size
+    return {
+        "path": str(out),
+        "onnx_bytes": size,
+        "opset": cfg.opset,
+        "simplified": simplified,
+        "op_counts": op_counts(proto),
+        "op_counts_before_simplify": ops_exported,
+        "parity": par,
+        "export_seconds": time.perf_counter() - t0,
+        "config": asdict(cfg),
+    }

@@ -1,0 +1,121 @@
+"""Pieces shared by the architectures: channel selection, reference initialisation, and weight-slicing helpers."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+class ChannelSelection(nn.Module):
+    """Picks a static subset of channels (dim 1) — the reference's ``channel_selection``, folded.
+
+    The kept indices are fixed at construction and stored in the model's config, so the op is the cheapest
+    exact static one: nothing when every channel is kept (training, before any pruning), a slice when they
+    form one contiguous range (one ONNX ``Slice``), otherwise ``index_select`` on a constant index buffer
+    (one ONNX ``Gather``). No numpy, no host synchronisation, no trainable parameter.
+    """
+
+    def __init__(self, num_channels: int, index: Sequence[int] | None = None):
+        super().__init__()
+        self.num_channels = int(num_channels)
+        idx = None if index is None else [int(i) for i in index]
+        if idx is not None:
+            if not idx:
+                raise ValueError("a channel selection must keep at least one channel")
+            if len(set(idx)) != len(idx) or min(idx) < 0 or max(idx) >= self.num_channels:
+                raise ValueError(f"invalid channel selection for {self.num_channels} channels: {idx}")
+            if idx == list(range(self.num_channels)):
+                idx = None
+        self.index_list = idx
+        if idx is None:
+            self.mode, self.start, self.stop = "identity", 0, self.num_channels
+        elif idx == list(range(idx[0], idx[0] + len(idx))):
+            self.mode, self.start, self.stop = "slice", idx[0], idx[0] + len(idx)
+        else:
+            self.mode, self.start, self.stop = "gather", 0, 0
+            self.register_buffer("index", torch.tensor(idx, dtype=torch.long), persistent=False)
+
+    @property
+    def out_channels(self) -> int:
+        return self.num_channels if self.index_list is None else len(self.index_list)
+
+    def indices(self) -> list[int]:
+        """The kept channel indices (all of them for the identity)."""
+        return list(range(self.num_channels)) if self.index_list is None else list(self.index_list)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "identity":
+            return x
+        if self.mode == "slice":
+            return x[:, self.start : self.stop]
+        return torch.index_select(x, 1, self.index)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels} -> {self.out_channels}, {self.mode}"
+
+
+def reference_init(model: nn.Module, linear_std: float | None = None) -> None:
+    """The reference implementation's initialisation: He-normal convs (fan-out), BN γ = 0.5 and β = 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / n))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 0.5)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and linear_std is not None:
+            nn.init.normal_(m.weight, 0.0, linear_std)
+            nn.init.zeros_(m.bias)
+
+
+@torch.no_grad()
+def copy_bn(dst: nn.BatchNorm2d, src: nn.BatchNorm2d, idx: torch.Tensor) -> None:
+    """Copy the channels ``idx`` of ``src`` (γ, β and running statistics) into ``dst``."""
+    dst.weight.copy_(src.weight[idx])
+    dst.bias.copy_(src.bias[idx])
+    dst.running_mean.copy_(src.running_mean[idx])
+    dst.running_var.copy_(src.running_var[idx])
+    dst.num_batches_tracked.copy_(src.num_batches_tracked)
+
+
+@torch.no_grad()
+def copy_conv(dst: nn.Conv2d, src: nn.Conv2d, out_idx: torch.Tensor | None, in_idx: torch.Tensor | None) -> None:
+    w = src.weight
+    if out_idx is not None:
+        w = w[out_idx]
+    if in_idx is not None:
+        w = w[:, in_idx]
+    dst.weight.copy_(w)
+    if src.bias is not None:
+        dst.bias.copy_(src.bias if out_idx is None else src.bias[out_idx])
+
+
+@torch.no_grad()
+def dropped_constant(bn: nn.BatchNorm2d, keep: torch.Tensor) -> torch.Tensor:
+    """What each dropped channel of ``BN → ReLU`` still contributes, as a constant: relu(β); 0 where kept.
+
+    A channel is dropped because its γ is (near) zero, so its output is (near) the constant relu(β). The
+    reference simply loses that constant, which deepens the accuracy drop right after pruning; slimexport
+    folds it into the next layer instead (see :func:`conv_shift`).
+    """
+    const = torch.relu(bn.bias.detach().float()).clone()
+    const[keep] = 0.0
+    return const
+
+
+@torch.no_grad()
+def conv_shift(conv: nn.Conv2d, const: torch.Tensor) -> torch.Tensor:
+    """The constant a conv adds to each output channel when its inputs are the per-channel constants ``const``.
+
+    Exact away from the zero-padded border.
+    """
+    return (conv.weight.detach().float() * const.view(1, -1, 1, 1)).sum(dim=(1, 2, 3))
+
+
+def as_index(keep: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    return torch.as_tensor(keep, dtype=torch.long).flatten()

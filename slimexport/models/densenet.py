@@ -1,0 +1,124 @@
+"""DenseNet (depth 3n+4, growth 12, three dense blocks, pre-activation), the reference's ``densenet``.
+
+Every BN reads the concatenated feature map shared with later layers, so no BN can shrink the map: each is
+preceded by a :class:`ChannelSelection` (selecting first is exact, since BN is per-channel, and lets the BN
+shrink to the kept channels). Only conv and FC *inputs* shrink.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from slimexport.models.common import (
+    ChannelSelection,
+    as_index,
+    conv_shift,
+    copy_bn,
+    copy_conv,
+    dropped_constant,
+    reference_init,
+)
+
+
+def densenet_config(depth: int, growth: int = 12) -> dict[str, Any]:
+    if depth < 7 or (depth - 4) % 3:
+        raise ValueError(f"densenet depth must be 3n+4 with n >= 1 (7, 10, ..., 40), got {depth}")
+    n = (depth - 4) // 3
+    return {"depth": depth, "growth": growth, "select": [None] * (3 * n + 2), "final_select": None}
+
+
+class DenseLayer(nn.Module):
+    """select → BN → ReLU → conv3×3 (growth channels), concatenated onto the input."""
+
+    def __init__(self, inplanes: int, growth: int, select: Sequence[int] | None):
+        super().__init__()
+        self.select = ChannelSelection(inplanes, select)
+        self.bn1 = nn.BatchNorm2d(self.select.out_channels)
+        self.conv1 = nn.Conv2d(self.select.out_channels, growth, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat((x, self.conv1(F.relu(self.bn1(self.select(x))))), 1)
+
+
+class Transition(nn.Module):
+    """select → BN → ReLU → conv1×1 → avg-pool 2 (compression 1: width unchanged)."""
+
+    def __init__(self, inplanes: int, outplanes: int, select: Sequence[int] | None):
+        super().__init__()
+        self.select = ChannelSelection(inplanes, select)
+        self.bn1 = nn.BatchNorm2d(self.select.out_channels)
+        self.conv1 = nn.Conv2d(self.select.out_channels, outplanes, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(self.conv1(F.relu(self.bn1(self.select(x)))), 2)
+
+
+class DenseNet(nn.Module):
+    def __init__(self, arch: str, config: dict[str, Any], num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        self.arch, self.num_classes, self.in_channels = arch, num_classes, in_channels
+        self.config = copy.deepcopy(config)
+        n, growth = (config["depth"] - 4) // 3, config["growth"]
+        sel = iter(config["select"])
+        width = 2 * growth
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        for s in range(3):
+            layers = []
+            for _ in range(n):
+                layers.append(DenseLayer(width, growth, next(sel)))
+                width += growth
+            self.add_module(f"dense{s + 1}", nn.Sequential(*layers))
+            if s < 2:
+                self.add_module(f"trans{s + 1}", Transition(width, width, next(sel)))
+        self.select = ChannelSelection(width, config["final_select"])
+        self.bn = nn.BatchNorm2d(self.select.out_channels)
+        self.fc = nn.Linear(self.select.out_channels, num_classes)
+        reference_init(self)
+
+    def units(self) -> list[DenseLayer | Transition]:
+        """Every select→BN→ReLU→conv unit, in forward order."""
+        return [*self.dense1, self.trans1, *self.dense2, self.trans2, *self.dense3]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        x = self.dense3(self.trans2(self.dense2(self.trans1(self.dense1(x)))))
+        x = F.relu(self.bn(self.select(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+    def prunable_bns(self) -> list[tuple[str, nn.BatchNorm2d]]:
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, nn.BatchNorm2d)]
+
+    @torch.no_grad()
+    def pruned(self, keep: dict[str, torch.Tensor]) -> "DenseNet":
+        names = {id(m): n for n, m in self.named_modules()}
+        cfg = copy.deepcopy(self.config)
+        for u, unit in enumerate(self.units()):
+            k = as_index(keep[names[id(unit.bn1)]])
+            cfg["select"][u] = [unit.select.indices()[i] for i in k.tolist()]
+        kf = as_index(keep[names[id(self.bn)]])
+        cfg["final_select"] = [self.select.indices()[i] for i in kf.tolist()]
+        new = DenseNet(self.arch, cfg, self.num_classes, self.in_channels)
+        new.conv1.load_state_dict(self.conv1.state_dict())
+
+        # `shift`: per channel of the shared feature map, the constant that dropped channels would have added.
+        # Every BN that reads the map absorbs it into its running mean.
+        shift = torch.zeros(self.conv1.out_channels)
+        for unit, nunit in zip(self.units(), new.units()):
+            k = as_index(keep[names[id(unit.bn1)]])
+            sel = torch.as_tensor(nunit.select.indices())
+            copy_bn(nunit.bn1, unit.bn1, k)
+            nunit.bn1.running_mean.sub_(shift[sel])
+            copy_conv(nunit.conv1, unit.conv1, None, k)
+            delta = conv_shift(unit.conv1, dropped_constant(unit.bn1, k))
+            shift = delta if isinstance(unit, Transition) else torch.cat((shift, delta))
+        sel = torch.as_tensor(new.select.indices())
+        copy_bn(new.bn, self.bn, kf)
+        new.bn.running_mean.sub_(shift[sel])
+        new.fc.weight.copy_(self.fc.weight[:, kf])
+        new.fc.bias.copy_(self.fc.bias + self.fc.weight @ dropped_constant(self.bn, kf))
+        return new

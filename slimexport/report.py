@@ -1,0 +1,230 @@
+"""The run report: report.json (machine-readable, schema below), report.md (for people) and plots.
+
+report.json, schema ``slimexport.report/1``::
+
+    {"schema", "created", "command",
+     "baseline" / "pruned": {"checkpoint", "onnx", "params", "macs", "onnx_bytes", "accuracy" (onnxruntime, test
+                             set, fraction), "torch_accuracy", "latency": [{provider, batch, threads, median_ms,
+                             p90_ms, runs}], "parity": {max_abs_diff, top1_agreement, images, atol},
+                             "op_counts": {op: n}, "op_time": {shares, gather_slice_share}},
+     "pruned" also: "sparse_accuracy", "accuracy_before_refine",
+     "ratios": {"params", "macs", "onnx_bytes": baseline / pruned,
+                "speedup": [{provider, batch, threads, speedup = baseline median / pruned median}]},
+     "parity": {"max_abs_diff": worst of both, "top1_agreement": worst of both},
+     "prune": {percent, threshold, channels_before, channels_after, pruned_fraction, floored_layers, layers},
+     "stages": {stage: {"seconds", ...}}, "config", "versions", "machine"}
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from slimexport.fileio import atomic_path, write_text
+
+SCHEMA = "slimexport.report/1"
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+    import torchvision
+
+    import slimexport
+
+    try:
+        import onnxsim
+
+        sim = getattr(onnxsim, "__version__", "?")
+    except ImportError:  # pragma: no cover - onnxsim is a dependency
+        sim = "not installed"
+    return {"slimexport": slimexport.__version__, "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "onnxsim": sim}
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "platform": platform.platform()}
+
+
+def ratios(baseline: dict[str, Any], pruned: dict[str, Any]) -> dict[str, Any]:
+    def key(row):
+        return row["provider"], row["batch"], row["threads"]
+
+    base_lat = {key(r): r for r in baseline.get("latency", [])}
+    speedup = []
+    for r in pruned.get("latency", []):
+        b = base_lat.get(key(r))
+        if b is not None:
+            speedup.append({"provider": r["provider"], "batch": r["batch"], "threads": r["threads"],
+                            "speedup": b["median_ms"] / r["median_ms"]})
+    return {k: baseline[k] / pruned[k] for k in ("params", "macs", "onnx_bytes") if pruned.get(k)} | {"speedup": speedup}
+
+
+def build_report(baseline: dict[str, Any], pruned: dict[str, Any], prune_record: dict[str, Any],
+                 stages: dict[str, Any], config: dict[str, Any], command: str = "") -> dict[str, Any]:
+    par = [m["parity"] for m in (baseline, pruned) if "parity" in m]
+    return {
+        "schema": SCHEMA,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "baseline": baseline,
+        "pruned": pruned,
+        "ratios": ratios(baseline, pruned),
+        "parity": {"max_abs_diff": max(p["max_abs_diff"] for p in par), "top1_agreement": min(p["top1_agreement"] for p in par)}
+        if par else {},
+        "prune": prune_record,
+        "stages": stages,
+        "config": config,
+        "versions": versions(),
+        "machine": machine(),
+    }
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.2f}%"
+
+
+def render_markdown(r: dict[str, Any]) -> str:
+    b, p, q = r["baseline"], r["pruned"], r["ratios"]
+    cfg = r["config"]
+    lines = [
+        f"# slimexport report: {cfg.get('arch')} on {cfg.get('dataset')}, {100 * r['prune']['percent']:.0f}% pruned",
+        "",
+        f"Created {r['created']} on {r['machine']['cpu']} ({r['machine']['cores']} cores"
+        + (f", GPU {r['machine']['gpu']}" if r['machine'].get('gpu') else "") + ").",
+        "",
+        "| | baseline | pruned | ratio (baseline / pruned) |",
+        "|---|---:|---:|---:|",
+        f"| parameters | {b['params']:,} | {p['params']:,} | ×{q['params']:.2f} |",
+        f"| MACs / image | {b['macs']:,} | {p['macs']:,} | ×{q['macs']:.2f} |",
+        f"| ONNX bytes | {b['onnx_bytes']:,} | {p['onnx_bytes']:,} | ×{q['onnx_bytes']:.2f} |",
+        f"| accuracy (onnxruntime) | {_pct(b.get('accuracy'))} | {_pct(p.get('accuracy'))} | "
+        f"{100 * (p.get('accuracy', 0) - b.get('accuracy', 0)):+.2f} points |",
+        f"| accuracy (PyTorch) | {_pct(b.get('torch_accuracy'))} | {_pct(p.get('torch_accuracy'))} | |",
+        "",
+        f"Pruned model before refine: {_pct(p.get('accuracy_before_refine'))}; sparse model: "
+        f"{_pct(p.get('sparse_accuracy'))}. Global threshold |γ| > {r['prune']['threshold']} removed "
+        f"{r['prune']['channels_before'] - r['prune']['channels_after']} of {r['prune']['channels_before']} channels"
+        + (f"; layers kept at their floor: {', '.join(r['prune']['floored_layers'])}" if r['prune']['floored_layers'] else "")
+        + ".",
+        "",
+        "## Latency (onnxruntime, median and p90 in ms)",
+        "",
+        "| provider | batch | threads | baseline median | baseline p90 | pruned median | pruned p90 | speed-up |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    base = {(x["provider"], x["batch"], x["threads"]): x for x in b.get("latency", [])}
+    sp = {(x["provider"], x["batch"], x["threads"]): x["speedup"] for x in q["speedup"]}
+    for x in p.get("latency", []):
+        k = (x["provider"], x["batch"], x["threads"])
+        y = base.get(k, {})
+        lines.append(f"| {x['provider'].replace('ExecutionProvider', '')} | {x['batch']} | {x['threads']} | "
+                     f"{y.get('median_ms', float('nan')):.3f} | {y.get('p90_ms', float('nan')):.3f} | "
+                     f"{x['median_ms']:.3f} | {x['p90_ms']:.3f} | ×{sp.get(k, float('nan')):.2f} |")
+    lines += ["", "## Export", "", "| | max abs diff vs PyTorch | top-1 agreement | ops | Gather/Slice time share |",
+              "|---|---:|---:|---|---:|"]
+    for name, m in (("baseline", b), ("pruned", p)):
+        ops = ", ".join(f"{k} {v}" for k, v in m.get("op_counts", {}).items())
+        share = m.get("op_time", {}).get("gather_slice_share")
+        lines.append(f"| {name} | {m['parity']['max_abs_diff']:.2e} | {m['parity']['top1_agreement']:.4f} | {ops} | "
+                     f"{_pct(share)} |")
+    lines += ["", "## Stages", "", "| stage | seconds | accuracy | images/s |", "|---|---:|---:|---:|"]
+    for name, s in r["stages"].items():
+        ips = s.get("images_per_s")
+        lines.append(f"| {name} | {s['seconds']:.1f} | {_pct(s.get('accuracy'))} | {'' if ips is None else f'{ips:,.0f}'} |")
+    lines += ["", "## Plots", "", "![BN |γ| distribution](gamma_hist.png)", "", "![channels per layer](channels.png)",
+              "", "![latency](latency.png)", "", "Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()), ""]
+    return "\n".join(lines)
+
+
+def _save_fig(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+
+def plot_gammas(gammas: list[float], threshold: float | None, path: Path, title: str) -> None:
+    """Histogram of all prunable BN |γ| with the global threshold marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.hist(gammas, bins=80, color="#4C72B0")
+    ax.set_yscale("log")
+    if threshold is not None:
+        ax.axvline(threshold, color="#C44E52", ls="--", label=f"threshold {threshold:.3g}")
+        ax.legend()
+    ax.set_xlabel("|γ| (BatchNorm scale)")
+    ax.set_ylabel("channels")
+    ax.set_title(title)
+    _save_fig(fig, path)
+
+
+def plot_channels(layers: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Channels per prunable BN layer, before and after pruning."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(layers)
+    fig, ax = plt.subplots(figsize=(max(6.0, min(24.0, 0.25 * n + 3)), 3.8))
+    xs = range(n)
+    ax.bar(xs, [lay["before"] for lay in layers], color="#C9D3E6", label="before")
+    ax.bar(xs, [lay["after"] for lay in layers], color="#4C72B0", label="after")
+    ax.set_xlabel("BN layer (forward order)")
+    ax.set_ylabel("channels")
+    ax.set_title(title)
+    ax.legend()
+    _save_fig(fig, path)
+
+
+def plot_latency(report: dict[str, Any], path: Path) -> None:
+    """Median latency per setting, baseline against pruned."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["pruned"].get("latency", [])
+    base = {(x["provider"], x["batch"], x["threads"]): x for x in report["baseline"].get("latency", [])}
+    labels = [f"b{x['batch']} t{x['threads']}" + ("" if x["provider"].startswith("CPU") else " cuda") for x in rows]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(rows) + 2), 3.6))
+    xs = range(len(rows))
+    ax.bar([i - 0.2 for i in xs], [base[(x["provider"], x["batch"], x["threads"])]["median_ms"] for x in rows], 0.4,
+           label="baseline", color="#C9D3E6")
+    ax.bar([i + 0.2 for i in xs], [x["median_ms"] for x in rows], 0.4, label="pruned", color="#4C72B0")
+    ax.set_xticks(list(xs), labels)
+    ax.set_yscale("log")
+    ax.set_ylabel("median latency (ms)")
+    ax.set_title("onnxruntime latency")
+    ax.legend()
+    _save_fig(fig, path)
+
+
+def write_report(run_dir: Path, report: dict[str, Any]) -> None:
+    from slimexport.fileio import write_json
+
+    write_json(run_dir / "report.json", report)
+    write_text(run_dir / "report.md", render_markdown(report))

@@ -1,0 +1,23 @@
+"""Model statistics: parameters and multiply-accumulates (MACs) per image, counted by torch's FlopCounterMode."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from slimexport.models import count_params
+
+__all__ = ["count_macs", "count_params"]
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, in_channels: int, image_size: tuple[int, int]) -> int:
+    """MACs of one forward pass on one image (convs and linears; FLOPs / 2)."""
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, in_channels, *image_size, device=next(model.parameters()).device)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train(was_training)
+    return counter.get_total_flops() // 2

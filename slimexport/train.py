@@ -1,0 +1,252 @@
+"""Training: plain, sparse (L1 on every BN γ), and refine of a pruned model — one loop, one artifact out.
+
+The sparsity penalty is a hook, :func:`regularize`, called between ``backward()`` and ``step()``; it adds the
+network-slimming subgradient s·sign(γ) to every ``BatchNorm2d`` weight gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from slimexport.checkpoint import load_checkpoint, make_checkpoint, read_checkpoint, save_checkpoint
+from slimexport.console import console, make_progress
+from slimexport.data import Dataset, augment, batches
+from slimexport.errors import CheckpointError, ConfigError, DeviceError
+from slimexport.models import create_model
+
+# Named schedules. `fast` is a short one-cycle schedule; `paper` is the reference recipe (Liu et al. 2017).
+PRESETS: dict[str, dict[str, Any]] = {
+    "fast": {"schedule": "onecycle", "lr": 0.1, "batch_size": 128, "weight_decay": 5e-4},
+    "paper": {"schedule": "multistep", "lr": 0.1, "batch_size": 64, "weight_decay": 1e-4},
+}
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    lr: float = 0.1  # peak (onecycle) or initial (multistep, constant) learning rate
+    batch_size: int = 128
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    schedule: str = "onecycle"  # onecycle | multistep (×0.1 at 50% and 75%) | constant
+    sparsity: float = 0.0  # s in s·sign(γ); 0 = plain training
+    seed: int = 0
+    augment: bool = True
+    device: str = "auto"
+    eval_batch_size: int = 512
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.sparsity < 0 or not math.isfinite(self.sparsity):
+            raise ConfigError(f"--sparsity must be >= 0, got {self.sparsity}")
+        if self.schedule not in ("onecycle", "multistep", "constant"):
+            raise ConfigError(f"unknown schedule {self.schedule!r}: onecycle, multistep or constant")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cuda`` without CUDA is a :class:`DeviceError`."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError("--device cuda was requested but CUDA is not available on this machine (torch sees no GPU)")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise DeviceError(f"unknown device {device!r}: use cpu, cuda or auto")
+    return torch.device(device)
+
+
+def bn_weights(model: nn.Module) -> list[torch.Tensor]:
+    return [m.weight for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.weight is not None]
+
+
+@torch.no_grad()
+def regularize(model: nn.Module, sparsity: float, weights: list[torch.Tensor] | None = None) -> None:
+    """Add the L1 subgradient ``sparsity·sign(γ)`` to the gradient of every BN scale γ (after ``backward()``)."""
+    if sparsity <= 0:
+        return
+    ws = [w for w in (weights if weights is not None else bn_weights(model)) if w.grad is not None]
+    if ws:
+        torch._foreach_add_([w.grad for w in ws], [torch.sign(w) for w in ws], alpha=sparsity)
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, ds: Dataset, device: torch.device | str = "cpu", batch_size: int = 512,
+             progress=None) -> float:
+    """Top-1 accuracy (fraction) on the test split."""
+    device = torch.device(device)
+    model.eval().to(device)
+    correct = 0
+    task = progress.add_task("evaluate", total=len(ds.y_test), info="") if progress is not None else None
+    x_all, y_all = ds.x_test.to(device), ds.y_test.to(device)
+    for xb, yb in batches(x_all, y_all, batch_size, shuffle=False):
+        with _autocast(device):
+            logits = model(ds.normalize(xb))
+        correct += int((logits.argmax(1) == yb).sum())
+        if task is not None:
+            progress.advance(task, len(yb))
+    if task is not None:
+        progress.remove_task(task)
+    return correct / len(ds.y_test)
+
+
+def _make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.25,
+                                                   div_factor=10.0, final_div_factor=100.0)
+    if cfg.schedule == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, [int(total * 0.5), int(total * 0.75)], gamma=0.1)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def fit(model: nn.Module, ds: Dataset, cfg: TrainConfig, resume_path: Path | None = None,
+        resume: bool = False, description: str = "train") -> dict[str, Any]:
+    """Train ``model`` in place; returns {history, best_accuracy, final_accuracy, seconds, images_per_s}.
+
+    With ``resume_path``, the full training state is saved there (atomically) after every epoch, and with
+    ``resume`` an existing state there is continued from instead of starting over.
+    """
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    ds_dev = ds if device.type == "cpu" else ds.to(device)
+    steps = math.ceil(len(ds.y_train) / cfg.batch_size)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                          nesterov=True)
+    sched = _make_scheduler(opt, cfg, steps)
+    history: list[dict[str, float]] = []
+    start_epoch, train_seconds = 0, 0.0
+    if resume and resume_path is not None and resume_path.exists():
+        state = read_checkpoint(resume_path)
+        if state["meta"].get("train_config") != _cfg_key(cfg):
+            raise CheckpointError(f"{resume_path} was written with other training options; rerun with the same ones "
+                                  "or delete it to start over")
+        model.load_state_dict(state["state_dict"])
+        opt.load_state_dict(state["meta"]["optimizer"])
+        sched.load_state_dict(state["meta"]["scheduler"])
+        gen.set_state(state["meta"]["rng"])
+        start_epoch, history = state["meta"]["epoch"], state["meta"]["history"]
+        train_seconds = state["meta"]["train_seconds"]
+        console.print(f"resuming {description} from epoch {start_epoch} ({resume_path})")
+    bn_ws = bn_weights(model)
+    pad = max(1, ds.image_size[0] // 8) if cfg.augment else 0
+    with make_progress() as progress:
+        task = progress.add_task(description, total=cfg.epochs * steps, completed=start_epoch * steps, info="")
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            seen = 0
+            for xb, yb in batches(ds_dev.x_train, ds_dev.y_train, cfg.batch_size, shuffle=True, generator=gen):
+                if cfg.augment:
+                    xb = augment(xb, pad, flip=True, generator=gen if device.type == "cpu" else None)
+                x = ds.normalize(xb)
+                if device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with _autocast(device):
+                    loss = F.cross_entropy(model(x), yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                regularize(model, cfg.sparsity, bn_ws)
+                opt.step()
+                sched.step()
+                loss_sum += loss.detach() * len(yb)
+                seen += len(yb)
+                progress.advance(task)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            epoch_s = time.perf_counter() - t0
+            train_seconds += epoch_s
+            acc = evaluate(model, ds_dev, device, cfg.eval_batch_size)
+            history.append({"epoch": epoch + 1, "loss": float(loss_sum) / seen, "accuracy": acc,
+                            "seconds": epoch_s, "images_per_s": seen / epoch_s})
+            progress.update(task, info=f"epoch {epoch + 1}/{cfg.epochs} loss {history[-1]['loss']:.3f} acc {acc:.4f}")
+            if resume_path is not None:
+                state_meta = {"train_config": _cfg_key(cfg), "optimizer": opt.state_dict(),
+                              "scheduler": sched.state_dict(), "rng": gen.get_state(), "epoch": epoch + 1,
+                              "history": history, "train_seconds": train_seconds}
+                save_checkpoint(make_checkpoint(model, {}, state_meta), resume_path)
+    model.to("cpu").to(memory_format=torch.contiguous_format)
+    n_images = sum(len(ds.y_train) for _ in history)
+    return {
+        "history": history,
+        "final_accuracy": history[-1]["accuracy"],
+        "best_accuracy": max(h["accuracy"] for h in history),
+        "train_seconds": train_seconds,
+        "images_per_s": n_images / train_seconds if train_seconds else 0.0,
+    }
+
+
+def _cfg_key(cfg: TrainConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    d.pop("device")
+    d.pop("eval_batch_size")
+    return d
+
+
+def data_meta(ds: Dataset) -> dict[str, Any]:
+    return {"name": ds.name, "mean": ds.mean, "std": ds.std, "image_size": list(ds.image_size),
+            "label_names": ds.label_names}
+
+
+def train(out: str | os.PathLike, ds: Dataset, cfg: TrainConfig, arch: str | None = None,
+          init: str | os.PathLike | None = None, stage: str | None = None, resume: bool = False) -> dict[str, Any]:
+    """Train ``arch`` from scratch, or continue from checkpoint ``init`` (refine); write the checkpoint ``out``.
+
+    Returns the checkpoint's ``meta``. Training state is kept in ``out.resume`` until the run completes.
+    """
+    out = Path(out)
+    if (arch is None) == (init is None):
+        raise ConfigError("give exactly one of an architecture (train) or an initial checkpoint (refine)")
+    prior_meta: dict[str, Any] = {}
+    if init is not None:
+        model, ckpt = load_checkpoint(init)
+        prior_meta = ckpt["meta"]
+        if (ckpt["num_classes"], ckpt["in_channels"]) != (ds.num_classes, ds.in_channels):
+            raise ConfigError(f"{init} was trained for {ckpt['num_classes']} classes and {ckpt['in_channels']} input "
+                              f"channels; the data set {ds.name} has {ds.num_classes} and {ds.in_channels}")
+    else:
+        try:
+            model = create_model(arch, ds.num_classes, ds.in_channels)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    stage = stage or ("refined" if init is not None else ("sparse" if cfg.sparsity > 0 else "baseline"))
+    resume_path = out.with_name(out.name + ".resume")
+    result = fit(model, ds, cfg, resume_path=resume_path, resume=resume, description=stage)
+    meta = {
+        "stage": stage,
+        "train_config": asdict(cfg),
+        "accuracy": result["final_accuracy"],
+        "best_accuracy": result["best_accuracy"],
+        "history": result["history"],
+        "train_seconds": result["train_seconds"],
+        "images_per_s": result["images_per_s"],
+        "parent": prior_meta.get("stage"),
+    }
+    if "prune" in prior_meta:
+        meta["prune"] = prior_meta["prune"]
+    save_checkpoint(make_checkpoint(model, data_meta(ds), meta), out)
+    resume_path.unlink(missing_ok=True)
+    return meta
