@@ -304,8 +304,8 @@ def pipeline(
     dataset: DatasetOpt = "embedded",
     data_dir: DataDirOpt = None,
     epochs: Annotated[int, typer.Option("--epochs", "-e", min=1, help="Epochs of baseline and of sparse training.")] = 10,
-    refine_epochs: Annotated[int, typer.Option("--refine-epochs", min=1, help="Epochs of refine.")] = 5,
-    sparsity: SparsityOpt = 1e-3,
+    refine_epochs: Annotated[int, typer.Option("--refine-epochs", min=1, help="Epochs of refine.")] = 10,
+    sparsity: SparsityOpt = 3e-3,
     percent: PercentOpt = 0.6,
     min_channels: MinChOpt = 1,
     baseline: Annotated[Optional[Path], typer.Option("--baseline", help="Reuse this trained baseline checkpoint "

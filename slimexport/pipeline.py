@@ -38,8 +38,8 @@ class PipelineConfig:
     dataset: str = EMBEDDED
     data_dir: str | None = None
     epochs: int = 10  # baseline and sparse training, each
-    refine_epochs: int = 5
-    sparsity: float = 1e-3
+    refine_epochs: int = 10
+    sparsity: float = 3e-3
     percent: float = 0.6
     min_channels: int = 1
     baseline: str | None = None

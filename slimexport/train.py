@@ -228,6 +228,7 @@ def train(out: str | os.PathLike, ds: Dataset, cfg: TrainConfig, arch: str | Non
             raise ConfigError(f"{init} was trained for {ckpt['num_classes']} classes and {ckpt['in_channels']} input "
                               f"channels; the data set {ds.name} has {ds.num_classes} and {ds.in_channels}")
     else:
+        torch.manual_seed(cfg.seed)  # the initial weights too are a function of the seed
         try:
             model = create_model(arch, ds.num_classes, ds.in_channels)
         except ValueError as e:

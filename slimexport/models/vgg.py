@@ -23,6 +23,8 @@ def vgg_config(depth: int, width: int = 100) -> dict[str, Any]:
     """The unpruned config of VGG-``depth`` at ``width`` percent of the reference channel counts."""
     if depth not in VGG_CFGS:
         raise ValueError(f"VGG depth must be one of {sorted(VGG_CFGS)}, got {depth}")
+    if not 1 <= width <= 400:
+        raise ValueError(f"VGG width must be 1..400 percent of the reference, got {width}")
     cfg = [v if v == "M" else max(1, round(v * width / 100)) for v in VGG_CFGS[depth]]
     return {"cfg": cfg}
 

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from slimexport.data import load_dataset
+from slimexport.models import create_model
+
+TINY_VGG = "vgg11_w12"  # the VGG-11 layout at 12% width: 8-61 channels, trains in a second
+TINY_RESNET = "preresnet11"  # one bottleneck per stage
+TINY_DENSENET = "densenet10"  # two dense layers per block
+
+
+@pytest.fixture(scope="session")
+def small_arrays() -> dict[str, np.ndarray]:
+    """A slice of the embedded (real) Fashion-MNIST subset: 600 train and 200 test images, all ten classes."""
+    ds = load_dataset("embedded")
+    g = torch.Generator().manual_seed(0)
+    tr = torch.randperm(len(ds.y_train), generator=g)[:600]
+    te = torch.randperm(len(ds.y_test), generator=g)[:200]
+    return {"x_train": ds.x_train[tr, 0].numpy(), "y_train": ds.y_train[tr].numpy().astype(np.uint8),
+            "x_test": ds.x_test[te, 0].numpy(), "y_test": ds.y_test[te].numpy().astype(np.uint8)}
+
+
+@pytest.fixture(scope="session")
+def small_npz(tmp_path_factory, small_arrays) -> str:
+    path = tmp_path_factory.mktemp("data") / "small.npz"
+    np.savez(path, **small_arrays)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def small_ds(small_npz):
+    return load_dataset(small_npz)
+
+
+def randomize_bns(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give every BN non-trivial γ, β and running statistics, as a trained network would have."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.weight.data = torch.rand(n, generator=g) + 0.05
+            m.bias.data = torch.randn(n, generator=g) * 0.2
+            m.running_mean = torch.randn(n, generator=g) * 0.2
+            m.running_var = torch.rand(n, generator=g) + 0.5
+
+
+@pytest.fixture
+def make_model():
+    def make(arch: str, in_channels: int = 1, num_classes: int = 10, seed: int = 0):
+        torch.manual_seed(seed)
+        m = create_model(arch, num_classes, in_channels)
+        randomize_bns(m, seed)
+        return m.eval()
+
+    return make

@@ -1,0 +1,140 @@
+"""The CLI through Typer's CliRunner: every bad input is one line, a non-zero exit, and no file touched."""
+
+import hashlib
+
+import pytest
+from typer.testing import CliRunner
+
+from slimexport.checkpoint import make_checkpoint, save_checkpoint
+from slimexport.cli import app
+from slimexport.train import data_meta
+from tests.conftest import TINY_RESNET, TINY_VGG
+
+runner = CliRunner()
+
+
+def _digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _fails_cleanly(args, match, folder=None):
+    before = _digest(folder) if folder else None
+    res = runner.invoke(app, args)
+    assert res.exit_code != 0, res.output
+    assert "Traceback" not in res.output and res.exception is None or isinstance(res.exception, SystemExit)
+    err = res.stderr if hasattr(res, "stderr") else res.output
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert lines and match in " ".join(lines), err
+    assert len([ln for ln in lines if "error" in ln]) == 1
+    if folder is not None:
+        assert _digest(folder) == before
+    return err
+
+
+@pytest.fixture
+def ckpt(tmp_path, make_model, small_ds):
+    path = tmp_path / "vgg.pt"
+    save_checkpoint(make_checkpoint(make_model(TINY_VGG), data_meta(small_ds), {"stage": "sparse", "accuracy": 0.5}),
+                    path)
+    return path
+
+
+def test_models_lists_reference_counts():
+    res = runner.invoke(app, ["models", "--num-classes", "10", "--in-channels", "3"])
+    assert res.exit_code == 0
+    assert "20,035,018" in res.output and "1,703,258" in res.output and "1,059,298" in res.output
+
+
+def test_help_explains_options():
+    res = runner.invoke(app, ["pipeline", "--help"])
+    assert res.exit_code == 0
+    for opt in ("--arch", "--dataset", "--data-dir", "--epochs", "--refine-epochs", "--sparsity", "--percent",
+                "--baseline", "--device", "--out", "--force"):
+        assert opt in res.output
+
+
+def test_prune_export_bench_through_the_cli(tmp_path, ckpt, small_npz):
+    res = runner.invoke(app, ["prune", str(ckpt), "--percent", "0.5", "--out", str(tmp_path / "p.pt"),
+                              "--dataset", small_npz])
+    assert res.exit_code == 0, res.output
+    assert "params" in res.stdout and (tmp_path / "p.pt").exists()
+    res = runner.invoke(app, ["export", str(tmp_path / "p.pt"), "--out", str(tmp_path / "p.onnx"), "--dataset",
+                              small_npz, "--parity-images", "32"])
+    assert res.exit_code == 0, res.output
+    assert "top-1 agreement 1.0000" in res.stdout
+    res = runner.invoke(app, ["bench", str(tmp_path / "p.onnx"), "--dataset", small_npz, "--batch", "1",
+                              "--threads", "1", "--seconds", "0.05", "--out", str(tmp_path / "b.json")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "b.json").exists()
+
+
+@pytest.mark.parametrize("percent", ["1.0", "-0.2", "1.5"])
+def test_percent_outside_range(tmp_path, ckpt, percent):
+    _fails_cleanly(["prune", str(ckpt), "--percent", percent, "--out", str(tmp_path / "p.pt")], "percent", tmp_path)
+
+
+def test_missing_truncated_and_corrupt_checkpoints(tmp_path, ckpt):
+    _fails_cleanly(["prune", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "p.pt")], "not found", tmp_path)
+    data = ckpt.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    _fails_cleanly(["prune", str(tmp_path / "trunc.pt"), "--out", str(tmp_path / "p.pt")], "truncated or corrupt",
+                   tmp_path)
+    (tmp_path / "junk.pt").write_bytes(b"\x80\x04garbage" * 100)
+    _fails_cleanly(["export", str(tmp_path / "junk.pt"), "--out", str(tmp_path / "x.onnx")], "truncated or corrupt",
+                   tmp_path)
+
+
+def test_a_pickle_with_code_is_refused(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("owned",))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"format": "slimexport", "x": Evil()}))
+    _fails_cleanly(["prune", str(tmp_path / "evil.pt"), "--out", str(tmp_path / "p.pt")], "corrupt", tmp_path)
+
+
+def test_checkpoint_of_another_architecture(tmp_path, ckpt, small_npz):
+    _fails_cleanly(["pipeline", "--baseline", str(ckpt), "--arch", TINY_RESNET, "--dataset", small_npz, "--out",
+                    str(tmp_path / "run")], f"not the requested {TINY_RESNET}", tmp_path)
+
+
+def test_checkpoint_whose_weights_do_not_match_its_architecture(tmp_path, ckpt):
+    import torch
+
+    d = torch.load(ckpt, weights_only=True)
+    d["config"]["cfg"][0] = 16  # the recorded architecture no longer matches the stored weights
+    torch.save(d, tmp_path / "mixed.pt")
+    _fails_cleanly(["prune", str(tmp_path / "mixed.pt"), "--out", str(tmp_path / "p.pt")], "do not match", tmp_path)
+
+
+def test_missing_or_malformed_data(tmp_path, ckpt):
+    _fails_cleanly(["export", str(ckpt), "--dataset", str(tmp_path / "none.npz"), "--out", str(tmp_path / "x.onnx")],
+                   "not found", tmp_path)
+    import numpy as np
+
+    np.savez(tmp_path / "bad.npz", x_train=np.zeros((3, 9, 9), np.uint8))
+    _fails_cleanly(["train", "--dataset", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "t.pt")], "lacks",
+                   tmp_path)
+
+
+def test_existing_outputs_are_not_overwritten(tmp_path, ckpt, small_npz):
+    (tmp_path / "p.pt").write_bytes(b"precious")
+    _fails_cleanly(["prune", str(ckpt), "--out", str(tmp_path / "p.pt")], "--force", tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.json").write_text("{}")
+    _fails_cleanly(["pipeline", "--dataset", small_npz, "--out", str(run)], "already exists", tmp_path)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU error")
+def test_cuda_requested_without_cuda(tmp_path, small_npz):
+    _fails_cleanly(["train", "--device", "cuda", "--dataset", small_npz, "--out", str(tmp_path / "t.pt")],
+                   "CUDA is not available", tmp_path)
+    _fails_cleanly(["pipeline", "--device", "cuda", "--dataset", small_npz, "--out", str(tmp_path / "r")],
+                   "CUDA is not available", tmp_path)
+
+
+def test_bad_bench_lists(tmp_path, small_npz):
+    _fails_cleanly(["bench", str(tmp_path / "a.onnx"), "--batch", "1,x"], "--batch", tmp_path)

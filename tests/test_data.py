@@ -1,0 +1,86 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from slimexport.data import augment, load_dataset
+from slimexport.errors import DataError
+
+
+def test_embedded_subset_is_real_stratified_fashion_mnist():
+    ds = load_dataset("embedded")
+    assert ds.x_train.dtype == torch.uint8 and ds.x_train.shape[1:] == (1, 28, 28)
+    assert torch.bincount(ds.y_train).tolist() == [500] * 10
+    assert torch.bincount(ds.y_test).tolist() == [200] * 10
+    assert ds.label_names[0] == "T-shirt/top"
+    assert 0.25 < ds.mean[0] < 0.32  # Fashion-MNIST's well-known mean, 0.286
+
+
+def test_npz_layouts(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (20, 16, 16, 3), dtype=np.uint8)
+    y = np.arange(20) % 4
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x[:8], y_test=y[:8])
+    ds = load_dataset(str(tmp_path / "d.npz"))
+    assert ds.x_train.shape == (20, 3, 16, 16) and ds.num_classes == 4
+    assert torch.equal(ds.x_train[3, :, 5, 7], torch.from_numpy(x[3, 5, 7]))
+
+
+@pytest.mark.parametrize("arrays, match", [
+    (dict(x_train=np.zeros((4, 16, 16), np.uint8), y_train=np.zeros(4)), "lacks"),
+    (dict(x_train=np.zeros((4, 16, 16), np.float32), y_train=np.arange(4) % 2, x_test=np.zeros((2, 16, 16), np.float32),
+          y_test=np.arange(2)), "uint8"),
+    (dict(x_train=np.zeros((4, 16, 16), np.uint8), y_train=np.arange(3), x_test=np.zeros((2, 16, 16), np.uint8),
+          y_test=np.arange(2)), "labels for"),
+    (dict(x_train=np.zeros((4, 16, 16), np.uint8), y_train=np.arange(4) % 2, x_test=np.zeros((2, 12, 12), np.uint8),
+          y_test=np.arange(2)), "x_test"),
+])
+def test_malformed_npz_is_a_data_error(tmp_path, arrays, match):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DataError, match=match):
+        load_dataset(str(tmp_path / "bad.npz"))
+
+
+def test_missing_and_garbage_files(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_dataset(str(tmp_path / "nope.npz"))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip file at all")
+    with pytest.raises(DataError, match="cannot read"):
+        load_dataset(str(tmp_path / "junk.npz"))
+    with pytest.raises(DataError, match="unknown data set"):
+        load_dataset("imagenet")
+
+
+def _idx(path, arr):
+    header = struct.pack(">BBBB", 0, 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_idx_files(tmp_path):
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(0, 256, (30, 28, 28)), np.arange(30) % 10
+    for stem, a in (("train-images-idx3-ubyte", x), ("train-labels-idx1-ubyte", y),
+                    ("t10k-images-idx3-ubyte", x[:10]), ("t10k-labels-idx1-ubyte", y[:10])):
+        _idx(tmp_path / f"{stem}.gz", a)
+    ds = load_dataset("fashion-mnist", tmp_path)
+    assert ds.x_train.shape == (30, 1, 28, 28) and torch.equal(ds.x_train[4, 0], torch.from_numpy(x[4].astype(np.uint8)))
+    # a truncated file is named as such
+    raw = gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz").read()
+    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as f:
+        f.write(raw[:-100])
+    with pytest.raises(DataError, match="truncated"):
+        load_dataset("fashion-mnist", tmp_path)
+
+
+def test_augment_is_a_shifted_crop_with_flips():
+    x = torch.arange(2 * 1 * 8 * 8, dtype=torch.uint8).view(2, 1, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    y = augment(x, pad=2, flip=True, generator=g)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert torch.equal(augment(x, pad=0, flip=False), x)
+    # every output row is a (possibly flipped) run of an input row, or padding
+    row = y[0, 0, 4]
+    assert row.max() <= x.max()

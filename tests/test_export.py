@@ -1,0 +1,74 @@
+import onnx
+import pytest
+import torch
+
+from slimexport.checkpoint import make_checkpoint, save_checkpoint
+from slimexport.errors import ConfigError, ParityError
+from slimexport.export import ExportConfig, export
+from slimexport.models import ChannelSelection
+from slimexport.prune import prune_model, select_channels
+from slimexport.train import data_meta
+from tests.conftest import TINY_DENSENET, TINY_RESNET, TINY_VGG
+
+FORBIDDEN = {"NonZero", "GatherND", "Where", "ScatterND", "Transpose"}
+FAST = ExportConfig(parity_images=64)
+
+
+def _ckpt(tmp_path, model, ds, name="m.pt"):
+    path = tmp_path / name
+    save_checkpoint(make_checkpoint(model, data_meta(ds), {"stage": "test"}), path)
+    return path
+
+
+def _nontrivial_selections(model):
+    return [s for s in model.modules() if isinstance(s, ChannelSelection) and s.mode != "identity"]
+
+
+@pytest.mark.parametrize("arch", [TINY_VGG, TINY_RESNET, TINY_DENSENET])
+def test_pruned_export_matches_pytorch_and_uses_only_static_index_ops(arch, tmp_path, make_model, small_ds):
+    p, _ = prune_model(make_model(arch), 0.5)
+    r = export(_ckpt(tmp_path, p, small_ds), tmp_path / "p.onnx", small_ds, FAST)
+    assert r["parity"]["max_abs_diff"] <= 1e-3 and r["parity"]["top1_agreement"] == 1.0
+    proto = onnx.load(str(tmp_path / "p.onnx"))
+    ops = [n.op_type for n in proto.graph.node]
+    assert not FORBIDDEN & set(ops), ops
+    # each selection is at most one Gather or one Slice
+    assert ops.count("Gather") + ops.count("Slice") <= len(_nontrivial_selections(p))
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch axis
+    assert r["simplified"] and r["onnx_bytes"] == (tmp_path / "p.onnx").stat().st_size
+    meta = {m.key: m.value for m in proto.metadata_props}
+    assert meta["arch"] == arch and "mean" in meta
+
+
+@pytest.mark.parametrize("arch", [TINY_RESNET, TINY_DENSENET])
+def test_identity_selection_leaves_no_node(arch, tmp_path, make_model, small_ds):
+    m = make_model(arch)
+    r = export(_ckpt(tmp_path, m, small_ds), tmp_path / "u.onnx", small_ds, FAST)
+    assert "Gather" not in r["op_counts"] and "Slice" not in r["op_counts"]
+
+
+def test_contiguous_selection_exports_as_one_slice(tmp_path, make_model, small_ds):
+    m = make_model(TINY_RESNET)
+    keep, _ = select_channels({n: bn.weight.detach().abs() for n, bn in m.prunable_bns()}, float("-inf"))
+    name = m.prunable_bns()[0][0]  # the first block's input BN: keep channels 2..9, a contiguous range
+    keep[name] = torch.arange(2, 10)
+    p = m.pruned(keep)
+    assert [s.mode for s in _nontrivial_selections(p)] == ["slice"]
+    r = export(_ckpt(tmp_path, p, small_ds), tmp_path / "s.onnx", small_ds, FAST)
+    assert r["op_counts"].get("Slice") == 1 and "Gather" not in r["op_counts"]
+    assert r["parity"]["max_abs_diff"] <= 1e-3
+
+
+def test_parity_failure_is_an_error_and_writes_nothing(tmp_path, make_model, small_ds, monkeypatch):
+    import slimexport.export as E
+
+    monkeypatch.setattr(E, "parity", lambda *a, **k: {"max_abs_diff": 0.5, "top1_agreement": 0.9, "images": 8})
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(ParityError, match="differs from PyTorch"):
+        export(_ckpt(tmp_path, make_model(TINY_VGG), small_ds), out, small_ds, FAST)
+    assert not out.exists() and not list(tmp_path.glob(".bad.onnx*"))
+
+
+def test_export_rejects_data_of_another_shape(tmp_path, make_model, small_ds):
+    with pytest.raises(ConfigError, match="input"):
+        export(_ckpt(tmp_path, make_model(TINY_VGG, in_channels=3), small_ds), tmp_path / "x.onnx", small_ds, FAST)

@@ -1,0 +1,118 @@
+import pytest
+import torch
+
+from slimexport.models import ChannelSelection, count_params, create_model, default_config
+from slimexport.models import common as C
+from tests.conftest import TINY_DENSENET, TINY_RESNET, TINY_VGG
+
+
+@pytest.mark.parametrize("arch, classes, expected", [
+    ("vgg19", 10, 20_035_018), ("vgg19", 100, 20_081_188),
+    ("preresnet164", 10, 1_703_258), ("densenet40", 10, 1_059_298),
+])
+def test_reference_parameter_counts(arch, classes, expected):
+    assert count_params(create_model(arch, classes, 3)) == expected
+
+
+@pytest.mark.parametrize("arch", ["vgg12", "preresnet21", "densenet41", "resnet50", "vgg11_w0"])
+def test_unknown_or_invalid_architectures_raise(arch):
+    with pytest.raises(ValueError):
+        create_model(arch, 10, 3)
+
+
+def test_reference_initialisation():
+    m = create_model("preresnet20", 10, 3)
+    bns = [x for x in m.modules() if isinstance(x, torch.nn.BatchNorm2d)]
+    assert all(torch.all(b.weight == 0.5) and torch.all(b.bias == 0) for b in bns)
+
+
+def test_selection_modes_and_no_parameters():
+    x = torch.arange(2 * 6 * 2 * 2, dtype=torch.float32).view(2, 6, 2, 2)
+    ident = ChannelSelection(6)
+    assert ident.mode == "identity" and ident(x) is x and not list(ident.parameters()) and not list(ident.buffers())
+    assert ChannelSelection(6, range(6)).mode == "identity"
+    sl = ChannelSelection(6, [2, 3, 4])
+    assert sl.mode == "slice" and torch.equal(sl(x), x[:, 2:5])
+    ga = ChannelSelection(6, [0, 2, 5])
+    assert ga.mode == "gather" and torch.equal(ga(x), x[:, [0, 2, 5]]) and not list(ga.parameters())
+    assert "index" in dict(ga.named_buffers())
+    for bad in ([], [6], [1, 1]):
+        with pytest.raises(ValueError):
+            ChannelSelection(6, bad)
+
+
+def test_unpruned_networks_have_identity_selections_only():
+    for arch in ("preresnet164", "densenet40"):
+        m = create_model(arch, 10, 3)
+        sels = [s for s in m.modules() if isinstance(s, ChannelSelection)]
+        assert sels and all(s.mode == "identity" for s in sels)
+        assert not any("select" in n for n, _ in m.named_parameters())
+
+
+def _drop_keep(model, frac=0.5, seed=1, beta_negative=True):
+    """Random keep sets; dropped channels get γ = 0 (and β < 0, so relu kills them exactly)."""
+    g = torch.Generator().manual_seed(seed)
+    keep = {}
+    for name, bn in model.prunable_bns():
+        n = bn.num_features
+        k = torch.randperm(n, generator=g)[: max(1, int(n * frac))].sort().values
+        drop = torch.ones(n, dtype=torch.bool)
+        drop[k] = False
+        bn.weight.data[drop] = 0.0
+        if beta_negative:
+            bn.bias.data[drop] = -1.0
+        keep[name] = k
+    return keep
+
+
+@pytest.mark.parametrize("arch", [TINY_VGG, TINY_RESNET, TINY_DENSENET, "preresnet20", "densenet16"])
+def test_pruned_model_computes_what_the_full_one_did(arch, make_model):
+    m = make_model(arch)
+    keep = _drop_keep(m)
+    p = m.pruned(keep).eval()
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(p(x), m(x), atol=1e-5, rtol=1e-4)
+    assert count_params(p) < count_params(m)
+
+
+@pytest.mark.parametrize("arch", [TINY_VGG, "preresnet20", "densenet16"])
+def test_dropped_bias_is_folded_onward_not_lost(arch, make_model, monkeypatch):
+    """Dropped channels with β > 0 still emit relu(β); folding it into the next BN keeps the output far closer."""
+    m = make_model(arch)
+    keep = _drop_keep(m, beta_negative=False)
+    for _, bn in m.prunable_bns():
+        bn.bias.data = bn.bias.data.abs() + 0.2
+    x = torch.randn(4, 1, 32, 32)
+    with torch.no_grad():
+        ref = m(x)
+        err_folded = (m.pruned(keep).eval()(x) - ref).abs().max()
+        family = __import__(f"slimexport.models.{m.__class__.__module__.split('.')[-1]}", fromlist=["x"])
+        monkeypatch.setattr(family, "dropped_constant", lambda bn, k: torch.zeros(bn.num_features))
+        err_lost = (m.pruned(keep).eval()(x) - ref).abs().max()
+    assert err_folded < 0.5 * err_lost
+
+
+def test_pruned_model_rebuilds_from_config_alone(make_model):
+    m = make_model("preresnet20")
+    p = m.pruned(_drop_keep(m)).eval()
+    q = create_model(p.arch, p.num_classes, p.in_channels, p.config)
+    q.load_state_dict(p.state_dict())
+    q.eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(p(x), q(x))
+    assert any(s.mode == "gather" for s in q.modules() if isinstance(s, ChannelSelection))
+
+
+def test_configs_are_plain_data():
+    for arch in ("vgg16", "preresnet29", "densenet22"):
+        cfg = default_config(arch)
+        assert set(type(v).__name__ for v in cfg.values()) <= {"int", "list", "NoneType"}
+
+
+def test_conv_shift_is_exact_for_1x1():
+    conv = torch.nn.Conv2d(3, 4, 1, bias=False)
+    const = torch.tensor([0.5, 0.0, 2.0])
+    x = const.view(1, 3, 1, 1).expand(1, 3, 5, 5)
+    torch.testing.assert_close(conv(x)[0, :, 2, 2], C.conv_shift(conv, const))

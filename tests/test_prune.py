@@ -1,0 +1,76 @@
+import math
+
+import pytest
+import torch
+
+from slimexport.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from slimexport.errors import ConfigError
+from slimexport.models import ChannelSelection, count_params
+from slimexport.prune import bn_gammas, global_threshold, prune, prune_model, select_channels
+from tests.conftest import TINY_DENSENET, TINY_RESNET, TINY_VGG
+
+
+def test_global_threshold_is_the_reference_index():
+    g = {"a": torch.tensor([0.1, 0.5, 0.9]), "b": torch.tensor([0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 1.0])}
+    # ten values sorted: 0.1..1.0; index floor(10 * 0.35) = 3 -> 0.4; channels strictly above survive
+    assert global_threshold(g, 0.35) == pytest.approx(0.4)
+    keep, floored = select_channels(g, 0.4)
+    assert keep["a"].tolist() == [1, 2] and keep["b"].tolist() == [3, 4, 5, 6] and floored == []
+    assert global_threshold(g, 0.0) == -math.inf
+
+
+@pytest.mark.parametrize("percent", [-0.1, 1.0, 1.5, float("nan")])
+def test_percent_outside_unit_interval_is_rejected(percent):
+    with pytest.raises(ConfigError, match="percent"):
+        global_threshold({"a": torch.ones(3)}, percent)
+
+
+@pytest.mark.parametrize("arch", [TINY_VGG, TINY_RESNET, TINY_DENSENET])
+def test_a_layer_below_the_threshold_keeps_its_floor_instead_of_crashing(arch, make_model):
+    m = make_model(arch)
+    name, bn = m.prunable_bns()[1]
+    bn.weight.data.fill_(1e-6)  # every γ of this layer is below any sensible threshold
+    p, rec = prune_model(m, 0.9, min_channels=2)
+    assert name in rec["floored_layers"]
+    layer = next(x for x in rec["layers"] if x["name"] == name)
+    assert layer["after"] == 2
+    assert all(x["after"] >= 2 for x in rec["layers"])
+    with torch.no_grad():
+        assert p.eval()(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("arch", [TINY_VGG, TINY_RESNET, TINY_DENSENET])
+def test_prune_shrinks_and_records(arch, make_model):
+    m = make_model(arch)
+    p, rec = prune_model(m, 0.5)
+    assert count_params(p) < count_params(m)
+    assert rec["channels_after"] == sum(x["after"] for x in rec["layers"])
+    assert abs(rec["pruned_fraction"] - 0.5) < 0.1
+    # the kept channels are exactly those above the threshold
+    for name, g in bn_gammas(m).items():
+        after = next(x["after"] for x in rec["layers"] if x["name"] == name)
+        assert after == max(1, int((g > rec["threshold"]).sum()))
+
+
+def test_prune_checkpoint_rebuilds_from_the_checkpoint_alone(tmp_path, make_model, small_ds):
+    m = make_model(TINY_RESNET)
+    src = tmp_path / "sparse.pt"
+    save_checkpoint(make_checkpoint(m, {"image_size": [28, 28]}, {"stage": "sparse", "accuracy": 0.5}), src)
+    meta = prune(src, tmp_path / "pruned.pt", 0.5, ds=small_ds)
+    assert 0.0 <= meta["accuracy"] <= 1.0 and meta["prune"]["params_after"] < meta["prune"]["params_before"]
+    q, ck = load_checkpoint(tmp_path / "pruned.pt")
+    assert ck["meta"]["stage"] == "pruned" and ck["config"]["select"][0] is not None
+    assert count_params(q) == meta["prune"]["params_after"]
+    p, _ = prune_model(m, 0.5)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(p.eval()(x), q.eval()(x))
+    assert any(s.mode != "identity" for s in q.modules() if isinstance(s, ChannelSelection))
+
+
+def test_pruning_a_pruned_model_composes_selections(make_model):
+    m = make_model(TINY_DENSENET)
+    p1, _ = prune_model(m, 0.3)
+    p2, _ = prune_model(p1, 0.3)
+    for s1, s2 in zip(*(([s for s in x.modules() if isinstance(s, ChannelSelection)]) for x in (p1, p2))):
+        assert set(s2.indices()) <= set(s1.indices())
