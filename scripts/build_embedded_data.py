@@ -4,6 +4,7 @@
 Usage: python scripts/build_embedded_data.py [FASHION_MNIST_DIR] [--train-per-class N] [--test-per-class M]
 Default source: ../shared/data/fashion-mnist (the original idx .gz files, MIT licence). Deterministic (seed 0).
 """
+
 import argparse
 from pathlib import Path
 
@@ -31,9 +32,14 @@ def main() -> None:
     ytr, yte = ds.y_train.numpy(), ds.y_test.numpy()
     itr, ite = stratified(ytr, args.train_per_class, rng), stratified(yte, args.test_per_class, rng)
     with atomic_path(OUT, suffix=".npz") as tmp:
-        np.savez_compressed(tmp, x_train=ds.x_train.numpy()[itr, 0], y_train=ytr[itr].astype(np.uint8),
-                            x_test=ds.x_test.numpy()[ite, 0], y_test=yte[ite].astype(np.uint8),
-                            label_names=np.array(FASHION_LABELS))
+        np.savez_compressed(
+            tmp,
+            x_train=ds.x_train.numpy()[itr, 0],
+            y_train=ytr[itr].astype(np.uint8),
+            x_test=ds.x_test.numpy()[ite, 0],
+            y_test=yte[ite].astype(np.uint8),
+            label_names=np.array(FASHION_LABELS),
+        )
     print(f"wrote {OUT}: {len(itr)} train / {len(ite)} test, {OUT.stat().st_size / 1e6:.2f} MB")
 
 

@@ -54,8 +54,10 @@ def provider_for(device: str) -> str:
 
     provider = PROVIDERS[device]
     if provider not in ort.get_available_providers():
-        raise DeviceError(f"onnxruntime has no {provider} here (available: {', '.join(ort.get_available_providers())}); "
-                          "install onnxruntime-gpu with a matching CUDA for --device cuda")
+        raise DeviceError(
+            f"onnxruntime has no {provider} here (available: {', '.join(ort.get_available_providers())}); "
+            "install onnxruntime-gpu with a matching CUDA for --device cuda"
+        )
     return provider
 
 
@@ -111,8 +113,17 @@ def latency(models: dict[str, Path], image_shape: tuple[int, ...], cfg: BenchCon
             if n >= cfg.max_runs or (n >= cfg.min_runs and time.perf_counter() - start >= budget):
                 break
         for name, ts in times.items():
-            rows.append({"model": name, "provider": provider, "batch": batch, "threads": nthreads,
-                         "median_ms": float(np.median(ts)), "p90_ms": float(np.percentile(ts, 90)), "runs": len(ts)})
+            rows.append(
+                {
+                    "model": name,
+                    "provider": provider,
+                    "batch": batch,
+                    "threads": nthreads,
+                    "median_ms": float(np.median(ts)),
+                    "p90_ms": float(np.percentile(ts, 90)),
+                    "runs": len(ts),
+                }
+            )
         if task is not None:
             progress.advance(task)
     if task is not None:
@@ -153,8 +164,12 @@ def op_time_shares(path: Path, image_shape: tuple[int, ...], runs: int = 50, thr
     if total <= 0:
         raise SlimExportError(f"the onnxruntime profiler recorded no node time for {path}")
     shares = {op: d / total for op, d in sorted(dur.items(), key=lambda kv: -kv[1])}
-    return {"shares": shares, "gather_slice_share": shares.get("Gather", 0.0) + shares.get("Slice", 0.0),
-            "runs": runs, "threads": threads}
+    return {
+        "shares": shares,
+        "gather_slice_share": shares.get("Gather", 0.0) + shares.get("Slice", 0.0),
+        "runs": runs,
+        "threads": threads,
+    }
 
 
 def bench(models: dict[str, str | os.PathLike], ds: Dataset, cfg: BenchConfig | None = None) -> dict[str, Any]:

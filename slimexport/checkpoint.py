@@ -76,5 +76,7 @@ def load_checkpoint(path: str | os.PathLike, expect_arch: str | None = None) -> 
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: weights do not match its {ckpt.get('arch')} architecture ({first[:160]})") from None
+        raise CheckpointError(
+            f"{path}: weights do not match its {ckpt.get('arch')} architecture ({first[:160]})"
+        ) from None
     return model, ckpt

@@ -8,7 +8,7 @@ import shlex
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -41,37 +41,111 @@ class Preset(str, Enum):
 
 
 # Shared options, defined once.
-ArchOpt = Annotated[Optional[str], typer.Option("--arch", "-a", help="Architecture: vgg11/13/16/19 (vgg11_w25: 25% "
-                    "width), preresnet{9n+2} (preresnet164), densenet{3n+4} (densenet40). See `slimexport models`.")]
-DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="embedded (Fashion-MNIST subset shipped with the "
-                       "package), fashion-mnist, cifar10, cifar100, or a path to an .npz with uint8 x_train, y_train, "
-                       "x_test, y_test.")]
-DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", envvar="SLIMEXPORT_DATA", help="Where named data "
-                       "sets live (idx .gz files, cifar10.npz, or torchvision's layout) [default: "
-                       "~/.cache/slimexport/data].")]
+ArchOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--arch",
+        "-a",
+        help="Architecture: vgg11/13/16/19 (vgg11_w25: 25% "
+        "width), preresnet{9n+2} (preresnet164), densenet{3n+4} (densenet40). See `slimexport models`.",
+    ),
+]
+DatasetOpt = Annotated[
+    str,
+    typer.Option(
+        "--dataset",
+        "-d",
+        help="embedded (Fashion-MNIST subset shipped with the "
+        "package), fashion-mnist, cifar10, cifar100, or a path to an .npz with uint8 x_train, y_train, "
+        "x_test, y_test.",
+    ),
+]
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        envvar="SLIMEXPORT_DATA",
+        help="Where named data "
+        "sets live (idx .gz files, cifar10.npz, or torchvision's layout) [default: "
+        "~/.cache/slimexport/data].",
+    ),
+]
 EpochsOpt = Annotated[int, typer.Option("--epochs", "-e", min=1, help="Training epochs.")]
-SparsityOpt = Annotated[float, typer.Option("--sparsity", "-s", help="L1 strength s on every BN γ (subgradient "
-                        "s·sign(γ)); 0 trains a plain baseline. Reference: 1e-4 VGG, 1e-5 ResNet/DenseNet.")]
-PercentOpt = Annotated[float, typer.Option("--percent", "-p", help="Fraction of all prunable BN channels to remove "
-                       "with one global |γ| threshold, in [0, 1).")]
-MinChOpt = Annotated[int, typer.Option("--min-channels", help="Every pruned layer keeps at least this many channels "
-                     "(its largest |γ|), so no layer is ever emptied.")]
-LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Peak (fast) or initial (paper) learning rate "
-                  "[default: the preset's, 0.1].")]
-BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, help="Training batch size [default: "
-                     "the preset's: fast 128, paper 64].")]
-PresetOpt = Annotated[Preset, typer.Option("--preset", help="Schedule: fast (one-cycle) or paper (lr ×0.1 at 50% and "
-                      "75%, batch 64, weight decay 1e-4).")]
+SparsityOpt = Annotated[
+    float,
+    typer.Option(
+        "--sparsity",
+        "-s",
+        help="L1 strength s on every BN γ (subgradient "
+        "s·sign(γ)); 0 trains a plain baseline. Reference: 1e-4 VGG, 1e-5 ResNet/DenseNet.",
+    ),
+]
+PercentOpt = Annotated[
+    float,
+    typer.Option(
+        "--percent",
+        "-p",
+        help="Fraction of all prunable BN channels to remove with one global |γ| threshold, in [0, 1).",
+    ),
+]
+MinChOpt = Annotated[
+    int,
+    typer.Option(
+        "--min-channels",
+        help="Every pruned layer keeps at least this many channels (its largest |γ|), so no layer is ever emptied.",
+    ),
+]
+LrOpt = Annotated[
+    float | None,
+    typer.Option("--lr", help="Peak (fast) or initial (paper) learning rate [default: the preset's, 0.1]."),
+]
+BatchOpt = Annotated[
+    int | None,
+    typer.Option("--batch-size", "-b", min=1, help="Training batch size [default: the preset's: fast 128, paper 64]."),
+]
+PresetOpt = Annotated[
+    Preset,
+    typer.Option(
+        "--preset", help="Schedule: fast (one-cycle) or paper (lr ×0.1 at 50% and 75%, batch 64, weight decay 1e-4)."
+    ),
+]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to train: auto (CUDA if available), cpu, cuda.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+RoundOpt = Annotated[
+    int,
+    typer.Option(
+        "--round-to",
+        min=1,
+        help="Keep a multiple of this many channels per layer "
+        "(8 or 16 suit onnxruntime's blocked CPU convolutions); 1 = exactly the threshold's choice.",
+    ),
+]
+EvalEveryOpt = Annotated[
+    int | None,
+    typer.Option("--eval-every", min=1, help="Measure test accuracy every N epochs (always after the last)."),
+]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from OUT.resume, the state saved after each "
-                      "epoch of an interrupted run with the same options.")]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue from OUT.resume, the state saved after each epoch of an interrupted run with the same options.",
+    ),
+]
 BatchesOpt = Annotated[str, typer.Option("--batch", help="Comma-separated batch sizes to time.")]
-ThreadsOpt = Annotated[Optional[str], typer.Option("--threads", help="Comma-separated onnxruntime intra-op thread "
-                       "counts (CPU) [default: 1 and all cores].")]
-BenchDeviceOpt = Annotated[BenchDevice, typer.Option("--bench-device", help="onnxruntime execution provider for "
-                           "latency: cpu, or cuda (needs onnxruntime-gpu; uses IOBinding).")]
+ThreadsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--threads", help="Comma-separated onnxruntime intra-op thread counts (CPU) [default: 1 and all cores]."
+    ),
+]
+BenchDeviceOpt = Annotated[
+    BenchDevice,
+    typer.Option(
+        "--bench-device",
+        help="onnxruntime execution provider for latency: cpu, or cuda (needs onnxruntime-gpu; uses IOBinding).",
+    ),
+]
 SecondsOpt = Annotated[float, typer.Option("--seconds", help="Timing budget per model and setting, after 20 runs.")]
 
 
@@ -91,8 +165,12 @@ def _handle_errors(fn):
         except Exception as e:  # a bug, not bad input: still one line unless asked for the traceback
             if os.environ.get("SLIMEXPORT_DEBUG"):
                 raise
-            console.print(f"[bold red]internal error:[/] {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                          " (set SLIMEXPORT_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
+            console.print(
+                f"[bold red]internal error:[/] {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                " (set SLIMEXPORT_DEBUG=1 for the traceback)",
+                highlight=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(3) from None
 
     return wrapper
@@ -117,14 +195,30 @@ def _bench_config(batch: str, threads: str | None, device: BenchDevice, seconds:
     return cfg
 
 
-def _train_config(preset: Preset, epochs: int, sparsity: float, lr: float | None, batch_size: int | None, seed: int,
-                  device: Device):
+def _train_config(
+    preset: Preset,
+    epochs: int,
+    sparsity: float,
+    lr: float | None,
+    batch_size: int | None,
+    seed: int,
+    device: Device,
+    eval_every: int | None = None,
+):
     from slimexport.train import PRESETS, TrainConfig
 
     p = PRESETS[preset.value]
-    return TrainConfig(epochs=epochs, lr=lr or p["lr"], batch_size=batch_size or p["batch_size"],
-                       weight_decay=p["weight_decay"], schedule=p["schedule"], sparsity=sparsity, seed=seed,
-                       device=device.value)
+    return TrainConfig(
+        epochs=epochs,
+        lr=lr or p["lr"],
+        batch_size=batch_size or p["batch_size"],
+        weight_decay=p["weight_decay"],
+        schedule=p["schedule"],
+        sparsity=sparsity,
+        seed=seed,
+        device=device.value,
+        eval_every=eval_every or 1,
+    )
 
 
 def _check_out(out: Path, force: bool, resume: bool = False) -> None:
@@ -148,6 +242,7 @@ def train(
     preset: PresetOpt = Preset.fast,
     seed: SeedOpt = 0,
     device: DeviceOpt = Device.auto,
+    eval_every: EvalEveryOpt = None,
     resume: ResumeOpt = False,
     force: ForceOpt = False,
 ):
@@ -157,12 +252,14 @@ def train(
     from slimexport.train import train as train_fn
 
     _check_out(out, force, resume)
-    cfg = _train_config(preset, epochs, sparsity, lr, batch_size, seed, device)
+    cfg = _train_config(preset, epochs, sparsity, lr, batch_size, seed, device, eval_every)
     cfg.validate()
     ds = load_dataset(dataset, data_dir)
     meta = train_fn(out, ds, cfg, arch=arch or DEFAULT_ARCH, resume=resume)
-    typer.echo(f"{meta['stage']} {arch or DEFAULT_ARCH}: accuracy {meta['accuracy']:.4f} after {epochs} epochs "
-               f"({meta['train_seconds']:.0f} s, {meta['images_per_s']:.0f} img/s) -> {out}")
+    typer.echo(
+        f"{meta['stage']} {arch or DEFAULT_ARCH}: accuracy {meta['accuracy']:.4f} after {epochs} epochs "
+        f"({meta['train_seconds']:.0f} s, {meta['images_per_s']:.0f} img/s) -> {out}"
+    )
 
 
 @app.command()
@@ -172,8 +269,13 @@ def prune(
     percent: PercentOpt = 0.6,
     out: Annotated[Path, typer.Option("--out", "-o", help="Pruned checkpoint to write.")] = Path("pruned.pt"),
     min_channels: MinChOpt = 1,
-    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Also measure the pruned model's accuracy "
-                       "(before refine) on this data set.")] = None,
+    round_to: RoundOpt = 1,
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            "--dataset", "-d", help="Also measure the pruned model's accuracy (before refine) on this data set."
+        ),
+    ] = None,
     data_dir: DataDirOpt = None,
     force: ForceOpt = False,
 ):
@@ -185,13 +287,15 @@ def prune(
     check_percent(percent)
     _check_out(out, force)
     ds = load_dataset(dataset, data_dir) if dataset else None
-    meta = prune_fn(checkpoint, out, percent, min_channels, ds=ds, device="cpu")
+    meta = prune_fn(checkpoint, out, percent, min_channels, ds=ds, device="cpu", round_to=round_to)
     r = meta["prune"]
     acc = f", accuracy before refine {meta['accuracy']:.4f}" if "accuracy" in meta else ""
-    typer.echo(f"pruned {r['channels_before'] - r['channels_after']}/{r['channels_before']} channels at threshold "
-               f"{r['threshold']}: params {r['params_before']:,} -> {r['params_after']:,} "
-               f"(×{r['params_before'] / r['params_after']:.2f}), MACs ×{r['macs_before'] / r['macs_after']:.2f}"
-               f"{acc} -> {out}")
+    typer.echo(
+        f"pruned {r['channels_before'] - r['channels_after']}/{r['channels_before']} channels at threshold "
+        f"{r['threshold']}: params {r['params_before']:,} -> {r['params_after']:,} "
+        f"(×{r['params_before'] / r['params_after']:.2f}), MACs ×{r['macs_before'] / r['macs_after']:.2f}"
+        f"{acc} -> {out}"
+    )
 
 
 @app.command()
@@ -207,6 +311,7 @@ def refine(
     preset: PresetOpt = Preset.fast,
     seed: SeedOpt = 0,
     device: DeviceOpt = Device.auto,
+    eval_every: EvalEveryOpt = None,
     resume: ResumeOpt = False,
     force: ForceOpt = False,
 ):
@@ -215,11 +320,13 @@ def refine(
     from slimexport.train import train as train_fn
 
     _check_out(out, force, resume)
-    cfg = _train_config(preset, epochs, 0.0, lr, batch_size, seed, device)
+    cfg = _train_config(preset, epochs, 0.0, lr, batch_size, seed, device, eval_every)
     cfg.validate()
     ds = load_dataset(dataset, data_dir)
     meta = train_fn(out, ds, cfg, init=checkpoint, stage="refined", resume=resume)
-    typer.echo(f"refined: accuracy {meta['accuracy']:.4f} after {epochs} epochs ({meta['train_seconds']:.0f} s) -> {out}")
+    typer.echo(
+        f"refined: accuracy {meta['accuracy']:.4f} after {epochs} epochs ({meta['train_seconds']:.0f} s) -> {out}"
+    )
 
 
 @app.command("export")
@@ -230,8 +337,13 @@ def export_cmd(
     dataset: DatasetOpt = "embedded",
     data_dir: DataDirOpt = None,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset.")] = 20,
-    atol: Annotated[float, typer.Option("--atol", help="Largest allowed |ONNX − PyTorch| over the logits of the parity "
-                    "images; beyond it export fails.")] = 1e-3,
+    atol: Annotated[
+        float,
+        typer.Option(
+            "--atol",
+            help="Largest allowed |ONNX − PyTorch| over the logits of the parity images; beyond it export fails.",
+        ),
+    ] = 1e-3,
     parity_images: Annotated[int, typer.Option("--parity-images", min=1, help="Real test images compared.")] = 512,
     simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help="Simplify with onnxsim.")] = True,
     force: ForceOpt = False,
@@ -242,26 +354,38 @@ def export_cmd(
 
     _check_out(out, force)
     ds = load_dataset(dataset, data_dir)
-    r = export(checkpoint, out, ds, ExportConfig(opset=opset, simplify=simplify, atol=atol, parity_images=parity_images))
+    r = export(
+        checkpoint, out, ds, ExportConfig(opset=opset, simplify=simplify, atol=atol, parity_images=parity_images)
+    )
     p = r["parity"]
-    typer.echo(f"exported {out} ({r['onnx_bytes']:,} bytes, {sum(r['op_counts'].values())} nodes): max |Δ| "
-               f"{p['max_abs_diff']:.2e}, top-1 agreement {p['top1_agreement']:.4f} on {p['images']} images")
+    typer.echo(
+        f"exported {out} ({r['onnx_bytes']:,} bytes, {sum(r['op_counts'].values())} nodes): max |Δ| "
+        f"{p['max_abs_diff']:.2e}, top-1 agreement {p['top1_agreement']:.4f} on {p['images']} images"
+    )
 
 
 @app.command("bench")
 @_handle_errors
 def bench_cmd(
-    models: Annotated[list[Path], typer.Argument(help="ONNX models; the first is the reference for ratios "
-                      "(e.g. baseline.onnx pruned.onnx).")],
+    models: Annotated[
+        list[Path],
+        typer.Argument(help="ONNX models; the first is the reference for ratios (e.g. baseline.onnx pruned.onnx)."),
+    ],
     dataset: DatasetOpt = "embedded",
     data_dir: DataDirOpt = None,
     batch: BatchesOpt = "1,32",
     threads: ThreadsOpt = None,
-    device: Annotated[BenchDevice, typer.Option("--device", help="onnxruntime execution provider: cpu, or cuda "
-                      "(needs onnxruntime-gpu; IOBinding).")] = BenchDevice.cpu,
+    device: Annotated[
+        BenchDevice,
+        typer.Option(
+            "--device", help="onnxruntime execution provider: cpu, or cuda (needs onnxruntime-gpu; IOBinding)."
+        ),
+    ] = BenchDevice.cpu,
     seconds: SecondsOpt = 1.0,
-    accuracy: Annotated[bool, typer.Option("--accuracy/--no-accuracy", help="Measure test accuracy in onnxruntime.")] = True,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the results as JSON here.")] = None,
+    accuracy: Annotated[
+        bool, typer.Option("--accuracy/--no-accuracy", help="Measure test accuracy in onnxruntime.")
+    ] = True,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the results as JSON here.")] = None,
     force: ForceOpt = False,
 ):
     """Time onnxruntime inference (median, p90) side by side, and measure accuracy with onnxruntime itself."""
@@ -286,36 +410,59 @@ def bench_cmd(
     for col in ("model", "batch", "threads", "median ms", "p90 ms", f"speed-up vs {ref}"):
         table.add_column(col, justify="right" if col != "model" else "left")
     for r in res["latency"]:
-        table.add_row(r["model"], str(r["batch"]), str(r["threads"]), f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}",
-                      f"×{base[(r['batch'], r['threads'])] / r['median_ms']:.2f}")
+        table.add_row(
+            r["model"],
+            str(r["batch"]),
+            str(r["threads"]),
+            f"{r['median_ms']:.3f}",
+            f"{r['p90_ms']:.3f}",
+            f"×{base[(r['batch'], r['threads'])] / r['median_ms']:.2f}",
+        )
     console.print(table)
     if out is not None:
         write_json(out, res)
     accs = ", ".join(f"{n} {m['accuracy']:.4f}" for n, m in res["models"].items() if "accuracy" in m)
-    typer.echo(f"benchmarked {len(models)} model(s) in {len(res['latency']) // len(models)} setting(s)"
-               + (f"; onnxruntime accuracy: {accs}" if accs else "") + (f" -> {out}" if out else ""))
+    typer.echo(
+        f"benchmarked {len(models)} model(s) in {len(res['latency']) // len(models)} setting(s)"
+        + (f"; onnxruntime accuracy: {accs}" if accs else "")
+        + (f" -> {out}" if out else "")
+    )
 
 
 @app.command()
 @_handle_errors
 def pipeline(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (created; replaced only with --force).")] = Path("runs/slim"),
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Run directory (created; replaced only with --force).")
+    ] = Path("runs/slim"),
     arch: ArchOpt = None,
     dataset: DatasetOpt = "embedded",
     data_dir: DataDirOpt = None,
-    epochs: Annotated[int, typer.Option("--epochs", "-e", min=1, help="Epochs of baseline and of sparse training.")] = 10,
+    epochs: Annotated[
+        int, typer.Option("--epochs", "-e", min=1, help="Epochs of baseline and of sparse training.")
+    ] = 10,
     refine_epochs: Annotated[int, typer.Option("--refine-epochs", min=1, help="Epochs of refine.")] = 10,
     sparsity: SparsityOpt = 3e-3,
     percent: PercentOpt = 0.6,
     min_channels: MinChOpt = 1,
-    baseline: Annotated[Optional[Path], typer.Option("--baseline", help="Reuse this trained baseline checkpoint "
-                        "instead of training one.")] = None,
+    round_to: RoundOpt = 1,
+    baseline: Annotated[
+        Path | None, typer.Option("--baseline", help="Reuse this trained baseline checkpoint instead of training one.")
+    ] = None,
     preset: PresetOpt = Preset.fast,
     lr: LrOpt = None,
-    refine_lr: Annotated[Optional[float], typer.Option("--refine-lr", help="Peak lr of refine [default: lr / 5].")] = None,
+    refine_lr: Annotated[float | None, typer.Option("--refine-lr", help="Peak lr of refine [default: lr / 5].")] = None,
     batch_size: BatchOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = Device.auto,
+    eval_every: Annotated[
+        int | None,
+        typer.Option(
+            "--eval-every",
+            min=1,
+            help="Measure test accuracy every N epochs [default: only after each stage's last epoch].",
+        ),
+    ] = None,
     batch: BatchesOpt = "1,32",
     threads: ThreadsOpt = None,
     bench_device: BenchDeviceOpt = BenchDevice.cpu,
@@ -325,18 +472,39 @@ def pipeline(
     """Baseline → sparse training → prune → refine → ONNX export of both → onnxruntime bench → report."""
     from slimexport.pipeline import PipelineConfig, run_pipeline
 
-    cfg = PipelineConfig(out=str(out), arch=arch, dataset=dataset, data_dir=str(data_dir) if data_dir else None,
-                         epochs=epochs, refine_epochs=refine_epochs, sparsity=sparsity, percent=percent,
-                         min_channels=min_channels, baseline=str(baseline) if baseline else None, preset=preset.value,
-                         lr=lr, refine_lr=refine_lr, batch_size=batch_size, seed=seed, device=device.value, force=force,
-                         bench=_bench_config(batch, threads, bench_device, seconds))
+    cfg = PipelineConfig(
+        out=str(out),
+        arch=arch,
+        dataset=dataset,
+        data_dir=str(data_dir) if data_dir else None,
+        epochs=epochs,
+        refine_epochs=refine_epochs,
+        sparsity=sparsity,
+        percent=percent,
+        min_channels=min_channels,
+        round_to=round_to,
+        eval_every=eval_every,
+        baseline=str(baseline) if baseline else None,
+        preset=preset.value,
+        lr=lr,
+        refine_lr=refine_lr,
+        batch_size=batch_size,
+        seed=seed,
+        device=device.value,
+        force=force,
+        bench=_bench_config(batch, threads, bench_device, seconds),
+    )
     r = run_pipeline(cfg, command=shlex.join(["slimexport", *sys.argv[1:]]))
     b, p, q = r["baseline"], r["pruned"], r["ratios"]
-    sp = next((s for s in q["speedup"] if s["batch"] == 1 and s["threads"] == 1), q["speedup"][0] if q["speedup"] else None)
-    typer.echo(f"{cfg.arch}: params {b['params']:,} -> {p['params']:,} (×{q['params']:.2f}), MACs ×{q['macs']:.2f}, "
-               f"onnxruntime accuracy {b['accuracy']:.4f} -> {p['accuracy']:.4f}"
-               + (f", speed-up ×{sp['speedup']:.2f} (batch {sp['batch']}, {sp['threads']} thread)" if sp else "")
-               + f"; report: {out / 'report.md'}")
+    sp = next(
+        (s for s in q["speedup"] if s["batch"] == 1 and s["threads"] == 1), q["speedup"][0] if q["speedup"] else None
+    )
+    typer.echo(
+        f"{cfg.arch}: params {b['params']:,} -> {p['params']:,} (×{q['params']:.2f}), MACs ×{q['macs']:.2f}, "
+        f"onnxruntime accuracy {b['accuracy']:.4f} -> {p['accuracy']:.4f}"
+        + (f", speed-up ×{sp['speedup']:.2f} (batch {sp['batch']}, {sp['threads']} thread)" if sp else "")
+        + f"; report: {out / 'report.md'}"
+    )
 
 
 @app.command()

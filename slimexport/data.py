@@ -15,10 +15,10 @@ from __future__ import annotations
 import gzip
 import os
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -29,8 +29,18 @@ from slimexport.errors import DataError
 DATA_ENV = "SLIMEXPORT_DATA"
 EMBEDDED = "embedded"
 NAMED = ("embedded", "fashion-mnist", "cifar10", "cifar100")
-FASHION_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                  "Ankle boot"]
+FASHION_LABELS = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 @dataclass
@@ -64,7 +74,7 @@ class Dataset:
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         return (x.float().div_(255) - mean) / std
 
-    def to(self, device: str | torch.device) -> "Dataset":
+    def to(self, device: str | torch.device) -> Dataset:
         """Move the raw tensors (kept uint8, so a whole data set fits on a GPU) to ``device``."""
         for k in ("x_train", "y_train", "x_test", "y_test"):
             setattr(self, k, getattr(self, k).to(device))
@@ -72,7 +82,9 @@ class Dataset:
 
     def summary(self) -> str:
         c, (h, w) = self.in_channels, self.image_size
-        return f"{self.name}: {len(self.y_train)} train / {len(self.y_test)} test, {c}×{h}×{w}, {self.num_classes} classes"
+        return (
+            f"{self.name}: {len(self.y_train)} train / {len(self.y_test)} test, {c}×{h}×{w}, {self.num_classes} classes"
+        )
 
 
 def default_data_dir() -> Path:
@@ -104,7 +116,9 @@ def load_npz(path: Path, name: str | None = None) -> Dataset:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in z.files]
             if missing:
-                raise DataError(f"{path} lacks the array(s) {', '.join(missing)} (needs x_train, y_train, x_test, y_test)")
+                raise DataError(
+                    f"{path} lacks the array(s) {', '.join(missing)} (needs x_train, y_train, x_test, y_test)"
+                )
             arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
             labels = [str(s) for s in z["label_names"]] if "label_names" in z.files else []
     except DataError:
@@ -165,8 +179,12 @@ def _read_idx_gz(path: Path) -> np.ndarray:
     return body.reshape(dims).copy()  # frombuffer is read-only; torch wants writable memory
 
 
-FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-                 "t10k-labels-idx1-ubyte.gz")
+FASHION_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
 
 
 def find_fashion_mnist(data_dir: Path) -> Path | None:
@@ -187,15 +205,20 @@ def _load_fashion_mnist(data_dir: Path) -> Dataset:
 def _load_torchvision(name: str, data_dir: Path) -> Dataset:
     import torchvision
 
-    cls = {"fashion-mnist": torchvision.datasets.FashionMNIST, "cifar10": torchvision.datasets.CIFAR10,
-           "cifar100": torchvision.datasets.CIFAR100}[name]
+    cls = {
+        "fashion-mnist": torchvision.datasets.FashionMNIST,
+        "cifar10": torchvision.datasets.CIFAR10,
+        "cifar100": torchvision.datasets.CIFAR100,
+    }[name]
     try:
         train = cls(str(data_dir), train=True, download=True)
         test = cls(str(data_dir), train=False, download=True)
     except Exception as e:  # torchvision raises URLError, RuntimeError, OSError... for a failed download
         hint = " (for CIFAR-10 offline: python fetch_cifar10.py DIR, then --data-dir DIR)" if name == "cifar10" else ""
-        raise DataError(f"{name} not found under {data_dir} and could not be downloaded: "
-                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{hint}") from None
+        raise DataError(
+            f"{name} not found under {data_dir} and could not be downloaded: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{hint}"
+        ) from None
     arrays = [np.asarray(ds.data) for ds in (train, test)]
     labels = [np.asarray(ds.targets) for ds in (train, test)]
     return from_arrays(name, arrays[0], labels[0], arrays[1], labels[1], list(getattr(train, "classes", [])))
@@ -210,7 +233,12 @@ def augment(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator | 
         dx = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=generator)
         rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
         cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-        x = xp[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+        x = xp[
+            torch.arange(n, device=x.device)[:, None, None, None],
+            torch.arange(c, device=x.device)[None, :, None, None],
+            rows,
+            cols,
+        ]
     if flip:
         m = torch.rand(n, device=x.device, generator=generator) < 0.5
         x = torch.where(m[:, None, None, None], x.flip(3), x)
@@ -218,7 +246,11 @@ def augment(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator | 
 
 
 def batches(
-    x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, generator: torch.Generator | None = None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
     drop_last: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     n = len(y)

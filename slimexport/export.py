@@ -42,9 +42,18 @@ def _export_torch(model: torch.nn.Module, sample: torch.Tensor, path: Path, opse
     try:
         with contextlib.redirect_stdout(log), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (sample,), str(path), dynamo=True, opset_version=opset,
-                              dynamic_shapes=({0: batch},), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              external_data=False, verbose=False)
+            torch.onnx.export(
+                model,
+                (sample,),
+                str(path),
+                dynamo=True,
+                opset_version=opset,
+                dynamic_shapes=({0: batch},),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                external_data=False,
+                verbose=False,
+            )
     except Exception as e:  # the exporter raises many types; report the first line, keep the log for debugging
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SlimExportError(f"torch.onnx.export failed for {getattr(model, 'arch', 'model')}: {first[:200]}") from e
@@ -54,8 +63,12 @@ def op_counts(model_proto) -> dict[str, int]:
     return dict(sorted(Counter(n.op_type for n in model_proto.graph.node).items()))
 
 
-def ort_session(path: str | os.PathLike | bytes, threads: int = 1, provider: str = "CPUExecutionProvider",
-                profile_prefix: str | None = None):
+def ort_session(
+    path: str | os.PathLike | bytes,
+    threads: int = 1,
+    provider: str = "CPUExecutionProvider",
+    profile_prefix: str | None = None,
+):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -88,18 +101,39 @@ def parity(model: torch.nn.Module, onnx_path: Path, ds: Dataset, n_images: int, 
     return {"max_abs_diff": max_diff, "top1_agreement": agree / n, "images": n}
 
 
-def export(ckpt_path: str | os.PathLike, out: str | os.PathLike, ds: Dataset, cfg: ExportConfig | None = None
-           ) -> dict[str, Any]:
+def export(
+    ckpt_path: str | os.PathLike, out: str | os.PathLike, ds: Dataset, cfg: ExportConfig | None = None
+) -> dict[str, Any]:
     """Export a checkpoint to ONNX at ``out`` (atomically, only once checked, simplified and verified)."""
+    model, ckpt = load_checkpoint(ckpt_path)
+    if (ckpt["in_channels"], ckpt["num_classes"]) != (ds.in_channels, ds.num_classes):
+        raise ConfigError(
+            f"{ckpt_path} expects {ckpt['in_channels']}-channel inputs and {ckpt['num_classes']} classes; "
+            f"the data set {ds.name} has {ds.in_channels} and {ds.num_classes}"
+        )
+    metadata = {
+        "arch": ckpt["arch"],
+        "stage": ckpt["meta"].get("stage", ""),
+        "mean": json.dumps(ckpt["data"].get("mean")),
+        "std": json.dumps(ckpt["data"].get("std")),
+        "labels": json.dumps(ckpt["data"].get("label_names")),
+    }
+    return export_model(model, out, ds, cfg, metadata)
+
+
+def export_model(
+    model: torch.nn.Module,
+    out: str | os.PathLike,
+    ds: Dataset,
+    cfg: ExportConfig | None = None,
+    metadata: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Export any image classifier module taking (N, C, H, W) normalised inputs; see :func:`export`."""
     import onnx
 
     cfg = cfg or ExportConfig()
     if cfg.atol <= 0:
         raise ConfigError(f"--atol must be positive, got {cfg.atol}")
-    model, ckpt = load_checkpoint(ckpt_path)
-    if (ckpt["in_channels"], ckpt["num_classes"]) != (ds.in_channels, ds.num_classes):
-        raise ConfigError(f"{ckpt_path} expects {ckpt['in_channels']}-channel inputs and {ckpt['num_classes']} classes; "
-                          f"the data set {ds.name} has {ds.in_channels} and {ds.num_classes}")
     model.eval()
     t0 = time.perf_counter()
     sample = ds.normalize(ds.x_test[:2].cpu())
@@ -120,18 +154,17 @@ def export(ckpt_path: str | os.PathLike, out: str | os.PathLike, ds: Dataset, cf
                 raise SlimExportError(f"onnxsim could not validate the simplified model for {out}")
             proto, simplified = simp, True
             onnx.checker.check_model(proto, full_check=True)
-        meta = {"arch": ckpt["arch"], "stage": ckpt["meta"].get("stage", ""), "mean": json.dumps(ckpt["data"].get("mean")),
-                "std": json.dumps(ckpt["data"].get("std")), "labels": json.dumps(ckpt["data"].get("label_names")),
-                "producer": "slimexport"}
         del proto.metadata_props[:]
-        for k, v in meta.items():
+        for k, v in ({"producer": "slimexport"} | (metadata or {})).items():
             proto.metadata_props.add(key=k, value=str(v))
         onnx.save(proto, str(tmp))
         par = parity(model, tmp, ds, cfg.parity_images, cfg.parity_batch)
         par["atol"] = cfg.atol
         if not (par["max_abs_diff"] <= cfg.atol):
-            raise ParityError(f"ONNX output differs from PyTorch by {par['max_abs_diff']:.3g} > atol {cfg.atol:g} "
-                              f"(top-1 agreement {par['top1_agreement']:.4f}); {out} not written")
+            raise ParityError(
+                f"ONNX output differs from PyTorch by {par['max_abs_diff']:.3g} > atol {cfg.atol:g} "
+                f"(top-1 agreement {par['top1_agreement']:.4f}); {out} not written"
+            )
         size = tmp.stat().st_size
     return {
         "path": str(out),

@@ -42,6 +42,8 @@ class PipelineConfig:
     sparsity: float = 3e-3
     percent: float = 0.6
     min_channels: int = 1
+    round_to: int = 1
+    eval_every: int | None = None  # None: only after the last epoch of each stage
     baseline: str | None = None
     preset: str = "fast"
     lr: float | None = None  # None: the preset's
@@ -65,9 +67,17 @@ class PipelineConfig:
 
     def train_config(self, epochs: int, sparsity: float, lr: float | None) -> TrainConfig:
         p = PRESETS[self.preset]
-        return TrainConfig(epochs=epochs, lr=lr or p["lr"], batch_size=self.batch_size or p["batch_size"],
-                           weight_decay=p["weight_decay"], schedule=p["schedule"], sparsity=sparsity, seed=self.seed,
-                           device=self.device)
+        return TrainConfig(
+            epochs=epochs,
+            lr=lr or p["lr"],
+            batch_size=self.batch_size or p["batch_size"],
+            weight_decay=p["weight_decay"],
+            schedule=p["schedule"],
+            sparsity=sparsity,
+            seed=self.seed,
+            device=self.device,
+            eval_every=self.eval_every or epochs,
+        )
 
 
 def _model_stats(ckpt_path: Path, in_channels: int, size: tuple[int, int]) -> dict[str, Any]:
@@ -112,8 +122,9 @@ def run_pipeline(cfg: PipelineConfig, command: str = "") -> dict[str, Any]:
     return report
 
 
-def _run(cfg: PipelineConfig, ds, device: torch.device, work: Path, baseline_src: Path | None,
-         command: str) -> dict[str, Any]:
+def _run(
+    cfg: PipelineConfig, ds, device: torch.device, work: Path, baseline_src: Path | None, command: str
+) -> dict[str, Any]:
     config = asdict(cfg) | {"resolved_device": str(device), "data": ds.summary()}
     write_json(work / "config.json", config)
     stages: dict[str, dict[str, Any]] = {}
@@ -131,8 +142,10 @@ def _run(cfg: PipelineConfig, ds, device: torch.device, work: Path, baseline_src
     else:
         model, ck = load_checkpoint(baseline_src)
         if (ck["num_classes"], ck["in_channels"]) != (ds.num_classes, ds.in_channels):
-            raise CheckpointError(f"--baseline {baseline_src} is for {ck['num_classes']} classes and "
-                                  f"{ck['in_channels']} channels; {ds.name} has {ds.num_classes} and {ds.in_channels}")
+            raise CheckpointError(
+                f"--baseline {baseline_src} is for {ck['num_classes']} classes and "
+                f"{ck['in_channels']} channels; {ds.name} has {ds.num_classes} and {ds.in_channels}"
+            )
         t0 = time.perf_counter()
         acc = evaluate(model, ds, device)
         meta = ck["meta"] | {"accuracy": acc, "source": str(baseline_src)}
@@ -146,15 +159,32 @@ def _run(cfg: PipelineConfig, ds, device: torch.device, work: Path, baseline_src
     sparse_acc = meta["accuracy"]
 
     pruned_ckpt = work / "pruned.pt"
-    meta = timed("prune", prune, sparse_ckpt, pruned_ckpt, cfg.percent, cfg.min_channels, ds=ds, device=str(device))
+    meta = timed(
+        "prune",
+        prune,
+        sparse_ckpt,
+        pruned_ckpt,
+        cfg.percent,
+        cfg.min_channels,
+        ds=ds,
+        round_to=cfg.round_to,
+        device=str(device),
+    )
     record = meta["prune"]
     stages["prune"] |= {"accuracy": meta["accuracy"]}
     before_refine = meta["accuracy"]
 
     refined_ckpt = work / "refined.pt"
     refine_lr = cfg.refine_lr or (cfg.lr or PRESETS[cfg.preset]["lr"]) / 5
-    meta = timed("refine", train, refined_ckpt, ds, cfg.train_config(cfg.refine_epochs, 0.0, refine_lr),
-                 init=pruned_ckpt, stage="refined")
+    meta = timed(
+        "refine",
+        train,
+        refined_ckpt,
+        ds,
+        cfg.train_config(cfg.refine_epochs, 0.0, refine_lr),
+        init=pruned_ckpt,
+        stage="refined",
+    )
     stages["refine"] |= {"accuracy": meta["accuracy"], "images_per_s": meta["images_per_s"]}
 
     models = {}
@@ -162,13 +192,21 @@ def _run(cfg: PipelineConfig, ds, device: torch.device, work: Path, baseline_src
         ex = timed(f"export_{name}", export, ckpt, work / f"{name}.onnx", ds, cfg.export)
         _, ck = load_checkpoint(ckpt)
         models[name] = _model_stats(ckpt, ds.in_channels, size) | {
-            "checkpoint": ckpt.name, "onnx": f"{name}.onnx", "onnx_bytes": ex["onnx_bytes"],
-            "torch_accuracy": ck["meta"]["accuracy"], "parity": ex["parity"], "op_counts": ex["op_counts"]}
+            "checkpoint": ckpt.name,
+            "onnx": f"{name}.onnx",
+            "onnx_bytes": ex["onnx_bytes"],
+            "torch_accuracy": ck["meta"]["accuracy"],
+            "parity": ex["parity"],
+            "op_counts": ex["op_counts"],
+        }
 
     res = timed("bench", bench, {n: work / f"{n}.onnx" for n in models}, ds, cfg.bench)
     for name, m in models.items():
-        m["latency"] = [{k: r[k] for k in ("provider", "batch", "threads", "median_ms", "p90_ms", "runs")}
-                        for r in res["latency"] if r["model"] == name]
+        m["latency"] = [
+            {k: r[k] for k in ("provider", "batch", "threads", "median_ms", "p90_ms", "runs")}
+            for r in res["latency"]
+            if r["model"] == name
+        ]
         m["accuracy"] = res["models"][name].get("accuracy")
         if "op_time" in res["models"][name]:
             m["op_time"] = res["models"][name]["op_time"]
@@ -177,9 +215,15 @@ def _run(cfg: PipelineConfig, ds, device: torch.device, work: Path, baseline_src
     report = build_report(models["baseline"], models["pruned"], record, stages, config, command)
     sparse_model, _ = load_checkpoint(sparse_ckpt)
     gam = torch.cat(list(bn_gammas(sparse_model).values())).tolist()
-    plot_gammas(gam, record["threshold"], work / "gamma_hist.png",
-                f"{cfg.arch}: BN |γ| after sparse training (s={cfg.sparsity:g})")
-    plot_channels(record["layers"], work / "channels.png", f"{cfg.arch}: channels per BN layer, {cfg.percent:.0%} pruned")
+    plot_gammas(
+        gam,
+        record["threshold"],
+        work / "gamma_hist.png",
+        f"{cfg.arch}: BN |γ| after sparse training (s={cfg.sparsity:g})",
+    )
+    plot_channels(
+        record["layers"], work / "channels.png", f"{cfg.arch}: channels per BN layer, {cfg.percent:.0%} pruned"
+    )
     plot_latency(report, work / "latency.png")
     write_report(work, report)
     return report

@@ -42,9 +42,15 @@ def versions() -> dict[str, str]:
         sim = getattr(onnxsim, "__version__", "?")
     except ImportError:  # pragma: no cover - onnxsim is a dependency
         sim = "not installed"
-    return {"slimexport": slimexport.__version__, "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-            "onnxsim": sim}
+    return {
+        "slimexport": slimexport.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "onnxsim": sim,
+    }
 
 
 def machine() -> dict[str, Any]:
@@ -72,13 +78,27 @@ def ratios(baseline: dict[str, Any], pruned: dict[str, Any]) -> dict[str, Any]:
     for r in pruned.get("latency", []):
         b = base_lat.get(key(r))
         if b is not None:
-            speedup.append({"provider": r["provider"], "batch": r["batch"], "threads": r["threads"],
-                            "speedup": b["median_ms"] / r["median_ms"]})
-    return {k: baseline[k] / pruned[k] for k in ("params", "macs", "onnx_bytes") if pruned.get(k)} | {"speedup": speedup}
+            speedup.append(
+                {
+                    "provider": r["provider"],
+                    "batch": r["batch"],
+                    "threads": r["threads"],
+                    "speedup": b["median_ms"] / r["median_ms"],
+                }
+            )
+    return {k: baseline[k] / pruned[k] for k in ("params", "macs", "onnx_bytes") if pruned.get(k)} | {
+        "speedup": speedup
+    }
 
 
-def build_report(baseline: dict[str, Any], pruned: dict[str, Any], prune_record: dict[str, Any],
-                 stages: dict[str, Any], config: dict[str, Any], command: str = "") -> dict[str, Any]:
+def build_report(
+    baseline: dict[str, Any],
+    pruned: dict[str, Any],
+    prune_record: dict[str, Any],
+    stages: dict[str, Any],
+    config: dict[str, Any],
+    command: str = "",
+) -> dict[str, Any]:
     par = [m["parity"] for m in (baseline, pruned) if "parity" in m]
     return {
         "schema": SCHEMA,
@@ -87,8 +107,12 @@ def build_report(baseline: dict[str, Any], pruned: dict[str, Any], prune_record:
         "baseline": baseline,
         "pruned": pruned,
         "ratios": ratios(baseline, pruned),
-        "parity": {"max_abs_diff": max(p["max_abs_diff"] for p in par), "top1_agreement": min(p["top1_agreement"] for p in par)}
-        if par else {},
+        "parity": {
+            "max_abs_diff": max(p["max_abs_diff"] for p in par),
+            "top1_agreement": min(p["top1_agreement"] for p in par),
+        }
+        if par
+        else {},
         "prune": prune_record,
         "stages": stages,
         "config": config,
@@ -108,7 +132,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"# slimexport report: {cfg.get('arch')} on {cfg.get('dataset')}, {100 * r['prune']['percent']:.0f}% pruned",
         "",
         f"Created {r['created']} on {r['machine']['cpu']} ({r['machine']['cores']} cores"
-        + (f", GPU {r['machine']['gpu']}" if r['machine'].get('gpu') else "") + ").",
+        + (f", GPU {r['machine']['gpu']}" if r["machine"].get("gpu") else "")
+        + ").",
         "",
         "| | baseline | pruned | ratio (baseline / pruned) |",
         "|---|---:|---:|---:|",
@@ -122,7 +147,11 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"Pruned model before refine: {_pct(p.get('accuracy_before_refine'))}; sparse model: "
         f"{_pct(p.get('sparse_accuracy'))}. Global threshold |γ| > {r['prune']['threshold']} removed "
         f"{r['prune']['channels_before'] - r['prune']['channels_after']} of {r['prune']['channels_before']} channels"
-        + (f"; layers kept at their floor: {', '.join(r['prune']['floored_layers'])}" if r['prune']['floored_layers'] else "")
+        + (
+            f"; layers kept at their floor: {', '.join(r['prune']['floored_layers'])}"
+            if r["prune"]["floored_layers"]
+            else ""
+        )
         + ".",
         "",
         "## Latency (onnxruntime, median and p90 in ms)",
@@ -135,22 +164,44 @@ def render_markdown(r: dict[str, Any]) -> str:
     for x in p.get("latency", []):
         k = (x["provider"], x["batch"], x["threads"])
         y = base.get(k, {})
-        lines.append(f"| {x['provider'].replace('ExecutionProvider', '')} | {x['batch']} | {x['threads']} | "
-                     f"{y.get('median_ms', float('nan')):.3f} | {y.get('p90_ms', float('nan')):.3f} | "
-                     f"{x['median_ms']:.3f} | {x['p90_ms']:.3f} | ×{sp.get(k, float('nan')):.2f} |")
-    lines += ["", "## Export", "", "| | max abs diff vs PyTorch | top-1 agreement | ops | Gather/Slice time share |",
-              "|---|---:|---:|---|---:|"]
+        lines.append(
+            f"| {x['provider'].replace('ExecutionProvider', '')} | {x['batch']} | {x['threads']} | "
+            f"{y.get('median_ms', float('nan')):.3f} | {y.get('p90_ms', float('nan')):.3f} | "
+            f"{x['median_ms']:.3f} | {x['p90_ms']:.3f} | ×{sp.get(k, float('nan')):.2f} |"
+        )
+    lines += [
+        "",
+        "## Export",
+        "",
+        "| | max abs diff vs PyTorch | top-1 agreement | ops | Gather/Slice time share |",
+        "|---|---:|---:|---|---:|",
+    ]
     for name, m in (("baseline", b), ("pruned", p)):
         ops = ", ".join(f"{k} {v}" for k, v in m.get("op_counts", {}).items())
         share = m.get("op_time", {}).get("gather_slice_share")
-        lines.append(f"| {name} | {m['parity']['max_abs_diff']:.2e} | {m['parity']['top1_agreement']:.4f} | {ops} | "
-                     f"{_pct(share)} |")
+        lines.append(
+            f"| {name} | {m['parity']['max_abs_diff']:.2e} | {m['parity']['top1_agreement']:.4f} | {ops} | "
+            f"{_pct(share)} |"
+        )
     lines += ["", "## Stages", "", "| stage | seconds | accuracy | images/s |", "|---|---:|---:|---:|"]
     for name, s in r["stages"].items():
         ips = s.get("images_per_s")
-        lines.append(f"| {name} | {s['seconds']:.1f} | {_pct(s.get('accuracy'))} | {'' if ips is None else f'{ips:,.0f}'} |")
-    lines += ["", "## Plots", "", "![BN |γ| distribution](gamma_hist.png)", "", "![channels per layer](channels.png)",
-              "", "![latency](latency.png)", "", "Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()), ""]
+        lines.append(
+            f"| {name} | {s['seconds']:.1f} | {_pct(s.get('accuracy'))} | {'' if ips is None else f'{ips:,.0f}'} |"
+        )
+    lines += [
+        "",
+        "## Plots",
+        "",
+        "![BN |γ| distribution](gamma_hist.png)",
+        "",
+        "![channels per layer](channels.png)",
+        "",
+        "![latency](latency.png)",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -212,8 +263,13 @@ def plot_latency(report: dict[str, Any], path: Path) -> None:
     labels = [f"b{x['batch']} t{x['threads']}" + ("" if x["provider"].startswith("CPU") else " cuda") for x in rows]
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(rows) + 2), 3.6))
     xs = range(len(rows))
-    ax.bar([i - 0.2 for i in xs], [base[(x["provider"], x["batch"], x["threads"])]["median_ms"] for x in rows], 0.4,
-           label="baseline", color="#C9D3E6")
+    ax.bar(
+        [i - 0.2 for i in xs],
+        [base[(x["provider"], x["batch"], x["threads"])]["median_ms"] for x in rows],
+        0.4,
+        label="baseline",
+        color="#C9D3E6",
+    )
     ax.bar([i + 0.2 for i in xs], [x["median_ms"] for x in rows], 0.4, label="pruned", color="#4C72B0")
     ax.set_xticks(list(xs), labels)
     ax.set_yscale("log")

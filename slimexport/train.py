@@ -43,6 +43,7 @@ class TrainConfig:
     augment: bool = True
     device: str = "auto"
     eval_batch_size: int = 512
+    eval_every: int = 1  # evaluate on the test split every N epochs (the last epoch always)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -54,6 +55,8 @@ class TrainConfig:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.sparsity < 0 or not math.isfinite(self.sparsity):
             raise ConfigError(f"--sparsity must be >= 0, got {self.sparsity}")
+        if self.eval_every < 1:
+            raise ConfigError(f"--eval-every must be at least 1, got {self.eval_every}")
         if self.schedule not in ("onecycle", "multistep", "constant"):
             raise ConfigError(f"unknown schedule {self.schedule!r}: onecycle, multistep or constant")
 
@@ -84,12 +87,15 @@ def regularize(model: nn.Module, sparsity: float, weights: list[torch.Tensor] | 
 
 
 def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    return (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, ds: Dataset, device: torch.device | str = "cpu", batch_size: int = 512,
-             progress=None) -> float:
+def evaluate(
+    model: nn.Module, ds: Dataset, device: torch.device | str = "cpu", batch_size: int = 512, progress=None
+) -> float:
     """Top-1 accuracy (fraction) on the test split."""
     device = torch.device(device)
     model.eval().to(device)
@@ -110,15 +116,22 @@ def evaluate(model: nn.Module, ds: Dataset, device: torch.device | str = "cpu", 
 def _make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.25,
-                                                   div_factor=10.0, final_div_factor=100.0)
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.lr, total_steps=total, pct_start=0.25, div_factor=10.0, final_div_factor=100.0
+        )
     if cfg.schedule == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(opt, [int(total * 0.5), int(total * 0.75)], gamma=0.1)
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
-def fit(model: nn.Module, ds: Dataset, cfg: TrainConfig, resume_path: Path | None = None,
-        resume: bool = False, description: str = "train") -> dict[str, Any]:
+def fit(
+    model: nn.Module,
+    ds: Dataset,
+    cfg: TrainConfig,
+    resume_path: Path | None = None,
+    resume: bool = False,
+    description: str = "train",
+) -> dict[str, Any]:
     """Train ``model`` in place; returns {history, best_accuracy, final_accuracy, seconds, images_per_s}.
 
     With ``resume_path``, the full training state is saved there (atomically) after every epoch, and with
@@ -133,16 +146,19 @@ def fit(model: nn.Module, ds: Dataset, cfg: TrainConfig, resume_path: Path | Non
         model.to(memory_format=torch.channels_last)
     ds_dev = ds if device.type == "cpu" else ds.to(device)
     steps = math.ceil(len(ds.y_train) / cfg.batch_size)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                          nesterov=True)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
+    )
     sched = _make_scheduler(opt, cfg, steps)
     history: list[dict[str, float]] = []
     start_epoch, train_seconds = 0, 0.0
     if resume and resume_path is not None and resume_path.exists():
         state = read_checkpoint(resume_path)
         if state["meta"].get("train_config") != _cfg_key(cfg):
-            raise CheckpointError(f"{resume_path} was written with other training options; rerun with the same ones "
-                                  "or delete it to start over")
+            raise CheckpointError(
+                f"{resume_path} was written with other training options; rerun with the same ones "
+                "or delete it to start over"
+            )
         model.load_state_dict(state["state_dict"])
         opt.load_state_dict(state["meta"]["optimizer"])
         sched.load_state_dict(state["meta"]["scheduler"])
@@ -179,21 +195,40 @@ def fit(model: nn.Module, ds: Dataset, cfg: TrainConfig, resume_path: Path | Non
                 torch.cuda.synchronize()
             epoch_s = time.perf_counter() - t0
             train_seconds += epoch_s
-            acc = evaluate(model, ds_dev, device, cfg.eval_batch_size)
-            history.append({"epoch": epoch + 1, "loss": float(loss_sum) / seen, "accuracy": acc,
-                            "seconds": epoch_s, "images_per_s": seen / epoch_s})
-            progress.update(task, info=f"epoch {epoch + 1}/{cfg.epochs} loss {history[-1]['loss']:.3f} acc {acc:.4f}")
+            last = epoch + 1 == cfg.epochs
+            acc = (
+                evaluate(model, ds_dev, device, cfg.eval_batch_size)
+                if last or (epoch + 1) % cfg.eval_every == 0
+                else None
+            )
+            history.append(
+                {
+                    "epoch": epoch + 1,
+                    "loss": float(loss_sum) / seen,
+                    "accuracy": acc,
+                    "seconds": epoch_s,
+                    "images_per_s": seen / epoch_s,
+                }
+            )
+            shown = "" if acc is None else f" acc {acc:.4f}"
+            progress.update(task, info=f"epoch {epoch + 1}/{cfg.epochs} loss {history[-1]['loss']:.3f}{shown}")
             if resume_path is not None:
-                state_meta = {"train_config": _cfg_key(cfg), "optimizer": opt.state_dict(),
-                              "scheduler": sched.state_dict(), "rng": gen.get_state(), "epoch": epoch + 1,
-                              "history": history, "train_seconds": train_seconds}
+                state_meta = {
+                    "train_config": _cfg_key(cfg),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "rng": gen.get_state(),
+                    "epoch": epoch + 1,
+                    "history": history,
+                    "train_seconds": train_seconds,
+                }
                 save_checkpoint(make_checkpoint(model, {}, state_meta), resume_path)
     model.to("cpu").to(memory_format=torch.contiguous_format)
     n_images = sum(len(ds.y_train) for _ in history)
     return {
         "history": history,
         "final_accuracy": history[-1]["accuracy"],
-        "best_accuracy": max(h["accuracy"] for h in history),
+        "best_accuracy": max(h["accuracy"] for h in history if h["accuracy"] is not None),
         "train_seconds": train_seconds,
         "images_per_s": n_images / train_seconds if train_seconds else 0.0,
     }
@@ -203,16 +238,29 @@ def _cfg_key(cfg: TrainConfig) -> dict[str, Any]:
     d = asdict(cfg)
     d.pop("device")
     d.pop("eval_batch_size")
+    d.pop("eval_every")
     return d
 
 
 def data_meta(ds: Dataset) -> dict[str, Any]:
-    return {"name": ds.name, "mean": ds.mean, "std": ds.std, "image_size": list(ds.image_size),
-            "label_names": ds.label_names}
+    return {
+        "name": ds.name,
+        "mean": ds.mean,
+        "std": ds.std,
+        "image_size": list(ds.image_size),
+        "label_names": ds.label_names,
+    }
 
 
-def train(out: str | os.PathLike, ds: Dataset, cfg: TrainConfig, arch: str | None = None,
-          init: str | os.PathLike | None = None, stage: str | None = None, resume: bool = False) -> dict[str, Any]:
+def train(
+    out: str | os.PathLike,
+    ds: Dataset,
+    cfg: TrainConfig,
+    arch: str | None = None,
+    init: str | os.PathLike | None = None,
+    stage: str | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
     """Train ``arch`` from scratch, or continue from checkpoint ``init`` (refine); write the checkpoint ``out``.
 
     Returns the checkpoint's ``meta``. Training state is kept in ``out.resume`` until the run completes.
@@ -225,8 +273,10 @@ def train(out: str | os.PathLike, ds: Dataset, cfg: TrainConfig, arch: str | Non
         model, ckpt = load_checkpoint(init)
         prior_meta = ckpt["meta"]
         if (ckpt["num_classes"], ckpt["in_channels"]) != (ds.num_classes, ds.in_channels):
-            raise ConfigError(f"{init} was trained for {ckpt['num_classes']} classes and {ckpt['in_channels']} input "
-                              f"channels; the data set {ds.name} has {ds.num_classes} and {ds.in_channels}")
+            raise ConfigError(
+                f"{init} was trained for {ckpt['num_classes']} classes and {ckpt['in_channels']} input "
+                f"channels; the data set {ds.name} has {ds.num_classes} and {ds.in_channels}"
+            )
     else:
         torch.manual_seed(cfg.seed)  # the initial weights too are a function of the seed
         try:

@@ -19,8 +19,12 @@ def small_arrays() -> dict[str, np.ndarray]:
     g = torch.Generator().manual_seed(0)
     tr = torch.randperm(len(ds.y_train), generator=g)[:600]
     te = torch.randperm(len(ds.y_test), generator=g)[:200]
-    return {"x_train": ds.x_train[tr, 0].numpy(), "y_train": ds.y_train[tr].numpy().astype(np.uint8),
-            "x_test": ds.x_test[te, 0].numpy(), "y_test": ds.y_test[te].numpy().astype(np.uint8)}
+    return {
+        "x_train": ds.x_train[tr, 0].numpy(),
+        "y_train": ds.y_train[tr].numpy().astype(np.uint8),
+        "x_test": ds.x_test[te, 0].numpy(),
+        "y_test": ds.y_test[te].numpy().astype(np.uint8),
+    }
 
 
 @pytest.fixture(scope="session")

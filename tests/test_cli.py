@@ -34,8 +34,9 @@ def _fails_cleanly(args, match, folder=None):
 @pytest.fixture
 def ckpt(tmp_path, make_model, small_ds):
     path = tmp_path / "vgg.pt"
-    save_checkpoint(make_checkpoint(make_model(TINY_VGG), data_meta(small_ds), {"stage": "sparse", "accuracy": 0.5}),
-                    path)
+    save_checkpoint(
+        make_checkpoint(make_model(TINY_VGG), data_meta(small_ds), {"stage": "sparse", "accuracy": 0.5}), path
+    )
     return path
 
 
@@ -48,22 +49,60 @@ def test_models_lists_reference_counts():
 def test_help_explains_options():
     res = runner.invoke(app, ["pipeline", "--help"])
     assert res.exit_code == 0
-    for opt in ("--arch", "--dataset", "--data-dir", "--epochs", "--refine-epochs", "--sparsity", "--percent",
-                "--baseline", "--device", "--out", "--force"):
+    for opt in (
+        "--arch",
+        "--dataset",
+        "--data-dir",
+        "--epochs",
+        "--refine-epochs",
+        "--sparsity",
+        "--percent",
+        "--baseline",
+        "--device",
+        "--out",
+        "--force",
+    ):
         assert opt in res.output
 
 
 def test_prune_export_bench_through_the_cli(tmp_path, ckpt, small_npz):
-    res = runner.invoke(app, ["prune", str(ckpt), "--percent", "0.5", "--out", str(tmp_path / "p.pt"),
-                              "--dataset", small_npz])
+    res = runner.invoke(
+        app, ["prune", str(ckpt), "--percent", "0.5", "--out", str(tmp_path / "p.pt"), "--dataset", small_npz]
+    )
     assert res.exit_code == 0, res.output
     assert "params" in res.stdout and (tmp_path / "p.pt").exists()
-    res = runner.invoke(app, ["export", str(tmp_path / "p.pt"), "--out", str(tmp_path / "p.onnx"), "--dataset",
-                              small_npz, "--parity-images", "32"])
+    res = runner.invoke(
+        app,
+        [
+            "export",
+            str(tmp_path / "p.pt"),
+            "--out",
+            str(tmp_path / "p.onnx"),
+            "--dataset",
+            small_npz,
+            "--parity-images",
+            "32",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "top-1 agreement 1.0000" in res.stdout
-    res = runner.invoke(app, ["bench", str(tmp_path / "p.onnx"), "--dataset", small_npz, "--batch", "1",
-                              "--threads", "1", "--seconds", "0.05", "--out", str(tmp_path / "b.json")])
+    res = runner.invoke(
+        app,
+        [
+            "bench",
+            str(tmp_path / "p.onnx"),
+            "--dataset",
+            small_npz,
+            "--batch",
+            "1",
+            "--threads",
+            "1",
+            "--seconds",
+            "0.05",
+            "--out",
+            str(tmp_path / "b.json"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert (tmp_path / "b.json").exists()
 
@@ -77,11 +116,13 @@ def test_missing_truncated_and_corrupt_checkpoints(tmp_path, ckpt):
     _fails_cleanly(["prune", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "p.pt")], "not found", tmp_path)
     data = ckpt.read_bytes()
     (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
-    _fails_cleanly(["prune", str(tmp_path / "trunc.pt"), "--out", str(tmp_path / "p.pt")], "truncated or corrupt",
-                   tmp_path)
+    _fails_cleanly(
+        ["prune", str(tmp_path / "trunc.pt"), "--out", str(tmp_path / "p.pt")], "truncated or corrupt", tmp_path
+    )
     (tmp_path / "junk.pt").write_bytes(b"\x80\x04garbage" * 100)
-    _fails_cleanly(["export", str(tmp_path / "junk.pt"), "--out", str(tmp_path / "x.onnx")], "truncated or corrupt",
-                   tmp_path)
+    _fails_cleanly(
+        ["export", str(tmp_path / "junk.pt"), "--out", str(tmp_path / "x.onnx")], "truncated or corrupt", tmp_path
+    )
 
 
 def test_a_pickle_with_code_is_refused(tmp_path):
@@ -96,8 +137,21 @@ def test_a_pickle_with_code_is_refused(tmp_path):
 
 
 def test_checkpoint_of_another_architecture(tmp_path, ckpt, small_npz):
-    _fails_cleanly(["pipeline", "--baseline", str(ckpt), "--arch", TINY_RESNET, "--dataset", small_npz, "--out",
-                    str(tmp_path / "run")], f"not the requested {TINY_RESNET}", tmp_path)
+    _fails_cleanly(
+        [
+            "pipeline",
+            "--baseline",
+            str(ckpt),
+            "--arch",
+            TINY_RESNET,
+            "--dataset",
+            small_npz,
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        f"not the requested {TINY_RESNET}",
+        tmp_path,
+    )
 
 
 def test_checkpoint_whose_weights_do_not_match_its_architecture(tmp_path, ckpt):
@@ -110,13 +164,17 @@ def test_checkpoint_whose_weights_do_not_match_its_architecture(tmp_path, ckpt):
 
 
 def test_missing_or_malformed_data(tmp_path, ckpt):
-    _fails_cleanly(["export", str(ckpt), "--dataset", str(tmp_path / "none.npz"), "--out", str(tmp_path / "x.onnx")],
-                   "not found", tmp_path)
+    _fails_cleanly(
+        ["export", str(ckpt), "--dataset", str(tmp_path / "none.npz"), "--out", str(tmp_path / "x.onnx")],
+        "not found",
+        tmp_path,
+    )
     import numpy as np
 
     np.savez(tmp_path / "bad.npz", x_train=np.zeros((3, 9, 9), np.uint8))
-    _fails_cleanly(["train", "--dataset", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "t.pt")], "lacks",
-                   tmp_path)
+    _fails_cleanly(
+        ["train", "--dataset", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "t.pt")], "lacks", tmp_path
+    )
 
 
 def test_existing_outputs_are_not_overwritten(tmp_path, ckpt, small_npz):
@@ -130,10 +188,16 @@ def test_existing_outputs_are_not_overwritten(tmp_path, ckpt, small_npz):
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU error")
 def test_cuda_requested_without_cuda(tmp_path, small_npz):
-    _fails_cleanly(["train", "--device", "cuda", "--dataset", small_npz, "--out", str(tmp_path / "t.pt")],
-                   "CUDA is not available", tmp_path)
-    _fails_cleanly(["pipeline", "--device", "cuda", "--dataset", small_npz, "--out", str(tmp_path / "r")],
-                   "CUDA is not available", tmp_path)
+    _fails_cleanly(
+        ["train", "--device", "cuda", "--dataset", small_npz, "--out", str(tmp_path / "t.pt")],
+        "CUDA is not available",
+        tmp_path,
+    )
+    _fails_cleanly(
+        ["pipeline", "--device", "cuda", "--dataset", small_npz, "--out", str(tmp_path / "r")],
+        "CUDA is not available",
+        tmp_path,
+    )
 
 
 def test_bad_bench_lists(tmp_path, small_npz):

@@ -28,15 +28,39 @@ def test_npz_layouts(tmp_path):
     assert torch.equal(ds.x_train[3, :, 5, 7], torch.from_numpy(x[3, 5, 7]))
 
 
-@pytest.mark.parametrize("arrays, match", [
-    (dict(x_train=np.zeros((4, 16, 16), np.uint8), y_train=np.zeros(4)), "lacks"),
-    (dict(x_train=np.zeros((4, 16, 16), np.float32), y_train=np.arange(4) % 2, x_test=np.zeros((2, 16, 16), np.float32),
-          y_test=np.arange(2)), "uint8"),
-    (dict(x_train=np.zeros((4, 16, 16), np.uint8), y_train=np.arange(3), x_test=np.zeros((2, 16, 16), np.uint8),
-          y_test=np.arange(2)), "labels for"),
-    (dict(x_train=np.zeros((4, 16, 16), np.uint8), y_train=np.arange(4) % 2, x_test=np.zeros((2, 12, 12), np.uint8),
-          y_test=np.arange(2)), "x_test"),
-])
+@pytest.mark.parametrize(
+    "arrays, match",
+    [
+        (dict(x_train=np.zeros((4, 16, 16), np.uint8), y_train=np.zeros(4)), "lacks"),
+        (
+            dict(
+                x_train=np.zeros((4, 16, 16), np.float32),
+                y_train=np.arange(4) % 2,
+                x_test=np.zeros((2, 16, 16), np.float32),
+                y_test=np.arange(2),
+            ),
+            "uint8",
+        ),
+        (
+            dict(
+                x_train=np.zeros((4, 16, 16), np.uint8),
+                y_train=np.arange(3),
+                x_test=np.zeros((2, 16, 16), np.uint8),
+                y_test=np.arange(2),
+            ),
+            "labels for",
+        ),
+        (
+            dict(
+                x_train=np.zeros((4, 16, 16), np.uint8),
+                y_train=np.arange(4) % 2,
+                x_test=np.zeros((2, 12, 12), np.uint8),
+                y_test=np.arange(2),
+            ),
+            "x_test",
+        ),
+    ],
+)
 def test_malformed_npz_is_a_data_error(tmp_path, arrays, match):
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(DataError, match=match):
@@ -62,11 +86,17 @@ def _idx(path, arr):
 def test_fashion_mnist_idx_files(tmp_path):
     rng = np.random.default_rng(1)
     x, y = rng.integers(0, 256, (30, 28, 28)), np.arange(30) % 10
-    for stem, a in (("train-images-idx3-ubyte", x), ("train-labels-idx1-ubyte", y),
-                    ("t10k-images-idx3-ubyte", x[:10]), ("t10k-labels-idx1-ubyte", y[:10])):
+    for stem, a in (
+        ("train-images-idx3-ubyte", x),
+        ("train-labels-idx1-ubyte", y),
+        ("t10k-images-idx3-ubyte", x[:10]),
+        ("t10k-labels-idx1-ubyte", y[:10]),
+    ):
         _idx(tmp_path / f"{stem}.gz", a)
     ds = load_dataset("fashion-mnist", tmp_path)
-    assert ds.x_train.shape == (30, 1, 28, 28) and torch.equal(ds.x_train[4, 0], torch.from_numpy(x[4].astype(np.uint8)))
+    assert ds.x_train.shape == (30, 1, 28, 28) and torch.equal(
+        ds.x_train[4, 0], torch.from_numpy(x[4].astype(np.uint8))
+    )
     # a truncated file is named as such
     raw = gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz").read()
     with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as f:

@@ -6,10 +6,15 @@ from slimexport.models import common as C
 from tests.conftest import TINY_DENSENET, TINY_RESNET, TINY_VGG
 
 
-@pytest.mark.parametrize("arch, classes, expected", [
-    ("vgg19", 10, 20_035_018), ("vgg19", 100, 20_081_188),
-    ("preresnet164", 10, 1_703_258), ("densenet40", 10, 1_059_298),
-])
+@pytest.mark.parametrize(
+    "arch, classes, expected",
+    [
+        ("vgg19", 10, 20_035_018),
+        ("vgg19", 100, 20_081_188),
+        ("preresnet164", 10, 1_703_258),
+        ("densenet40", 10, 1_059_298),
+    ],
+)
 def test_reference_parameter_counts(arch, classes, expected):
     assert count_params(create_model(arch, classes, 3)) == expected
 

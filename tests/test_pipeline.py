@@ -12,18 +12,54 @@ from tests.conftest import TINY_VGG
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, small_npz):
     out = tmp_path_factory.mktemp("pipe") / "run"
-    res = CliRunner().invoke(app, [
-        "pipeline", "--arch", TINY_VGG, "--dataset", small_npz, "--out", str(out), "--epochs", "2",
-        "--refine-epochs", "1", "--sparsity", "0.02", "--percent", "0.5", "--batch", "1,8", "--threads", "1",
-        "--seconds", "0.05", "--device", "cpu"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "pipeline",
+            "--arch",
+            TINY_VGG,
+            "--dataset",
+            small_npz,
+            "--out",
+            str(out),
+            "--epochs",
+            "2",
+            "--refine-epochs",
+            "1",
+            "--sparsity",
+            "0.02",
+            "--percent",
+            "0.5",
+            "--batch",
+            "1,8",
+            "--threads",
+            "1",
+            "--seconds",
+            "0.05",
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "report:" in res.stdout
     return out
 
 
 def test_run_directory_holds_every_artifact(run_dir):
-    for f in ("config.json", "baseline.pt", "sparse.pt", "pruned.pt", "refined.pt", "baseline.onnx", "pruned.onnx",
-              "report.json", "report.md", "gamma_hist.png", "channels.png", "latency.png"):
+    for f in (
+        "config.json",
+        "baseline.pt",
+        "sparse.pt",
+        "pruned.pt",
+        "refined.pt",
+        "baseline.onnx",
+        "pruned.onnx",
+        "report.json",
+        "report.md",
+        "gamma_hist.png",
+        "channels.png",
+        "latency.png",
+    ):
         assert (run_dir / f).is_file(), f
     assert not [p for p in run_dir.parent.iterdir() if p.name.startswith(".")]  # no partial directory left
 
@@ -64,7 +100,20 @@ def test_rerun_without_force_leaves_the_run_untouched(run_dir, small_npz):
 
 
 def test_refine_and_bench_from_the_run(run_dir, small_npz, tmp_path):
-    res = CliRunner().invoke(app, ["refine", str(run_dir / "pruned.pt"), "--dataset", small_npz, "--epochs", "1",
-                                   "--out", str(tmp_path / "r.pt"), "--device", "cpu"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "refine",
+            str(run_dir / "pruned.pt"),
+            "--dataset",
+            small_npz,
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "r.pt"),
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "refined: accuracy" in res.stdout

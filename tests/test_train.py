@@ -25,7 +25,10 @@ def test_sparse_training_shrinks_gammas(tmp_path, small_ds):
     cfg = dict(epochs=2, batch_size=64, device="cpu")
     train(tmp_path / "plain.pt", small_ds, TrainConfig(**cfg), arch=TINY_VGG)
     train(tmp_path / "sparse.pt", small_ds, TrainConfig(sparsity=0.1, **cfg), arch=TINY_VGG)
-    med = [torch.cat(list(bn_gammas(load_checkpoint(tmp_path / f)[0]).values())).median() for f in ("plain.pt", "sparse.pt")]
+    med = [
+        torch.cat(list(bn_gammas(load_checkpoint(tmp_path / f)[0]).values())).median()
+        for f in ("plain.pt", "sparse.pt")
+    ]
     assert med[1] < 0.9 * med[0]
 
 

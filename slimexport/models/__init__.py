@@ -11,8 +11,9 @@ stored in a pruned checkpoint rebuilds the pruned one. Names:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 

@@ -8,7 +8,8 @@ shrink to the kept channels). Only conv and FC *inputs* shrink.
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -94,7 +95,7 @@ class DenseNet(nn.Module):
         return [(n, m) for n, m in self.named_modules() if isinstance(m, nn.BatchNorm2d)]
 
     @torch.no_grad()
-    def pruned(self, keep: dict[str, torch.Tensor]) -> "DenseNet":
+    def pruned(self, keep: dict[str, torch.Tensor]) -> DenseNet:
         names = {id(m): n for n, m in self.named_modules()}
         cfg = copy.deepcopy(self.config)
         for u, unit in enumerate(self.units()):

@@ -10,7 +10,8 @@ physically; the residual stream, the stem and the downsampling convs keep their 
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,9 +41,7 @@ def preresnet_config(depth: int) -> dict[str, Any]:
 
 
 class Bottleneck(nn.Module):
-    def __init__(
-        self, inplanes: int, planes: int, mid: Sequence[int], select: Sequence[int] | None, stride: int = 1
-    ):
+    def __init__(self, inplanes: int, planes: int, mid: Sequence[int], select: Sequence[int] | None, stride: int = 1):
         super().__init__()
         self.select = ChannelSelection(inplanes, select)
         c0 = self.select.out_channels
@@ -98,7 +97,7 @@ class PreResNet(nn.Module):
         return [(n, m) for n, m in self.named_modules() if isinstance(m, nn.BatchNorm2d)]
 
     @torch.no_grad()
-    def pruned(self, keep: dict[str, torch.Tensor]) -> "PreResNet":
+    def pruned(self, keep: dict[str, torch.Tensor]) -> PreResNet:
         names = {id(m): n for n, m in self.named_modules()}
         cfg = copy.deepcopy(self.config)
         for b, blk in enumerate(self.blocks()):

@@ -40,7 +40,11 @@ class VGG(nn.Module):
             if v == "M":
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
             else:
-                layers += [nn.Conv2d(c, int(v), 3, padding=1, bias=False), nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)]
+                layers += [
+                    nn.Conv2d(c, int(v), 3, padding=1, bias=False),
+                    nn.BatchNorm2d(int(v)),
+                    nn.ReLU(inplace=True),
+                ]
                 c = int(v)
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(c, num_classes)
@@ -56,7 +60,7 @@ class VGG(nn.Module):
         return [(n, m) for n, m in self.named_modules() if isinstance(m, nn.BatchNorm2d)]
 
     @torch.no_grad()
-    def pruned(self, keep: dict[str, torch.Tensor]) -> "VGG":
+    def pruned(self, keep: dict[str, torch.Tensor]) -> VGG:
         """A physically smaller copy that keeps channels ``keep[bn_name]`` of every BN."""
         bns = self.prunable_bns()
         idxs = [as_index(keep[name]) for name, _ in bns]

@@ -1,0 +1,364 @@
+#!/usr/bin/env python3
+"""`make benchmark`: slimexport's full pipeline and the Torch-Pruning peer, side by side, per model.
+
+For each entry of a suite this runs `slimexport pipeline` (baseline → sparse → prune → refine → export → bench),
+then prunes the *same* sparse checkpoint with Torch-Pruning's BN-scale pruner (global pruning, same percent),
+refines it with the same schedule and seed, exports it through the same exporter, and times all three ONNX
+models (baseline, slimexport, Torch-Pruning) in one interleaved onnxruntime run. Sparse training is shared
+because Torch-Pruning's `regularize` adds the same s·sign(γ) subgradient as slimexport's.
+
+Writes benchmarks/results/<machine-tag>/<suite>-<arch>-<dataset>-p<percent>.json and regenerates
+benchmarks/RESULTS.md from every result file.
+
+Usage: python benchmarks/run.py --suite quick|full [--only ARCH] [--epochs N] [--refine-epochs N]
+       [--data-dir DIR] [--device auto|cpu|cuda] [--no-peer] [--train-subset N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+
+from slimexport.bench import BenchConfig, bench  # noqa: E402
+from slimexport.checkpoint import load_checkpoint  # noqa: E402
+from slimexport.data import find_fashion_mnist, load_dataset  # noqa: E402
+from slimexport.export import ExportConfig, export_model  # noqa: E402
+from slimexport.fileio import atomic_path, write_json, write_text  # noqa: E402
+from slimexport.pipeline import PipelineConfig, run_pipeline  # noqa: E402
+from slimexport.report import machine, versions  # noqa: E402
+from slimexport.stats import count_macs, count_params  # noqa: E402
+from slimexport.train import TrainConfig, evaluate, fit  # noqa: E402
+
+# Each entry: one pipeline run. Epoch counts are per stage (baseline and sparse each; refine separately).
+SUITES: dict[str, list[dict]] = {
+    # CPU, minutes: small models on Fashion-MNIST (the full 60k/10k set when found, see --data-dir).
+    "quick": [
+        dict(
+            arch="vgg11_w50",
+            dataset="fashion-mnist",
+            percent=0.7,
+            epochs=2,
+            refine_epochs=1,
+            sparsity=3e-3,
+            train_subset=20000,
+        ),
+        dict(
+            arch="preresnet20",
+            dataset="fashion-mnist",
+            percent=0.4,
+            epochs=2,
+            refine_epochs=1,
+            sparsity=1e-3,
+            train_subset=10000,
+        ),
+    ],
+    # The reference architectures on CIFAR-10, meant for a GPU (`fast` preset).
+    "full": [
+        dict(arch="vgg19", dataset="cifar10", percent=0.7, epochs=30, refine_epochs=30, sparsity=1e-4),
+        dict(arch="preresnet164", dataset="cifar10", percent=0.4, epochs=30, refine_epochs=30, sparsity=1e-5),
+        dict(arch="preresnet164", dataset="cifar10", percent=0.6, epochs=30, refine_epochs=30, sparsity=1e-5),
+        dict(arch="densenet40", dataset="cifar10", percent=0.4, epochs=30, refine_epochs=30, sparsity=1e-5),
+        dict(arch="densenet40", dataset="cifar10", percent=0.6, epochs=30, refine_epochs=30, sparsity=1e-5),
+    ],
+}
+
+
+def machine_tag() -> str:
+    m = machine()
+    name = m["gpu"] or m["cpu"]
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower().replace("(r)", "").replace("(tm)", "")).strip("-")
+    return f"{slug[:40]}-{m['cores']}c"
+
+
+def dataset_source(entry: dict, data_dir: str | None, work: Path) -> tuple[str, str | None]:
+    """The --dataset value for this entry: the named set, or a stratified training subset of it as .npz."""
+    name = entry["dataset"]
+    if name == "fashion-mnist" and data_dir is None:
+        shared = ROOT.parents[1] / "shared" / "data" / "fashion-mnist"
+        data_dir = str(shared) if find_fashion_mnist(shared) else None
+    n = entry.get("train_subset")
+    if not n:
+        return name, data_dir
+    path = work / f"{name}-train{n}.npz"
+    if not path.exists():
+        ds = load_dataset(name, data_dir)
+        rng = np.random.default_rng(0)
+        y = ds.y_train.numpy()
+        per = n // ds.num_classes
+        idx = np.sort(
+            np.concatenate([rng.choice(np.flatnonzero(y == c), per, replace=False) for c in range(ds.num_classes)])
+        )
+        with atomic_path(path, suffix=".npz") as tmp:
+            np.savez(
+                tmp,
+                x_train=ds.x_train.numpy()[idx],
+                y_train=y[idx],
+                x_test=ds.x_test.numpy(),
+                y_test=ds.y_test.numpy(),
+                label_names=np.array(ds.label_names or [str(i) for i in range(ds.num_classes)]),
+            )
+    return str(path), data_dir
+
+
+def torch_pruning_peer(run_dir: Path, ds, percent: float, refine_cfg: TrainConfig, out_onnx: Path) -> dict:
+    """Prune the same sparse checkpoint with Torch-Pruning's BN-scale pruner, refine, export."""
+    import torch_pruning as tp
+
+    model, _ = load_checkpoint(run_dir / "sparse.pt")
+    model.eval()
+    example = ds.normalize(ds.x_test[:1])
+    head = model.classifier if hasattr(model, "classifier") else model.fc
+    pruner = tp.pruner.BNScalePruner(
+        model,
+        example,
+        importance=tp.importance.BNScaleImportance(),
+        global_pruning=True,
+        pruning_ratio=percent,
+        ignored_layers=[head],
+    )
+    t0 = time.perf_counter()
+    pruner.step()
+    prune_s = time.perf_counter() - t0
+    before = evaluate(model, ds)
+    res = fit(model, ds, refine_cfg, description="torch-pruning refine")
+    ex = export_model(model, out_onnx, ds, ExportConfig(), {"producer_peer": f"torch-pruning {tp.__version__}"})
+    size = ds.image_size
+    return {
+        "library": f"torch-pruning {tp.__version__}",
+        "params": count_params(model),
+        "macs": count_macs(model, ds.in_channels, size),
+        "accuracy_before_refine": before,
+        "torch_accuracy": res["final_accuracy"],
+        "onnx_bytes": ex["onnx_bytes"],
+        "parity": ex["parity"],
+        "op_counts": ex["op_counts"],
+        "stages": {
+            "prune": {"seconds": prune_s},
+            "refine": {"seconds": res["train_seconds"], "images_per_s": res["images_per_s"]},
+        },
+    }
+
+
+def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path) -> Path:
+    tag = f"{suite}-{entry['arch']}-{entry['dataset']}-p{int(round(100 * entry['percent']))}"
+    run_dir = work / tag
+    dataset, data_dir = dataset_source(entry, args.data_dir, work)
+    bcfg = BenchConfig(batches=[1, 32], seconds=args.seconds)
+    cfg = PipelineConfig(
+        out=str(run_dir),
+        arch=entry["arch"],
+        dataset=dataset,
+        data_dir=data_dir,
+        epochs=args.epochs or entry["epochs"],
+        refine_epochs=args.refine_epochs or entry["refine_epochs"],
+        sparsity=entry["sparsity"],
+        percent=entry["percent"],
+        device=args.device,
+        force=True,
+        preset=args.preset,
+        bench=BenchConfig(batches=[1], threads=[1], seconds=0.2, accuracy=True),
+    )
+    t0 = time.perf_counter()
+    rep = run_pipeline(cfg, command="benchmarks/run.py")
+    pipeline_s = time.perf_counter() - t0
+    ds = load_dataset(dataset, data_dir)
+    models = {"baseline": run_dir / "baseline.onnx", "slimexport": run_dir / "pruned.onnx"}
+    peer = None
+    if not args.no_peer:
+        refine_cfg = cfg.train_config(cfg.refine_epochs, 0.0, cfg.refine_lr or (cfg.lr or 0.1) / 5)
+        try:
+            peer = torch_pruning_peer(run_dir, ds, entry["percent"], refine_cfg, run_dir / "torch_pruning.onnx")
+            models["torch-pruning"] = run_dir / "torch_pruning.onnx"
+        except ImportError:
+            print("torch-pruning is not installed (pip install -e '.[bench]'); skipping the peer comparison")
+    # One interleaved latency run for all models, so that they share the machine's noise.
+    b = bench(models, ds, bcfg)
+    lat = {n: [r for r in b["latency"] if r["model"] == n] for n in models}
+
+    def speedups(name, macs_ratio):
+        base = {(r["batch"], r["threads"]): r["median_ms"] for r in lat["baseline"]}
+        return [
+            {
+                "batch": r["batch"],
+                "threads": r["threads"],
+                "median_ms": r["median_ms"],
+                "p90_ms": r["p90_ms"],
+                "speedup": base[(r["batch"], r["threads"])] / r["median_ms"],
+                "macs_ratio": macs_ratio,
+            }
+            for r in lat[name]
+        ]
+
+    B, P = rep["baseline"], rep["pruned"]
+    result = {
+        "suite": suite,
+        "arch": entry["arch"],
+        "dataset": entry["dataset"],
+        "train_subset": entry.get("train_subset"),
+        "percent": entry["percent"],
+        "sparsity": entry["sparsity"],
+        "epochs": cfg.epochs,
+        "refine_epochs": cfg.refine_epochs,
+        "preset": cfg.preset,
+        "device": rep["config"]["resolved_device"],
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine_tag": machine_tag(),
+        "machine": machine(),
+        "versions": versions(),
+        "command": "python benchmarks/run.py " + shlex.join(sys.argv[1:]),
+        "pipeline_seconds": pipeline_s,
+        "baseline": {
+            "params": B["params"],
+            "macs": B["macs"],
+            "accuracy": B["accuracy"],
+            "onnx_bytes": B["onnx_bytes"],
+            "latency": speedups("baseline", 1.0),
+        },
+        "slimexport": {
+            "params": P["params"],
+            "macs": P["macs"],
+            "onnx_bytes": P["onnx_bytes"],
+            "sparse_accuracy": P["sparse_accuracy"],
+            "accuracy_before_refine": P["accuracy_before_refine"],
+            "accuracy": b["models"]["slimexport"]["accuracy"],
+            "torch_accuracy": P["torch_accuracy"],
+            "op_counts": P["op_counts"],
+            "gather_slice_share": P.get("op_time", {}).get("gather_slice_share"),
+            "latency": speedups("slimexport", B["macs"] / P["macs"]),
+            "prune": rep["prune"],
+        },
+        "stages": rep["stages"],
+    }
+    if peer is not None:
+        peer["accuracy"] = b["models"]["torch-pruning"]["accuracy"]
+        peer["latency"] = speedups("torch-pruning", B["macs"] / peer["macs"])
+        result["torch_pruning"] = peer
+    path = out_dir / f"{tag}.json"
+    write_json(path, result)
+    return path
+
+
+def _pct(x):
+    return "–" if x is None else f"{100 * x:.2f}"
+
+
+def render_results(results_root: Path) -> str:
+    rows = [json.loads(p.read_text()) for p in sorted(results_root.glob("*/*.json"))]
+    lines = [
+        "# slimexport benchmark results",
+        "",
+        "Generated by `make benchmark` (`benchmarks/run.py`) from `benchmarks/results/*/*.json`; each row "
+        "names the machine, date and command that produced it. Accuracies in %, measured by onnxruntime on the "
+        "whole test split. Latency: onnxruntime CPU, median ms; speed-up = baseline median ÷ model median, "
+        "measured in one interleaved run; MACs ratio = baseline MACs ÷ model MACs.",
+        "",
+    ]
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault((r["arch"], r["dataset"]), []).append(r)
+    for (arch, dataset), rs in groups.items():
+        lines += [f"## {arch} on {dataset}", ""]
+        lines += [
+            "| percent | model | params | MACs | acc baseline / sparse / pruned / refined | ONNX KB | "
+            "b1 t1 ms (×) | b1 tN ms (×) | b32 t1 ms (×) | b32 tN ms (×) | MACs ratio | machine, date | command |",
+            "|---|---|---:|---:|---|---:|---|---|---|---|---:|---|---|",
+        ]
+        for r in rs:
+            for key, label in (
+                ("baseline", "baseline"),
+                ("slimexport", "slimexport"),
+                ("torch_pruning", "Torch-Pruning"),
+            ):
+                m = r.get(key)
+                if m is None:
+                    continue
+                lat = {(x["batch"], x["threads"]): x for x in m["latency"]}
+                cells = []
+                for b in (1, 32):
+                    ts = sorted({t for (bb, t) in lat if bb == b})
+                    for t in (ts[0] if ts else None, ts[-1] if len(ts) > 1 else None):
+                        x = lat.get((b, t))
+                        cells.append("–" if x is None else f"{x['median_ms']:.3f} (×{x['speedup']:.2f})")
+                if key == "baseline":
+                    acc = f"{_pct(m['accuracy'])}"
+                else:
+                    sparse = m.get("sparse_accuracy", r["slimexport"]["sparse_accuracy"])  # the peer shares it
+                    acc = (
+                        f"{_pct(r['baseline']['accuracy'])} / {_pct(sparse)}"
+                        f" / {_pct(m.get('accuracy_before_refine'))} / {_pct(m['accuracy'])}"
+                    )
+                lines.append(
+                    f"| {int(round(100 * r['percent']))}% | {label} | {m['params']:,} | {m['macs']:,} | {acc} | "
+                    f"{m['onnx_bytes'] / 1024:.0f} | "
+                    + " | ".join(cells)
+                    + f" | ×{r['baseline']['macs'] / m['macs']:.2f} | {r['machine_tag']}, {r['date'][:10]} | "
+                    f"`{r['command']}` |"
+                )
+        lines.append("")
+        lines += ["Training (wall time, images/s):", ""]
+        for r in rs:
+            st = r["stages"]
+            parts = [
+                f"{k} {st[k]['seconds']:.0f} s"
+                + (f" ({st[k]['images_per_s']:.0f} img/s)" if st[k].get("images_per_s") else "")
+                for k in ("baseline", "sparse", "refine")
+                if k in st
+            ]
+            lines.append(
+                f"- {int(round(100 * r['percent']))}%, {r['epochs']}+{r['epochs']}+{r['refine_epochs']} epochs "
+                f"({r['preset']}, {r['device']}, train subset {r.get('train_subset') or 'full'}): "
+                + ", ".join(parts)
+                + f"; whole pipeline {r['pipeline_seconds']:.0f} s"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=sorted(SUITES), default="quick")
+    ap.add_argument("--only", help="run only entries whose arch contains this text")
+    ap.add_argument("--percent", type=float, help="run only entries with this percent")
+    ap.add_argument("--epochs", type=int, help="override the baseline/sparse epochs")
+    ap.add_argument("--refine-epochs", type=int, help="override the refine epochs")
+    ap.add_argument("--data-dir", help="where fashion-mnist / cifar10.npz live (default: ../shared for Fashion-MNIST)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--preset", default="fast", choices=["fast", "paper"])
+    ap.add_argument("--seconds", type=float, default=2.0, help="latency budget per model and setting")
+    ap.add_argument("--no-peer", action="store_true", help="skip the Torch-Pruning comparison")
+    ap.add_argument("--render-only", action="store_true", help="only regenerate RESULTS.md")
+    args = ap.parse_args()
+    results_root = ROOT / "results"
+    if not args.render_only:
+        work = ROOT / "work"
+        work.mkdir(exist_ok=True)
+        out_dir = results_root / machine_tag()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        entries = [
+            e
+            for e in SUITES[args.suite]
+            if (not args.only or args.only in e["arch"])
+            and (args.percent is None or abs(e["percent"] - args.percent) < 1e-9)
+        ]
+        t0 = time.perf_counter()
+        for e in entries:
+            print(f"== {args.suite}: {e['arch']} on {e['dataset']} at {e['percent']:.0%}", flush=True)
+            print(f"   -> {run_entry(args.suite, e, args, work, out_dir)}", flush=True)
+        print(f"suite {args.suite}: {len(entries)} entries in {time.perf_counter() - t0:.0f} s")
+    write_text(ROOT / "RESULTS.md", render_results(results_root))
+    print(f"wrote {ROOT / 'RESULTS.md'}")
+
+
+if __name__ == "__main__":
+    main()
