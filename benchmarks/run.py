@@ -63,6 +63,16 @@ SUITES: dict[str, list[dict]] = {
             train_subset=10000,
         ),
     ],
+    # CPU, about an hour: full data sets at few epochs (VGG at 70% on all of Fashion-MNIST; small-depth residual and
+    # dense networks on all of CIFAR-10, 40% and 60% from one sparse model).
+    "cpu": [
+        dict(arch="vgg11", dataset="fashion-mnist", percent=0.7, epochs=1, refine_epochs=1, sparsity=3e-3),
+        dict(arch="vgg11", dataset="fashion-mnist", percent=0.7, epochs=1, refine_epochs=1, sparsity=3e-3, round_to=16),
+        dict(arch="preresnet20", dataset="cifar10", percent=0.4, epochs=1, refine_epochs=1, sparsity=1e-3, peer=False),
+        dict(arch="preresnet20", dataset="cifar10", percent=0.6, epochs=1, refine_epochs=1, sparsity=1e-3, peer=False),
+        dict(arch="densenet10", dataset="cifar10", percent=0.4, epochs=1, refine_epochs=1, sparsity=1e-3, peer=False),
+        dict(arch="densenet10", dataset="cifar10", percent=0.6, epochs=1, refine_epochs=1, sparsity=1e-3, peer=False),
+    ],
     # The reference architectures on CIFAR-10, meant for a GPU (`fast` preset).
     "full": [
         dict(arch="vgg19", dataset="cifar10", percent=0.7, epochs=30, refine_epochs=30, sparsity=1e-4),
@@ -150,10 +160,15 @@ def torch_pruning_peer(run_dir: Path, ds, percent: float, refine_cfg: TrainConfi
     }
 
 
-def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path) -> Path:
+def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path, trained: dict) -> Path:
+    round_to = entry.get("round_to", 1)
     tag = f"{suite}-{entry['arch']}-{entry['dataset']}-p{int(round(100 * entry['percent']))}"
+    tag += f"-r{round_to}" if round_to > 1 else ""
     run_dir = work / tag
     dataset, data_dir = dataset_source(entry, args.data_dir, work)
+    # Entries that differ only in percent share one baseline and one sparse model, as a user sweeping would.
+    key = (entry["arch"], dataset, entry["sparsity"], args.epochs or entry["epochs"])
+    reuse = trained.get(key)
     bcfg = BenchConfig(batches=[1, 32], seconds=args.seconds)
     cfg = PipelineConfig(
         out=str(run_dir),
@@ -168,14 +183,23 @@ def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path) -> Path:
         force=True,
         preset=args.preset,
         bench=BenchConfig(batches=[1], threads=[1], seconds=0.2, accuracy=True),
+        round_to=round_to,
+        baseline=str(reuse / "baseline.pt") if reuse else None,
+        sparse=str(reuse / "sparse.pt") if reuse else None,
     )
     t0 = time.perf_counter()
     rep = run_pipeline(cfg, command="benchmarks/run.py")
     pipeline_s = time.perf_counter() - t0
+    if reuse:  # report the training stages of the run that trained them
+        first = json.loads((reuse / "report.json").read_text())
+        for k in ("baseline", "sparse"):
+            rep["stages"][k] = first["stages"][k] | {"shared_with": reuse.name}
+    else:
+        trained[key] = run_dir
     ds = load_dataset(dataset, data_dir)
     models = {"baseline": run_dir / "baseline.onnx", "slimexport": run_dir / "pruned.onnx"}
     peer = None
-    if not args.no_peer:
+    if not args.no_peer and entry.get("peer", True):
         refine_cfg = cfg.train_config(cfg.refine_epochs, 0.0, cfg.refine_lr or (cfg.lr or 0.1) / 5)
         try:
             peer = torch_pruning_peer(run_dir, ds, entry["percent"], refine_cfg, run_dir / "torch_pruning.onnx")
@@ -207,6 +231,7 @@ def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path) -> Path:
         "dataset": entry["dataset"],
         "train_subset": entry.get("train_subset"),
         "percent": entry["percent"],
+        "round_to": round_to,
         "sparsity": entry["sparsity"],
         "epochs": cfg.epochs,
         "refine_epochs": cfg.refine_epochs,
@@ -249,12 +274,20 @@ def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path) -> Path:
     return path
 
 
+def _setting(r: dict) -> str:
+    """The pruning setting of a result: percent, and the channel rounding where there is one."""
+    rt = r.get("round_to", 1)
+    return f"{int(round(100 * r['percent']))}%" + (f", round-to {rt}" if rt > 1 else "")
+
+
 def _pct(x):
     return "–" if x is None else f"{100 * x:.2f}"
 
 
 def render_results(results_root: Path) -> str:
-    rows = [json.loads(p.read_text()) for p in sorted(results_root.glob("*/*.json"))]
+    every = [json.loads(p.read_text()) for p in sorted(results_root.glob("*/*.json"))]
+    rows = [r for r in every if "suite" in r]
+    selection = [r for r in every if r.get("kind") == "selection"]
     lines = [
         "# slimexport benchmark results",
         "",
@@ -271,7 +304,7 @@ def render_results(results_root: Path) -> str:
         lines += [f"## {arch} on {dataset}", ""]
         lines += [
             "| percent | model | params | MACs | acc baseline / sparse / pruned / refined | ONNX KB | "
-            "b1 t1 ms (×) | b1 tN ms (×) | b32 t1 ms (×) | b32 tN ms (×) | MACs ratio | machine, date | command |",
+            "b1 t1 median / p90 ms (×) | b1 tN | b32 t1 | b32 tN | MACs ratio | machine, date | command |",
             "|---|---|---:|---:|---|---:|---|---|---|---|---:|---|---|",
         ]
         for r in rs:
@@ -289,7 +322,9 @@ def render_results(results_root: Path) -> str:
                     ts = sorted({t for (bb, t) in lat if bb == b})
                     for t in (ts[0] if ts else None, ts[-1] if len(ts) > 1 else None):
                         x = lat.get((b, t))
-                        cells.append("–" if x is None else f"{x['median_ms']:.3f} (×{x['speedup']:.2f})")
+                        cells.append(
+                            "–" if x is None else f"{x['median_ms']:.3f} / {x['p90_ms']:.3f} (×{x['speedup']:.2f})"
+                        )
                 if key == "baseline":
                     acc = f"{_pct(m['accuracy'])}"
                 else:
@@ -299,7 +334,7 @@ def render_results(results_root: Path) -> str:
                         f" / {_pct(m.get('accuracy_before_refine'))} / {_pct(m['accuracy'])}"
                     )
                 lines.append(
-                    f"| {int(round(100 * r['percent']))}% | {label} | {m['params']:,} | {m['macs']:,} | {acc} | "
+                    f"| {_setting(r)} | {label} | {m['params']:,} | {m['macs']:,} | {acc} | "
                     f"{m['onnx_bytes'] / 1024:.0f} | "
                     + " | ".join(cells)
                     + f" | ×{r['baseline']['macs'] / m['macs']:.2f} | {r['machine_tag']}, {r['date'][:10]} | "
@@ -316,10 +351,32 @@ def render_results(results_root: Path) -> str:
                 if k in st
             ]
             lines.append(
-                f"- {int(round(100 * r['percent']))}%, {r['epochs']}+{r['epochs']}+{r['refine_epochs']} epochs "
+                f"- {_setting(r)}, {r['epochs']}+{r['epochs']}+{r['refine_epochs']} epochs "
                 f"({r['preset']}, {r['device']}, train subset {r.get('train_subset') or 'full'}): "
                 + ", ".join(parts)
                 + f"; whole pipeline {r['pipeline_seconds']:.0f} s"
+            )
+        lines.append("")
+    for s in selection:
+        o = s["step_overhead"]
+        lines += [
+            f"## Channel selection ({s['machine_tag']}, {s['date'][:10]}, `{s['command']}`)",
+            "",
+            f"Sparse-training step of preresnet164 (batch {o['batch']}, median of {o['steps']} interleaved steps): "
+            f"with selections {o['median_s']['with_selection']:.3f} s, "
+            f"without {o['median_s']['without_selection']:.3f} s, ratio ×{o['ratio']:.3f}.",
+            "",
+            "| arch | percent | params after (published) | MACs ratio | Gather / Slice nodes "
+            "| Gather+Slice time share b1 | speed-up b1 / b32 (1 thread) | data |",
+            "|---|---:|---|---:|---|---:|---|---|",
+        ]
+        for r in s["pruned"]:
+            lines.append(
+                f"| {r['arch']} | {100 * r['percent']:.0f}% "
+                f"| {r['params_after']:,} ({r['params_published_after'] / 1e6:.2f}M) "
+                f"| ×{r['macs_before'] / r['macs_after']:.2f} | {r['gather_nodes']} / {r['slice_nodes']} "
+                f"| {100 * r['gather_slice_share_b1']:.2f}% | ×{r['speedup']['1']:.2f} / ×{r['speedup']['32']:.2f} "
+                f"| {r['data']} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -352,9 +409,11 @@ def main() -> None:
             and (args.percent is None or abs(e["percent"] - args.percent) < 1e-9)
         ]
         t0 = time.perf_counter()
+        trained: dict = {}
         for e in entries:
             print(f"== {args.suite}: {e['arch']} on {e['dataset']} at {e['percent']:.0%}", flush=True)
-            print(f"   -> {run_entry(args.suite, e, args, work, out_dir)}", flush=True)
+            print(f"   -> {run_entry(args.suite, e, args, work, out_dir, trained)}", flush=True)
+            write_text(ROOT / "RESULTS.md", render_results(results_root))
         print(f"suite {args.suite}: {len(entries)} entries in {time.perf_counter() - t0:.0f} s")
     write_text(ROOT / "RESULTS.md", render_results(results_root))
     print(f"wrote {ROOT / 'RESULTS.md'}")

@@ -120,6 +120,9 @@ RoundOpt = Annotated[
         "(8 or 16 suit onnxruntime's blocked CPU convolutions); 1 = exactly the threshold's choice.",
     ),
 ]
+CompileOpt = Annotated[
+    bool, typer.Option("--compile", help="torch.compile the training forward (pays on a GPU for small networks).")
+]
 EvalEveryOpt = Annotated[
     int | None,
     typer.Option("--eval-every", min=1, help="Measure test accuracy every N epochs (always after the last)."),
@@ -204,6 +207,7 @@ def _train_config(
     seed: int,
     device: Device,
     eval_every: int | None = None,
+    compile: bool = False,
 ):
     from slimexport.train import PRESETS, TrainConfig
 
@@ -218,13 +222,19 @@ def _train_config(
         seed=seed,
         device=device.value,
         eval_every=eval_every or 1,
+        compile=compile,
     )
 
 
 def _check_out(out: Path, force: bool, resume: bool = False) -> None:
+    """Refuse to overwrite ``out`` without --force; --resume may continue an unfinished run's ``out.resume``."""
+    from slimexport.errors import ConfigError
     from slimexport.fileio import check_writable
 
-    if not resume:
+    pending = out.with_name(out.name + ".resume")
+    if resume and not pending.exists():
+        raise ConfigError(f"nothing to resume: {pending} does not exist")
+    if not (resume and pending.exists()):
         check_writable(out, force)
 
 
@@ -243,6 +253,7 @@ def train(
     seed: SeedOpt = 0,
     device: DeviceOpt = Device.auto,
     eval_every: EvalEveryOpt = None,
+    compile: CompileOpt = False,
     resume: ResumeOpt = False,
     force: ForceOpt = False,
 ):
@@ -252,7 +263,7 @@ def train(
     from slimexport.train import train as train_fn
 
     _check_out(out, force, resume)
-    cfg = _train_config(preset, epochs, sparsity, lr, batch_size, seed, device, eval_every)
+    cfg = _train_config(preset, epochs, sparsity, lr, batch_size, seed, device, eval_every, compile)
     cfg.validate()
     ds = load_dataset(dataset, data_dir)
     meta = train_fn(out, ds, cfg, arch=arch or DEFAULT_ARCH, resume=resume)
@@ -312,6 +323,7 @@ def refine(
     seed: SeedOpt = 0,
     device: DeviceOpt = Device.auto,
     eval_every: EvalEveryOpt = None,
+    compile: CompileOpt = False,
     resume: ResumeOpt = False,
     force: ForceOpt = False,
 ):
@@ -320,7 +332,7 @@ def refine(
     from slimexport.train import train as train_fn
 
     _check_out(out, force, resume)
-    cfg = _train_config(preset, epochs, 0.0, lr, batch_size, seed, device, eval_every)
+    cfg = _train_config(preset, epochs, 0.0, lr, batch_size, seed, device, eval_every, compile)
     cfg.validate()
     ds = load_dataset(dataset, data_dir)
     meta = train_fn(out, ds, cfg, init=checkpoint, stage="refined", resume=resume)
@@ -449,12 +461,19 @@ def pipeline(
     baseline: Annotated[
         Path | None, typer.Option("--baseline", help="Reuse this trained baseline checkpoint instead of training one.")
     ] = None,
+    sparse: Annotated[
+        Path | None,
+        typer.Option(
+            "--sparse", help="Reuse this sparse-trained checkpoint instead of training one (to sweep --percent)."
+        ),
+    ] = None,
     preset: PresetOpt = Preset.fast,
     lr: LrOpt = None,
     refine_lr: Annotated[float | None, typer.Option("--refine-lr", help="Peak lr of refine [default: lr / 5].")] = None,
     batch_size: BatchOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = Device.auto,
+    compile: CompileOpt = False,
     eval_every: Annotated[
         int | None,
         typer.Option(
@@ -484,7 +503,9 @@ def pipeline(
         min_channels=min_channels,
         round_to=round_to,
         eval_every=eval_every,
+        compile=compile,
         baseline=str(baseline) if baseline else None,
+        sparse=str(sparse) if sparse else None,
         preset=preset.value,
         lr=lr,
         refine_lr=refine_lr,

@@ -59,6 +59,7 @@ class Dataset:
         x = self.x_train.float().div_(255)
         self.mean = x.mean(dim=(0, 2, 3)).tolist()
         self.std = x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+        self._norm: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def in_channels(self) -> int:
@@ -70,9 +71,14 @@ class Dataset:
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (N, C, H, W) → normalised float32, on x's device."""
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
-        return (x.float().div_(255) - mean) / std
+        key = str(x.device)
+        if key not in self._norm:  # cached per device: no host-to-device copy per batch
+            self._norm[key] = (
+                torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1) * 255,
+                torch.tensor(self.std, device=x.device).view(1, -1, 1, 1) * 255,
+            )
+        mean, std = self._norm[key]
+        return (x.float() - mean) / std
 
     def to(self, device: str | torch.device) -> Dataset:
         """Move the raw tensors (kept uint8, so a whole data set fits on a GPU) to ``device``."""

@@ -44,7 +44,9 @@ class PipelineConfig:
     min_channels: int = 1
     round_to: int = 1
     eval_every: int | None = None  # None: only after the last epoch of each stage
+    compile: bool = False  # torch.compile the training forward
     baseline: str | None = None
+    sparse: str | None = None  # reuse a sparse-trained checkpoint (e.g. to sweep --percent)
     preset: str = "fast"
     lr: float | None = None  # None: the preset's
     refine_lr: float | None = None  # None: lr / 5
@@ -77,12 +79,26 @@ class PipelineConfig:
             seed=self.seed,
             device=self.device,
             eval_every=self.eval_every or epochs,
+            compile=self.compile,
         )
 
 
 def _model_stats(ckpt_path: Path, in_channels: int, size: tuple[int, int]) -> dict[str, Any]:
     model, ckpt = load_checkpoint(ckpt_path)
     return {"params": count_params(model), "macs": count_macs(model, in_channels, size)}
+
+
+def _reuse(src: Path, dst: Path, ds, device: torch.device) -> dict[str, Any]:
+    """Copy a given checkpoint into the run (re-measuring its accuracy on this data set); returns its meta."""
+    model, ck = load_checkpoint(src)
+    if (ck["num_classes"], ck["in_channels"]) != (ds.num_classes, ds.in_channels):
+        raise CheckpointError(
+            f"{src} is for {ck['num_classes']} classes and {ck['in_channels']} channels; "
+            f"{ds.name} has {ds.num_classes} and {ds.in_channels}"
+        )
+    meta = ck["meta"] | {"accuracy": evaluate(model, ds, device), "reused": str(src)}
+    save_checkpoint(make_checkpoint(model.cpu(), data_meta(ds), meta), dst)
+    return meta
 
 
 def run_pipeline(cfg: PipelineConfig, command: str = "") -> dict[str, Any]:
@@ -99,6 +115,13 @@ def run_pipeline(cfg: PipelineConfig, command: str = "") -> dict[str, Any]:
         ck = read_checkpoint(baseline_src)
         if cfg.arch is not None and ck["arch"] != cfg.arch:
             raise CheckpointError(f"--baseline {baseline_src} holds a {ck['arch']} model, not the requested {cfg.arch}")
+        cfg.arch = ck["arch"]
+    if cfg.sparse is not None:
+        ck = read_checkpoint(cfg.sparse)
+        if cfg.arch is not None and ck["arch"] != cfg.arch:
+            raise CheckpointError(
+                f"--sparse {cfg.sparse} holds a {ck['arch']} model, not the {cfg.arch} of the baseline"
+            )
         cfg.arch = ck["arch"]
     cfg.arch = cfg.arch or DEFAULT_ARCH
     ds = load_dataset(cfg.dataset, cfg.data_dir)
@@ -154,8 +177,13 @@ def _run(
     stages["baseline"] |= {"accuracy": meta["accuracy"], "images_per_s": meta.get("images_per_s")}
 
     sparse_ckpt = work / "sparse.pt"
-    meta = timed("sparse", train, sparse_ckpt, ds, cfg.train_config(cfg.epochs, cfg.sparsity, cfg.lr), arch=cfg.arch)
-    stages["sparse"] |= {"accuracy": meta["accuracy"], "images_per_s": meta["images_per_s"]}
+    if cfg.sparse is None:
+        meta = timed(
+            "sparse", train, sparse_ckpt, ds, cfg.train_config(cfg.epochs, cfg.sparsity, cfg.lr), arch=cfg.arch
+        )
+    else:
+        meta = timed("sparse", _reuse, Path(cfg.sparse), sparse_ckpt, ds, device)
+    stages["sparse"] |= {"accuracy": meta["accuracy"], "images_per_s": meta.get("images_per_s")}
     sparse_acc = meta["accuracy"]
 
     pruned_ckpt = work / "pruned.pt"

@@ -202,3 +202,10 @@ def test_cuda_requested_without_cuda(tmp_path, small_npz):
 
 def test_bad_bench_lists(tmp_path, small_npz):
     _fails_cleanly(["bench", str(tmp_path / "a.onnx"), "--batch", "1,x"], "--batch", tmp_path)
+
+
+def test_resume_without_an_interrupted_run(tmp_path, small_npz):
+    (tmp_path / "t.pt").write_bytes(b"finished")
+    _fails_cleanly(
+        ["train", "--dataset", small_npz, "--out", str(tmp_path / "t.pt"), "--resume"], "nothing to resume", tmp_path
+    )

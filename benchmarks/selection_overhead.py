@@ -1,0 +1,222 @@
+#!/usr/bin/env python3
+"""Issue-3 figures: what channel selection costs, in training and in onnxruntime.
+
+1. Training: a sparse-training step (forward, backward, L1 hook, SGD step) of `preresnet164` with its channel
+   selections against the identical network whose forward skips them; interleaved steps, median of each.
+2. Inference: `preresnet164` and `densenet40` sparse-trained briefly, pruned at 40% and 60%, exported; the share
+   of onnxruntime CPU node time spent in Gather/Slice at batch 1 (profiler), the parameter and MACs cuts next
+   to the reference's published counts, and onnxruntime CPU speed-ups at batch 1 and 32.
+
+Writes benchmarks/results/<machine-tag>/selection.json; `python benchmarks/run.py --render-only` puts it into
+RESULTS.md. Usage: python benchmarks/selection_overhead.py [--steps 30] [--batch 64] [--train-images 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import shlex
+import sys
+import time
+import types
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+
+from benchmarks.run import machine_tag  # noqa: E402
+from slimexport.bench import BenchConfig, bench  # noqa: E402
+from slimexport.checkpoint import make_checkpoint, save_checkpoint  # noqa: E402
+from slimexport.data import from_arrays, load_dataset  # noqa: E402
+from slimexport.errors import DataError  # noqa: E402
+from slimexport.export import ExportConfig, export  # noqa: E402
+from slimexport.fileio import write_json  # noqa: E402
+from slimexport.models import create_model  # noqa: E402
+from slimexport.prune import prune_model  # noqa: E402
+from slimexport.report import machine, versions  # noqa: E402
+from slimexport.stats import count_macs, count_params  # noqa: E402
+from slimexport.train import TrainConfig, data_meta, fit, regularize  # noqa: E402
+
+FORBIDDEN = ("NonZero", "GatherND", "Where", "ScatterND", "Transpose")
+PUBLISHED = {  # CIFAR-10 parameters after pruning (Liu et al. 2017, Table 1)
+    ("preresnet164", 0.4): 1.45e6,
+    ("preresnet164", 0.6): 1.12e6,
+    ("densenet40", 0.4): 0.69e6,
+    ("densenet40", 0.6): 0.49e6,
+}
+
+
+def _no_selection(model):
+    """The same network, same weights, with every channel selection removed from the forward pass."""
+    m = copy.deepcopy(model)
+
+    def block_forward(self, x):
+        out = self.conv1(F.relu(self.bn1(x)))
+        out = self.conv2(F.relu(self.bn2(out)))
+        out = self.conv3(F.relu(self.bn3(out)))
+        return out + (x if self.downsample is None else self.downsample(x))
+
+    def net_forward(self, x):
+        x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
+        return self.fc(F.adaptive_avg_pool2d(F.relu(self.bn(x)), 1).flatten(1))
+
+    for blk in m.blocks():
+        del blk.select
+        blk.forward = types.MethodType(block_forward, blk)
+    del m.select
+    m.forward = types.MethodType(net_forward, m)
+    return m
+
+
+def step_overhead(steps: int, batch: int) -> dict:
+    torch.manual_seed(0)
+    with_sel = create_model("preresnet164", 10, 3)
+    without = _no_selection(with_sel)
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    runs = {}
+    for name, m in (("with_selection", with_sel), ("without_selection", without)):
+        m.train()
+        opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+        runs[name] = (m, opt, [])
+
+    def step(m, opt):
+        loss = F.cross_entropy(m(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        regularize(m, 1e-5)
+        opt.step()
+
+    for m, opt, _ in runs.values():  # warm-up
+        step(m, opt)
+    for _ in range(steps):  # interleaved, so both see the same machine noise
+        for m, opt, ts in runs.values():
+            t0 = time.perf_counter()
+            step(m, opt)
+            ts.append(time.perf_counter() - t0)
+    med = {k: float(np.median(v[2])) for k, v in runs.items()}
+    return {
+        "arch": "preresnet164",
+        "batch": batch,
+        "steps": steps,
+        "median_s": med,
+        "ratio": med["with_selection"] / med["without_selection"],
+        "params_equal": count_params(with_sel) == count_params(without),
+    }
+
+
+def cifar_subset(n_train: int):
+    try:
+        ds = load_dataset("cifar10")
+    except DataError as e:
+        print(f"{e}; using random images of CIFAR's shape instead")
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, 256, (n_train + 1000, 32, 32, 3), dtype=np.uint8)
+        y = rng.integers(0, 10, n_train + 1000)
+        return from_arrays("random-cifar-shape", x[:n_train], y[:n_train], x[n_train:], y[n_train:]), False
+    g = torch.Generator().manual_seed(0)
+    tr = torch.randperm(len(ds.y_train), generator=g)[:n_train]
+    te = torch.randperm(len(ds.y_test), generator=g)[:1000]
+    sub = from_arrays(
+        "cifar10-subset", ds.x_train[tr].numpy(), ds.y_train[tr].numpy(), ds.x_test[te].numpy(), ds.y_test[te].numpy()
+    )
+    return sub, True
+
+
+def inference_figures(n_train: int, work: Path, seconds: float) -> list[dict]:
+    ds, real = cifar_subset(n_train)
+    rows = []
+    for arch in ("preresnet164", "densenet40"):
+        torch.manual_seed(0)
+        model = create_model(arch, 10, 3)
+        cfg = TrainConfig(epochs=1, batch_size=64, sparsity=1e-5, device="cpu")
+        fit(model, ds, cfg, description=arch)
+        base_ck = work / f"{arch}-base.pt"
+        save_checkpoint(make_checkpoint(model, data_meta(ds), {"stage": "sparse"}), base_ck)
+        export(base_ck, work / f"{arch}-base.onnx", ds, ExportConfig(parity_images=64))
+        models = {"baseline": work / f"{arch}-base.onnx"}
+        pruned = {}
+        for pct in (0.4, 0.6):
+            p, rec = prune_model(model, pct)
+            ck = work / f"{arch}-p{int(pct * 100)}.pt"
+            save_checkpoint(make_checkpoint(p, data_meta(ds), {"stage": "pruned"}), ck)
+            ex = export(ck, work / f"{arch}-p{int(pct * 100)}.onnx", ds, ExportConfig(parity_images=64))
+            models[f"p{int(pct * 100)}"] = work / f"{arch}-p{int(pct * 100)}.onnx"
+            pruned[pct] = (p, rec, ex)
+        b = bench(models, ds, BenchConfig(batches=[1, 32], threads=[1], seconds=seconds, accuracy=False))
+        base_lat = {r["batch"]: r["median_ms"] for r in b["latency"] if r["model"] == "baseline"}
+        for pct, (p, _, ex) in pruned.items():
+            name = f"p{int(pct * 100)}"
+            lat = {r["batch"]: r["median_ms"] for r in b["latency"] if r["model"] == name}
+            ops = ex["op_counts"]
+            rows.append(
+                {
+                    "arch": arch,
+                    "percent": pct,
+                    "data": ds.name,
+                    "real_data": real,
+                    "params_before": count_params(model),
+                    "params_after": count_params(p),
+                    "params_published_after": PUBLISHED[(arch, pct)],
+                    "macs_before": count_macs(model, 3, (32, 32)),
+                    "macs_after": count_macs(p, 3, (32, 32)),
+                    "gather_nodes": ops.get("Gather", 0),
+                    "slice_nodes": ops.get("Slice", 0),
+                    "forbidden_nodes": {k: ops[k] for k in FORBIDDEN if k in ops},
+                    "gather_slice_share_b1": b["models"][name]["op_time"]["gather_slice_share"],
+                    "latency_ms": lat,
+                    "baseline_latency_ms": base_lat,
+                    "speedup": {bb: base_lat[bb] / lat[bb] for bb in lat},
+                }
+            )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--train-images", type=int, default=3000)
+    ap.add_argument("--seconds", type=float, default=2.0)
+    args = ap.parse_args()
+    work = ROOT / "work" / "selection"
+    work.mkdir(parents=True, exist_ok=True)
+    overhead = step_overhead(args.steps, args.batch)
+    med = overhead["median_s"]
+    print(
+        f"sparse-training step, preresnet164 batch {args.batch}: with selection {med['with_selection']:.3f} s, "
+        f"without {med['without_selection']:.3f} s, ratio {overhead['ratio']:.3f}",
+        flush=True,
+    )
+    rows = inference_figures(args.train_images, work, args.seconds)
+    for r in rows:
+        print(
+            f"{r['arch']} {r['percent']:.0%}: params {r['params_after']:,} "
+            f"(published {r['params_published_after']:,.0f}), "
+            f"MACs ×{r['macs_before'] / r['macs_after']:.2f}, Gather {r['gather_nodes']} Slice {r['slice_nodes']}, "
+            f"Gather/Slice share {100 * r['gather_slice_share_b1']:.2f}%, speed-up b1 ×{r['speedup'][1]:.2f} "
+            f"b32 ×{r['speedup'][32]:.2f}"
+        )
+    out = ROOT / "results" / machine_tag() / "selection.json"
+    write_json(
+        out,
+        {
+            "kind": "selection",
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine_tag": machine_tag(),
+            "machine": machine(),
+            "versions": versions(),
+            "command": "python benchmarks/selection_overhead.py " + shlex.join(sys.argv[1:]),
+            "step_overhead": overhead,
+            "pruned": rows,
+        },
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
