@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT.parent))
 from slimexport.bench import BenchConfig, bench  # noqa: E402
 from slimexport.checkpoint import load_checkpoint  # noqa: E402
 from slimexport.data import find_fashion_mnist, load_dataset  # noqa: E402
-from slimexport.export import ExportConfig, export_model  # noqa: E402
+from slimexport.export import ExportConfig, export, export_model  # noqa: E402
 from slimexport.fileio import atomic_path, write_json, write_text  # noqa: E402
 from slimexport.pipeline import PipelineConfig, run_pipeline  # noqa: E402
 from slimexport.report import machine, versions  # noqa: E402
@@ -206,6 +206,10 @@ def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path, trained:
             models["torch-pruning"] = run_dir / "torch_pruning.onnx"
         except ImportError:
             print("torch-pruning is not installed (pip install -e '.[bench]'); skipping the peer comparison")
+    if any(sel in rep["pruned"]["op_counts"] for sel in ("Gather", "Slice")):
+        # The same refined weights with selections absorbed into zero weights (`export --selection dense`).
+        export(run_dir / "refined.pt", run_dir / "pruned_dense.onnx", ds, ExportConfig(selection="dense"))
+        models["slimexport-dense"] = run_dir / "pruned_dense.onnx"
     # One interleaved latency run for all models, so that they share the machine's noise.
     b = bench(models, ds, bcfg)
     lat = {n: [r for r in b["latency"] if r["model"] == n] for n in models}
@@ -265,6 +269,17 @@ def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path, trained:
         },
         "stages": rep["stages"],
     }
+    if "slimexport-dense" in models:
+        dense = load_checkpoint(run_dir / "refined.pt")[0].without_selections()
+        d_macs = count_macs(dense, ds.in_channels, ds.image_size)
+        result["slimexport_dense"] = result["slimexport"] | {
+            "params": count_params(dense),  # the absorbed selections' zero weights count here
+            "macs": d_macs,
+            "accuracy": b["models"]["slimexport-dense"]["accuracy"],
+            "onnx_bytes": (run_dir / "pruned_dense.onnx").stat().st_size,
+            "latency": speedups("slimexport-dense", B["macs"] / d_macs),
+            "note": "same weights as slimexport, selections exported as zero weights (--selection dense)",
+        }
     if peer is not None:
         peer["accuracy"] = b["models"]["torch-pruning"]["accuracy"]
         peer["latency"] = speedups("torch-pruning", B["macs"] / peer["macs"])
@@ -311,6 +326,7 @@ def render_results(results_root: Path) -> str:
             for key, label in (
                 ("baseline", "baseline"),
                 ("slimexport", "slimexport"),
+                ("slimexport_dense", "slimexport, --selection dense"),
                 ("torch_pruning", "Torch-Pruning"),
             ):
                 m = r.get(key)

@@ -34,6 +34,10 @@ class ExportConfig:
     atol: float = 1e-3  # max |onnx - torch| over all logits of the parity images
     parity_images: int = 512
     parity_batch: int = 128
+    # How channel selections appear in the graph: "gather" (one Gather or Slice each, the fewest MACs) or "dense"
+    # (absorbed into zero weights of the next layer: no index op, more MACs; can be faster where the runtime's
+    # blocked layout must be left around every Gather, as in onnxruntime's CPU NCHWc kernels).
+    selection: str = "gather"
 
 
 def _export_torch(model: torch.nn.Module, sample: torch.Tensor, path: Path, opset: int) -> None:
@@ -111,6 +115,9 @@ def export(
             f"{ckpt_path} expects {ckpt['in_channels']}-channel inputs and {ckpt['num_classes']} classes; "
             f"the data set {ds.name} has {ds.in_channels} and {ds.num_classes}"
         )
+    if cfg is not None and cfg.selection not in ("gather", "dense"):
+        raise ConfigError(f"--selection must be gather or dense, got {cfg.selection!r}")
+    exported = model.without_selections() if cfg is not None and cfg.selection == "dense" else model
     metadata = {
         "arch": ckpt["arch"],
         "stage": ckpt["meta"].get("stage", ""),
@@ -118,7 +125,7 @@ def export(
         "std": json.dumps(ckpt["data"].get("std")),
         "labels": json.dumps(ckpt["data"].get("label_names")),
     }
-    return export_model(model, out, ds, cfg, metadata)
+    return export_model(exported, out, ds, cfg, metadata, reference=model)
 
 
 def export_model(
@@ -127,8 +134,12 @@ def export_model(
     ds: Dataset,
     cfg: ExportConfig | None = None,
     metadata: dict[str, str] | None = None,
+    reference: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
-    """Export any image classifier module taking (N, C, H, W) normalised inputs; see :func:`export`."""
+    """Export any image classifier module taking (N, C, H, W) normalised inputs; see :func:`export`.
+
+    Parity is checked against ``reference`` (default: ``model`` itself).
+    """
     import onnx
 
     cfg = cfg or ExportConfig()
@@ -158,7 +169,7 @@ def export_model(
         for k, v in ({"producer": "slimexport"} | (metadata or {})).items():
             proto.metadata_props.add(key=k, value=str(v))
         onnx.save(proto, str(tmp))
-        par = parity(model, tmp, ds, cfg.parity_images, cfg.parity_batch)
+        par = parity(reference if reference is not None else model, tmp, ds, cfg.parity_images, cfg.parity_batch)
         par["atol"] = cfg.atol
         if not (par["max_abs_diff"] <= cfg.atol):
             raise ParityError(

@@ -72,3 +72,25 @@ def test_parity_failure_is_an_error_and_writes_nothing(tmp_path, make_model, sma
 def test_export_rejects_data_of_another_shape(tmp_path, make_model, small_ds):
     with pytest.raises(ConfigError, match="input"):
         export(_ckpt(tmp_path, make_model(TINY_VGG, in_channels=3), small_ds), tmp_path / "x.onnx", small_ds, FAST)
+
+
+@pytest.mark.parametrize("arch", [TINY_RESNET, TINY_DENSENET])
+def test_dense_selection_exports_without_index_ops_and_matches(arch, tmp_path, make_model, small_ds):
+    p, _ = prune_model(make_model(arch), 0.5)
+    assert _nontrivial_selections(p)
+    r = export(
+        _ckpt(tmp_path, p, small_ds), tmp_path / "d.onnx", small_ds, ExportConfig(parity_images=64, selection="dense")
+    )
+    assert "Gather" not in r["op_counts"] and "Slice" not in r["op_counts"]
+    # parity is measured against the pruned (gather) model itself, so the absorption is exact
+    assert r["parity"]["max_abs_diff"] <= 1e-4 and r["parity"]["top1_agreement"] == 1.0
+
+
+def test_unknown_selection_mode(tmp_path, make_model, small_ds):
+    with pytest.raises(ConfigError, match="selection"):
+        export(
+            _ckpt(tmp_path, make_model(TINY_VGG), small_ds),
+            tmp_path / "x.onnx",
+            small_ds,
+            ExportConfig(selection="scatter"),
+        )

@@ -119,3 +119,31 @@ def conv_shift(conv: nn.Conv2d, const: torch.Tensor) -> torch.Tensor:
 
 def as_index(keep: torch.Tensor | Sequence[int]) -> torch.Tensor:
     return torch.as_tensor(keep, dtype=torch.long).flatten()
+
+
+@torch.no_grad()
+def copy_matching(dst: nn.Module, src: nn.Module) -> None:
+    """Copy every parameter and buffer whose name and shape agree."""
+    src_sd = src.state_dict()
+    dst_sd = dst.state_dict()
+    for k, v in dst_sd.items():
+        if k in src_sd and src_sd[k].shape == v.shape:
+            v.copy_(src_sd[k])
+
+
+@torch.no_grad()
+def widen_selection(
+    sel: ChannelSelection, bn: nn.BatchNorm2d, consumer: nn.Module, wide_bn: nn.BatchNorm2d, wide_consumer: nn.Module
+) -> None:
+    """Absorb ``select → BN(k) → ReLU → consumer`` into ``BN(C) → ReLU → consumer`` with zero input weights.
+
+    The unselected channels get γ = β = 0 (so their activations are exactly 0) and zero weights in the consumer
+    (a conv or a linear layer), so the wide module computes exactly what the selected one did, with no index op.
+    """
+    idx = torch.as_tensor(sel.indices())
+    for name, fill in (("weight", 0.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
+        dst = getattr(wide_bn, name)
+        dst.fill_(fill)
+        dst[idx] = getattr(bn, name)
+    wide_consumer.weight.zero_()
+    wide_consumer.weight[:, idx] = consumer.weight

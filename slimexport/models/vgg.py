@@ -59,6 +59,10 @@ class VGG(nn.Module):
         """Every BN of VGG is pruned; conv in/out channels and the FC input follow."""
         return [(n, m) for n, m in self.named_modules() if isinstance(m, nn.BatchNorm2d)]
 
+    def without_selections(self) -> VGG:
+        """VGG has no channel selections."""
+        return self
+
     @torch.no_grad()
     def pruned(self, keep: dict[str, torch.Tensor]) -> VGG:
         """A physically smaller copy that keeps channels ``keep[bn_name]`` of every BN."""
