@@ -71,8 +71,8 @@ DataDirOpt = Annotated[
         "--data-dir",
         envvar="SLIMEXPORT_DATA",
         help="Where named data "
-        "sets live (idx .gz files, cifar10.npz, or torchvision's layout) [default: "
-        "~/.cache/slimexport/data].",
+        "sets live (idx .gz files, cifar10.npz, or torchvision's layout) (default: "
+        "~/.cache/slimexport/data).",
     ),
 ]
 EpochsOpt = Annotated[int, typer.Option("--epochs", "-e", min=1, help="Training epochs.")]
@@ -102,11 +102,11 @@ MinChOpt = Annotated[
 ]
 LrOpt = Annotated[
     float | None,
-    typer.Option("--lr", help="Peak (fast) or initial (paper) learning rate [default: the preset's, 0.1]."),
+    typer.Option("--lr", help="Peak (fast) or initial (paper) learning rate (default: the preset's, 0.1)."),
 ]
 BatchOpt = Annotated[
     int | None,
-    typer.Option("--batch-size", "-b", min=1, help="Training batch size [default: the preset's: fast 128, paper 64]."),
+    typer.Option("--batch-size", "-b", min=1, help="Training batch size (default: the preset's: fast 128, paper 64)."),
 ]
 PresetOpt = Annotated[
     Preset,
@@ -152,7 +152,7 @@ BatchesOpt = Annotated[str, typer.Option("--batch", help="Comma-separated batch 
 ThreadsOpt = Annotated[
     str | None,
     typer.Option(
-        "--threads", help="Comma-separated onnxruntime intra-op thread counts (CPU) [default: 1 and all cores]."
+        "--threads", help="Comma-separated onnxruntime intra-op thread counts (CPU) (default: 1 and all cores)."
     ),
 ]
 BenchDeviceOpt = Annotated[
@@ -486,7 +486,7 @@ def pipeline(
     ] = None,
     preset: PresetOpt = Preset.fast,
     lr: LrOpt = None,
-    refine_lr: Annotated[float | None, typer.Option("--refine-lr", help="Peak lr of refine [default: lr / 5].")] = None,
+    refine_lr: Annotated[float | None, typer.Option("--refine-lr", help="Peak lr of refine (default: lr / 5).")] = None,
     batch_size: BatchOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = Device.auto,
@@ -497,7 +497,7 @@ def pipeline(
         typer.Option(
             "--eval-every",
             min=1,
-            help="Measure test accuracy every N epochs [default: only after each stage's last epoch].",
+            help="Measure test accuracy every N epochs (default: only after each stage's last epoch).",
         ),
     ] = None,
     batch: BatchesOpt = "1,32",

@@ -117,3 +117,41 @@ def test_refine_and_bench_from_the_run(run_dir, small_npz, tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert "refined: accuracy" in res.stdout
+
+
+def test_sweep_percent_from_the_same_sparse_model(run_dir, small_npz, tmp_path):
+    out = tmp_path / "sweep"
+    res = CliRunner().invoke(
+        app,
+        [
+            "pipeline",
+            "--baseline",
+            str(run_dir / "baseline.pt"),
+            "--sparse",
+            str(run_dir / "sparse.pt"),
+            "--dataset",
+            small_npz,
+            "--out",
+            str(out),
+            "--percent",
+            "0.3",
+            "--refine-epochs",
+            "1",
+            "--batch",
+            "1",
+            "--threads",
+            "1",
+            "--seconds",
+            "0.05",
+            "--device",
+            "cpu",
+            "--selection",
+            "dense",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "report.json").read_text())
+    first = json.loads((run_dir / "report.json").read_text())
+    assert r["stages"]["sparse"]["accuracy"] == first["stages"]["sparse"]["accuracy"]  # the same sparse model
+    assert r["prune"]["percent"] == 0.3 and r["pruned"]["params"] > first["pruned"]["params"]
+    assert r["config"]["export"]["selection"] == "dense"

@@ -74,3 +74,15 @@ def test_pruning_a_pruned_model_composes_selections(make_model):
     p2, _ = prune_model(p1, 0.3)
     for s1, s2 in zip(*(([s for s in x.modules() if isinstance(s, ChannelSelection)]) for x in (p1, p2))):
         assert set(s2.indices()) <= set(s1.indices())
+
+
+def test_round_to_keeps_multiples_and_only_adds_the_next_largest_gammas():
+    g = {"a": torch.tensor([0.9, 0.1, 0.8, 0.2, 0.7, 0.05, 0.6, 0.3, 0.01, 0.02]), "b": torch.tensor([0.5, 0.4])}
+    exact, _ = select_channels(g, 0.55)
+    assert exact["a"].tolist() == [0, 2, 4, 6] and exact["b"].tolist() == [0]  # b floored to its largest γ
+    keep, _ = select_channels(g, 0.55, round_to=8)
+    assert keep["a"].tolist() == sorted(torch.topk(g["a"], 8).indices.tolist())
+    assert set(exact["a"].tolist()) <= set(keep["a"].tolist())
+    assert keep["b"].tolist() == [0, 1]  # floored to one, rounded up to the layer's width (2 < 8)
+    with pytest.raises(ConfigError, match="round-to"):
+        select_channels(g, 0.5, round_to=0)
