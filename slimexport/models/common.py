@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 
@@ -147,3 +148,21 @@ def widen_selection(
         dst[idx] = getattr(bn, name)
     wide_consumer.weight.zero_()
     wide_consumer.weight[:, idx] = consumer.weight
+
+
+@torch.no_grad()
+def absorb_selections(model: nn.Module) -> nn.Module:
+    """A copy of a residual or dense ``model`` with no index op: each selection absorbed into zero weights.
+
+    ``model.selection_units()`` lists every (selection, the BN after it, the layer that consumes it). The copy is
+    built from the model's config with every selection set to keep all channels, and computes the same function.
+    """
+    cfg = copy.deepcopy(model.config)
+    cfg["select"] = [None] * len(cfg["select"])
+    cfg["final_select"] = None
+    new = type(model)(model.arch, cfg, model.num_classes, model.in_channels)
+    copy_matching(new, model)
+    for (sel, bn, consumer), (_, wide_bn, wide_consumer) in zip(model.selection_units(), new.selection_units()):
+        if sel.mode != "identity":
+            widen_selection(sel, bn, consumer, wide_bn, wide_consumer)
+    return new

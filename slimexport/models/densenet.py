@@ -17,14 +17,13 @@ from torch.nn import functional as F
 
 from slimexport.models.common import (
     ChannelSelection,
+    absorb_selections,
     as_index,
     conv_shift,
     copy_bn,
     copy_conv,
-    copy_matching,
     dropped_constant,
     reference_init,
-    widen_selection,
 )
 
 
@@ -96,20 +95,13 @@ class DenseNet(nn.Module):
     def prunable_bns(self) -> list[tuple[str, nn.BatchNorm2d]]:
         return [(n, m) for n, m in self.named_modules() if isinstance(m, nn.BatchNorm2d)]
 
-    @torch.no_grad()
+    def selection_units(self) -> list[tuple[ChannelSelection, nn.BatchNorm2d, nn.Module]]:
+        """(selection, the BN after it, the layer that consumes it), for every selection."""
+        return [(u.select, u.bn1, u.conv1) for u in self.units()] + [(self.select, self.bn, self.fc)]
+
     def without_selections(self) -> DenseNet:
         """The same function with no index op (see :meth:`PreResNet.without_selections`)."""
-        cfg = copy.deepcopy(self.config)
-        cfg["select"] = [None] * len(cfg["select"])
-        cfg["final_select"] = None
-        new = DenseNet(self.arch, cfg, self.num_classes, self.in_channels)
-        copy_matching(new, self)
-        for unit, nunit in zip(self.units(), new.units()):
-            if unit.select.mode != "identity":
-                widen_selection(unit.select, unit.bn1, unit.conv1, nunit.bn1, nunit.conv1)
-        if self.select.mode != "identity":
-            widen_selection(self.select, self.bn, self.fc, new.bn, new.fc)
-        return new
+        return absorb_selections(self)
 
     @torch.no_grad()
     def pruned(self, keep: dict[str, torch.Tensor]) -> DenseNet:

@@ -19,14 +19,13 @@ from torch.nn import functional as F
 
 from slimexport.models.common import (
     ChannelSelection,
+    absorb_selections,
     as_index,
     conv_shift,
     copy_bn,
     copy_conv,
-    copy_matching,
     dropped_constant,
     reference_init,
-    widen_selection,
 )
 
 EXPANSION = 4
@@ -98,24 +97,17 @@ class PreResNet(nn.Module):
         selections, the inner ones physically."""
         return [(n, m) for n, m in self.named_modules() if isinstance(m, nn.BatchNorm2d)]
 
-    @torch.no_grad()
+    def selection_units(self) -> list[tuple[ChannelSelection, nn.BatchNorm2d, nn.Module]]:
+        """(selection, the BN after it, the layer that consumes it), for every selection."""
+        return [(b.select, b.bn1, b.conv1) for b in self.blocks()] + [(self.select, self.bn, self.fc)]
+
     def without_selections(self) -> PreResNet:
         """The same function with no index op: every selection absorbed into zero weights of the next layer.
 
         For runtimes where a Gather costs more than the wider conv it saves (onnxruntime's blocked CPU layout has
         to leave and re-enter its NCHWc format around every Gather); see ``export --selection dense``.
         """
-        cfg = copy.deepcopy(self.config)
-        cfg["select"] = [None] * len(cfg["select"])
-        cfg["final_select"] = None
-        new = PreResNet(self.arch, cfg, self.num_classes, self.in_channels)
-        copy_matching(new, self)
-        for blk, nblk in zip(self.blocks(), new.blocks()):
-            if blk.select.mode != "identity":
-                widen_selection(blk.select, blk.bn1, blk.conv1, nblk.bn1, nblk.conv1)
-        if self.select.mode != "identity":
-            widen_selection(self.select, self.bn, self.fc, new.bn, new.fc)
-        return new
+        return absorb_selections(self)
 
     @torch.no_grad()
     def pruned(self, keep: dict[str, torch.Tensor]) -> PreResNet:
