@@ -2,7 +2,7 @@
 PYTHON ?= python3
 SUITE ?= quick
 
-.PHONY: install test lint benchmark demo clean
+.PHONY: install test lint benchmark benchmark-selection demo clean
 
 install:  ## install slimexport with its test tools (editable)
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -15,6 +15,10 @@ lint:
 
 benchmark:  ## SUITE=quick (CPU, minutes) or SUITE=full (reference architectures on CIFAR-10, for a GPU)
 	$(PYTHON) benchmarks/run.py --suite $(SUITE)
+
+benchmark-selection:  ## what channel selection costs (training step, Gather share, preresnet164/densenet40)
+	$(PYTHON) benchmarks/selection_overhead.py
+	$(PYTHON) benchmarks/run.py --render-only
 
 demo:  ## the main job on the embedded data
 	$(PYTHON) -m slimexport pipeline --out runs/demo --force

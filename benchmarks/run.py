@@ -54,6 +54,17 @@ SUITES: dict[str, list[dict]] = {
             train_subset=20000,
         ),
         dict(
+            arch="vgg11_w50",
+            dataset="fashion-mnist",
+            percent=0.7,
+            epochs=2,
+            refine_epochs=1,
+            sparsity=3e-3,
+            train_subset=20000,
+            round_to=16,
+            peer=False,
+        ),
+        dict(
             arch="preresnet20",
             dataset="fashion-mnist",
             percent=0.4,
