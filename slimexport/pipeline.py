@@ -101,6 +101,12 @@ def _reuse(src: Path, dst: Path, ds, device: torch.device) -> dict[str, Any]:
     return meta
 
 
+def _stage_facts(meta: dict[str, Any]) -> dict[str, Any]:
+    """What a training stage reports: its accuracy, its speed, and where a reused checkpoint came from."""
+    facts = {"accuracy": meta["accuracy"], "images_per_s": meta.get("images_per_s")}
+    return facts | ({"reused": meta["reused"]} if "reused" in meta else {})
+
+
 def run_pipeline(cfg: PipelineConfig, command: str = "") -> dict[str, Any]:
     """Run every stage; returns the report (also written to ``cfg.out``/report.json)."""
     cfg.validate()
@@ -163,18 +169,8 @@ def _run(
     if baseline_src is None:
         meta = timed("baseline", train, base_ckpt, ds, cfg.train_config(cfg.epochs, 0.0, cfg.lr), arch=cfg.arch)
     else:
-        model, ck = load_checkpoint(baseline_src)
-        if (ck["num_classes"], ck["in_channels"]) != (ds.num_classes, ds.in_channels):
-            raise CheckpointError(
-                f"--baseline {baseline_src} is for {ck['num_classes']} classes and "
-                f"{ck['in_channels']} channels; {ds.name} has {ds.num_classes} and {ds.in_channels}"
-            )
-        t0 = time.perf_counter()
-        acc = evaluate(model, ds, device)
-        meta = ck["meta"] | {"accuracy": acc, "source": str(baseline_src)}
-        save_checkpoint(make_checkpoint(model.cpu(), data_meta(ds), meta), base_ckpt)
-        stages["baseline"] = {"seconds": time.perf_counter() - t0, "reused": str(baseline_src)}
-    stages["baseline"] |= {"accuracy": meta["accuracy"], "images_per_s": meta.get("images_per_s")}
+        meta = timed("baseline", _reuse, baseline_src, base_ckpt, ds, device)
+    stages["baseline"] |= _stage_facts(meta)
 
     sparse_ckpt = work / "sparse.pt"
     if cfg.sparse is None:
@@ -183,7 +179,7 @@ def _run(
         )
     else:
         meta = timed("sparse", _reuse, Path(cfg.sparse), sparse_ckpt, ds, device)
-    stages["sparse"] |= {"accuracy": meta["accuracy"], "images_per_s": meta.get("images_per_s")}
+    stages["sparse"] |= _stage_facts(meta)
     sparse_acc = meta["accuracy"]
 
     pruned_ckpt = work / "pruned.pt"
