@@ -219,7 +219,9 @@ def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path, trained:
             print("torch-pruning is not installed (pip install -e '.[bench]'); skipping the peer comparison")
     if any(sel in rep["pruned"]["op_counts"] for sel in ("Gather", "Slice")):
         # The same refined weights with selections absorbed into zero weights (`export --selection dense`).
-        export(run_dir / "refined.pt", run_dir / "pruned_dense.onnx", ds, ExportConfig(selection="dense"))
+        dense_export = export(
+            run_dir / "refined.pt", run_dir / "pruned_dense.onnx", ds, ExportConfig(selection="dense")
+        )
         models["slimexport-dense"] = run_dir / "pruned_dense.onnx"
     # One interleaved latency run for all models, so that they share the machine's noise.
     b = bench(models, ds, bcfg)
@@ -287,6 +289,8 @@ def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path, trained:
             "params": count_params(dense),  # the absorbed selections' zero weights count here
             "macs": d_macs,
             "accuracy": b["models"]["slimexport-dense"]["accuracy"],
+            "op_counts": dense_export["op_counts"],
+            "gather_slice_share": b["models"]["slimexport-dense"]["op_time"]["gather_slice_share"],
             "onnx_bytes": (run_dir / "pruned_dense.onnx").stat().st_size,
             "latency": speedups("slimexport-dense", B["macs"] / d_macs),
             "note": "same weights as slimexport, selections exported as zero weights (--selection dense)",
