@@ -83,11 +83,6 @@ class PipelineConfig:
         )
 
 
-def _model_stats(ckpt_path: Path, in_channels: int, size: tuple[int, int]) -> dict[str, Any]:
-    model, ckpt = load_checkpoint(ckpt_path)
-    return {"params": count_params(model), "macs": count_macs(model, in_channels, size)}
-
-
 def _reuse(src: Path, dst: Path, ds, device: torch.device) -> dict[str, Any]:
     """Copy a given checkpoint into the run (re-measuring its accuracy on this data set); returns its meta."""
     model, ck = load_checkpoint(src)
@@ -214,8 +209,10 @@ def _run(
     models = {}
     for name, ckpt in (("baseline", base_ckpt), ("pruned", refined_ckpt)):
         ex = timed(f"export_{name}", export, ckpt, work / f"{name}.onnx", ds, cfg.export)
-        _, ck = load_checkpoint(ckpt)
-        models[name] = _model_stats(ckpt, ds.in_channels, size) | {
+        model, ck = load_checkpoint(ckpt)
+        models[name] = {
+            "params": count_params(model),
+            "macs": count_macs(model, ds.in_channels, size),
             "checkpoint": ckpt.name,
             "onnx": f"{name}.onnx",
             "onnx_bytes": ex["onnx_bytes"],
