@@ -66,11 +66,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
-def load_checkpoint(path: str | os.PathLike, expect_arch: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model a checkpoint describes (pruned or not) from the checkpoint alone."""
     ckpt = read_checkpoint(path)
-    if expect_arch is not None and ckpt["arch"] != expect_arch:
-        raise CheckpointError(f"{path} holds a {ckpt['arch']} model, not the requested {expect_arch}")
     try:
         model = create_model(ckpt["arch"], ckpt["num_classes"], ckpt["in_channels"], ckpt["config"])
         model.load_state_dict(ckpt["state_dict"])

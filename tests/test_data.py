@@ -111,6 +111,9 @@ def test_augment_is_a_shifted_crop_with_flips():
     y = augment(x, pad=2, flip=True, generator=g)
     assert y.shape == x.shape and y.dtype == x.dtype
     assert torch.equal(augment(x, pad=0, flip=False), x)
-    # every output row is a (possibly flipped) run of an input row, or padding
-    row = y[0, 0, 4]
-    assert row.max() <= x.max()
+    # every output image is one 8×8 window of the zero-padded input, possibly mirrored
+    xp = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(len(x)):
+        windows = [xp[i, :, dy : dy + 8, dx : dx + 8] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(y[i], w) or torch.equal(y[i], w.flip(2)) for w in windows)
+    assert not all(torch.equal(y[i], x[i]) for i in range(len(x)))  # something moved (fixed seed)
