@@ -38,6 +38,7 @@ class BenchDevice(str, Enum):
 class Selection(str, Enum):
     gather = "gather"
     dense = "dense"
+    auto = "auto"
 
 
 class Preset(str, Enum):
@@ -129,8 +130,10 @@ SelectionOpt = Annotated[
     Selection,
     typer.Option(
         "--selection",
-        help="How channel selections export: gather (one Gather/Slice each, fewest MACs) or dense (absorbed into zero "
-        "weights of the next layer: no index op, keeps onnxruntime's blocked CPU layout; often faster on CPU).",
+        help="How channel selections export: gather (one Gather/Slice each, fewest MACs), dense (absorbed into zero "
+        "weights of the next layer: no index op, keeps onnxruntime's blocked CPU layout), or auto (export gather, "
+        "dense and a per-selection mix, time each in onnxruntime on this CPU at batch 1, keep the fastest; pairs well "
+        "with prune --round-to 16).",
     ),
 ]
 CompileOpt = Annotated[
@@ -391,6 +394,9 @@ def export_cmd(
         f"exported {out} ({r['onnx_bytes']:,} bytes, {sum(r['op_counts'].values())} nodes): max |Δ| "
         f"{p['max_abs_diff']:.2e}, top-1 agreement {p['top1_agreement']:.4f} on {p['images']} images"
     )
+    if r.get("selection", {}).get("candidates"):
+        times = ", ".join(f"{n} {c['median_ms']:.3f} ms" for n, c in r["selection"]["candidates"].items())
+        typer.echo(f"selection: {r['selection']['chosen']} (onnxruntime CPU, batch 1, 1 thread: {times})")
 
 
 @app.command("bench")

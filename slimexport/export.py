@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import os
+import tempfile
 import time
 import warnings
 from collections import Counter
@@ -25,6 +26,7 @@ from slimexport.errors import ConfigError, ParityError, SlimExportError
 from slimexport.fileio import atomic_path
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+SELECTION_MODES = ("gather", "dense", "auto")
 
 
 @dataclass
@@ -36,8 +38,13 @@ class ExportConfig:
     parity_batch: int = 128
     # How channel selections appear in the graph: "gather" (one Gather or Slice each, the fewest MACs) or "dense"
     # (absorbed into zero weights of the next layer: no index op, more MACs; can be faster where the runtime's
-    # blocked layout must be left around every Gather, as in onnxruntime's CPU NCHWc kernels).
+    # blocked layout must be left around every Gather, as in onnxruntime's CPU NCHWc kernels), or "auto" (export
+    # the candidates of :func:`slimexport.selection.candidates`, time each whole model in onnxruntime on this CPU at
+    # batch ``tune_batch`` with ``tune_threads`` threads, keep the fastest).
     selection: str = "gather"
+    tune_batch: int = 1
+    tune_threads: int = 1
+    tune_seconds: float = 1.0
 
 
 def _export_torch(model: torch.nn.Module, sample: torch.Tensor, path: Path, opset: int) -> None:
@@ -115,9 +122,9 @@ def export(
             f"{ckpt_path} expects {ckpt['in_channels']}-channel inputs and {ckpt['num_classes']} classes; "
             f"the data set {ds.name} has {ds.in_channels} and {ds.num_classes}"
         )
-    if cfg is not None and cfg.selection not in ("gather", "dense"):
-        raise ConfigError(f"--selection must be gather or dense, got {cfg.selection!r}")
-    exported = model.without_selections() if cfg is not None and cfg.selection == "dense" else model
+    cfg = cfg or ExportConfig()
+    if cfg.selection not in SELECTION_MODES:
+        raise ConfigError(f"--selection must be one of {', '.join(SELECTION_MODES)}, got {cfg.selection!r}")
     metadata = {
         "arch": ckpt["arch"],
         "stage": ckpt["meta"].get("stage", ""),
@@ -125,7 +132,46 @@ def export(
         "std": json.dumps(ckpt["data"].get("std")),
         "labels": json.dumps(ckpt["data"].get("label_names")),
     }
+    if cfg.selection == "auto":
+        return _export_fastest(model, out, ds, cfg, metadata)
+    exported = model.without_selections() if cfg.selection == "dense" and hasattr(model, "selection_units") else model
     return export_model(exported, out, ds, cfg, metadata, reference=model)
+
+
+def _export_fastest(
+    model: torch.nn.Module, out: str | os.PathLike, ds: Dataset, cfg: ExportConfig, metadata: dict[str, str]
+) -> dict[str, Any]:
+    """``--selection auto``: export every candidate, time them side by side in onnxruntime, keep the fastest."""
+    from slimexport.bench import BenchConfig, latency
+    from slimexport.selection import candidates
+
+    image_shape = (ds.in_channels, *ds.image_size)
+    cands, per_unit = candidates(model, image_shape, cfg.tune_batch, cfg.tune_threads)
+    if len(cands) == 1:  # nothing to choose (no selection removes a channel)
+        res = export_model(cands["gather"], out, ds, cfg, metadata, reference=model)
+        res["selection"] = {"chosen": "gather", "candidates": {}, "units": per_unit}
+        return res
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.candidates-") as tmp:
+        results, paths = {}, {}
+        for name, m in cands.items():
+            paths[name] = Path(tmp) / f"{name}.onnx"
+            results[name] = export_model(m, paths[name], ds, cfg, metadata | {"selection": name}, reference=model)
+        bcfg = BenchConfig(batches=[cfg.tune_batch], threads=[cfg.tune_threads], seconds=cfg.tune_seconds)
+        rows = latency(paths, image_shape, bcfg)
+        timing = {r["model"]: r["median_ms"] for r in rows}
+        chosen = min(timing, key=lambda n: (timing[n], n != "gather"))  # a tie goes to the fewest MACs
+        os.replace(paths[chosen], out)
+    res = results[chosen] | {"path": str(out)}
+    res["selection"] = {
+        "chosen": chosen,
+        "batch": cfg.tune_batch,
+        "threads": cfg.tune_threads,
+        "candidates": {n: {"median_ms": timing[n], "op_counts": results[n]["op_counts"]} for n in cands},
+        "units": per_unit,
+    }
+    return res
 
 
 def export_model(

@@ -94,3 +94,15 @@ def test_unknown_selection_mode(tmp_path, make_model, small_ds):
             small_ds,
             ExportConfig(selection="scatter"),
         )
+
+
+def test_exported_files_get_the_usual_permissions(tmp_path, make_model, small_ds):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        export(_ckpt(tmp_path, make_model(TINY_VGG), small_ds), tmp_path / "v.onnx", small_ds, FAST)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "v.onnx").stat().st_mode) == 0o644  # not the 0600 of a private temp file

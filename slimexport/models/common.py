@@ -151,18 +151,27 @@ def widen_selection(
 
 
 @torch.no_grad()
-def absorb_selections(model: nn.Module) -> nn.Module:
-    """A copy of a residual or dense ``model`` with no index op: each selection absorbed into zero weights.
+def absorb_selections(model: nn.Module, absorb: Sequence[bool] | None = None) -> nn.Module:
+    """A copy of a residual or dense ``model`` with selections absorbed into zero weights (no index op for them).
 
-    ``model.selection_units()`` lists every (selection, the BN after it, the layer that consumes it). The copy is
-    built from the model's config with every selection set to keep all channels, and computes the same function.
+    ``model.selection_units()`` lists every (selection, the BN after it, the layer that consumes it); ``absorb``
+    says, per unit, whether to absorb it (default: all). The config's ``select`` list and ``final_select`` follow
+    the order of ``selection_units()``. The copy is built from the model's config with each absorbed selection set
+    to keep all channels, and computes the same function.
     """
+    units = model.selection_units()
+    absorb = [True] * len(units) if absorb is None else list(absorb)
+    if len(absorb) != len(units):
+        raise ValueError(f"{len(absorb)} absorb flags for {len(units)} selection units")
     cfg = copy.deepcopy(model.config)
-    cfg["select"] = [None] * len(cfg["select"])
-    cfg["final_select"] = None
+    for i, a in enumerate(absorb[:-1]):
+        if a:
+            cfg["select"][i] = None
+    if absorb[-1]:
+        cfg["final_select"] = None
     new = type(model)(model.arch, cfg, model.num_classes, model.in_channels)
     copy_matching(new, model)
-    for (sel, bn, consumer), (_, wide_bn, wide_consumer) in zip(model.selection_units(), new.selection_units()):
-        if sel.mode != "identity":
+    for a, (sel, bn, consumer), (_, wide_bn, wide_consumer) in zip(absorb, units, new.selection_units()):
+        if a and sel.mode != "identity":
             widen_selection(sel, bn, consumer, wide_bn, wide_consumer)
     return new

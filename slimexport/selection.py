@@ -1,0 +1,220 @@
+"""Choosing, per channel selection, the cheaper of its two exact exports in onnxruntime: ``gather`` or ``dense``.
+
+A selection unit is ``select → BN(k) → ReLU → consumer`` (a conv, or global pooling and the classifier). It can
+export two ways that compute the same function:
+
+- ``gather``: one Gather (or Slice) picks the k kept channels of the C-channel input; BN, ReLU and the consumer
+  then work on k channels. Fewest MACs.
+- ``dense``: the selection is absorbed into zero weights (:func:`slimexport.models.common.widen_selection`):
+  BN, ReLU and the consumer work on all C channels, no index op. More MACs, but on a CPU whose convolutions
+  work on channel blocks (onnxruntime's NCHWc kernels) this can still be faster than the copy plus the layout
+  changes a Gather forces.
+
+Which is faster depends on the shapes and the runtime, so :func:`choose_selections` measures: for each unit it
+builds both variants as small ONNX graphs at the unit's real shapes, times them side by side in onnxruntime
+(interleaved, median) and keeps the faster. Units of the same shape are measured once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from slimexport.models.common import ChannelSelection, absorb_selections
+
+
+@dataclass(frozen=True)
+class UnitShape:
+    """What decides a unit's cost: the input's channels and size, the kept channels and the consumer."""
+
+    channels: int  # C, the selection's input channels
+    kept: tuple[int, ...]  # the kept indices (the op is a Slice when contiguous)
+    height: int
+    width: int
+    consumer: str  # "conv" or "linear" (after global average pooling)
+    out_channels: int
+    kernel: int = 1
+    stride: int = 1
+    padding: int = 0
+
+    def key(self) -> tuple:
+        contiguous = list(self.kept) == list(range(self.kept[0], self.kept[0] + len(self.kept)))
+        return (self.channels, len(self.kept), contiguous, self.height, self.width, self.consumer,
+                self.out_channels, self.kernel, self.stride, self.padding)  # fmt: skip
+
+
+def unit_shapes(model: nn.Module, image_shape: tuple[int, int, int]) -> list[UnitShape | None]:
+    """The shape of every selection unit of ``model`` (None where the selection keeps every channel)."""
+    units = model.selection_units()
+    seen: dict[int, tuple[int, ...]] = {}
+    hooks = [
+        sel.register_forward_hook(lambda m, args, out, i=i: seen.__setitem__(i, tuple(args[0].shape)))
+        for i, (sel, _, _) in enumerate(units)
+    ]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *image_shape))
+    finally:
+        for h in hooks:
+            h.remove()
+    shapes: list[UnitShape | None] = []
+    for i, (sel, _, consumer) in enumerate(units):
+        if sel.mode == "identity":
+            shapes.append(None)
+            continue
+        _, c, h, w = seen[i]
+        if isinstance(consumer, nn.Conv2d):
+            shapes.append(
+                UnitShape(
+                    c,
+                    tuple(sel.indices()),
+                    h,
+                    w,
+                    "conv",
+                    consumer.out_channels,
+                    consumer.kernel_size[0],
+                    consumer.stride[0],
+                    consumer.padding[0],
+                )  # fmt: skip
+            )
+        else:
+            shapes.append(UnitShape(c, tuple(sel.indices()), h, w, "linear", consumer.out_features))
+    return shapes
+
+
+def _unit_graph(shape: UnitShape, dense: bool, batch: int, opset: int = 20) -> bytes:
+    """One selection unit as a standalone ONNX model (random weights; only the cost matters)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    c = shape.channels if dense else len(shape.kept)
+    inits, nodes = [], []
+
+    def const(name: str, value: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    x = "x"
+    if not dense:
+        kept = np.asarray(shape.kept, dtype=np.int64)
+        if shape.key()[2]:  # contiguous: a Slice, as ChannelSelection exports it
+            nodes.append(helper.make_node("Slice", [x, const("starts", kept[:1]), const("ends", kept[-1:] + 1),
+                                                    const("axes", np.array([1], np.int64))], ["sel"]))  # fmt: skip
+        else:
+            nodes.append(helper.make_node("Gather", [x, const("idx", kept)], ["sel"], axis=1))
+        x = "sel"
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)
+    bn_in = [x, const("g", f32(c)), const("b", f32(c)), const("m", f32(c)), const("v", np.abs(f32(c)) + 1)]
+    nodes += [helper.make_node("BatchNormalization", bn_in, ["bn"]), helper.make_node("Relu", ["bn"], ["act"])]
+    if shape.consumer == "conv":
+        k, p, s = shape.kernel, shape.padding, shape.stride
+        w = const("w", f32(shape.out_channels, c, k, k))
+        nodes.append(helper.make_node("Conv", ["act", w], ["y"], kernel_shape=[k, k], pads=[p] * 4, strides=[s, s]))
+        ho, wo = (shape.height + 2 * p - k) // s + 1, (shape.width + 2 * p - k) // s + 1
+        y_shape = [batch, shape.out_channels, ho, wo]
+    else:
+        nodes += [
+            helper.make_node("GlobalAveragePool", ["act"], ["pool"]),
+            helper.make_node("Flatten", ["pool"], ["flat"], axis=1),
+            helper.make_node(
+                "Gemm", ["flat", const("w", f32(shape.out_channels, c)), const("bias", f32(shape.out_channels))],
+                ["y"], transB=1,
+            ),
+        ]  # fmt: skip
+        y_shape = [batch, shape.out_channels]
+    graph = helper.make_graph(
+        nodes,
+        "unit",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, shape.channels, shape.height, shape.width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+        inits,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    proto.ir_version = 10
+    return proto.SerializeToString()
+
+
+def time_unit(shape: UnitShape, batch: int = 1, threads: int = 1, seconds: float = 0.1) -> dict[str, float]:
+    """Median milliseconds of the unit's gather and dense variants in onnxruntime, timed side by side."""
+    from slimexport.export import ort_session
+
+    x = np.random.default_rng(1).standard_normal((batch, shape.channels, shape.height, shape.width))
+    feed = {"x": x.astype(np.float32)}
+    sessions = {v: ort_session(_unit_graph(shape, v == "dense", batch), threads=threads) for v in ("gather", "dense")}
+    for s in sessions.values():
+        for _ in range(3):
+            s.run(None, feed)
+    times: dict[str, list[float]] = {v: [] for v in sessions}
+    start = time.perf_counter()
+    while len(times["gather"]) < 15 or time.perf_counter() - start < seconds * 2:
+        for v, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, feed)
+            times[v].append(time.perf_counter() - t0)
+        if len(times["gather"]) >= 2000:
+            break
+    return {v: float(np.median(ts)) * 1e3 for v, ts in times.items()}
+
+
+def choose_selections(
+    model: nn.Module, image_shape: tuple[int, int, int], batch: int = 1, threads: int = 1, seconds: float = 0.1
+) -> tuple[list[bool], list[dict[str, Any]]]:
+    """For every selection unit of ``model``, whether to absorb it (dense is measurably faster), and the record.
+
+    Identity selections are left alone. Ties go to the gather (fewer MACs, no assumption about the runtime).
+    """
+    cache: dict[tuple, dict[str, float]] = {}
+    absorb, record = [], []
+    for (sel, _, _), shape in zip(model.selection_units(), unit_shapes(model, image_shape)):
+        if shape is None:
+            absorb.append(False)
+            continue
+        if shape.key() not in cache:
+            cache[shape.key()] = time_unit(shape, batch, threads, seconds)
+        t = cache[shape.key()]
+        dense = t["dense"] < t["gather"]
+        absorb.append(dense)
+        record.append(
+            {
+                "channels": shape.channels,
+                "kept": len(shape.kept),
+                "op": "dense" if dense else sel.mode,
+                "gather_ms": t["gather"],
+                "dense_ms": t["dense"],
+            }
+        )
+    return absorb, record
+
+
+def count_modes(model: nn.Module) -> dict[str, int]:
+    """How many selections of ``model`` are identity, slice or gather."""
+    out = {"identity": 0, "slice": 0, "gather": 0}
+    for m in model.modules():
+        if isinstance(m, ChannelSelection):
+            out[m.mode] += 1
+    return out
+
+
+def candidates(
+    model: nn.Module, image_shape: tuple[int, int, int], batch: int = 1, threads: int = 1
+) -> tuple[dict[str, nn.Module], list[dict[str, Any]]]:
+    """The exact variants of ``model`` worth timing whole: ``gather`` (the model itself), ``dense`` (every selection
+    absorbed) and ``per-unit`` (each unit as :func:`choose_selections` measured it, when that is neither of the
+    two). Whole-model timing has the last word because a unit's cost depends on its neighbours: onnxruntime keeps
+    runs of convolutions in its blocked NCHWc layout, and a Gather breaks such a run, which no single-unit graph
+    shows. A model without a channel-removing selection has just the one candidate.
+    """
+    units = model.selection_units() if hasattr(model, "selection_units") else []
+    active = [sel.mode != "identity" for sel, _, _ in units]
+    if not any(active):
+        return {"gather": model}, []
+    absorb, record = choose_selections(model, image_shape, batch, threads)
+    out = {"gather": model, "dense": absorb_selections(model)}
+    if any(absorb) and [a for a, on in zip(absorb, active) if on] != [True] * sum(active):
+        out["per-unit"] = absorb_selections(model, absorb)
+    return out, record
