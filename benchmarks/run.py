@@ -35,10 +35,12 @@ from slimexport.checkpoint import load_checkpoint  # noqa: E402
 from slimexport.data import find_fashion_mnist, load_dataset  # noqa: E402
 from slimexport.export import ExportConfig, export, export_model  # noqa: E402
 from slimexport.fileio import atomic_path, write_json, write_text  # noqa: E402
+from slimexport.models.common import absorb_selections  # noqa: E402
 from slimexport.pipeline import PipelineConfig, run_pipeline  # noqa: E402
+from slimexport.prune import prune  # noqa: E402
 from slimexport.report import machine, versions  # noqa: E402
 from slimexport.stats import count_macs, count_params  # noqa: E402
-from slimexport.train import TrainConfig, evaluate, fit  # noqa: E402
+from slimexport.train import TrainConfig, evaluate, fit, train  # noqa: E402
 
 # Each entry: one pipeline run. Epoch counts are per stage (baseline and sparse each; refine separately).
 SUITES: dict[str, list[dict]] = {
@@ -171,6 +173,24 @@ def torch_pruning_peer(run_dir: Path, ds, percent: float, refine_cfg: TrainConfi
     }
 
 
+def _variant(name: str, model, ex: dict, b: dict, ds, base_macs: int, speedups) -> dict:
+    """Params, MACs and latency of one exported variant; with --selection auto, of the graph actually exported
+    (absorbed selections bring their zero weights and MACs with them)."""
+    absorbed = ex.get("selection", {}).get("absorbed")
+    graph = absorb_selections(model, absorbed) if absorbed and any(absorbed) else model
+    macs = count_macs(graph, ds.in_channels, ds.image_size)
+    return {
+        "params": count_params(graph),
+        "macs": macs,
+        "accuracy": b["models"][name]["accuracy"],
+        "op_counts": ex["op_counts"],
+        "gather_slice_share": b["models"][name]["op_time"]["gather_slice_share"],
+        "onnx_bytes": ex["onnx_bytes"],
+        "latency": speedups(name, base_macs / macs),
+        "selection": {k: v for k, v in ex.get("selection", {}).items() if k != "units"},
+    }
+
+
 def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path, trained: dict) -> Path:
     round_to = entry.get("round_to", 1)
     tag = f"{suite}-{entry['arch']}-{entry['dataset']}-p{int(round(100 * entry['percent']))}"
@@ -217,12 +237,28 @@ def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path, trained:
             models["torch-pruning"] = run_dir / "torch_pruning.onnx"
         except ImportError:
             print("torch-pruning is not installed (pip install -e '.[bench]'); skipping the peer comparison")
-    if any(sel in rep["pruned"]["op_counts"] for sel in ("Gather", "Slice")):
-        # The same refined weights with selections absorbed into zero weights (`export --selection dense`).
-        dense_export = export(
-            run_dir / "refined.pt", run_dir / "pruned_dense.onnx", ds, ExportConfig(selection="dense")
+    has_selections = any(sel in rep["pruned"]["op_counts"] for sel in ("Gather", "Slice"))
+    if has_selections:
+        # The same refined weights exported with `--selection auto` (gather, dense or a mix, timed and chosen here).
+        auto_export = export(run_dir / "refined.pt", run_dir / "pruned_auto.onnx", ds, ExportConfig(selection="auto"))
+        models["slimexport-auto"] = run_dir / "pruned_auto.onnx"
+    matched = None
+    if peer is not None:
+        # slimexport at Torch-Pruning's MACs: the same sparse model pruned to the peer's budget (`prune --max-macs`),
+        # refined with the same schedule and seed. Exported with --selection auto where it has selections.
+        budget = peer["macs"] / rep["baseline"]["macs"]
+        m_meta = prune(
+            run_dir / "sparse.pt", run_dir / "matched_pruned.pt", None, ds=ds, round_to=round_to, max_macs=budget
         )
-        models["slimexport-dense"] = run_dir / "pruned_dense.onnx"
+        r_meta = train(
+            run_dir / "matched_refined.pt", ds, refine_cfg, init=run_dir / "matched_pruned.pt", stage="refined"
+        )
+        sel_mode = "auto" if has_selections else "gather"
+        m_export = export(
+            run_dir / "matched_refined.pt", run_dir / "matched.onnx", ds, ExportConfig(selection=sel_mode)
+        )
+        models["slimexport-matched"] = run_dir / "matched.onnx"
+        matched = (m_meta, r_meta, m_export)
     # One interleaved latency run for all models, so that they share the machine's noise.
     b = bench(models, ds, bcfg)
     lat = {n: [r for r in b["latency"] if r["model"] == n] for n in models}
@@ -282,18 +318,24 @@ def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path, trained:
         },
         "stages": rep["stages"],
     }
-    if "slimexport-dense" in models:
-        dense = load_checkpoint(run_dir / "refined.pt")[0].without_selections()
-        d_macs = count_macs(dense, ds.in_channels, ds.image_size)
-        result["slimexport_dense"] = result["slimexport"] | {
-            "params": count_params(dense),  # the absorbed selections' zero weights count here
-            "macs": d_macs,
-            "accuracy": b["models"]["slimexport-dense"]["accuracy"],
-            "op_counts": dense_export["op_counts"],
-            "gather_slice_share": b["models"]["slimexport-dense"]["op_time"]["gather_slice_share"],
-            "onnx_bytes": (run_dir / "pruned_dense.onnx").stat().st_size,
-            "latency": speedups("slimexport-dense", B["macs"] / d_macs),
-            "note": "same weights as slimexport, selections exported as zero weights (--selection dense)",
+    if "slimexport-auto" in models:
+        result["slimexport_auto"] = result["slimexport"] | _variant(
+            "slimexport-auto", load_checkpoint(run_dir / "refined.pt")[0], auto_export, b, ds, B["macs"], speedups
+        )
+        result["slimexport_auto"]["note"] = "same weights as slimexport, exported with --selection auto"
+    if matched is not None:
+        m_meta, r_meta, m_export = matched
+        model = load_checkpoint(run_dir / "matched_refined.pt")[0]
+        rec = m_meta["prune"]
+        result["slimexport_matched"] = _variant("slimexport-matched", model, m_export, b, ds, B["macs"], speedups) | {
+            "params_model": count_params(model),
+            "macs_model": count_macs(model, ds.in_channels, ds.image_size),
+            "accuracy_before_refine": m_meta["accuracy"],
+            "torch_accuracy": r_meta["accuracy"],
+            "prune": rec,
+            "stages": {"refine": {"seconds": r_meta["train_seconds"], "images_per_s": r_meta["images_per_s"]}},
+            "note": f"pruned to Torch-Pruning's MACs (--max-macs {rec['max_macs']:.4f}: global percent "
+            f"{rec['percent']:.4f}), same refine; exported with --selection {m_export['config']['selection']}",
         }
     if peer is not None:
         peer["accuracy"] = b["models"]["torch-pruning"]["accuracy"]
@@ -342,11 +384,18 @@ def render_results(results_root: Path) -> str:
                 ("baseline", "baseline"),
                 ("slimexport", "slimexport"),
                 ("slimexport_dense", "slimexport, --selection dense"),
+                ("slimexport_auto", "slimexport, --selection auto"),
+                ("slimexport_matched", "slimexport at Torch-Pruning's MACs"),
                 ("torch_pruning", "Torch-Pruning"),
             ):
                 m = r.get(key)
                 if m is None:
                     continue
+                chosen = m.get("selection", {}).get("chosen")
+                if chosen and m["selection"].get("candidates"):
+                    label += f" (chose {chosen})"
+                if "macs_model" in m:
+                    label += f" (global {100 * m['prune']['percent']:.1f}%; model MACs {m['macs_model']:,})"
                 lat = {(x["batch"], x["threads"]): x for x in m["latency"]}
                 cells = []
                 for b in (1, 32):
@@ -397,15 +446,20 @@ def render_results(results_root: Path) -> str:
             f"with selections {o['median_s']['with_selection']:.3f} s, "
             f"without {o['median_s']['without_selection']:.3f} s, ratio ×{o['ratio']:.3f}.",
             "",
-            "| arch | percent | params after (published) | MACs ratio | Gather / Slice nodes "
+            "| arch | percent | round-to | --selection (exported as) | params after (published) "
+            "| MACs ratio (of the exported graph) | Gather / Slice nodes "
             "| Gather+Slice time share b1 | speed-up b1 / b32 (1 thread) | data |",
-            "|---|---:|---|---:|---|---:|---|---|",
+            "|---|---:|---:|---|---|---:|---|---:|---|---|",
         ]
         for r in s["pruned"]:
+            sel = r.get("selection", "gather")
+            sel += f" ({r['chosen']})" if r.get("chosen", sel) != sel else ""
+            exported = r.get("macs_exported", r["macs_after"])
             lines.append(
-                f"| {r['arch']} | {100 * r['percent']:.0f}% "
+                f"| {r['arch']} | {100 * r['percent']:.0f}% | {r.get('round_to', 1)} | {sel} "
                 f"| {r['params_after']:,} ({r['params_published_after'] / 1e6:.2f}M) "
-                f"| ×{r['macs_before'] / r['macs_after']:.2f} | {r['gather_nodes']} / {r['slice_nodes']} "
+                f"| ×{r['macs_before'] / r['macs_after']:.2f} (×{r['macs_before'] / exported:.2f}) "
+                f"| {r['gather_nodes']} / {r['slice_nodes']} "
                 f"| {100 * r['gather_slice_share_b1']:.2f}% | ×{r['speedup']['1']:.2f} / ×{r['speedup']['32']:.2f} "
                 f"| {r['data']} |"
             )

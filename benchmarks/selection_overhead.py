@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import shlex
 import sys
 import time
@@ -31,12 +32,13 @@ sys.path.insert(0, str(ROOT.parent))
 
 from benchmarks.run import machine_tag  # noqa: E402
 from slimexport.bench import BenchConfig, bench  # noqa: E402
-from slimexport.checkpoint import make_checkpoint, save_checkpoint  # noqa: E402
+from slimexport.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint  # noqa: E402
 from slimexport.data import from_arrays, load_dataset  # noqa: E402
 from slimexport.errors import DataError  # noqa: E402
 from slimexport.export import ExportConfig, export  # noqa: E402
 from slimexport.fileio import write_json  # noqa: E402
 from slimexport.models import create_model  # noqa: E402
+from slimexport.models.common import absorb_selections  # noqa: E402
 from slimexport.prune import prune_model  # noqa: E402
 from slimexport.report import machine, versions  # noqa: E402
 from slimexport.stats import count_macs, count_params  # noqa: E402
@@ -127,36 +129,57 @@ def cifar_subset(n_train: int):
     return sub, True
 
 
-def inference_figures(n_train: int, work: Path, seconds: float) -> list[dict]:
+# (round_to, --selection) variants exported from each pruned model: the published method with the default export,
+# the same channels with the export chosen by timing, and channel counts rounded to onnxruntime's block of 16.
+VARIANTS = ((1, "gather"), (1, "auto"), (16, "auto"))
+
+
+def inference_figures(n_train: int, work: Path, seconds: float, reuse: bool) -> list[dict]:
     ds, real = cifar_subset(n_train)
     rows = []
     for arch in ("preresnet164", "densenet40"):
-        torch.manual_seed(0)
-        model = create_model(arch, 10, 3)
-        cfg = TrainConfig(epochs=1, batch_size=64, sparsity=1e-5, device="cpu")
-        fit(model, ds, cfg, description=arch)
         base_ck = work / f"{arch}-base.pt"
-        save_checkpoint(make_checkpoint(model, data_meta(ds), {"stage": "sparse"}), base_ck)
+        if reuse and base_ck.exists():
+            model, _ = load_checkpoint(base_ck)
+            print(f"reusing {base_ck}")
+        else:
+            torch.manual_seed(0)
+            model = create_model(arch, 10, 3)
+            cfg = TrainConfig(epochs=1, batch_size=64, sparsity=1e-5, device="cpu")
+            fit(model, ds, cfg, description=arch)
+            save_checkpoint(make_checkpoint(model, data_meta(ds), {"stage": "sparse"}), base_ck)
         export(base_ck, work / f"{arch}-base.onnx", ds, ExportConfig(parity_images=64))
         models = {"baseline": work / f"{arch}-base.onnx"}
         pruned = {}
         for pct in (0.4, 0.6):
-            p, rec = prune_model(model, pct)
-            ck = work / f"{arch}-p{int(pct * 100)}.pt"
-            save_checkpoint(make_checkpoint(p, data_meta(ds), {"stage": "pruned"}), ck)
-            ex = export(ck, work / f"{arch}-p{int(pct * 100)}.onnx", ds, ExportConfig(parity_images=64))
-            models[f"p{int(pct * 100)}"] = work / f"{arch}-p{int(pct * 100)}.onnx"
-            pruned[pct] = (p, rec, ex)
+            for round_to, selection in VARIANTS:
+                name = f"p{int(pct * 100)}-r{round_to}-{selection}"
+                p, rec = prune_model(model, pct, round_to=round_to)
+                ck = work / f"{arch}-{name}.pt"
+                save_checkpoint(make_checkpoint(p, data_meta(ds), {"stage": "pruned"}), ck)
+                ex = export(ck, work / f"{arch}-{name}.onnx", ds, ExportConfig(parity_images=64, selection=selection))
+                print(f"{arch} {name}: {ex.get('selection', {}).get('chosen', selection)}", flush=True)
+                models[name] = work / f"{arch}-{name}.onnx"
+                pruned[name] = (pct, round_to, selection, p, ex)
         b = bench(models, ds, BenchConfig(batches=[1, 32], threads=[1], seconds=seconds, accuracy=False))
         base_lat = {r["batch"]: r["median_ms"] for r in b["latency"] if r["model"] == "baseline"}
-        for pct, (p, _, ex) in pruned.items():
-            name = f"p{int(pct * 100)}"
+        for name, (pct, round_to, selection, p, ex) in pruned.items():
             lat = {r["batch"]: r["median_ms"] for r in b["latency"] if r["model"] == name}
             ops = ex["op_counts"]
+            tuned = ex.get("selection", {})
+            absorbed = tuned.get("absorbed")
+            exported = absorb_selections(p, absorbed) if absorbed and any(absorbed) else p
             rows.append(
                 {
                     "arch": arch,
                     "percent": pct,
+                    "round_to": round_to,
+                    "selection": selection,
+                    "chosen": ex.get("selection", {}).get("chosen", selection),
+                    "candidates_ms": {
+                        n: c["median_ms"] for n, c in ex.get("selection", {}).get("candidates", {}).items()
+                    },
+                    "selections_absorbed": sum(absorbed or []),
                     "data": ds.name,
                     "real_data": real,
                     "params_before": count_params(model),
@@ -164,6 +187,7 @@ def inference_figures(n_train: int, work: Path, seconds: float) -> list[dict]:
                     "params_published_after": PUBLISHED[(arch, pct)],
                     "macs_before": count_macs(model, 3, (32, 32)),
                     "macs_after": count_macs(p, 3, (32, 32)),
+                    "macs_exported": count_macs(exported, 3, (32, 32)),  # with absorbed selections' zero weights
                     "gather_nodes": ops.get("Gather", 0),
                     "slice_nodes": ops.get("Slice", 0),
                     "forbidden_nodes": {k: ops[k] for k in FORBIDDEN if k in ops},
@@ -182,26 +206,33 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--train-images", type=int, default=3000)
     ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--reuse", action="store_true", help="reuse the sparse models of an earlier run when present")
+    ap.add_argument("--skip-steps", action="store_true", help="skip the training-step measurement")
     args = ap.parse_args()
     work = ROOT / "work" / "selection"
     work.mkdir(parents=True, exist_ok=True)
-    overhead = step_overhead(args.steps, args.batch)
+    out = ROOT / "results" / machine_tag() / "selection.json"
+    if args.skip_steps:
+        overhead = json.loads(out.read_text())["step_overhead"]
+        print("step overhead: kept from", out)
+    else:
+        overhead = step_overhead(args.steps, args.batch)
     med = overhead["median_s"]
     print(
-        f"sparse-training step, preresnet164 batch {args.batch}: with selection {med['with_selection']:.3f} s, "
+        f"sparse-training step, preresnet164 batch {overhead['batch']}: with selection {med['with_selection']:.3f} s, "
         f"without {med['without_selection']:.3f} s, ratio {overhead['ratio']:.3f}",
         flush=True,
     )
-    rows = inference_figures(args.train_images, work, args.seconds)
+    rows = inference_figures(args.train_images, work, args.seconds, args.reuse)
     for r in rows:
         print(
-            f"{r['arch']} {r['percent']:.0%}: params {r['params_after']:,} "
+            f"{r['arch']} {r['percent']:.0%} round-to {r['round_to']} --selection {r['selection']} "
+            f"({r['chosen']}): params {r['params_after']:,} "
             f"(published {r['params_published_after']:,.0f}), "
             f"MACs ×{r['macs_before'] / r['macs_after']:.2f}, Gather {r['gather_nodes']} Slice {r['slice_nodes']}, "
             f"Gather/Slice share {100 * r['gather_slice_share_b1']:.2f}%, speed-up b1 ×{r['speedup'][1]:.2f} "
             f"b32 ×{r['speedup'][32]:.2f}"
         )
-    out = ROOT / "results" / machine_tag() / "selection.json"
     write_json(
         out,
         {

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from slimexport.console import console
-from slimexport.errors import SlimExportError
+from slimexport.errors import ConfigError, SlimExportError
 
 app = typer.Typer(
     name="slimexport",
@@ -244,7 +244,6 @@ def _train_config(
 
 def _check_out(out: Path, force: bool, resume: bool = False) -> None:
     """Refuse to overwrite ``out`` without --force; --resume may continue an unfinished run's ``out.resume``."""
-    from slimexport.errors import ConfigError
     from slimexport.fileio import check_writable
 
     pending = out.with_name(out.name + ".resume")
@@ -293,7 +292,24 @@ def train(
 @_handle_errors
 def prune(
     checkpoint: Annotated[Path, typer.Argument(help="A (sparse-trained) checkpoint.")],
-    percent: PercentOpt = 0.6,
+    percent: Annotated[
+        float | None,
+        typer.Option(
+            "--percent",
+            "-p",
+            help="Fraction of all prunable BN channels to remove with one global |γ| threshold, in [0, 1) "
+            "[default: 0.6 unless --max-macs is given].",
+            show_default=False,
+        ),
+    ] = None,
+    max_macs: Annotated[
+        float | None,
+        typer.Option(
+            "--max-macs",
+            help="Instead of --percent: the compute budget, as the fraction of the unpruned MACs to keep, in (0, 1]; "
+            "the lowest global threshold that fits it is used.",
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Pruned checkpoint to write.")] = Path("pruned.pt"),
     min_channels: MinChOpt = 1,
     round_to: RoundOpt = 1,
@@ -308,17 +324,23 @@ def prune(
 ):
     """Prune with one global threshold on BN |γ| and write a physically smaller model."""
     from slimexport.data import load_dataset
-    from slimexport.prune import check_percent
+    from slimexport.prune import check_macs_fraction, check_percent
     from slimexport.prune import prune as prune_fn
 
-    check_percent(percent)
+    if percent is not None and max_macs is not None:
+        raise ConfigError("give either --percent or --max-macs, not both")
+    if max_macs is None:
+        percent = check_percent(0.6 if percent is None else percent)
+    else:
+        check_macs_fraction(max_macs)
     _check_out(out, force)
     ds = load_dataset(dataset, data_dir) if dataset else None
-    meta = prune_fn(checkpoint, out, percent, min_channels, ds=ds, device="cpu", round_to=round_to)
+    meta = prune_fn(checkpoint, out, percent, min_channels, ds=ds, device="cpu", round_to=round_to, max_macs=max_macs)
     r = meta["prune"]
     acc = f", accuracy before refine {meta['accuracy']:.4f}" if "accuracy" in meta else ""
+    budget = f" (--max-macs {max_macs:g}: global percent {r['percent']:.4f})" if max_macs is not None else ""
     typer.echo(
-        f"pruned {r['channels_before'] - r['channels_after']}/{r['channels_before']} channels at threshold "
+        f"pruned {r['channels_before'] - r['channels_after']}/{r['channels_before']} channels{budget} at threshold "
         f"{r['threshold']}: params {r['params_before']:,} -> {r['params_after']:,} "
         f"(×{r['params_before'] / r['params_after']:.2f}), MACs ×{r['macs_before'] / r['macs_after']:.2f}"
         f"{acc} -> {out}"

@@ -148,14 +148,14 @@ def _export_fastest(
     image_shape = (ds.in_channels, *ds.image_size)
     cands, per_unit = candidates(model, image_shape, cfg.tune_batch, cfg.tune_threads)
     if len(cands) == 1:  # nothing to choose (no selection removes a channel)
-        res = export_model(cands["gather"], out, ds, cfg, metadata, reference=model)
-        res["selection"] = {"chosen": "gather", "candidates": {}, "units": per_unit}
+        res = export_model(model, out, ds, cfg, metadata, reference=model)
+        res["selection"] = {"chosen": "gather", "absorbed": cands["gather"][1], "candidates": {}, "units": per_unit}
         return res
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.candidates-") as tmp:
         results, paths = {}, {}
-        for name, m in cands.items():
+        for name, (m, _) in cands.items():
             paths[name] = Path(tmp) / f"{name}.onnx"
             results[name] = export_model(m, paths[name], ds, cfg, metadata | {"selection": name}, reference=model)
         bcfg = BenchConfig(batches=[cfg.tune_batch], threads=[cfg.tune_threads], seconds=cfg.tune_seconds)
@@ -166,6 +166,7 @@ def _export_fastest(
     res = results[chosen] | {"path": str(out)}
     res["selection"] = {
         "chosen": chosen,
+        "absorbed": cands[chosen][1],  # per selection unit, in the order of model.selection_units()
         "batch": cfg.tune_batch,
         "threads": cfg.tune_threads,
         "candidates": {n: {"median_ms": timing[n], "op_counts": results[n]["op_counts"]} for n in cands},

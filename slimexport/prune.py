@@ -73,7 +73,67 @@ def prune_model(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Prune ``model`` (not modified) at the global ``percent``; returns the smaller model and a record."""
     gammas = bn_gammas(model)
-    threshold = global_threshold(gammas, percent)
+    return _prune_at(model, gammas, global_threshold(gammas, percent), percent, min_channels, round_to)
+
+
+def check_macs_fraction(fraction: float) -> float:
+    if not (isinstance(fraction, (int, float)) and math.isfinite(fraction) and 0.0 < fraction <= 1.0):
+        raise ConfigError(f"--max-macs must be in (0, 1] (the fraction of the unpruned MACs to keep), got {fraction}")
+    return float(fraction)
+
+
+def prune_to_macs(
+    model: nn.Module,
+    max_macs: float,
+    image_size: tuple[int, int],
+    min_channels: int = 1,
+    round_to: int = 1,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Prune the fewest channels whose global |γ| threshold brings MACs to at most ``max_macs`` × the unpruned MACs.
+
+    A deployment budget instead of a percent: the same single global threshold, found by bisection over the sorted
+    |γ| (MACs never grow as the threshold rises). Raises :class:`ConfigError` when even the highest threshold, with
+    its per-layer floor of ``min_channels``, stays above the budget.
+    """
+    check_macs_fraction(max_macs)
+    gammas = bn_gammas(model)
+    allg = torch.cat(list(gammas.values())).sort().values
+    total = len(allg)
+    full = count_macs(model, model.in_channels, image_size)
+    budget = max_macs * full
+
+    def at(i: int) -> tuple[nn.Module, dict[str, Any], int]:
+        threshold = float("-inf") if i == 0 else float(allg[i])
+        new, rec = _prune_at(model, gammas, threshold, i / total, min_channels, round_to)
+        return new, rec, count_macs(new, new.in_channels, image_size)
+
+    lo, hi = 0, total - 1  # find the smallest threshold index whose MACs fit the budget
+    best = at(hi)
+    if best[2] > budget:
+        raise ConfigError(
+            f"--max-macs {max_macs:g} cannot be reached: pruning all but the floor of {min_channels} channel(s) per "
+            f"layer still leaves {best[2] / full:.3f} of the MACs"
+        )
+    while lo < hi:
+        mid = (lo + hi) // 2
+        cand = at(mid)
+        if cand[2] <= budget:
+            hi, best = mid, cand
+        else:
+            lo = mid + 1
+    new, rec, macs = best  # always the candidate at index hi
+    rec.update({"max_macs": max_macs, "macs_fraction": macs / full})
+    return new, rec
+
+
+def _prune_at(
+    model: nn.Module,
+    gammas: dict[str, torch.Tensor],
+    threshold: float,
+    percent: float,
+    min_channels: int,
+    round_to: int,
+) -> tuple[nn.Module, dict[str, Any]]:
     keep, floored = select_channels(gammas, threshold, min_channels, round_to)
     new = model.pruned(keep)
     total = sum(len(g) for g in gammas.values())
@@ -95,20 +155,30 @@ def prune_model(
 def prune(
     ckpt_path: str | os.PathLike,
     out: str | os.PathLike,
-    percent: float,
+    percent: float | None,
     min_channels: int = 1,
     ds: Dataset | None = None,
     device: str = "cpu",
     round_to: int = 1,
+    max_macs: float | None = None,
 ) -> dict[str, Any]:
     """Read a (sparse-trained) checkpoint, prune it, write the pruned checkpoint ``out``; returns its meta.
 
-    With ``ds``, the pruned model's test accuracy before refine is measured and recorded.
+    Either ``percent`` (of all prunable channels) or ``max_macs`` (a budget: the fraction of the unpruned MACs to
+    keep) sets the global threshold. With ``ds``, the pruned model's test accuracy before refine is recorded.
     """
-    check_percent(percent)
+    if (percent is None) == (max_macs is None):
+        raise ConfigError("give either --percent or --max-macs, not both")
+    if percent is not None:
+        check_percent(percent)
+    else:
+        check_macs_fraction(max_macs)
     model, ckpt = load_checkpoint(ckpt_path)
-    new, record = prune_model(model, percent, min_channels, round_to)
     size = tuple(ckpt["data"].get("image_size") or (32, 32))
+    if percent is not None:
+        new, record = prune_model(model, percent, min_channels, round_to)
+    else:
+        new, record = prune_to_macs(model, max_macs, size, min_channels, round_to)
     record.update(
         {
             "params_before": count_params(model),

@@ -202,19 +202,19 @@ def count_modes(model: nn.Module) -> dict[str, int]:
 
 def candidates(
     model: nn.Module, image_shape: tuple[int, int, int], batch: int = 1, threads: int = 1
-) -> tuple[dict[str, nn.Module], list[dict[str, Any]]]:
-    """The exact variants of ``model`` worth timing whole: ``gather`` (the model itself), ``dense`` (every selection
-    absorbed) and ``per-unit`` (each unit as :func:`choose_selections` measured it, when that is neither of the
-    two). Whole-model timing has the last word because a unit's cost depends on its neighbours: onnxruntime keeps
-    runs of convolutions in its blocked NCHWc layout, and a Gather breaks such a run, which no single-unit graph
-    shows. A model without a channel-removing selection has just the one candidate.
+) -> tuple[dict[str, tuple[nn.Module, list[bool]]], list[dict[str, Any]]]:
+    """The exact variants of ``model`` worth timing whole, each with its per-unit absorb flags: ``gather`` (the model
+    itself), ``dense`` (every selection absorbed) and ``per-unit`` (each unit as :func:`choose_selections` measured
+    it, when that is neither of the two). Whole-model timing has the last word because a unit's cost depends on its
+    neighbours: onnxruntime keeps runs of convolutions in its blocked NCHWc layout, and a Gather breaks such a run,
+    which no single-unit graph shows. A model without a channel-removing selection has just the one candidate.
     """
     units = model.selection_units() if hasattr(model, "selection_units") else []
     active = [sel.mode != "identity" for sel, _, _ in units]
     if not any(active):
-        return {"gather": model}, []
+        return {"gather": (model, [False] * len(units))}, []
     absorb, record = choose_selections(model, image_shape, batch, threads)
-    out = {"gather": model, "dense": absorb_selections(model)}
+    out = {"gather": (model, [False] * len(units)), "dense": (absorb_selections(model), [True] * len(units))}
     if any(absorb) and [a for a, on in zip(absorb, active) if on] != [True] * sum(active):
-        out["per-unit"] = absorb_selections(model, absorb)
+        out["per-unit"] = (absorb_selections(model, absorb), absorb)
     return out, record

@@ -209,3 +209,25 @@ def test_resume_without_an_interrupted_run(tmp_path, small_npz):
     _fails_cleanly(
         ["train", "--dataset", small_npz, "--out", str(tmp_path / "t.pt"), "--resume"], "nothing to resume", tmp_path
     )
+
+
+def test_prune_to_a_macs_budget_through_the_cli(tmp_path, ckpt):
+    res = runner.invoke(app, ["prune", str(ckpt), "--max-macs", "0.4", "--out", str(tmp_path / "p.pt")])
+    assert res.exit_code == 0, res.output
+    assert "--max-macs 0.4: global percent" in res.output
+    from slimexport.checkpoint import read_checkpoint
+
+    rec = read_checkpoint(tmp_path / "p.pt")["meta"]["prune"]
+    assert rec["max_macs"] == 0.4 and rec["macs_after"] <= 0.4 * rec["macs_before"]
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--max-macs", "0"], "max-macs"),
+        (["--max-macs", "1.5"], "max-macs"),
+        (["-p", "0.5", "--max-macs", "0.5"], "not both"),
+    ],
+)
+def test_bad_macs_budgets(tmp_path, ckpt, args, match):
+    _fails_cleanly(["prune", str(ckpt), *args, "--out", str(tmp_path / "p.pt")], match, tmp_path)

@@ -86,3 +86,29 @@ def test_round_to_keeps_multiples_and_only_adds_the_next_largest_gammas():
     assert keep["b"].tolist() == [0, 1]  # floored to one, rounded up to the layer's width (2 < 8)
     with pytest.raises(ConfigError, match="round-to"):
         select_channels(g, 0.5, round_to=0)
+
+
+@pytest.mark.parametrize("arch", [TINY_VGG, TINY_RESNET])
+def test_prune_to_a_macs_budget_finds_the_lowest_threshold_that_fits(arch, make_model):
+    from slimexport.prune import prune_to_macs
+    from slimexport.stats import count_macs
+
+    m = make_model(arch)
+    full = count_macs(m, 1, (28, 28))
+    p, rec = prune_to_macs(m, 0.5, (28, 28))
+    macs = count_macs(p, 1, (28, 28))
+    assert macs <= 0.5 * full and rec["macs_fraction"] == pytest.approx(macs / full)
+    # one channel fewer pruned (the next lower threshold) would not fit: the search found the boundary
+    total = rec["channels_before"]
+    lower, _ = prune_model(m, (round(rec["percent"] * total) - 1) / total)
+    assert count_macs(lower, 1, (28, 28)) > 0.5 * full
+    assert prune_to_macs(m, 1.0, (28, 28))[1]["channels_after"] == total  # the whole budget prunes nothing
+
+
+def test_an_unreachable_macs_budget_is_a_clear_error(make_model):
+    from slimexport.prune import prune_to_macs
+
+    with pytest.raises(ConfigError, match="cannot be reached"):
+        prune_to_macs(make_model(TINY_VGG), 1e-6, (28, 28))
+    with pytest.raises(ConfigError, match="max-macs"):
+        prune_to_macs(make_model(TINY_VGG), 0.0, (28, 28))
