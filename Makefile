@@ -13,11 +13,11 @@ test:  ## the whole test suite (a few minutes on two cores)
 lint:
 	$(PYTHON) -m ruff check slimexport tests benchmarks
 
-benchmark:  ## SUITE=quick (CPU, minutes) or SUITE=full (reference architectures on CIFAR-10, for a GPU)
+benchmark:  ## SUITE=quick (CPU, minutes), cpu (~1 h), full (reference architectures on CIFAR-10, for a GPU), smoke
 	$(PYTHON) benchmarks/run.py --suite $(SUITE)
 
 benchmark-selection:  ## what channel selection costs (training step, Gather share, preresnet164/densenet40)
-	$(PYTHON) benchmarks/selection_overhead.py
+	$(PYTHON) benchmarks/selection_overhead.py $(ARGS)
 	$(PYTHON) benchmarks/run.py --render-only
 
 demo:  ## the main job on the embedded data

@@ -3,15 +3,18 @@
 
 For each entry of a suite this runs `slimexport pipeline` (baseline → sparse → prune → refine → export → bench),
 then prunes the *same* sparse checkpoint with Torch-Pruning's BN-scale pruner (global pruning, same percent),
-refines it with the same schedule and seed, exports it through the same exporter, and times all three ONNX
-models (baseline, slimexport, Torch-Pruning) in one interleaved onnxruntime run. Sparse training is shared
-because Torch-Pruning's `regularize` adds the same s·sign(γ) subgradient as slimexport's.
+refines it with the same schedule and seed, and exports it through the same exporter. Because the same percent
+gives the two libraries different MACs, slimexport is also pruned to Torch-Pruning's MACs (`prune --max-macs`)
+and refined the same way. Residual and dense networks are also exported with `--selection auto`. All ONNX models
+(baseline, slimexport, its auto export, slimexport at the peer's MACs, Torch-Pruning) are timed in one
+interleaved onnxruntime run. Sparse training is shared because Torch-Pruning's `regularize` adds the same
+s·sign(γ) subgradient as slimexport's.
 
 Writes benchmarks/results/<machine-tag>/<suite>-<arch>-<dataset>-p<percent>.json and regenerates
 benchmarks/RESULTS.md from every result file.
 
 Usage: python benchmarks/run.py --suite quick|full [--only ARCH] [--epochs N] [--refine-epochs N]
-       [--data-dir DIR] [--device auto|cpu|cuda] [--no-peer] [--train-subset N]
+       [--data-dir DIR] [--device auto|cpu|cuda] [--no-peer] [--reuse-trained] [--render-only]
 """
 
 from __future__ import annotations
@@ -81,10 +84,23 @@ SUITES: dict[str, list[dict]] = {
     "cpu": [
         dict(arch="vgg11", dataset="fashion-mnist", percent=0.7, epochs=1, refine_epochs=1, sparsity=3e-3),
         dict(arch="vgg11", dataset="fashion-mnist", percent=0.7, epochs=1, refine_epochs=1, sparsity=3e-3, round_to=16),
-        dict(arch="preresnet20", dataset="cifar10", percent=0.4, epochs=1, refine_epochs=1, sparsity=1e-3, peer=False),
+        dict(arch="preresnet20", dataset="cifar10", percent=0.4, epochs=1, refine_epochs=1, sparsity=1e-3),
         dict(arch="preresnet20", dataset="cifar10", percent=0.6, epochs=1, refine_epochs=1, sparsity=1e-3, peer=False),
         dict(arch="densenet10", dataset="cifar10", percent=0.4, epochs=1, refine_epochs=1, sparsity=1e-3, peer=False),
         dict(arch="densenet10", dataset="cifar10", percent=0.6, epochs=1, refine_epochs=1, sparsity=1e-3, peer=False),
+    ],
+    # A few minutes: checks that the harness itself works (peer, budget-matched and auto rows); its results are written
+    # under benchmarks/work/smoke-results, not into RESULTS.md.
+    "smoke": [
+        dict(
+            arch="preresnet11",
+            dataset="fashion-mnist",
+            percent=0.4,
+            epochs=1,
+            refine_epochs=1,
+            sparsity=1e-3,
+            train_subset=1000,
+        ),  # fmt: skip
     ],
     # The reference architectures on CIFAR-10, meant for a GPU (`fast` preset).
     "full": [
@@ -191,6 +207,22 @@ def _variant(name: str, model, ex: dict, b: dict, ds, base_macs: int, speedups) 
     }
 
 
+def _earlier_training(work: Path, key: tuple, args) -> Path | None:
+    """A run directory left by an earlier invocation whose baseline and sparse models were trained exactly as
+    ``key`` asks (same arch, data, sparsity, epochs, preset and seed), for --reuse-trained."""
+    arch, dataset, sparsity, epochs = key
+    for d in sorted(work.iterdir()):
+        rep = d / "report.json"
+        if not (rep.is_file() and (d / "baseline.pt").is_file() and (d / "sparse.pt").is_file()):
+            continue
+        c = json.loads(rep.read_text())["config"]
+        same = (c["arch"], c["dataset"], c["sparsity"], c["epochs"], c["seed"]) == (arch, dataset, sparsity, epochs, 0)
+        if same and c["preset"] == args.preset:
+            print(f"reusing the baseline and sparse models of {d}")
+            return d
+    return None
+
+
 def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path, trained: dict) -> Path:
     round_to = entry.get("round_to", 1)
     tag = f"{suite}-{entry['arch']}-{entry['dataset']}-p{int(round(100 * entry['percent']))}"
@@ -200,6 +232,9 @@ def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path, trained:
     # Entries that differ only in percent share one baseline and one sparse model, as a user sweeping would.
     key = (entry["arch"], dataset, entry["sparsity"], args.epochs or entry["epochs"])
     reuse = trained.get(key)
+    if reuse is None and args.reuse_trained:
+        reuse = _earlier_training(work, key, args)
+    first = json.loads((reuse / "report.json").read_text()) if reuse else None  # read before run_dir is replaced
     bcfg = BenchConfig(batches=[1, 32], seconds=args.seconds)
     cfg = PipelineConfig(
         out=str(run_dir),
@@ -222,9 +257,8 @@ def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path, trained:
     rep = run_pipeline(cfg, command="benchmarks/run.py")
     pipeline_s = time.perf_counter() - t0
     if reuse:  # report the training stages of the run that trained them
-        first = json.loads((reuse / "report.json").read_text())
         for k in ("baseline", "sparse"):
-            rep["stages"][k] = first["stages"][k] | {"shared_with": reuse.name}
+            rep["stages"][k] = first["stages"][k] | {"shared_with": first["stages"][k].get("shared_with", reuse.name)}
     else:
         trained[key] = run_dir
     ds = load_dataset(dataset, data_dir)
@@ -478,6 +512,11 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--preset", default="fast", choices=["fast", "paper"])
     ap.add_argument("--seconds", type=float, default=2.0, help="latency budget per model and setting")
+    ap.add_argument(
+        "--reuse-trained",
+        action="store_true",
+        help="reuse baseline and sparse models that an earlier run trained with the same settings (benchmarks/work)",
+    )
     ap.add_argument("--no-peer", action="store_true", help="skip the Torch-Pruning comparison")
     ap.add_argument("--render-only", action="store_true", help="only regenerate RESULTS.md")
     args = ap.parse_args()
@@ -485,7 +524,7 @@ def main() -> None:
     if not args.render_only:
         work = ROOT / "work"
         work.mkdir(exist_ok=True)
-        out_dir = results_root / machine_tag()
+        out_dir = work / "smoke-results" if args.suite == "smoke" else results_root / machine_tag()
         out_dir.mkdir(parents=True, exist_ok=True)
         entries = [
             e
@@ -498,7 +537,8 @@ def main() -> None:
         for e in entries:
             print(f"== {args.suite}: {e['arch']} on {e['dataset']} at {e['percent']:.0%}", flush=True)
             print(f"   -> {run_entry(args.suite, e, args, work, out_dir, trained)}", flush=True)
-            write_text(ROOT / "RESULTS.md", render_results(results_root))
+            if args.suite != "smoke":
+                write_text(ROOT / "RESULTS.md", render_results(results_root))
         print(f"suite {args.suite}: {len(entries)} entries in {time.perf_counter() - t0:.0f} s")
     write_text(ROOT / "RESULTS.md", render_results(results_root))
     print(f"wrote {ROOT / 'RESULTS.md'}")
