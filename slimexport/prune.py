@@ -103,11 +103,12 @@ def prune_to_macs(
     budget = max_macs * full
 
     def at(i: int) -> tuple[nn.Module, dict[str, Any], int]:
-        threshold = float("-inf") if i == 0 else float(allg[i])
+        # candidate i prunes the i smallest |γ| (and their ties): threshold -inf for i = 0, else the i-th smallest
+        threshold = float("-inf") if i == 0 else float(allg[i - 1])
         new, rec = _prune_at(model, gammas, threshold, i / total, min_channels, round_to)
         return new, rec, count_macs(new, new.in_channels, image_size)
 
-    lo, hi = 0, total - 1  # find the smallest threshold index whose MACs fit the budget
+    lo, hi = 0, total  # find the smallest i whose MACs fit the budget
     best = at(hi)
     if best[2] > budget:
         raise ConfigError(

@@ -10,9 +10,10 @@ export two ways that compute the same function:
   work on channel blocks (onnxruntime's NCHWc kernels) this can still be faster than the copy plus the layout
   changes a Gather forces.
 
-Which is faster depends on the shapes and the runtime, so :func:`choose_selections` measures: for each unit it
-builds both variants as small ONNX graphs at the unit's real shapes, times them side by side in onnxruntime
-(interleaved, median) and keeps the faster. Units of the same shape are measured once.
+Which is faster depends on the shapes, the neighbours and the runtime, so it is measured. :func:`unit_costs` builds
+both variants of each unit as small ONNX graphs at the unit's real shapes and times them side by side in
+onnxruntime (interleaved, median); :func:`candidates` turns those timings into a few whole-model variants, and
+``export --selection auto`` times those whole and keeps the fastest.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from slimexport.models.common import ChannelSelection, absorb_selections
+from slimexport.models.common import absorb_selections
 
 
 @dataclass(frozen=True)
@@ -161,60 +162,67 @@ def time_unit(shape: UnitShape, batch: int = 1, threads: int = 1, seconds: float
     return {v: float(np.median(ts)) * 1e3 for v, ts in times.items()}
 
 
-def choose_selections(
-    model: nn.Module, image_shape: tuple[int, int, int], batch: int = 1, threads: int = 1, seconds: float = 0.1
-) -> tuple[list[bool], list[dict[str, Any]]]:
-    """For every selection unit of ``model``, whether to absorb it (dense is measurably faster), and the record.
+# The per-unit mixes tried by `candidates`: a unit is absorbed when its dense variant measured at most this much
+# slower than its gather alone. Context (a Gather breaking a run of blocked convolutions) can make a slightly
+# slower unit pay off in the whole model; whole-model timing decides among the mixes.
+MIX_TOLERANCES = (0.0, 0.1, 0.25)
 
-    Identity selections are left alone. Ties go to the gather (fewer MACs, no assumption about the runtime).
+
+def unit_costs(
+    model: nn.Module, image_shape: tuple[int, int, int], batch: int = 1, threads: int = 1, seconds: float = 0.1
+) -> list[dict[str, Any] | None]:
+    """Per selection unit of ``model``, its gather and dense variants timed alone (None for identity selections).
+
+    Units of the same shape are measured once.
     """
     cache: dict[tuple, dict[str, float]] = {}
-    absorb, record = [], []
+    costs: list[dict[str, Any] | None] = []
     for (sel, _, _), shape in zip(model.selection_units(), unit_shapes(model, image_shape)):
         if shape is None:
-            absorb.append(False)
+            costs.append(None)
             continue
         if shape.key() not in cache:
             cache[shape.key()] = time_unit(shape, batch, threads, seconds)
         t = cache[shape.key()]
-        dense = t["dense"] < t["gather"]
-        absorb.append(dense)
-        record.append(
+        costs.append(
             {
                 "channels": shape.channels,
                 "kept": len(shape.kept),
-                "op": "dense" if dense else sel.mode,
+                "op": sel.mode,
                 "gather_ms": t["gather"],
                 "dense_ms": t["dense"],
-            }
+            }  # fmt: skip
         )
-    return absorb, record
+    return costs
 
 
-def count_modes(model: nn.Module) -> dict[str, int]:
-    """How many selections of ``model`` are identity, slice or gather."""
-    out = {"identity": 0, "slice": 0, "gather": 0}
-    for m in model.modules():
-        if isinstance(m, ChannelSelection):
-            out[m.mode] += 1
-    return out
+def mix(costs: list[dict[str, Any] | None], tolerance: float = 0.0) -> list[bool]:
+    """Absorb flags: each unit whose dense variant measured less than (1 + ``tolerance``) × its gather variant.
+    With no tolerance a tie goes to the gather (fewer MACs, no assumption about the runtime)."""
+    return [c is not None and c["dense_ms"] < c["gather_ms"] * (1 + tolerance) for c in costs]
 
 
 def candidates(
     model: nn.Module, image_shape: tuple[int, int, int], batch: int = 1, threads: int = 1
 ) -> tuple[dict[str, tuple[nn.Module, list[bool]]], list[dict[str, Any]]]:
     """The exact variants of ``model`` worth timing whole, each with its per-unit absorb flags: ``gather`` (the model
-    itself), ``dense`` (every selection absorbed) and ``per-unit`` (each unit as :func:`choose_selections` measured
-    it, when that is neither of the two). Whole-model timing has the last word because a unit's cost depends on its
-    neighbours: onnxruntime keeps runs of convolutions in its blocked NCHWc layout, and a Gather breaks such a run,
-    which no single-unit graph shows. A model without a channel-removing selection has just the one candidate.
+    itself), ``dense`` (every selection absorbed) and the per-unit mixes of :data:`MIX_TOLERANCES` that differ from
+    those two and from each other (``per-unit``, ``per-unit+10%``, ...). Whole-model timing has the last word
+    because a unit's cost depends on its neighbours: onnxruntime keeps runs of convolutions in its blocked NCHWc
+    layout, and a Gather breaks such a run, which no single-unit graph shows. A model without a channel-removing
+    selection has just the one candidate. Also returns the per-unit timings.
     """
     units = model.selection_units() if hasattr(model, "selection_units") else []
     active = [sel.mode != "identity" for sel, _, _ in units]
     if not any(active):
         return {"gather": (model, [False] * len(units))}, []
-    absorb, record = choose_selections(model, image_shape, batch, threads)
+    costs = unit_costs(model, image_shape, batch, threads)
     out = {"gather": (model, [False] * len(units)), "dense": (absorb_selections(model), [True] * len(units))}
-    if any(absorb) and [a for a, on in zip(absorb, active) if on] != [True] * sum(active):
-        out["per-unit"] = (absorb_selections(model, absorb), absorb)
-    return out, record
+    seen = {tuple([False] * sum(active)), tuple([True] * sum(active))}
+    for tol in MIX_TOLERANCES:
+        flags = mix(costs, tol)
+        key = tuple(f for f, on in zip(flags, active) if on)
+        if key not in seen:
+            seen.add(key)
+            out["per-unit" + (f"+{tol:.0%}" if tol else "")] = (absorb_selections(model, flags), flags)
+    return out, [c for c in costs if c is not None]

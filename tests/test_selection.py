@@ -7,7 +7,7 @@ from slimexport.export import ExportConfig, export, ort_session
 from slimexport.models import ChannelSelection
 from slimexport.models.common import absorb_selections
 from slimexport.prune import prune_model
-from slimexport.selection import _unit_graph, candidates, time_unit, unit_shapes
+from slimexport.selection import _unit_graph, candidates, mix, time_unit, unit_shapes
 from slimexport.train import data_meta
 from tests.conftest import TINY_DENSENET, TINY_RESNET, TINY_VGG
 
@@ -69,7 +69,7 @@ def test_unit_graphs_run_and_differ_only_in_the_index_op(make_model):
 def test_candidates_of_a_model_without_selections_is_the_model(make_model):
     vgg = make_model(TINY_VGG)
     c, units = candidates(vgg, (1, 28, 28))
-    assert list(c) == ["gather"] and c["gather"] is vgg and units == []
+    assert list(c) == ["gather"] and c["gather"][0] is vgg and units == []
     unpruned = make_model(TINY_RESNET)
     assert list(candidates(unpruned, (1, 28, 28))[0]) == ["gather"]
 
@@ -92,3 +92,29 @@ def test_auto_selection_keeps_the_fastest_measured_candidate(arch, tmp_path, mak
     meta = {m.key: m.value for m in __import__("onnx").load(str(out)).metadata_props}
     assert meta["selection"] == sel["chosen"]
     assert len(sel["units"]) == sum(m != "identity" for m in _modes(p))
+
+
+def test_mixes_absorb_the_units_whose_dense_variant_is_within_tolerance():
+    costs = [
+        None,
+        {"gather_ms": 1.0, "dense_ms": 0.9},
+        {"gather_ms": 1.0, "dense_ms": 1.0},  # a tie stays a gather
+        {"gather_ms": 1.0, "dense_ms": 1.08},
+        {"gather_ms": 1.0, "dense_ms": 1.2},
+    ]
+    assert mix(costs) == [False, True, False, False, False]
+    assert mix(costs, 0.1) == [False, True, True, True, False]
+    assert mix(costs, 0.25) == [False, True, True, True, True]
+
+
+def test_candidates_are_distinct_and_their_flags_describe_them(make_model):
+    p, _ = prune_model(make_model(TINY_DENSENET), 0.5)
+    c, units = candidates(p, (1, 28, 28))
+    active = [s.mode != "identity" for s, _, _ in p.selection_units()]
+    assert len(units) == sum(active)
+    keys = {tuple(f for f, on in zip(flags, active) if on) for _, flags in c.values()}
+    assert len(keys) == len(c)  # no two candidates are the same graph
+    for model, flags in c.values():
+        modes = [s.mode for s, _, _ in model.selection_units()]
+        for f, on, m in zip(flags, active, modes):
+            assert (m == "identity") == (f or not on)
