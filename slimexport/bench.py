@@ -88,8 +88,11 @@ class _Runner:
         return (time.perf_counter() - t0) * 1e3
 
 
-def latency(models: dict[str, Path], image_shape: tuple[int, ...], cfg: BenchConfig, progress=None) -> list[dict]:
-    """Rows {model, provider, batch, threads, median_ms, p90_ms, runs} for every model and setting."""
+def latency(
+    models: dict[str, Path | bytes], image_shape: tuple[int, ...], cfg: BenchConfig, progress=None
+) -> list[dict]:
+    """Rows {model, provider, batch, threads, median_ms, p90_ms, runs} for every model (a path or serialized ONNX)
+    and setting."""
     cfg.validate()
     provider = provider_for(cfg.device)
     threads = cfg.threads if cfg.device == "cpu" else [cfg.threads[0]]

@@ -18,7 +18,6 @@ onnxruntime (interleaved, median); :func:`candidates` turns those timings into a
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from slimexport.export import INPUT_NAME, OUTPUT_NAME
 from slimexport.models.common import absorb_selections
 
 
@@ -34,7 +34,8 @@ class UnitShape:
     """What decides a unit's cost: the input's channels and size, the kept channels and the consumer."""
 
     channels: int  # C, the selection's input channels
-    kept: tuple[int, ...]  # the kept indices (the op is a Slice when contiguous)
+    kept: tuple[int, ...]  # the kept indices
+    mode: str  # the selection's op: "slice" (contiguous) or "gather"
     height: int
     width: int
     consumer: str  # "conv" or "linear" (after global average pooling)
@@ -44,8 +45,7 @@ class UnitShape:
     padding: int = 0
 
     def key(self) -> tuple:
-        contiguous = list(self.kept) == list(range(self.kept[0], self.kept[0] + len(self.kept)))
-        return (self.channels, len(self.kept), contiguous, self.height, self.width, self.consumer,
+        return (self.channels, len(self.kept), self.mode, self.height, self.width, self.consumer,
                 self.out_channels, self.kernel, self.stride, self.padding)  # fmt: skip
 
 
@@ -74,6 +74,7 @@ def unit_shapes(model: nn.Module, image_shape: tuple[int, int, int]) -> list[Uni
                 UnitShape(
                     c,
                     tuple(sel.indices()),
+                    sel.mode,
                     h,
                     w,
                     "conv",
@@ -81,10 +82,10 @@ def unit_shapes(model: nn.Module, image_shape: tuple[int, int, int]) -> list[Uni
                     consumer.kernel_size[0],
                     consumer.stride[0],
                     consumer.padding[0],
-                )  # fmt: skip
+                )
             )
         else:
-            shapes.append(UnitShape(c, tuple(sel.indices()), h, w, "linear", consumer.out_features))
+            shapes.append(UnitShape(c, tuple(sel.indices()), sel.mode, h, w, "linear", consumer.out_features))
     return shapes
 
 
@@ -100,10 +101,10 @@ def _unit_graph(shape: UnitShape, dense: bool, batch: int, opset: int = 20) -> b
         inits.append(numpy_helper.from_array(value, name))
         return name
 
-    x = "x"
+    x = INPUT_NAME
     if not dense:
         kept = np.asarray(shape.kept, dtype=np.int64)
-        if shape.key()[2]:  # contiguous: a Slice, as ChannelSelection exports it
+        if shape.mode == "slice":  # as ChannelSelection exports it
             nodes.append(helper.make_node("Slice", [x, const("starts", kept[:1]), const("ends", kept[-1:] + 1),
                                                     const("axes", np.array([1], np.int64))], ["sel"]))  # fmt: skip
         else:
@@ -115,7 +116,8 @@ def _unit_graph(shape: UnitShape, dense: bool, batch: int, opset: int = 20) -> b
     if shape.consumer == "conv":
         k, p, s = shape.kernel, shape.padding, shape.stride
         w = const("w", f32(shape.out_channels, c, k, k))
-        nodes.append(helper.make_node("Conv", ["act", w], ["y"], kernel_shape=[k, k], pads=[p] * 4, strides=[s, s]))
+        conv = helper.make_node("Conv", ["act", w], [OUTPUT_NAME], kernel_shape=[k, k], pads=[p] * 4, strides=[s, s])
+        nodes.append(conv)
         ho, wo = (shape.height + 2 * p - k) // s + 1, (shape.width + 2 * p - k) // s + 1
         y_shape = [batch, shape.out_channels, ho, wo]
     else:
@@ -124,15 +126,16 @@ def _unit_graph(shape: UnitShape, dense: bool, batch: int, opset: int = 20) -> b
             helper.make_node("Flatten", ["pool"], ["flat"], axis=1),
             helper.make_node(
                 "Gemm", ["flat", const("w", f32(shape.out_channels, c)), const("bias", f32(shape.out_channels))],
-                ["y"], transB=1,
+                [OUTPUT_NAME], transB=1,
             ),
         ]  # fmt: skip
         y_shape = [batch, shape.out_channels]
+    in_hw = [shape.height, shape.width]
     graph = helper.make_graph(
         nodes,
         "unit",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, shape.channels, shape.height, shape.width])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [batch, shape.channels, *in_hw])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, y_shape)],
         inits,
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
@@ -142,24 +145,12 @@ def _unit_graph(shape: UnitShape, dense: bool, batch: int, opset: int = 20) -> b
 
 def time_unit(shape: UnitShape, batch: int = 1, threads: int = 1, seconds: float = 0.1) -> dict[str, float]:
     """Median milliseconds of the unit's gather and dense variants in onnxruntime, timed side by side."""
-    from slimexport.export import ort_session
+    from slimexport.bench import BenchConfig, latency
 
-    x = np.random.default_rng(1).standard_normal((batch, shape.channels, shape.height, shape.width))
-    feed = {"x": x.astype(np.float32)}
-    sessions = {v: ort_session(_unit_graph(shape, v == "dense", batch), threads=threads) for v in ("gather", "dense")}
-    for s in sessions.values():
-        for _ in range(3):
-            s.run(None, feed)
-    times: dict[str, list[float]] = {v: [] for v in sessions}
-    start = time.perf_counter()
-    while len(times["gather"]) < 15 or time.perf_counter() - start < seconds * 2:
-        for v, s in sessions.items():
-            t0 = time.perf_counter()
-            s.run(None, feed)
-            times[v].append(time.perf_counter() - t0)
-        if len(times["gather"]) >= 2000:
-            break
-    return {v: float(np.median(ts)) * 1e3 for v, ts in times.items()}
+    graphs = {v: _unit_graph(shape, v == "dense", batch) for v in ("gather", "dense")}
+    cfg = BenchConfig(batches=[batch], threads=[threads], warmup=3, min_runs=15, seconds=seconds)
+    rows = latency(graphs, (shape.channels, shape.height, shape.width), cfg)
+    return {r["model"]: r["median_ms"] for r in rows}
 
 
 # The per-unit mixes tried by `candidates`: a unit is absorbed when its dense variant measured at most this much

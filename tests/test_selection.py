@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from slimexport.checkpoint import make_checkpoint, save_checkpoint
-from slimexport.export import ExportConfig, export, ort_session
+from slimexport.export import INPUT_NAME, ExportConfig, export, ort_session
 from slimexport.models import ChannelSelection
 from slimexport.models.common import absorb_selections
 from slimexport.prune import prune_model
@@ -60,7 +60,7 @@ def test_unit_graphs_run_and_differ_only_in_the_index_op(make_model):
         sess = ort_session(_unit_graph(shape, dense, batch=2))
         ops = {n.op_type for n in __import__("onnx").load_from_string(_unit_graph(shape, dense, 2)).graph.node}
         assert ("Gather" in ops or "Slice" in ops) != dense
-        outs[dense] = sess.run(None, {"x": x})[0]
+        outs[dense] = sess.run(None, {INPUT_NAME: x})[0]
     assert outs[False].shape == outs[True].shape == (2, shape.out_channels, shape.height, shape.width)
     t = time_unit(shape, seconds=0.01)
     assert set(t) == {"gather", "dense"} and min(t.values()) > 0
