@@ -20,6 +20,7 @@ Usage: python benchmarks/run.py --suite quick|full [--only ARCH] [--epochs N] [-
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import re
 import shlex
@@ -160,10 +161,12 @@ def torch_pruning_peer(run_dir: Path, ds, percent: float, refine_cfg: TrainConfi
     prune_s = time.perf_counter() - t0
     before = evaluate(model, ds)
     res = fit(model, ds, refine_cfg, description="torch-pruning refine")
-    ex = export_model(model, out_onnx, ds, ExportConfig(), {"producer_peer": f"torch-pruning {tp.__version__}"})
+    # the installed distribution's version: the 1.6.1 wheel's torch_pruning.__version__ still says 1.6.0
+    library = f"torch-pruning {importlib.metadata.version('torch-pruning')}"
+    ex = export_model(model, out_onnx, ds, ExportConfig(), {"producer_peer": library})
     size = ds.image_size
     return {
-        "library": f"torch-pruning {tp.__version__}",
+        "library": library,
         "params": count_params(model),
         "macs": count_macs(model, ds.in_channels, size),
         "accuracy_before_refine": before,
@@ -485,6 +488,35 @@ def render_results(results_root: Path) -> str:
                 f"| {r['gather_nodes']} / {r['slice_nodes']} "
                 f"| {100 * r['gather_slice_share_b1']:.2f}% | ×{r['speedup']['1']:.2f} / ×{r['speedup']['32']:.2f} "
                 f"| {r['data']} |"
+            )
+        lines.append("")
+        for r in s.get("rewrites", []):
+            lines.append(
+                f"- Export rewrite (transition pools folded into 2×2 stride-2 convs), {r['arch']} {r['model']}: "
+                f"{r['latency_ms_without_rewrite']['1']:.3f} → {r['latency_ms']['1']:.3f} ms at b1 "
+                f"(×{r['speedup']['1']:.2f}), ×{r['speedup']['32']:.2f} at b32; AveragePool was "
+                f"{100 * r['op_time_shares_without_rewrite'].get('AveragePool', 0):.1f}% of node time."
+            )
+        lines.append("")
+    seeds = [r for r in every if r.get("kind") == "peer_seeds"]
+    if seeds:
+        lines += [
+            "## Refine noise: slimexport at Torch-Pruning's MACs, several seeds (`benchmarks/peer_seeds.py`)",
+            "",
+            "The same sparse model and the same two pruned models, refined once per seed (paired seeds).",
+            "",
+            "| run | MACs slimexport / Torch-Pruning | seeds | slimexport % | Torch-Pruning % | difference, pt "
+            "| slimexport ≥ peer | machine, date | command |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in seeds:
+            m, d = r["macs"], r["difference"]
+            acc = [f"{100 * r[k]['mean']:.2f} ± {100 * r[k]['stdev']:.2f}" for k in ("slimexport", "torch_pruning")]
+            lines.append(
+                f"| {r['run']} | {m['slimexport']:,} / {m['torch_pruning']:,} | "
+                f"{', '.join(str(x['seed']) for x in r['runs'])} | {acc[0]} | {acc[1]} | "
+                f"{100 * d['mean']:+.2f} ± {100 * d['stdev']:.2f} | {d['wins']}/{len(r['runs'])} | "
+                f"{r['machine_tag']}, {r['date'][:10]} | `{r['command']}` |"
             )
         lines.append("")
     return "\n".join(lines)

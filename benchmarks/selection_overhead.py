@@ -6,6 +6,8 @@
 2. Inference: `preresnet164` and `densenet40` sparse-trained briefly, pruned at 40% and 60%, exported; the share
    of onnxruntime CPU node time spent in Gather/Slice at batch 1 (profiler), the parameter and MACs cuts next
    to the reference's published counts, and onnxruntime CPU speed-ups at batch 1 and 32.
+3. Export rewrites: densenet40 (unpruned and 60% gather) exported with and without its transition-pool fold,
+   timed in the same run.
 
 Writes benchmarks/results/<machine-tag>/selection.json; `python benchmarks/run.py --render-only` puts it into
 RESULTS.md. Usage: python benchmarks/selection_overhead.py [--steps 30] [--batch 64] [--train-images 3000]
@@ -134,9 +136,9 @@ def cifar_subset(n_train: int):
 VARIANTS = ((1, "gather"), (1, "auto"), (16, "auto"))
 
 
-def inference_figures(n_train: int, work: Path, seconds: float, reuse: bool) -> list[dict]:
+def inference_figures(n_train: int, work: Path, seconds: float, reuse: bool) -> tuple[list[dict], list[dict]]:
     ds, real = cifar_subset(n_train)
-    rows = []
+    rows, rewrites = [], []
     for arch in ("preresnet164", "densenet40"):
         base_ck = work / f"{arch}-base.pt"
         if reuse and base_ck.exists():
@@ -161,8 +163,27 @@ def inference_figures(n_train: int, work: Path, seconds: float, reuse: bool) -> 
                 print(f"{arch} {name}: {ex.get('selection', {}).get('chosen', selection)}", flush=True)
                 models[name] = work / f"{arch}-{name}.onnx"
                 pruned[name] = (pct, round_to, selection, p, ex)
+        unrewritten = {}
+        if hasattr(model, "for_export"):  # what the export rewrites gain: the same models exported without them
+            for name, ck in (("baseline", base_ck), ("p60-r1-gather", work / f"{arch}-p60-r1-gather.pt")):
+                path = work / f"{arch}-{name}-no-rewrite.onnx"
+                export(ck, path, ds, ExportConfig(parity_images=64, rewrite=False))
+                models[unrewritten.setdefault(name, f"{name}, no rewrite")] = path
         b = bench(models, ds, BenchConfig(batches=[1, 32], threads=[1], seconds=seconds, accuracy=False))
         base_lat = {r["batch"]: r["median_ms"] for r in b["latency"] if r["model"] == "baseline"}
+        for name, plain in unrewritten.items():
+            ms = {m: {r["batch"]: r["median_ms"] for r in b["latency"] if r["model"] == m} for m in (name, plain)}
+            rewrites.append(
+                {
+                    "arch": arch,
+                    "model": name,
+                    "latency_ms": ms[name],
+                    "latency_ms_without_rewrite": ms[plain],
+                    "speedup": {bb: ms[plain][bb] / ms[name][bb] for bb in ms[name]},
+                    "op_time_shares": b["models"][name]["op_time"]["shares"],
+                    "op_time_shares_without_rewrite": b["models"][plain]["op_time"]["shares"],
+                }
+            )
         for name, (pct, round_to, selection, p, ex) in pruned.items():
             lat = {r["batch"]: r["median_ms"] for r in b["latency"] if r["model"] == name}
             ops = ex["op_counts"]
@@ -197,7 +218,7 @@ def inference_figures(n_train: int, work: Path, seconds: float, reuse: bool) -> 
                     "speedup": {bb: base_lat[bb] / lat[bb] for bb in lat},
                 }
             )
-    return rows
+    return rows, rewrites
 
 
 def main() -> None:
@@ -223,7 +244,7 @@ def main() -> None:
         f"without {med['without_selection']:.3f} s, ratio {overhead['ratio']:.3f}",
         flush=True,
     )
-    rows = inference_figures(args.train_images, work, args.seconds, args.reuse)
+    rows, rewrites = inference_figures(args.train_images, work, args.seconds, args.reuse)
     for r in rows:
         print(
             f"{r['arch']} {r['percent']:.0%} round-to {r['round_to']} --selection {r['selection']} "
@@ -232,6 +253,11 @@ def main() -> None:
             f"MACs ×{r['macs_before'] / r['macs_after']:.2f}, Gather {r['gather_nodes']} Slice {r['slice_nodes']}, "
             f"Gather/Slice share {100 * r['gather_slice_share_b1']:.2f}%, speed-up b1 ×{r['speedup'][1]:.2f} "
             f"b32 ×{r['speedup'][32]:.2f}"
+        )
+    for r in rewrites:
+        print(
+            f"{r['arch']} {r['model']}: export rewrites (pool folded) ×{r['speedup'][1]:.2f} at b1, "
+            f"×{r['speedup'][32]:.2f} at b32 ({r['latency_ms_without_rewrite'][1]:.3f} → {r['latency_ms'][1]:.3f} ms)"
         )
     write_json(
         out,
@@ -244,6 +270,7 @@ def main() -> None:
             "command": "python benchmarks/selection_overhead.py " + shlex.join(sys.argv[1:]),
             "step_overhead": overhead,
             "pruned": rows,
+            "rewrites": rewrites,
         },
     )
     print(f"wrote {out}")

@@ -24,6 +24,7 @@ from slimexport.checkpoint import load_checkpoint
 from slimexport.data import Dataset
 from slimexport.errors import ConfigError, ParityError, SlimExportError
 from slimexport.fileio import atomic_path
+from slimexport.models.common import for_export
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 SELECTION_MODES = ("gather", "dense", "auto")
@@ -45,6 +46,9 @@ class ExportConfig:
     tune_batch: int = 1
     tune_threads: int = 1
     tune_seconds: float = 1.0
+    # Apply the model's exact export rewrites (``for_export``; DenseNet: each transition's conv1×1 → avg-pool 2 as
+    # one 2×2 stride-2 conv). Off only to measure what they gain.
+    rewrite: bool = True
 
 
 def _export_torch(model: torch.nn.Module, sample: torch.Tensor, path: Path, opset: int) -> None:
@@ -196,7 +200,7 @@ def export_model(
     t0 = time.perf_counter()
     sample = ds.normalize(ds.x_test[:2].cpu())
     with atomic_path(out, suffix=".onnx") as tmp:
-        _export_torch(model, sample, tmp, cfg.opset)
+        _export_torch(for_export(model) if cfg.rewrite else model, sample, tmp, cfg.opset)
         proto = onnx.load(str(tmp))
         onnx.checker.check_model(proto, full_check=True)
         ops_exported = op_counts(proto)

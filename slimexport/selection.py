@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from slimexport.export import INPUT_NAME, OUTPUT_NAME
-from slimexport.models.common import absorb_selections
+from slimexport.models.common import absorb_selections, for_export
 
 
 @dataclass(frozen=True)
@@ -168,6 +168,7 @@ def unit_costs(
     """
     cache: dict[tuple, dict[str, float]] = {}
     costs: list[dict[str, Any] | None] = []
+    model = for_export(model)  # the consumers as exported (DenseNet's transitions: a 2×2 stride-2 conv)
     for (sel, _, _), shape in zip(model.selection_units(), unit_shapes(model, image_shape)):
         if shape is None:
             costs.append(None)

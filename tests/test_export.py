@@ -86,6 +86,18 @@ def test_dense_selection_exports_without_index_ops_and_matches(arch, tmp_path, m
     assert r["parity"]["max_abs_diff"] <= 1e-4 and r["parity"]["top1_agreement"] == 1.0
 
 
+def test_densenet_exports_its_transition_pools_folded_into_strided_convs(tmp_path, make_model, small_ds):
+    p, _ = prune_model(make_model(TINY_DENSENET), 0.5)
+    r = export(_ckpt(tmp_path, p, small_ds), tmp_path / "f.onnx", small_ds, FAST)
+    assert "AveragePool" not in r["op_counts"]
+    strided = [
+        n for n in onnx.load(str(tmp_path / "f.onnx")).graph.node
+        if n.op_type == "Conv" and [list(a.ints) for a in n.attribute if a.name == "strides"] == [[2, 2]]
+    ]  # fmt: skip
+    assert len(strided) == 2  # one per transition
+    assert r["parity"]["max_abs_diff"] <= 1e-4  # measured against the unfolded model
+
+
 def test_unknown_selection_mode(tmp_path, make_model, small_ds):
     with pytest.raises(ConfigError, match="selection"):
         export(

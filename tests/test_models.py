@@ -121,3 +121,23 @@ def test_conv_shift_is_exact_for_1x1():
     const = torch.tensor([0.5, 0.0, 2.0])
     x = const.view(1, 3, 1, 1).expand(1, 3, 5, 5)
     torch.testing.assert_close(conv(x)[0, :, 2, 2], C.conv_shift(conv, const))
+
+
+@pytest.mark.parametrize("size", [28, 9])  # an odd size: both the pool and the stride-2 conv drop the last row
+def test_folded_transition_pools_compute_the_same_function_with_the_same_macs(size, make_model):
+    from slimexport.models.densenet import fold_transition_pools
+    from slimexport.prune import prune_model
+    from slimexport.stats import count_macs
+
+    for m in (make_model(TINY_DENSENET), prune_model(make_model(TINY_DENSENET), 0.5)[0]):
+        folded = fold_transition_pools(m)
+        assert not m.trans1.pool_folded and m.trans1.conv1.kernel_size == (1, 1)  # the original is untouched
+        for t in (folded.trans1, folded.trans2):
+            assert t.pool_folded and t.conv1.kernel_size == (2, 2) and t.conv1.stride == (2, 2)
+        x = torch.randn(3, 1, size, size)
+        with torch.no_grad():
+            torch.testing.assert_close(folded(x), m(x), rtol=1e-5, atol=1e-5)
+        before, after = count_macs(m, 1, (size, size)), count_macs(folded, 1, (size, size))
+        # equal on even maps; on odd ones the folded conv skips the row and column the pool would drop
+        assert after == before if size % 2 == 0 else after < before
+        assert count_params(folded) > count_params(m)  # 4 taps of the same weight: for export, never saved

@@ -150,6 +150,12 @@ def widen_selection(
     wide_consumer.weight[:, idx] = consumer.weight
 
 
+def for_export(model: nn.Module) -> nn.Module:
+    """The module to export for ``model``: its ``for_export()`` rewrite where it has one (the same function, in ops
+    that run faster in the runtimes), else the model itself."""
+    return model.for_export() if hasattr(model, "for_export") else model
+
+
 @torch.no_grad()
 def absorb_selections(model: nn.Module, absorb: Sequence[bool] | None = None) -> nn.Module:
     """A copy of a residual or dense ``model`` with selections absorbed into zero weights (no index op for them).

@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""How much of the accuracy gap between slimexport and Torch-Pruning at equal MACs is refine noise.
+
+Takes a run directory of `benchmarks/run.py` (its `sparse.pt`, `baseline.pt` and `report.json`), prunes the
+sparse model with Torch-Pruning (as run.py does; deterministic) and with slimexport at Torch-Pruning's MACs
+(`prune --max-macs`; deterministic), then refines each with the run's schedule once per seed. Seed 0 is the
+seed run.py uses, so it repeats that run's figures. Reports per-seed test accuracies, their mean and standard
+deviation, and the per-seed difference (paired: both sides see the same seed's data order and augmentation).
+
+Writes benchmarks/results/<machine-tag>/seeds-<run-dir-name>.json.
+Usage: python benchmarks/peer_seeds.py benchmarks/work/cpu-preresnet20-cifar10-p40 [--seeds 0 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.metadata
+import json
+import shlex
+import statistics
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+
+from benchmarks.run import machine_tag  # noqa: E402
+from slimexport.checkpoint import load_checkpoint  # noqa: E402
+from slimexport.data import load_dataset  # noqa: E402
+from slimexport.fileio import write_json  # noqa: E402
+from slimexport.pipeline import PipelineConfig  # noqa: E402
+from slimexport.prune import prune  # noqa: E402
+from slimexport.report import machine, versions  # noqa: E402
+from slimexport.stats import count_macs  # noqa: E402
+from slimexport.train import fit, train  # noqa: E402
+
+
+def torch_pruning_model(sparse: Path, ds, percent: float):
+    """Torch-Pruning's BN-scale pruner, global, on the sparse checkpoint: the setting of run.py's peer."""
+    import torch_pruning as tp
+
+    model, _ = load_checkpoint(sparse)
+    model.eval()
+    head = model.classifier if hasattr(model, "classifier") else model.fc
+    tp.pruner.BNScalePruner(
+        model,
+        ds.normalize(ds.x_test[:1]),
+        importance=tp.importance.BNScaleImportance(),
+        global_pruning=True,
+        pruning_ratio=percent,
+        ignored_layers=[head],
+    ).step()
+    return model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = ap.parse_args()
+    rep = json.loads((args.run_dir / "report.json").read_text())
+    c = rep["config"]
+    fields = {f.name for f in dataclasses.fields(PipelineConfig)}
+    cfg = PipelineConfig(**{k: v for k, v in c.items() if k in fields and k not in ("bench", "export")})
+    ds = load_dataset(cfg.dataset, cfg.data_dir)
+    size = ds.image_size
+    base_macs = count_macs(load_checkpoint(args.run_dir / "baseline.pt")[0], ds.in_channels, size)
+    sparse = args.run_dir / "sparse.pt"
+    peer_macs = count_macs(torch_pruning_model(sparse, ds, cfg.percent), ds.in_channels, size)
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        pruned = Path(tmp) / "matched_pruned.pt"
+        meta = prune(sparse, pruned, None, ds=ds, round_to=cfg.round_to, max_macs=peer_macs / base_macs)
+        for seed in args.seeds:
+            refine_cfg = dataclasses.replace(
+                cfg.train_config(cfg.refine_epochs, 0.0, cfg.refine_lr or (cfg.lr or 0.1) / 5), seed=seed
+            )
+            ours = train(Path(tmp) / f"refined-{seed}.pt", ds, refine_cfg, init=pruned, stage="refined")
+            peer_model = torch_pruning_model(sparse, ds, cfg.percent)
+            peer = fit(peer_model, ds, refine_cfg, description=f"torch-pruning {seed}")
+            runs.append({"seed": seed, "slimexport": ours["accuracy"], "torch_pruning": peer["final_accuracy"]})
+            r = runs[-1]
+            print(
+                f"seed {seed}: slimexport {100 * r['slimexport']:.2f}%, Torch-Pruning {100 * r['torch_pruning']:.2f}%"
+            )
+
+    def summary(key: str) -> dict:
+        xs = [r[key] for r in runs]
+        return {"mean": statistics.fmean(xs), "stdev": statistics.stdev(xs) if len(xs) > 1 else 0.0}
+
+    diffs = [r["slimexport"] - r["torch_pruning"] for r in runs]
+    out = ROOT / "results" / machine_tag() / f"seeds-{args.run_dir.name}.json"
+    result = {
+        "kind": "peer_seeds",
+        "run": args.run_dir.name,
+        "arch": cfg.arch,
+        "dataset": cfg.dataset,
+        "percent": cfg.percent,
+        "refine_epochs": cfg.refine_epochs,
+        "preset": cfg.preset,
+        "macs": {"baseline": base_macs, "slimexport": meta["prune"]["macs_after"], "torch_pruning": peer_macs},
+        "library": f"torch-pruning {importlib.metadata.version('torch-pruning')}",
+        "runs": runs,
+        "slimexport": summary("slimexport"),
+        "torch_pruning": summary("torch_pruning"),
+        "difference": {
+            "mean": statistics.fmean(diffs),
+            "stdev": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+            "wins": sum(d >= 0 for d in diffs),
+        },
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine_tag": machine_tag(),
+        "machine": machine(),
+        "versions": versions(),
+        "command": "python benchmarks/peer_seeds.py " + shlex.join(sys.argv[1:]),
+    }
+    write_json(out, result)
+    d = result["difference"]
+    print(
+        f"{cfg.arch} {cfg.dataset} at {peer_macs:,} MACs, {len(runs)} seeds: slimexport "
+        f"{100 * result['slimexport']['mean']:.2f} ± {100 * result['slimexport']['stdev']:.2f}%, Torch-Pruning "
+        f"{100 * result['torch_pruning']['mean']:.2f} ± {100 * result['torch_pruning']['stdev']:.2f}%; "
+        f"difference {100 * d['mean']:+.2f} ± {100 * d['stdev']:.2f} pt, slimexport ahead or equal in "
+        f"{d['wins']}/{len(runs)}"
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
