@@ -474,19 +474,22 @@ def render_results(results_root: Path) -> str:
             "",
             "| arch | percent | round-to | --selection (exported as) | params after (published) "
             "| MACs ratio (of the exported graph) | Gather / Slice nodes "
-            "| Gather+Slice time share b1 | speed-up b1 / b32 (1 thread) | data |",
+            "| Gather+Slice time share b1: profiler (without) | speed-up b1 / b32 (1 thread) | data |",
             "|---|---:|---:|---|---|---:|---|---:|---|---|",
         ]
         for r in s["pruned"]:
             sel = r.get("selection", "gather")
             sel += f" ({r['chosen']})" if r.get("chosen", sel) != sel else ""
             exported = r.get("macs_exported", r["macs_after"])
+            cost = r.get("index_op_cost_b1")
+            unprofiled = f" ({100 * cost['share']:.2f}%)" if cost else ""
             lines.append(
                 f"| {r['arch']} | {100 * r['percent']:.0f}% | {r.get('round_to', 1)} | {sel} "
                 f"| {r['params_after']:,} ({r['params_published_after'] / 1e6:.2f}M) "
                 f"| ×{r['macs_before'] / r['macs_after']:.2f} (×{r['macs_before'] / exported:.2f}) "
                 f"| {r['gather_nodes']} / {r['slice_nodes']} "
-                f"| {100 * r['gather_slice_share_b1']:.2f}% | ×{r['speedup']['1']:.2f} / ×{r['speedup']['32']:.2f} "
+                f"| {100 * r['gather_slice_share_b1']:.2f}%{unprofiled} "
+                f"| ×{r['speedup']['1']:.2f} / ×{r['speedup']['32']:.2f} "
                 f"| {r['data']} |"
             )
         lines.append("")

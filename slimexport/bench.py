@@ -175,6 +175,77 @@ def op_time_shares(path: Path, image_shape: tuple[int, ...], runs: int = 50, thr
     }
 
 
+def _channel_count(node, inits: dict[str, np.ndarray]) -> int | None:
+    """Output channels of a channel Gather (axis 1, constant indices) or Slice (axis 1, constant bounds)."""
+    if node.op_type == "Gather":
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        idx = inits.get(node.input[1])
+        return int(idx.size) if axis == 1 and idx is not None and idx.ndim == 1 else None
+    if node.op_type == "Slice" and len(node.input) >= 4:
+        starts, ends, axes = (inits.get(n) for n in node.input[1:4])
+        steps = inits.get(node.input[4]) if len(node.input) > 4 else None
+        if any(v is None or v.size != 1 for v in (starts, ends, axes)) or int(axes[0]) != 1:
+            return None
+        if steps is not None and int(steps.reshape(-1)[0]) != 1:
+            return None
+        return int(ends.reshape(-1)[0]) - int(starts.reshape(-1)[0])
+    return None
+
+
+def with_index_ops_doubled(proto) -> tuple[Any, int]:
+    """A copy of ``proto`` in which each channel Gather/Slice is followed by a second Gather of the same size (the
+    channels in reverse order, so that no runtime can drop it as an identity). The output is wrong, the work of
+    everything else is unchanged: the latency difference is what the index ops cost. Returns (copy, ops doubled)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    new = onnx.ModelProto()
+    new.CopyFrom(proto)
+    inits = {t.name: numpy_helper.to_array(t) for t in new.graph.initializer}
+    nodes, doubled = [], 0
+    for node in new.graph.node:
+        nodes.append(node)
+        c = _channel_count(node, inits)
+        if c is None or c <= 0:
+            continue
+        out = node.output[0]
+        moved, idx = f"{out}__before_double", f"{out}__reverse_index"
+        node.output[0] = moved
+        new.graph.initializer.append(numpy_helper.from_array(np.arange(c - 1, -1, -1, dtype=np.int64), idx))
+        nodes.append(helper.make_node("Gather", [moved, idx], [out], axis=1, name=f"{node.name}__double"))
+        doubled += 1
+    del new.graph.node[:]
+    new.graph.node.extend(nodes)
+    return new, doubled
+
+
+def index_op_cost(path: Path, image_shape: tuple[int, ...], batch: int = 1, threads: int = 1, seconds: float = 2.0):
+    """The time a model's channel Gather/Slice nodes take, measured without the profiler: the model timed side by
+    side with :func:`with_index_ops_doubled`'s copy; the difference of the medians is the index ops' cost.
+
+    The profiler adds a fixed cost to every node it records (a few µs on the development machine, as much as a
+    small Gather itself takes), which inflates the share of many small nodes; this measure has no profiler.
+    Returns {index_ops, median_ms, doubled_median_ms, cost_ms, share}.
+    """
+    import onnx
+
+    proto = onnx.load(str(path))
+    doubled, n = with_index_ops_doubled(proto)
+    if n == 0:
+        return {"index_ops": 0, "cost_ms": 0.0, "share": 0.0}
+    cfg = BenchConfig(batches=[batch], threads=[threads], seconds=seconds, accuracy=False, profile=False)
+    rows = latency({"model": Path(path), "doubled": doubled.SerializeToString()}, image_shape, cfg)
+    ms = {r["model"]: r["median_ms"] for r in rows}
+    cost = ms["doubled"] - ms["model"]
+    return {
+        "index_ops": n,
+        "median_ms": ms["model"],
+        "doubled_median_ms": ms["doubled"],
+        "cost_ms": cost,
+        "share": cost / ms["model"],
+    }
+
+
 def bench(models: dict[str, str | os.PathLike], ds: Dataset, cfg: BenchConfig | None = None) -> dict[str, Any]:
     """Benchmark one or more ONNX models side by side; returns {models: {name: {...}}, latency: [...], config}."""
     cfg = cfg or BenchConfig()

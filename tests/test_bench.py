@@ -62,3 +62,27 @@ def test_bad_bench_options():
 def test_op_time_shares_names_real_ops(onnx_pair):
     s = op_time_shares(onnx_pair["pruned"][0], (1, 28, 28), runs=5)
     assert "Gather" in s["shares"] and 0 < s["gather_slice_share"] < 1
+
+
+def test_doubled_index_ops_add_one_reversed_gather_each_and_still_run(onnx_pair):
+    import numpy as np
+    import onnx
+
+    from slimexport.bench import index_op_cost, with_index_ops_doubled
+    from slimexport.export import INPUT_NAME, OUTPUT_NAME, ort_session
+
+    proto = onnx.load(str(onnx_pair["pruned"][0]))
+    ops = [n.op_type for n in proto.graph.node]
+    n_index = ops.count("Gather") + ops.count("Slice")
+    assert n_index > 0
+    doubled, n = with_index_ops_doubled(proto)
+    assert n == n_index
+    assert [x.op_type for x in doubled.graph.node].count("Gather") == ops.count("Gather") + n
+    assert [n.op_type for n in proto.graph.node] == ops  # the original is untouched
+    onnx.checker.check_model(doubled, full_check=True)
+    x = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    outs = [ort_session(p.SerializeToString()).run([OUTPUT_NAME], {INPUT_NAME: x})[0] for p in (proto, doubled)]
+    assert outs[0].shape == outs[1].shape and not np.allclose(outs[0], outs[1])  # the reversal really runs
+    cost = index_op_cost(onnx_pair["pruned"][0], (1, 28, 28), seconds=0.05)
+    assert cost["index_ops"] == n_index and cost["median_ms"] > 0 and cost["doubled_median_ms"] > 0
+    assert index_op_cost(onnx_pair["base"][0], (1, 28, 28))["index_ops"] == 0  # unpruned: nothing to measure
