@@ -141,3 +141,44 @@ def test_folded_transition_pools_compute_the_same_function_with_the_same_macs(si
         # equal on even maps; on odd ones the folded conv skips the row and column the pool would drop
         assert after == before if size % 2 == 0 else after < before
         assert count_params(folded) > count_params(m)  # 4 taps of the same weight: for export, never saved
+
+
+def _map_reads(model):
+    """Per block of a DenseNet: the producers' output widths and the set of map channels some selection reads."""
+    n = (model.config["depth"] - 4) // 3
+    units, prods = model.units(), model.producers()
+    out = []
+    for b in range(3):
+        readers = [u.select for u in units[b * (n + 1) : b * (n + 1) + n + 1]]
+        readers += [model.select] if b == 2 else []
+        first = 0 if b == 0 else b * (n + 1)
+        widths = [p.out_channels for p in prods[first : first + n + 1]]
+        out.append((widths, set().union(*[set(s.indices()) for s in readers])))
+    return out
+
+
+def test_densenet_computes_no_map_channel_that_nothing_reads(make_model):
+    m = make_model("densenet16")
+    keep = _drop_keep(m, frac=0.3)
+    p = m.pruned(keep).eval()
+    before = sum(c.out_channels for c in m.producers())
+    assert sum(c.out_channels for c in p.producers()) < before  # some channels were read by no one, and are gone
+    for widths, read in _map_reads(p):
+        offset = 0
+        for w in widths:
+            unread = set(range(offset, offset + w)) - read
+            assert not unread or w == 1, (widths, unread)  # only a producer's one floor channel may go unread
+            offset += w
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(p(x), m(x), atol=1e-5, rtol=1e-4)
+        # the config alone rebuilds it, and pruning the pruned model again keeps the function
+        q = create_model(p.arch, p.num_classes, p.in_channels, p.config)
+        q.load_state_dict(p.state_dict())
+        assert torch.equal(q.eval()(x), p(x))
+        keep2 = {name: torch.arange(bn.num_features) for name, bn in p.prunable_bns()}
+        torch.testing.assert_close(p.pruned(keep2).eval()(x), p(x), atol=1e-5, rtol=1e-4)
+        keep3 = _drop_keep(p, frac=0.5, seed=2)  # and pruning it further stays exact
+        p3 = p.pruned(keep3).eval()
+        torch.testing.assert_close(p3(x), p(x), atol=1e-5, rtol=1e-4)
+    assert [len(o) for o in p3.config["outputs"]] == [c.out_channels for c in p3.producers()]

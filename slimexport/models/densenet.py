@@ -2,7 +2,8 @@
 
 Every BN reads the concatenated feature map shared with later layers, so no BN can shrink the map: each is
 preceded by a :class:`ChannelSelection` (selecting first is exact, since BN is per-channel, and lets the BN
-shrink to the kept channels). Only conv and FC *inputs* shrink.
+shrink to the kept channels). Conv and FC *inputs* shrink. Beyond the reference, a map channel that no selection
+reads any more is not computed: its producer loses that output channel (see :meth:`DenseNet.pruned`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,15 @@ def densenet_config(depth: int, growth: int = 12) -> dict[str, Any]:
     if depth < 7 or (depth - 4) % 3:
         raise ValueError(f"densenet depth must be 3n+4 with n >= 1 (7, 10, ..., 40), got {depth}")
     n = (depth - 4) // 3
-    return {"depth": depth, "growth": growth, "select": [None] * (3 * n + 2), "final_select": None}
+    # "outputs": per producer of the shared maps (the stem, then every dense layer and transition in forward order),
+    # the output channels it keeps (indices into its unpruned outputs), or None for all of them.
+    return {
+        "depth": depth,
+        "growth": growth,
+        "select": [None] * (3 * n + 2),
+        "final_select": None,
+        "outputs": [None] * (3 * n + 3),
+    }
 
 
 class DenseLayer(nn.Module):
@@ -73,16 +82,26 @@ class DenseNet(nn.Module):
         self.config = copy.deepcopy(config)
         n, growth = (config["depth"] - 4) // 3, config["growth"]
         sel = iter(config["select"])
-        width = 2 * growth
+        outputs = iter(config.get("outputs") or [None] * (3 * n + 3))  # checkpoints before "outputs": all kept
+
+        def kept(full: int) -> int:
+            k = next(outputs)
+            return full if k is None else len(k)
+
+        width = kept(2 * growth)
         self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
         for s in range(3):
             layers = []
             for _ in range(n):
-                layers.append(DenseLayer(width, growth, next(sel)))
-                width += growth
+                g = kept(growth)
+                layers.append(DenseLayer(width, g, next(sel)))
+                width += g
             self.add_module(f"dense{s + 1}", nn.Sequential(*layers))
             if s < 2:
-                self.add_module(f"trans{s + 1}", Transition(width, width, next(sel)))
+                # compression 1: unpruned, a transition keeps its input's width (pruned configs list every producer)
+                out = kept(width)
+                self.add_module(f"trans{s + 1}", Transition(width, out, next(sel)))
+                width = out
         self.select = ChannelSelection(width, config["final_select"])
         self.bn = nn.BatchNorm2d(self.select.out_channels)
         self.fc = nn.Linear(self.select.out_channels, num_classes)
@@ -113,36 +132,76 @@ class DenseNet(nn.Module):
         """The same function with no index op (see :meth:`PreResNet.without_selections`)."""
         return absorb_selections(self)
 
+    def producers(self) -> list[nn.Conv2d]:
+        """The convs that write the shared maps, in the order of the config's ``outputs``: the stem, then every
+        dense layer's and transition's conv."""
+        return [self.conv1] + [u.conv1 for u in self.units()]
+
     @torch.no_grad()
     def pruned(self, keep: dict[str, torch.Tensor]) -> DenseNet:
-        names = {id(m): n for n, m in self.named_modules()}
-        cfg = copy.deepcopy(self.config)
-        for u, unit in enumerate(self.units()):
-            k = as_index(keep[names[id(unit.bn1)]])
-            cfg["select"][u] = [unit.select.indices()[i] for i in k.tolist()]
-        kf = as_index(keep[names[id(self.bn)]])
-        cfg["final_select"] = [self.select.indices()[i] for i in kf.tolist()]
-        new = DenseNet(self.arch, cfg, self.num_classes, self.in_channels)
-        new.conv1.load_state_dict(self.conv1.state_dict())
+        """The smaller model that keeps the channels ``keep`` of every BN (by module name).
 
-        # `shift`: per channel of the shared feature map, the constant that dropped channels would have added.
-        # Every BN that reads the map absorbs it into its running mean.
+        As in the reference, every BN is reached through a selection of the shared map and conv/FC inputs shrink.
+        Beyond the reference, a map channel that no later selection reads any more is not computed at all: its
+        producer (the stem, a dense layer or a transition) loses that output channel (exact; every producer keeps
+        at least one).
+        """
+        names = {id(m): n for n, m in self.named_modules()}
+        n = (self.config["depth"] - 4) // 3
+        units = self.units()
+        kept_bn = [as_index(keep[names[id(u.bn1)]]) for u in units]
+        kf = as_index(keep[names[id(self.bn)]])
+        # Each selection's new indices into this model's maps ("map coordinates"), before compaction.
+        reads = [[u.select.indices()[i] for i in k.tolist()] for u, k in zip(units, kept_bn)]
+        reads.append([self.select.indices()[i] for i in kf.tolist()])
+        # Per block: the map's producers as (producer index, first map channel, width); the readers: the block's
+        # layers and the transition (or the final BN) after it.
+        producers = self.producers()
+        out_keep: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * len(producers)
+        remap: list[dict[int, int]] = []
+        for b in range(3):
+            first = 0 if b == 0 else n + 1 + (b - 1) * (n + 1)  # producer index of the block's input
+            segs, offset = [], 0
+            for j in range(first, first + n + 1):
+                width = producers[j].out_channels
+                segs.append((j, offset, width))
+                offset += width
+            read = set().union(*[set(r) for r in reads[b * (n + 1) : b * (n + 1) + n + 1]])
+            new_pos: dict[int, int] = {}
+            for j, off, width in segs:
+                live = [c for c in range(width) if off + c in read] or [0]  # never an empty layer
+                out_keep[j] = torch.as_tensor(live, dtype=torch.long)
+                for c in live:
+                    new_pos[off + c] = len(new_pos)
+            remap.append(new_pos)
+
+        cfg = copy.deepcopy(self.config)
+        for u in range(len(units)):
+            cfg["select"][u] = [remap[u // (n + 1)][c] for c in reads[u]]
+        cfg["final_select"] = [remap[2][c] for c in reads[-1]]
+        old_outputs = self.config.get("outputs") or [None] * len(producers)
+        cfg["outputs"] = [
+            [(list(range(p.out_channels)) if old is None else old)[c] for c in k.tolist()]
+            for p, old, k in zip(producers, old_outputs, out_keep)
+        ]
+        new = DenseNet(self.arch, cfg, self.num_classes, self.in_channels)
+        copy_conv(new.conv1, self.conv1, out_keep[0], None)
+
+        # `shift`: per channel of the shared map (map coordinates), the constant that dropped channels would have
+        # added. Every BN that reads the map absorbs it into its running mean.
         shift = torch.zeros(self.conv1.out_channels)
-        for unit, nunit in zip(self.units(), new.units()):
-            k = as_index(keep[names[id(unit.bn1)]])
-            sel = torch.as_tensor(nunit.select.indices())
+        for u, (unit, nunit) in enumerate(zip(units, new.units())):
+            k = kept_bn[u]
             copy_bn(nunit.bn1, unit.bn1, k)
-            nunit.bn1.running_mean.sub_(shift[sel])
-            copy_conv(nunit.conv1, unit.conv1, None, k)
+            nunit.bn1.running_mean.sub_(shift[torch.as_tensor(reads[u], dtype=torch.long)])
+            copy_conv(nunit.conv1, unit.conv1, out_keep[u + 1], k)
             delta = conv_shift(unit.conv1, dropped_constant(unit.bn1, k))
             shift = delta if isinstance(unit, Transition) else torch.cat((shift, delta))
-        sel = torch.as_tensor(new.select.indices())
         copy_bn(new.bn, self.bn, kf)
-        new.bn.running_mean.sub_(shift[sel])
+        new.bn.running_mean.sub_(shift[torch.as_tensor(reads[-1], dtype=torch.long)])
         new.fc.weight.copy_(self.fc.weight[:, kf])
         new.fc.bias.copy_(self.fc.bias + self.fc.weight @ dropped_constant(self.bn, kf))
         return new
-
 
 @torch.no_grad()
 def fold_transition_pools(model: DenseNet) -> DenseNet:
