@@ -160,7 +160,7 @@ class DenseNet(nn.Module):
         out_keep: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * len(producers)
         remap: list[dict[int, int]] = []
         for b in range(3):
-            first = 0 if b == 0 else n + 1 + (b - 1) * (n + 1)  # producer index of the block's input
+            first = b * (n + 1)  # producer index of the block's input (the stem, then the transitions)
             segs, offset = [], 0
             for j in range(first, first + n + 1):
                 width = producers[j].out_channels
@@ -202,6 +202,7 @@ class DenseNet(nn.Module):
         new.fc.weight.copy_(self.fc.weight[:, kf])
         new.fc.bias.copy_(self.fc.bias + self.fc.weight @ dropped_constant(self.bn, kf))
         return new
+
 
 @torch.no_grad()
 def fold_transition_pools(model: DenseNet) -> DenseNet:
