@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
-from benchmarks.run import machine_tag  # noqa: E402
+from benchmarks.run import machine_tag, torch_pruning_model  # noqa: E402
 from slimexport.checkpoint import load_checkpoint  # noqa: E402
 from slimexport.data import load_dataset  # noqa: E402
 from slimexport.fileio import write_json  # noqa: E402
@@ -36,24 +36,6 @@ from slimexport.prune import prune  # noqa: E402
 from slimexport.report import machine, versions  # noqa: E402
 from slimexport.stats import count_macs  # noqa: E402
 from slimexport.train import fit, train  # noqa: E402
-
-
-def torch_pruning_model(sparse: Path, ds, percent: float):
-    """Torch-Pruning's BN-scale pruner, global, on the sparse checkpoint: the setting of run.py's peer."""
-    import torch_pruning as tp
-
-    model, _ = load_checkpoint(sparse)
-    model.eval()
-    head = model.classifier if hasattr(model, "classifier") else model.fc
-    tp.pruner.BNScalePruner(
-        model,
-        ds.normalize(ds.x_test[:1]),
-        importance=tp.importance.BNScaleImportance(),
-        global_pruning=True,
-        pruning_ratio=percent,
-        ignored_layers=[head],
-    ).step()
-    return model
 
 
 def main() -> None:

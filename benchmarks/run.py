@@ -140,24 +140,28 @@ def dataset_source(entry: dict, data_dir: str | None, work: Path) -> tuple[str, 
     return str(path), data_dir
 
 
-def torch_pruning_peer(run_dir: Path, ds, percent: float, refine_cfg: TrainConfig, out_onnx: Path) -> dict:
-    """Prune the same sparse checkpoint with Torch-Pruning's BN-scale pruner, refine, export."""
+def torch_pruning_model(sparse: Path, ds, percent: float):
+    """The sparse checkpoint pruned by Torch-Pruning's BN-scale pruner, global, at ``percent`` (the peer's setting)."""
     import torch_pruning as tp
 
-    model, _ = load_checkpoint(run_dir / "sparse.pt")
+    model, _ = load_checkpoint(sparse)
     model.eval()
-    example = ds.normalize(ds.x_test[:1])
     head = model.classifier if hasattr(model, "classifier") else model.fc
-    pruner = tp.pruner.BNScalePruner(
+    tp.pruner.BNScalePruner(
         model,
-        example,
+        ds.normalize(ds.x_test[:1]),
         importance=tp.importance.BNScaleImportance(),
         global_pruning=True,
         pruning_ratio=percent,
         ignored_layers=[head],
-    )
+    ).step()
+    return model
+
+
+def torch_pruning_peer(run_dir: Path, ds, percent: float, refine_cfg: TrainConfig, out_onnx: Path) -> dict:
+    """Prune the same sparse checkpoint with Torch-Pruning's BN-scale pruner, refine, export."""
     t0 = time.perf_counter()
-    pruner.step()
+    model = torch_pruning_model(run_dir / "sparse.pt", ds, percent)
     prune_s = time.perf_counter() - t0
     before = evaluate(model, ds)
     res = fit(model, ds, refine_cfg, description="torch-pruning refine")
