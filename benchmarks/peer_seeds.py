@@ -7,8 +7,11 @@ sparse model with Torch-Pruning (as run.py does; deterministic) and with slimexp
 seed run.py uses, so it repeats that run's figures. Reports per-seed test accuracies, their mean and standard
 deviation, and the per-seed difference (paired: both sides see the same seed's data order and augmentation).
 
-Writes benchmarks/results/<machine-tag>/seeds-<run-dir-name>.json.
-Usage: python benchmarks/peer_seeds.py benchmarks/work/cpu-preresnet20-cifar10-p40 [--seeds 0 1 2]
+With --prune-stream, slimexport's side also prunes the residual stream (`prune --prune-stream`, beyond the paper's
+rules), as Torch-Pruning does.
+
+Writes benchmarks/results/<machine-tag>/seeds-<run-dir-name>[-stream].json.
+Usage: python benchmarks/peer_seeds.py benchmarks/work/cpu-preresnet20-cifar10-p40 [--seeds 0 1 2] [--prune-stream]
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--prune-stream", action="store_true", help="slimexport also prunes the residual stream")
     args = ap.parse_args()
     rep = json.loads((args.run_dir / "report.json").read_text())
     c = rep["config"]
@@ -55,7 +59,15 @@ def main() -> None:
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         pruned = Path(tmp) / "matched_pruned.pt"
-        meta = prune(sparse, pruned, None, ds=ds, round_to=cfg.round_to, max_macs=peer_macs / base_macs)
+        meta = prune(
+            sparse,
+            pruned,
+            None,
+            ds=ds,
+            round_to=cfg.round_to,
+            max_macs=peer_macs / base_macs,
+            prune_stream=args.prune_stream,
+        )
         for seed in args.seeds:
             refine_cfg = dataclasses.replace(
                 cfg.train_config(cfg.refine_epochs, 0.0, cfg.refine_lr or (cfg.lr or 0.1) / 5), seed=seed
@@ -74,13 +86,15 @@ def main() -> None:
         return {"mean": statistics.fmean(xs), "stdev": statistics.stdev(xs) if len(xs) > 1 else 0.0}
 
     diffs = [r["slimexport"] - r["torch_pruning"] for r in runs]
-    out = ROOT / "results" / machine_tag() / f"seeds-{args.run_dir.name}.json"
+    out = ROOT / "results" / machine_tag() / f"seeds-{args.run_dir.name}{'-stream' if args.prune_stream else ''}.json"
     result = {
         "kind": "peer_seeds",
         "run": args.run_dir.name,
         "arch": cfg.arch,
         "dataset": cfg.dataset,
         "percent": cfg.percent,
+        "prune_stream": args.prune_stream,
+        "slimexport_percent": meta["prune"]["percent"],
         "refine_epochs": cfg.refine_epochs,
         "preset": cfg.preset,
         "macs": {"baseline": base_macs, "slimexport": meta["prune"]["macs_after"], "torch_pruning": peer_macs},

@@ -272,23 +272,33 @@ def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path, trained:
         # The same refined weights exported with `--selection auto` (gather, dense or a mix, timed and chosen here).
         auto_export = export(run_dir / "refined.pt", run_dir / "pruned_auto.onnx", ds, ExportConfig(selection="auto"))
         models["slimexport-auto"] = run_dir / "pruned_auto.onnx"
-    matched = None
+    matched = {}
     if peer is not None:
         # slimexport at Torch-Pruning's MACs: the same sparse model pruned to the peer's budget (`prune --max-macs`),
-        # refined with the same schedule and seed. Exported with --selection auto where it has selections.
+        # refined with the same schedule and seed. Exported with --selection auto where it has selections. A
+        # residual network is also pruned with --prune-stream, which prunes the stream as Torch-Pruning does.
         budget = peer["macs"] / rep["baseline"]["macs"]
-        m_meta = prune(
-            run_dir / "sparse.pt", run_dir / "matched_pruned.pt", None, ds=ds, round_to=round_to, max_macs=budget
-        )
-        r_meta = train(
-            run_dir / "matched_refined.pt", ds, refine_cfg, init=run_dir / "matched_pruned.pt", stage="refined"
-        )
         sel_mode = "auto" if has_selections else "gather"
-        m_export = export(
-            run_dir / "matched_refined.pt", run_dir / "matched.onnx", ds, ExportConfig(selection=sel_mode)
-        )
-        models["slimexport-matched"] = run_dir / "matched.onnx"
-        matched = (m_meta, r_meta, m_export)
+        variants = [("", False)] + ([("_stream", True)] if entry["arch"].startswith("preresnet") else [])
+        for suffix, prune_stream in variants:
+            name = f"matched{suffix}"
+            m_meta = prune(
+                run_dir / "sparse.pt",
+                run_dir / f"{name}_pruned.pt",
+                None,
+                ds=ds,
+                round_to=round_to,
+                max_macs=budget,
+                prune_stream=prune_stream,
+            )
+            r_meta = train(
+                run_dir / f"{name}_refined.pt", ds, refine_cfg, init=run_dir / f"{name}_pruned.pt", stage="refined"
+            )
+            m_export = export(
+                run_dir / f"{name}_refined.pt", run_dir / f"{name}.onnx", ds, ExportConfig(selection=sel_mode)
+            )
+            models[f"slimexport-{name.replace('_', '-')}"] = run_dir / f"{name}.onnx"
+            matched[name] = (m_meta, r_meta, m_export)
     # One interleaved latency run for all models, so that they share the machine's noise.
     b = bench(models, ds, bcfg)
     lat = {n: [r for r in b["latency"] if r["model"] == n] for n in models}
@@ -353,18 +363,19 @@ def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path, trained:
             "slimexport-auto", load_checkpoint(run_dir / "refined.pt")[0], auto_export, b, ds, B["macs"], speedups
         )
         result["slimexport_auto"]["note"] = "same weights as slimexport, exported with --selection auto"
-    if matched is not None:
-        m_meta, r_meta, m_export = matched
-        model = load_checkpoint(run_dir / "matched_refined.pt")[0]
+    for name, (m_meta, r_meta, m_export) in matched.items():
+        model = load_checkpoint(run_dir / f"{name}_refined.pt")[0]
         rec = m_meta["prune"]
-        result["slimexport_matched"] = _variant("slimexport-matched", model, m_export, b, ds, B["macs"], speedups) | {
+        label = f"slimexport-{name.replace('_', '-')}"
+        stream = ", --prune-stream" if rec.get("prune_stream") else ""
+        result[f"slimexport_{name}"] = _variant(label, model, m_export, b, ds, B["macs"], speedups) | {
             "params_model": count_params(model),
             "macs_model": count_macs(model, ds.in_channels, ds.image_size),
             "accuracy_before_refine": m_meta["accuracy"],
             "torch_accuracy": r_meta["accuracy"],
             "prune": rec,
             "stages": {"refine": {"seconds": r_meta["train_seconds"], "images_per_s": r_meta["images_per_s"]}},
-            "note": f"pruned to Torch-Pruning's MACs (--max-macs {rec['max_macs']:.4f}: global percent "
+            "note": f"pruned to Torch-Pruning's MACs (--max-macs {rec['max_macs']:.4f}{stream}: global percent "
             f"{rec['percent']:.4f}), same refine; exported with --selection {m_export['config']['selection']}",
         }
     if peer is not None:
@@ -416,6 +427,7 @@ def render_results(results_root: Path) -> str:
                 ("slimexport_dense", "slimexport, --selection dense"),
                 ("slimexport_auto", "slimexport, --selection auto"),
                 ("slimexport_matched", "slimexport at Torch-Pruning's MACs"),
+                ("slimexport_matched_stream", "slimexport --prune-stream at Torch-Pruning's MACs"),
                 ("torch_pruning", "Torch-Pruning"),
             ):
                 m = r.get(key)
@@ -520,7 +532,8 @@ def render_results(results_root: Path) -> str:
             m, d = r["macs"], r["difference"]
             acc = [f"{100 * r[k]['mean']:.2f} ± {100 * r[k]['stdev']:.2f}" for k in ("slimexport", "torch_pruning")]
             lines.append(
-                f"| {r['run']} | {m['slimexport']:,} / {m['torch_pruning']:,} | "
+                f"| {r['run']}{' (slimexport --prune-stream)' if r.get('prune_stream') else ''} "
+                f"| {m['slimexport']:,} / {m['torch_pruning']:,} | "
                 f"{', '.join(str(x['seed']) for x in r['runs'])} | {acc[0]} | {acc[1]} | "
                 f"{100 * d['mean']:+.2f} ± {100 * d['stdev']:.2f} | {d['wins']}/{len(r['runs'])} | "
                 f"{r['machine_tag']}, {r['date'][:10]} | `{r['command']}` |"

@@ -117,6 +117,15 @@ PresetOpt = Annotated[
 ]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to train: auto (CUDA if available), cpu, cuda.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+StreamOpt = Annotated[
+    bool,
+    typer.Option(
+        "--prune-stream",
+        help="Residual networks: also remove a stream channel that every selection drops, though a downsampling "
+        "conv still reads it (its mean is carried on). Beyond the paper's rules, which keep the stream's width; "
+        "more MACs saved at the same threshold.",
+    ),
+]
 RoundOpt = Annotated[
     int,
     typer.Option(
@@ -313,6 +322,7 @@ def prune(
     out: Annotated[Path, typer.Option("--out", "-o", help="Pruned checkpoint to write.")] = Path("pruned.pt"),
     min_channels: MinChOpt = 1,
     round_to: RoundOpt = 1,
+    prune_stream: StreamOpt = False,
     dataset: Annotated[
         str | None,
         typer.Option(
@@ -335,7 +345,17 @@ def prune(
         check_macs_fraction(max_macs)
     _check_out(out, force)
     ds = load_dataset(dataset, data_dir) if dataset else None
-    meta = prune_fn(checkpoint, out, percent, min_channels, ds=ds, device="cpu", round_to=round_to, max_macs=max_macs)
+    meta = prune_fn(
+        checkpoint,
+        out,
+        percent,
+        min_channels,
+        ds=ds,
+        device="cpu",
+        round_to=round_to,
+        max_macs=max_macs,
+        prune_stream=prune_stream,
+    )
     r = meta["prune"]
     acc = f", accuracy before refine {meta['accuracy']:.4f}" if "accuracy" in meta else ""
     budget = f" (--max-macs {max_macs:g}: global percent {r['percent']:.4f})" if max_macs is not None else ""
@@ -503,6 +523,7 @@ def pipeline(
     percent: PercentOpt = 0.6,
     min_channels: MinChOpt = 1,
     round_to: RoundOpt = 1,
+    prune_stream: StreamOpt = False,
     baseline: Annotated[
         Path | None, typer.Option("--baseline", help="Reuse this trained baseline checkpoint instead of training one.")
     ] = None,
@@ -549,6 +570,7 @@ def pipeline(
         percent=percent,
         min_channels=min_channels,
         round_to=round_to,
+        prune_stream=prune_stream,
         eval_every=eval_every,
         compile=compile,
         baseline=str(baseline) if baseline else None,

@@ -23,7 +23,8 @@ from slimexport.data import EMBEDDED, load_dataset
 from slimexport.errors import CheckpointError, ConfigError, OutputExistsError
 from slimexport.export import ExportConfig, export
 from slimexport.fileio import write_json
-from slimexport.prune import bn_gammas, check_percent, prune
+from slimexport.models import create_model
+from slimexport.prune import bn_gammas, check_percent, check_prune_stream, prune
 from slimexport.report import build_report, plot_channels, plot_gammas, plot_latency, write_report
 from slimexport.stats import count_macs, count_params
 from slimexport.train import PRESETS, TrainConfig, data_meta, evaluate, resolve_device, train
@@ -43,6 +44,7 @@ class PipelineConfig:
     percent: float = 0.6
     min_channels: int = 1
     round_to: int = 1
+    prune_stream: bool = False  # residual networks: also prune the stream (beyond the paper's rules)
     eval_every: int | None = None  # None: only after the last epoch of each stage
     compile: bool = False  # torch.compile the training forward
     baseline: str | None = None
@@ -125,6 +127,8 @@ def run_pipeline(cfg: PipelineConfig, command: str = "") -> dict[str, Any]:
             )
         cfg.arch = ck["arch"]
     cfg.arch = cfg.arch or DEFAULT_ARCH
+    if cfg.prune_stream:  # fail now, not after training
+        check_prune_stream(create_model(cfg.arch, 10, 3), True)
     ds = load_dataset(cfg.dataset, cfg.data_dir)
     console.print(f"[bold]slimexport pipeline[/] {cfg.arch} on {ds.summary()}, device {device}")
 
@@ -187,6 +191,7 @@ def _run(
         cfg.min_channels,
         ds=ds,
         round_to=cfg.round_to,
+        prune_stream=cfg.prune_stream,
         device=str(device),
     )
     record = meta["prune"]

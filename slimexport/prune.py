@@ -68,12 +68,23 @@ def select_channels(
     return keep, floored
 
 
+def _has_stream(model: nn.Module) -> bool:
+    return callable(getattr(model, "stream_widths", None))
+
+
+def check_prune_stream(model: nn.Module, prune_stream: bool) -> None:
+    if prune_stream and not _has_stream(model):
+        raise ConfigError(
+            f"--prune-stream applies to residual networks (preresnet); {model.arch} has no residual stream"
+        )
+
+
 def prune_model(
-    model: nn.Module, percent: float, min_channels: int = 1, round_to: int = 1
+    model: nn.Module, percent: float, min_channels: int = 1, round_to: int = 1, prune_stream: bool = False
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Prune ``model`` (not modified) at the global ``percent``; returns the smaller model and a record."""
     gammas = bn_gammas(model)
-    return _prune_at(model, gammas, global_threshold(gammas, percent), percent, min_channels, round_to)
+    return _prune_at(model, gammas, global_threshold(gammas, percent), percent, min_channels, round_to, prune_stream)
 
 
 def check_macs_fraction(fraction: float) -> float:
@@ -88,6 +99,7 @@ def prune_to_macs(
     image_size: tuple[int, int],
     min_channels: int = 1,
     round_to: int = 1,
+    prune_stream: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Prune the fewest channels whose global |γ| threshold brings MACs to at most ``max_macs`` × the unpruned MACs.
 
@@ -96,6 +108,7 @@ def prune_to_macs(
     its per-layer floor of ``min_channels``, stays above the budget.
     """
     check_macs_fraction(max_macs)
+    check_prune_stream(model, prune_stream)
     gammas = bn_gammas(model)
     allg = torch.cat(list(gammas.values())).sort().values
     total = len(allg)
@@ -105,7 +118,7 @@ def prune_to_macs(
     def at(i: int) -> tuple[nn.Module, dict[str, Any], int]:
         # candidate i prunes the i smallest |γ| (and their ties): threshold -inf for i = 0, else the i-th smallest
         threshold = float("-inf") if i == 0 else float(allg[i - 1])
-        new, rec = _prune_at(model, gammas, threshold, i / total, min_channels, round_to)
+        new, rec = _prune_at(model, gammas, threshold, i / total, min_channels, round_to, prune_stream)
         return new, rec, count_macs(new, new.in_channels, image_size)
 
     lo, hi = 0, total  # find the smallest i whose MACs fit the budget
@@ -134,9 +147,13 @@ def _prune_at(
     percent: float,
     min_channels: int,
     round_to: int,
+    prune_stream: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     keep, floored = select_channels(gammas, threshold, min_channels, round_to)
-    new = model.pruned(keep)
+    check_prune_stream(model, prune_stream)
+    # a residual network also compacts its stream, to the same multiple of round_to
+    opts = {"round_to": round_to, "prune_stream": prune_stream} if _has_stream(model) else {}
+    new = model.pruned(keep, **opts)
     total = sum(len(g) for g in gammas.values())
     kept = sum(len(k) for k in keep.values())
     record = {
@@ -144,6 +161,7 @@ def _prune_at(
         "threshold": threshold if math.isfinite(threshold) else None,
         "min_channels": min_channels,
         "round_to": round_to,
+        "prune_stream": prune_stream,
         "channels_before": total,
         "channels_after": kept,
         "pruned_fraction": 1 - kept / total,
@@ -162,11 +180,14 @@ def prune(
     device: str = "cpu",
     round_to: int = 1,
     max_macs: float | None = None,
+    prune_stream: bool = False,
 ) -> dict[str, Any]:
     """Read a (sparse-trained) checkpoint, prune it, write the pruned checkpoint ``out``; returns its meta.
 
     Either ``percent`` (of all prunable channels) or ``max_macs`` (a budget: the fraction of the unpruned MACs to
-    keep) sets the global threshold. With ``ds``, the pruned model's test accuracy before refine is recorded.
+    keep) sets the global threshold. ``prune_stream`` also prunes a residual network's stream (beyond the paper's
+    rules; see :mod:`slimexport.models.preresnet`). With ``ds``, the pruned model's test accuracy before refine
+    is recorded.
     """
     if (percent is None) == (max_macs is None):
         raise ConfigError("give either --percent or --max-macs, not both")
@@ -177,9 +198,9 @@ def prune(
     model, ckpt = load_checkpoint(ckpt_path)
     size = tuple(ckpt["data"].get("image_size") or (32, 32))
     if percent is not None:
-        new, record = prune_model(model, percent, min_channels, round_to)
+        new, record = prune_model(model, percent, min_channels, round_to, prune_stream)
     else:
-        new, record = prune_to_macs(model, max_macs, size, min_channels, round_to)
+        new, record = prune_to_macs(model, max_macs, size, min_channels, round_to, prune_stream)
     record.update(
         {
             "params_before": count_params(model),

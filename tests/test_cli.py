@@ -231,3 +231,30 @@ def test_prune_to_a_macs_budget_through_the_cli(tmp_path, ckpt):
 )
 def test_bad_macs_budgets(tmp_path, ckpt, args, match):
     _fails_cleanly(["prune", str(ckpt), *args, "--out", str(tmp_path / "p.pt")], match, tmp_path)
+
+
+def test_prune_stream_through_the_cli(tmp_path, ckpt, make_model, small_ds):
+    _fails_cleanly(
+        ["prune", str(ckpt), "--prune-stream", "--out", str(tmp_path / "p.pt")], "no residual stream", tmp_path
+    )
+    src = tmp_path / "resnet.pt"
+    save_checkpoint(make_checkpoint(make_model(TINY_RESNET), data_meta(small_ds), {"stage": "sparse"}), src)
+    outs = {}
+    for flag in ([], ["--prune-stream"]):
+        out = tmp_path / f"p{len(flag)}.pt"
+        res = runner.invoke(app, ["prune", str(src), "-p", "0.5", *flag, "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        from slimexport.checkpoint import read_checkpoint
+
+        outs[bool(flag)] = read_checkpoint(out)
+    assert outs[True]["meta"]["prune"]["prune_stream"] and not outs[False]["meta"]["prune"]["prune_stream"]
+    assert outs[True]["meta"]["prune"]["macs_after"] < outs[False]["meta"]["prune"]["macs_after"]
+    assert outs[True]["config"]["stream"][0] < 16 and outs[False]["config"].get("stream", [16])[0] == 16
+
+
+def test_pipeline_refuses_prune_stream_for_a_plain_network_before_training(tmp_path, small_npz):
+    _fails_cleanly(
+        ["pipeline", "--arch", TINY_VGG, "--dataset", small_npz, "--prune-stream", "--out", str(tmp_path / "run")],
+        "no residual stream",
+        tmp_path,
+    )

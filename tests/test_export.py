@@ -24,9 +24,12 @@ def _nontrivial_selections(model):
     return [s for s in model.modules() if isinstance(s, ChannelSelection) and s.mode != "identity"]
 
 
-@pytest.mark.parametrize("arch", [TINY_VGG, TINY_RESNET, TINY_DENSENET])
-def test_pruned_export_matches_pytorch_and_uses_only_static_index_ops(arch, tmp_path, make_model, small_ds):
-    p, _ = prune_model(make_model(arch), 0.5)
+@pytest.mark.parametrize(
+    "arch, stream", [(TINY_VGG, False), (TINY_RESNET, False), (TINY_RESNET, True), (TINY_DENSENET, False)]
+)
+def test_pruned_export_matches_pytorch_and_uses_only_static_index_ops(arch, stream, tmp_path, make_model, small_ds):
+    p, _ = prune_model(make_model(arch), 0.5, prune_stream=stream)
+    assert not stream or p.stream_widths()[0] < 16
     r = export(_ckpt(tmp_path, p, small_ds), tmp_path / "p.onnx", small_ds, FAST)
     assert r["parity"]["max_abs_diff"] <= 1e-3 and r["parity"]["top1_agreement"] == 1.0
     proto = onnx.load(str(tmp_path / "p.onnx"))

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -182,3 +184,77 @@ def test_densenet_computes_no_map_channel_that_nothing_reads(make_model):
         p3 = p.pruned(keep3).eval()
         torch.testing.assert_close(p3(x), p(x), atol=1e-5, rtol=1e-4)
     assert [len(o) for o in p3.config["outputs"]] == [c.out_channels for c in p3.producers()]
+
+
+def _stream_reads(model):
+    """Per stream segment of a PreResNet, the set of channels some selection reads."""
+    reads = [set() for _ in model.stream_widths()]
+    for blk, g in zip(model.blocks(), model.block_segments()):
+        reads[g] |= set(blk.select.indices())
+    reads[-1] |= set(model.select.indices())
+    return reads
+
+
+@pytest.mark.parametrize("round_to", [1, 16])
+def test_preresnet_last_stage_computes_no_stream_channel_that_nothing_reads(round_to, make_model):
+    m = make_model("preresnet20")
+    keep = _drop_keep(m, frac=0.3)
+    p = m.pruned(keep, round_to=round_to).eval()
+    widths = p.stream_widths()
+    assert widths[:3] == [16, 64, 128]  # a downsampling conv reads these: the paper's rule keeps them whole
+    assert widths[3] < 256 and widths[3] % round_to == 0
+    if round_to == 1:
+        assert _stream_reads(p)[3] == set(range(widths[3]))
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(p(x), m(x), atol=1e-5, rtol=1e-4)
+        q = create_model(p.arch, p.num_classes, p.in_channels, p.config)  # the config alone rebuilds it
+        q.load_state_dict(p.state_dict())
+        assert torch.equal(q.eval()(x), p(x))
+        p3 = p.pruned(_drop_keep(p, frac=0.5, seed=2)).eval()  # and pruning it further stays exact
+        torch.testing.assert_close(p3(x), p(x), atol=1e-5, rtol=1e-4)
+
+
+def test_prune_stream_removes_every_unread_stream_channel_and_carries_its_mean(make_model):
+    m = make_model("preresnet20")
+    keep = _drop_keep(m, frac=0.3)
+    x = torch.randn(16, 1, 28, 28)
+    # Give each downsampling block's first BN the true mean of its input, as training would. Its dropped channels
+    # output relu(-1) = 0 whatever their mean, so for those this changes nothing in m itself.
+    downs = [b for b in m.blocks() if b.downsample is not None]
+    seen = {}
+    hooks = [b.register_forward_pre_hook(lambda mod, a: seen.__setitem__(mod, a[0].mean((0, 2, 3)))) for b in downs]
+    with torch.no_grad():
+        m(x)
+    for h in hooks:
+        h.remove()
+    for b in downs:
+        b.bn1.running_mean.copy_(seen[b])
+    blind = copy.deepcopy(m)  # the same function, but knowing no mean for a channel its first BN drops
+    for b, name in ((b, n) for n, b in blind.named_modules() if getattr(b, "downsample", None) is not None):
+        dropped = torch.ones(b.bn1.num_features, dtype=torch.bool)
+        dropped[keep[f"{name}.bn1"]] = False
+        b.bn1.running_mean[dropped] = 0.0
+    with torch.no_grad():
+        ref = m(x)
+        torch.testing.assert_close(blind(x), ref)
+        p = m.pruned(keep, prune_stream=True).eval()
+        widths = p.stream_widths()
+        assert all(w < full for w, full in zip(widths, [16, 64, 128, 256]))
+        assert [len(r) for r in _stream_reads(p)] == widths  # every channel left is read by some selection
+        q = create_model(p.arch, p.num_classes, p.in_channels, p.config)
+        q.load_state_dict(p.state_dict())
+        assert torch.equal(q.eval()(x), p(x))
+        err = (p(x) - ref).abs().mean()
+        err_blind = (blind.pruned(keep, prune_stream=True).eval()(x) - ref).abs().mean()
+    assert err < 0.75 * err_blind, (err, err_blind)  # carrying the mean on (measured: 0.59x the error) helps
+
+
+def test_prune_stream_changes_nothing_when_every_stream_channel_is_read(make_model):
+    m = make_model(TINY_RESNET)
+    keep = {name: torch.arange(bn.num_features) for name, bn in m.prunable_bns()}
+    p = m.pruned(keep, prune_stream=True)
+    assert p.stream_widths() == [16, 64, 128, 256] and "stream" not in p.config
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(p.eval()(x), m(x))

@@ -4,12 +4,21 @@ Each block is select → BN → ReLU → conv1x1 → BN → ReLU → conv3x3 →
 The block input feeds both the residual and the first BN, so that BN cannot shrink the stream: a
 :class:`ChannelSelection` picks the surviving channels for conv1 instead. Selecting *before* the first BN is
 exact (BN is per-channel) and lets the BN itself shrink to the kept channels. The inner BNs are pruned
-physically; the residual stream, the stem and the downsampling convs keep their width.
+physically; the residual stream, the stem and the downsampling convs keep their width, as in the paper, with two
+refinements:
+
+- the last stage's stream has no reader but the selections (no downsampling conv reads it), so a stream channel
+  that every one of them drops is read by nothing; it is not computed (exact, always on);
+- with ``prune_stream`` (opt-in, beyond the paper's rules) the same rule also applies to the stem's and the first
+  two stages' streams, whose only other reader is the next stage's downsampling conv. That conv loses the input
+  channel; the mean the channel had (measured by the BN that reads the same tensor) is carried on as a constant,
+  so the pruned net is off only by the channel's variation around its mean, which refine recovers.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,10 +39,17 @@ from slimexport.models.common import (
 
 EXPANSION = 4
 STAGE_PLANES = (16, 32, 64)
+STEM_WIDTH = 16
+# the residual stream's segments: the stem's output, then each stage's output
+STREAM_WIDTHS = (STEM_WIDTH, *(planes * EXPANSION for planes in STAGE_PLANES))
 
 
 def preresnet_config(depth: int) -> dict[str, Any]:
-    """The unpruned config: per block the two inner widths and the first BN's selection (None: all)."""
+    """The unpruned config: per block the two inner widths and the first BN's selection (None: all).
+
+    A pruned config may also carry ``stream``: the width of each stream segment (stem, stage 1, 2, 3) where
+    channels that nothing reads were removed; without it the segments have their full widths.
+    """
     if depth < 11 or (depth - 2) % 9:
         raise ValueError(f"preresnet depth must be 9n+2 with n >= 1 (11, 20, 29, ..., 164), got {depth}")
     n = (depth - 2) // 9
@@ -42,7 +58,15 @@ def preresnet_config(depth: int) -> dict[str, Any]:
 
 
 class Bottleneck(nn.Module):
-    def __init__(self, inplanes: int, planes: int, mid: Sequence[int], select: Sequence[int] | None, stride: int = 1):
+    def __init__(
+        self,
+        inplanes: int,
+        outplanes: int,
+        mid: Sequence[int],
+        select: Sequence[int] | None,
+        stride: int = 1,
+        downsample: bool = False,
+    ):
         super().__init__()
         self.select = ChannelSelection(inplanes, select)
         c0 = self.select.out_channels
@@ -51,10 +75,10 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(mid[0])
         self.conv2 = nn.Conv2d(mid[0], mid[1], 3, stride=stride, padding=1, bias=False)
         self.bn3 = nn.BatchNorm2d(mid[1])
-        self.conv3 = nn.Conv2d(mid[1], planes * EXPANSION, 1, bias=False)
+        self.conv3 = nn.Conv2d(mid[1], outplanes, 1, bias=False)
         self.downsample = None
-        if stride != 1 or inplanes != planes * EXPANSION:
-            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes * EXPANSION, 1, stride=stride, bias=False))
+        if downsample:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, outplanes, 1, stride=stride, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv1(F.relu(self.bn1(self.select(x))))
@@ -70,19 +94,25 @@ class PreResNet(nn.Module):
         self.arch, self.num_classes, self.in_channels = arch, num_classes, in_channels
         self.config = copy.deepcopy(config)
         n = (config["depth"] - 2) // 9
-        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
-        inplanes, b = 16, 0
-        for s, planes in enumerate(STAGE_PLANES):
+        stream = self.stream_widths()
+        self.conv1 = nn.Conv2d(in_channels, stream[0], 3, padding=1, bias=False)
+        inplanes, b = stream[0], 0
+        for s in range(len(STAGE_PLANES)):
             blocks = []
-            for i in range(n):
+            for i in range(n):  # every stage's first block changes the width (16 -> 64 in the first) or the size
                 stride = 2 if (s > 0 and i == 0) else 1
-                blocks.append(Bottleneck(inplanes, planes, config["blocks"][b], config["select"][b], stride))
-                inplanes, b = planes * EXPANSION, b + 1
+                cfg_b, sel_b = config["blocks"][b], config["select"][b]
+                blocks.append(Bottleneck(inplanes, stream[s + 1], cfg_b, sel_b, stride, downsample=i == 0))
+                inplanes, b = stream[s + 1], b + 1
             self.add_module(f"layer{s + 1}", nn.Sequential(*blocks))
         self.select = ChannelSelection(inplanes, config["final_select"])
         self.bn = nn.BatchNorm2d(self.select.out_channels)
         self.fc = nn.Linear(self.select.out_channels, num_classes)
         reference_init(self)
+
+    def stream_widths(self) -> list[int]:
+        """The widths of the residual stream's segments: the stem's output, then each stage's output."""
+        return list(self.config.get("stream") or STREAM_WIDTHS)
 
     def blocks(self) -> list[Bottleneck]:
         return [blk for layer in (self.layer1, self.layer2, self.layer3) for blk in layer]
@@ -109,25 +139,57 @@ class PreResNet(nn.Module):
         """
         return absorb_selections(self)
 
-    @torch.no_grad()
-    def pruned(self, keep: dict[str, torch.Tensor]) -> PreResNet:
-        names = {id(m): n for n, m in self.named_modules()}
-        cfg = copy.deepcopy(self.config)
-        for b, blk in enumerate(self.blocks()):
-            k1, k2, k3 = (as_index(keep[names[id(bn)]]) for bn in (blk.bn1, blk.bn2, blk.bn3))
-            cfg["select"][b] = [blk.select.indices()[i] for i in k1.tolist()]
-            cfg["blocks"][b] = [len(k2), len(k3)]
-        kf = as_index(keep[names[id(self.bn)]])
-        cfg["final_select"] = [self.select.indices()[i] for i in kf.tolist()]
-        new = PreResNet(self.arch, cfg, self.num_classes, self.in_channels)
-        new.conv1.load_state_dict(self.conv1.state_dict())
+    def block_segments(self) -> list[int]:
+        """For each block, the stream segment it reads (it writes the next one in its stage)."""
+        n = (self.config["depth"] - 2) // 9
+        return [s if i == 0 else s + 1 for s in range(len(STAGE_PLANES)) for i in range(n)]
 
-        # `shift` is the constant that dropped channels would have added to the residual stream; every BN that
-        # reads the stream absorbs it into its running mean, so the pruned net computes what the full one did.
-        shift = torch.zeros(16)
-        for blk, nblk in zip(self.blocks(), new.blocks()):
-            k1, k2, k3 = (as_index(keep[names[id(bn)]]) for bn in (blk.bn1, blk.bn2, blk.bn3))
-            sel = torch.as_tensor(nblk.select.indices())
+    @torch.no_grad()
+    def pruned(self, keep: dict[str, torch.Tensor], round_to: int = 1, prune_stream: bool = False) -> PreResNet:
+        """The physically smaller model that keeps, for each prunable BN, the channels ``keep`` names.
+
+        Stream channels that no selection reads any more are removed from the last stage (exact), and with
+        ``prune_stream`` from every segment (see the module docstring); each segment keeps at least the channels
+        some selection reads, topped up to a multiple of ``round_to`` (never beyond its width).
+        """
+        names = {id(m): n for n, m in self.named_modules()}
+        blocks, seg_of = self.blocks(), self.block_segments()
+        widths = self.stream_widths()
+        last = len(widths) - 1
+
+        # every selection, in the current model's stream coordinates
+        kept = [[as_index(keep[names[id(bn)]]) for bn in (b.bn1, b.bn2, b.bn3)] for b in blocks]
+        sels = [[blk.select.indices()[i] for i in k[0].tolist()] for blk, k in zip(blocks, kept)]
+        kf = as_index(keep[names[id(self.bn)]])
+        fsel = [self.select.indices()[i] for i in kf.tolist()]
+
+        # the channels each stream segment keeps: all of them where a downsampling conv still reads it
+        seg_keep = []
+        for g, width in enumerate(widths):
+            if g < last and not prune_stream:
+                seg_keep.append(torch.arange(width))
+                continue
+            read = set().union(*[set(sel) for sel, sg in zip(sels, seg_of) if sg == g], set(fsel) if g == last else ())
+            target = min(width, math.ceil(len(read) / round_to) * round_to)
+            read |= set([c for c in range(width) if c not in read][: target - len(read)])
+            seg_keep.append(torch.tensor(sorted(read), dtype=torch.long))
+        pos = [{int(c): i for i, c in enumerate(k)} for k in seg_keep]
+
+        cfg = copy.deepcopy(self.config)
+        cfg["select"] = [[pos[g][c] for c in sel] for sel, g in zip(sels, seg_of)]
+        cfg["blocks"] = [[len(k[1]), len(k[2])] for k in kept]
+        cfg["final_select"] = [pos[last][c] for c in fsel]
+        cfg["stream"] = [len(k) for k in seg_keep]
+        if cfg["stream"] == list(STREAM_WIDTHS):
+            cfg.pop("stream")
+        new = PreResNet(self.arch, cfg, self.num_classes, self.in_channels)
+        copy_conv(new.conv1, self.conv1, seg_keep[0], None)
+
+        # `shift` (in the current model's coordinates of the segment at hand) is the constant that dropped channels
+        # would have added to the residual stream; every BN that reads the stream absorbs it into its running mean,
+        # so the pruned net computes what the full one did.
+        shift = torch.zeros(widths[0])
+        for blk, nblk, (k1, k2, k3), sel, g in zip(blocks, new.blocks(), kept, sels, seg_of):
             copy_bn(nblk.bn1, blk.bn1, k1)
             nblk.bn1.running_mean.sub_(shift[sel])
             copy_conv(nblk.conv1, blk.conv1, k2, k1)
@@ -136,14 +198,20 @@ class PreResNet(nn.Module):
             copy_conv(nblk.conv2, blk.conv2, k3, k2)
             copy_bn(nblk.bn3, blk.bn3, k3)
             nblk.bn3.running_mean.sub_(conv_shift(blk.conv2, dropped_constant(blk.bn2, k2))[k3])
-            copy_conv(nblk.conv3, blk.conv3, None, k3)
+            copy_conv(nblk.conv3, blk.conv3, seg_keep[g + 1] if blk.downsample is not None else seg_keep[g], k3)
             if blk.downsample is not None:
-                nblk.downsample.load_state_dict(blk.downsample.state_dict())
-                shift = conv_shift(blk.downsample[0], shift)
+                conv = blk.downsample[0]
+                copy_conv(nblk.downsample[0], conv, seg_keep[g + 1], seg_keep[g])
+                # a removed input channel's whole value is lost; what it carried on average is its mean, which
+                # this block's first BN measured (on the channels it read; 0 for any other)
+                mean = torch.zeros(widths[g])
+                mean[blk.select.indices()] = blk.bn1.running_mean.float()
+                lost = torch.ones(widths[g], dtype=torch.bool)
+                lost[seg_keep[g]] = False
+                shift = conv_shift(conv, torch.where(lost, mean, shift))
             shift = shift + conv_shift(blk.conv3, dropped_constant(blk.bn3, k3))
-        sel = torch.as_tensor(new.select.indices())
         copy_bn(new.bn, self.bn, kf)
-        new.bn.running_mean.sub_(shift[sel])
+        new.bn.running_mean.sub_(shift[fsel])
         new.fc.weight.copy_(self.fc.weight[:, kf])
         new.fc.bias.copy_(self.fc.bias + self.fc.weight @ dropped_constant(self.bn, kf))
         return new
