@@ -213,6 +213,19 @@ def test_preresnet_last_stage_computes_no_stream_channel_that_nothing_reads(roun
         assert torch.equal(q.eval()(x), p(x))
         p3 = p.pruned(_drop_keep(p, frac=0.5, seed=2)).eval()  # and pruning it further stays exact
         torch.testing.assert_close(p3(x), p(x), atol=1e-5, rtol=1e-4)
+    if round_to > 1:  # the top-up channels are the unread ones whose readers' largest |γ| is largest
+        readers = (m.layer3[1].bn1, m.bn)  # every selection of the unpruned m is the identity
+        for i, bn in enumerate(readers):  # distinct small |γ| for the dropped channels (so no ties)
+            dropped = bn.weight == 0
+            bn.weight.data[dropped] = torch.linspace(1e-3, 1e-2, 256)[torch.randperm(256)][dropped] * (i + 1)
+        score = torch.maximum(*(bn.weight.abs() for bn in readers))
+        read = set(keep["layer3.1.bn1"].tolist()) | set(keep["bn"].tolist())
+        unread = sorted(set(range(256)) - read, key=lambda c: -score[c])
+        expect = sorted(read | set(unread[: widths[3] - len(read)]))
+        rows = m.layer3[0].downsample[0].weight.flatten(1)  # which of m's channels the pruned one kept
+        p = m.pruned(keep, round_to=round_to)
+        kept = [int((rows == r).all(1).nonzero()) for r in p.layer3[0].downsample[0].weight.flatten(1)]
+        assert kept == expect
 
 
 def test_prune_stream_removes_every_unread_stream_channel_and_carries_its_mean(make_model):

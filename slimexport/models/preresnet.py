@@ -171,7 +171,14 @@ class PreResNet(nn.Module):
                 continue
             read = set().union(*[set(sel) for sel, sg in zip(sels, seg_of) if sg == g], set(fsel) if g == last else ())
             target = min(width, math.ceil(len(read) / round_to) * round_to)
-            read |= set([c for c in range(width) if c not in read][: target - len(read)])
+            if target > len(read):  # top up with the unread channels whose readers' largest |γ| is largest
+                score = torch.full((width,), -1.0)
+                readers = [(b.select, b.bn1) for b, sg in zip(blocks, seg_of) if sg == g]
+                for sel, bn in readers + ([(self.select, self.bn)] if g == last else []):
+                    idx = torch.as_tensor(sel.indices())
+                    score[idx] = torch.maximum(score[idx], bn.weight.detach().abs().float())
+                score[sorted(read)] = float("inf")
+                read = set(torch.topk(score, target).indices.tolist())
             seg_keep.append(torch.tensor(sorted(read), dtype=torch.long))
         pos = [{int(c): i for i, c in enumerate(k)} for k in seg_keep]
 
