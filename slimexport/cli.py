@@ -359,6 +359,9 @@ def prune(
     r = meta["prune"]
     acc = f", accuracy before refine {meta['accuracy']:.4f}" if "accuracy" in meta else ""
     budget = f" (--max-macs {max_macs:g}: global percent {r['percent']:.4f})" if max_macs is not None else ""
+    st = r.get("stream")
+    if st and st["before"] != st["after"]:
+        acc = f", residual stream {'/'.join(map(str, st['before']))} -> {'/'.join(map(str, st['after']))}" + acc
     typer.echo(
         f"pruned {r['channels_before'] - r['channels_after']}/{r['channels_before']} channels{budget} at threshold "
         f"{r['threshold']}: params {r['params_before']:,} -> {r['params_after']:,} "

@@ -168,6 +168,8 @@ def _prune_at(
         "floored_layers": floored,
         "layers": [{"name": n, "before": len(g), "after": len(keep[n])} for n, g in gammas.items()],
     }
+    if _has_stream(model):
+        record["stream"] = {"before": model.stream_widths(), "after": new.stream_widths()}
     return new, record
 
 

@@ -244,6 +244,9 @@ def test_prune_stream_through_the_cli(tmp_path, ckpt, make_model, small_ds):
         out = tmp_path / f"p{len(flag)}.pt"
         res = runner.invoke(app, ["prune", str(src), "-p", "0.5", *flag, "--out", str(out)])
         assert res.exit_code == 0, res.output
+        # the last stage's unread channels go either way (exact); the others only with --prune-stream
+        assert "residual stream 16/64/128/256 -> " in res.output
+        assert ("residual stream 16/64/128/256 -> 16/64/128/" in res.output) != bool(flag), res.output
         from slimexport.checkpoint import read_checkpoint
 
         outs[bool(flag)] = read_checkpoint(out)
