@@ -11,7 +11,8 @@ report.json, schema ``slimexport.report/1``::
      "ratios": {"params", "macs", "onnx_bytes": baseline / pruned,
                 "speedup": [{provider, batch, threads, speedup = baseline median / pruned median}]},
      "parity": {"max_abs_diff": worst of both, "top1_agreement": worst of both},
-     "prune": {percent, threshold, channels_before, channels_after, pruned_fraction, floored_layers, layers},
+     "prune": {percent, threshold, channels_before, channels_after, pruned_fraction, floored_layers, layers,
+               prune_stream, stream (residual networks: the stream's widths before and after)},
      "stages": {stage: {"seconds", ...}}, "config", "versions", "machine"}
 """
 
@@ -150,6 +151,12 @@ def render_markdown(r: dict[str, Any]) -> str:
         + (
             f"; layers kept at their floor: {', '.join(r['prune']['floored_layers'])}"
             if r["prune"]["floored_layers"]
+            else ""
+        )
+        + (
+            f"; residual stream widths {'/'.join(map(str, st['before']))} -> {'/'.join(map(str, st['after']))}"
+            + (" (--prune-stream)" if r["prune"].get("prune_stream") else " (unread channels of the last stage)")
+            if (st := r["prune"].get("stream")) and st["before"] != st["after"]
             else ""
         )
         + ".",
