@@ -23,7 +23,7 @@ from slimexport.data import EMBEDDED, load_dataset
 from slimexport.errors import CheckpointError, ConfigError, OutputExistsError
 from slimexport.export import ExportConfig, export
 from slimexport.fileio import write_json
-from slimexport.models import create_model
+from slimexport.models import create_model, default_config
 from slimexport.prune import bn_gammas, check_percent, check_prune_stream, prune
 from slimexport.report import build_report, plot_channels, plot_gammas, plot_latency, write_report
 from slimexport.stats import count_macs, count_params
@@ -127,7 +127,11 @@ def run_pipeline(cfg: PipelineConfig, command: str = "") -> dict[str, Any]:
             )
         cfg.arch = ck["arch"]
     cfg.arch = cfg.arch or DEFAULT_ARCH
-    if cfg.prune_stream:  # fail now, not after training
+    try:  # fail now, not after loading data or training
+        default_config(cfg.arch)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.prune_stream:
         check_prune_stream(create_model(cfg.arch, 10, 3), True)
     ds = load_dataset(cfg.dataset, cfg.data_dir)
     console.print(f"[bold]slimexport pipeline[/] {cfg.arch} on {ds.summary()}, device {device}")

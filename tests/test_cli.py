@@ -255,9 +255,11 @@ def test_prune_stream_through_the_cli(tmp_path, ckpt, make_model, small_ds):
     assert outs[True]["config"]["stream"][0] < 16 and outs[False]["config"].get("stream", [16])[0] == 16
 
 
-def test_pipeline_refuses_prune_stream_for_a_plain_network_before_training(tmp_path, small_npz):
+@pytest.mark.parametrize(
+    "arch, flags, match",
+    [(TINY_VGG, ["--prune-stream"], "no residual stream"), ("foo11", [], "unknown architecture")],
+)
+def test_pipeline_refuses_a_bad_architecture_before_training(tmp_path, small_npz, arch, flags, match):
     _fails_cleanly(
-        ["pipeline", "--arch", TINY_VGG, "--dataset", small_npz, "--prune-stream", "--out", str(tmp_path / "run")],
-        "no residual stream",
-        tmp_path,
+        ["pipeline", "--arch", arch, "--dataset", small_npz, *flags, "--out", str(tmp_path / "run")], match, tmp_path
     )
