@@ -271,3 +271,12 @@ def test_prune_stream_changes_nothing_when_every_stream_channel_is_read(make_mod
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(p.eval()(x), m(x))
+
+
+def test_a_sole_reader_of_the_last_stage_needs_no_index_op(make_model):
+    m = make_model(TINY_RESNET)  # one block per stage: the classifier's selection alone reads the last stage
+    p = m.pruned(_drop_keep(m, frac=0.3)).eval()
+    assert p.select.mode == "identity" and p.stream_widths()[3] == p.bn.num_features < 256
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(p(x), m(x), atol=1e-5, rtol=1e-4)
