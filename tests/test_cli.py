@@ -5,7 +5,7 @@ import hashlib
 import pytest
 from typer.testing import CliRunner
 
-from slimexport.checkpoint import make_checkpoint, save_checkpoint
+from slimexport.checkpoint import make_checkpoint, read_checkpoint, save_checkpoint
 from slimexport.cli import app
 from slimexport.train import data_meta
 from tests.conftest import TINY_RESNET, TINY_VGG
@@ -247,8 +247,6 @@ def test_prune_stream_through_the_cli(tmp_path, ckpt, make_model, small_ds):
         # the last stage's unread channels go either way (exact); the others only with --prune-stream
         assert "residual stream 16/64/128/256 -> " in res.output
         assert ("residual stream 16/64/128/256 -> 16/64/128/" in res.output) != bool(flag), res.output
-        from slimexport.checkpoint import read_checkpoint
-
         outs[bool(flag)] = read_checkpoint(out)
     assert outs[True]["meta"]["prune"]["prune_stream"] and not outs[False]["meta"]["prune"]["prune_stream"]
     assert outs[True]["meta"]["prune"]["macs_after"] < outs[False]["meta"]["prune"]["macs_after"]
