@@ -360,13 +360,16 @@ def prune(
     acc = f", accuracy before refine {meta['accuracy']:.4f}" if "accuracy" in meta else ""
     budget = f" (--max-macs {max_macs:g}: global percent {r['percent']:.4f})" if max_macs is not None else ""
     st = r.get("stream")
-    if st and st["before"] != st["after"]:
-        acc = f", residual stream {'/'.join(map(str, st['before']))} -> {'/'.join(map(str, st['after']))}" + acc
+    stream = (
+        f", residual stream {'/'.join(map(str, st['before']))} -> {'/'.join(map(str, st['after']))}"
+        if st and st["before"] != st["after"]
+        else ""
+    )
     typer.echo(
         f"pruned {r['channels_before'] - r['channels_after']}/{r['channels_before']} channels{budget} at threshold "
         f"{r['threshold']}: params {r['params_before']:,} -> {r['params_after']:,} "
         f"(×{r['params_before'] / r['params_after']:.2f}), MACs ×{r['macs_before'] / r['macs_after']:.2f}"
-        f"{acc} -> {out}"
+        f"{stream}{acc} -> {out}"
     )
 
 

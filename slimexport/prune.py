@@ -108,7 +108,6 @@ def prune_to_macs(
     its per-layer floor of ``min_channels``, stays above the budget.
     """
     check_macs_fraction(max_macs)
-    check_prune_stream(model, prune_stream)
     gammas = bn_gammas(model)
     allg = torch.cat(list(gammas.values())).sort().values
     total = len(allg)
