@@ -13,8 +13,8 @@ s·sign(γ) subgradient as slimexport's.
 Writes benchmarks/results/<machine-tag>/<suite>-<arch>-<dataset>-p<percent>.json and regenerates
 benchmarks/RESULTS.md from every result file.
 
-Usage: python benchmarks/run.py --suite quick|full [--only ARCH] [--epochs N] [--refine-epochs N]
-       [--data-dir DIR] [--device auto|cpu|cuda] [--no-peer] [--reuse-trained] [--render-only]
+Usage: python benchmarks/run.py --suite quick|cpu|full|smoke [--only ARCH] [--percent P] [--round-to N] [--epochs N]
+       [--refine-epochs N] [--data-dir DIR] [--device auto|cpu|cuda] [--no-peer] [--reuse-trained] [--render-only]
 """
 
 from __future__ import annotations
@@ -96,6 +96,7 @@ SUITES: dict[str, list[dict]] = {
     # The reference architectures on CIFAR-10, meant for a GPU (`fast` preset).
     "full": [
         dict(arch="vgg19", dataset="cifar10", percent=0.7, epochs=30, refine_epochs=30, sparsity=1e-4),
+        dict(arch="vgg19", dataset="cifar10", percent=0.7, epochs=30, refine_epochs=30, sparsity=1e-4, round_to=16),
         dict(arch="preresnet164", dataset="cifar10", percent=0.4, epochs=30, refine_epochs=30, sparsity=1e-5),
         dict(arch="preresnet164", dataset="cifar10", percent=0.6, epochs=30, refine_epochs=30, sparsity=1e-5),
         dict(arch="densenet40", dataset="cifar10", percent=0.4, epochs=30, refine_epochs=30, sparsity=1e-5),
@@ -548,6 +549,7 @@ def main() -> None:
     ap.add_argument("--suite", choices=sorted(SUITES), default="quick")
     ap.add_argument("--only", help="run only entries whose arch contains this text")
     ap.add_argument("--percent", type=float, help="run only entries with this percent")
+    ap.add_argument("--round-to", type=int, help="run only entries with this --round-to (1: those without)")
     ap.add_argument("--epochs", type=int, help="override the baseline/sparse epochs")
     ap.add_argument("--refine-epochs", type=int, help="override the refine epochs")
     ap.add_argument("--data-dir", help="where fashion-mnist / cifar10.npz live (default: ../shared for Fashion-MNIST)")
@@ -575,6 +577,7 @@ def main() -> None:
             for e in SUITES[args.suite]
             if (not args.only or args.only in e["arch"])
             and (args.percent is None or abs(e["percent"] - args.percent) < 1e-9)
+            and (args.round_to is None or e.get("round_to", 1) == args.round_to)
         ]
         t0 = time.perf_counter()
         trained: dict = {}
