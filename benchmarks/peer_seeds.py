@@ -69,9 +69,7 @@ def main() -> None:
             prune_stream=args.prune_stream,
         )
         for seed in args.seeds:
-            refine_cfg = dataclasses.replace(
-                cfg.train_config(cfg.refine_epochs, 0.0, cfg.refine_lr or (cfg.lr or 0.1) / 5), seed=seed
-            )
+            refine_cfg = dataclasses.replace(cfg.train_config("refine"), seed=seed)
             ours = train(Path(tmp) / f"refined-{seed}.pt", ds, refine_cfg, init=pruned, stage="refined")
             peer_model = torch_pruning_model(sparse, ds, cfg.percent)
             peer = fit(peer_model, ds, refine_cfg, description=f"torch-pruning {seed}")

@@ -263,7 +263,7 @@ def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path, trained:
     models = {"baseline": run_dir / "baseline.onnx", "slimexport": run_dir / "pruned.onnx"}
     peer = None
     if not args.no_peer and entry.get("peer", True):
-        refine_cfg = cfg.train_config(cfg.refine_epochs, 0.0, cfg.refine_lr or (cfg.lr or 0.1) / 5)
+        refine_cfg = cfg.train_config("refine")
         try:
             peer = torch_pruning_peer(run_dir, ds, entry["percent"], refine_cfg, run_dir / "torch_pruning.onnx")
             models["torch-pruning"] = run_dir / "torch_pruning.onnx"

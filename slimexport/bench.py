@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,127 +19,28 @@ import numpy as np
 
 from slimexport.console import make_progress
 from slimexport.data import Dataset, batches
-from slimexport.errors import ConfigError, DeviceError, SlimExportError
-from slimexport.export import INPUT_NAME, OUTPUT_NAME, ort_session
+from slimexport.errors import SlimExportError
+from slimexport.runtime import (
+    BenchConfig,
+    check_input_shape,
+    check_model_file,
+    latency,
+    ort_session,
+    provider_for,
+    run_logits,
+)
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-
-
-@dataclass
-class BenchConfig:
-    batches: list[int] = field(default_factory=lambda: [1, 32])
-    threads: list[int] = field(default_factory=lambda: [1, os.cpu_count() or 1])
-    device: str = "cpu"
-    warmup: int = 5
-    min_runs: int = 20
-    max_runs: int = 2000
-    seconds: float = 1.0  # time budget per setting and model, after the minimum runs
-    accuracy: bool = True
-    profile: bool = True  # per-op-type time shares at batch 1, one thread
-
-    def validate(self) -> None:
-        if not self.batches or min(self.batches) < 1:
-            raise ConfigError(f"--batch sizes must be positive integers, got {self.batches}")
-        if not self.threads or min(self.threads) < 1:
-            raise ConfigError(f"--threads must be positive integers, got {self.threads}")
-        if self.min_runs < 1 or self.max_runs < self.min_runs:
-            raise ConfigError("--runs must be at least 1")
-        if self.device not in PROVIDERS:
-            raise ConfigError(f"unknown --device {self.device!r} for bench: cpu or cuda")
-
-
-def provider_for(device: str) -> str:
-    import onnxruntime as ort
-
-    provider = PROVIDERS[device]
-    if provider not in ort.get_available_providers():
-        raise DeviceError(
-            f"onnxruntime has no {provider} here (available: {', '.join(ort.get_available_providers())}); "
-            "install onnxruntime-gpu with a matching CUDA for --device cuda"
-        )
-    return provider
-
-
-class _Runner:
-    """One session and a fixed input; ``run()`` times one inference. On CUDA, IOBinding keeps inputs and outputs
-    on the device so that no host copy is timed."""
-
-    def __init__(self, path: Path, provider: str, batch: int, threads: int, image_shape: tuple[int, ...]):
-        import onnxruntime as ort
-
-        self.sess = ort_session(path, threads=threads, provider=provider)
-        x = np.random.default_rng(0).standard_normal((batch, *image_shape)).astype(np.float32)
-        self.cuda = provider == "CUDAExecutionProvider"
-        if self.cuda:
-            self.binding = self.sess.io_binding()
-            self.x = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
-            self.binding.bind_ortvalue_input(INPUT_NAME, self.x)
-            self.binding.bind_output(OUTPUT_NAME, "cuda")
-        else:
-            self.feed = {INPUT_NAME: x}
-
-    def run(self) -> float:
-        t0 = time.perf_counter()
-        if self.cuda:
-            self.sess.run_with_iobinding(self.binding)
-        else:
-            self.sess.run([OUTPUT_NAME], self.feed)
-        return (time.perf_counter() - t0) * 1e3
-
-
-def latency(
-    models: dict[str, Path | bytes], image_shape: tuple[int, ...], cfg: BenchConfig, progress=None
-) -> list[dict]:
-    """Rows {model, provider, batch, threads, median_ms, p90_ms, runs} for every model (a path or serialized ONNX)
-    and setting."""
-    cfg.validate()
-    provider = provider_for(cfg.device)
-    threads = cfg.threads if cfg.device == "cpu" else [cfg.threads[0]]
-    rows = []
-    settings = [(b, t) for b in cfg.batches for t in threads]
-    task = progress.add_task("latency", total=len(settings), info="") if progress is not None else None
-    for batch, nthreads in settings:
-        if task is not None:
-            progress.update(task, info=f"batch {batch}, {nthreads} thread(s)")
-        runners = {name: _Runner(path, provider, batch, nthreads, image_shape) for name, path in models.items()}
-        for r in runners.values():  # warm-up (on CUDA this also covers cuDNN's algorithm search)
-            for _ in range(cfg.warmup):
-                r.run()
-        times: dict[str, list[float]] = defaultdict(list)
-        start = time.perf_counter()
-        budget = cfg.seconds * len(runners)
-        while True:
-            for name, r in runners.items():
-                times[name].append(r.run())
-            n = len(times[next(iter(runners))])
-            if n >= cfg.max_runs or (n >= cfg.min_runs and time.perf_counter() - start >= budget):
-                break
-        for name, ts in times.items():
-            rows.append(
-                {
-                    "model": name,
-                    "provider": provider,
-                    "batch": batch,
-                    "threads": nthreads,
-                    "median_ms": float(np.median(ts)),
-                    "p90_ms": float(np.percentile(ts, 90)),
-                    "runs": len(ts),
-                }
-            )
-        if task is not None:
-            progress.advance(task)
-    if task is not None:
-        progress.remove_task(task)
-    return rows
+__all__ = ["BenchConfig", "bench", "index_op_cost", "latency", "op_time_shares", "ort_accuracy", "provider_for"]
 
 
 def ort_accuracy(path: Path, ds: Dataset, device: str = "cpu", batch_size: int = 256, progress=None) -> float:
     """Top-1 accuracy of the ONNX model on the whole test split, computed by onnxruntime."""
     sess = ort_session(path, threads=os.cpu_count() or 1, provider=provider_for(device))
+    check_input_shape(sess, (ds.in_channels, *ds.image_size), str(path))
     correct = 0
     task = progress.add_task(f"accuracy {Path(path).name}", total=len(ds.y_test), info="") if progress else None
     for xb, yb in batches(ds.x_test.cpu(), ds.y_test.cpu(), batch_size, shuffle=False):
-        logits = sess.run([OUTPUT_NAME], {INPUT_NAME: ds.normalize(xb).numpy()})[0]
+        logits = run_logits(sess, ds.normalize(xb).numpy())
         correct += int((logits.argmax(1) == yb.numpy()).sum())
         if task is not None:
             progress.advance(task, len(yb))
@@ -155,7 +55,7 @@ def op_time_shares(path: Path, image_shape: tuple[int, ...], runs: int = 50, thr
         sess = ort_session(path, threads=threads, profile_prefix=os.path.join(tmp, "ort"))
         x = np.zeros((1, *image_shape), np.float32)
         for _ in range(runs):
-            sess.run([OUTPUT_NAME], {INPUT_NAME: x})
+            run_logits(sess, x)
         prof = sess.end_profiling()
         with open(prof) as f:
             events = json.load(f)
@@ -251,13 +151,11 @@ def bench(models: dict[str, str | os.PathLike], ds: Dataset, cfg: BenchConfig | 
     cfg = cfg or BenchConfig()
     cfg.validate()
     provider_for(cfg.device)
-    paths = {}
-    for name, p in models.items():
-        p = Path(p)
-        if not p.is_file():
-            raise SlimExportError(f"ONNX model not found: {p}")
-        paths[name] = p
     image_shape = (ds.in_channels, *ds.image_size)
+    paths = {}
+    for name, p in models.items():  # every file loads and fits the data before anything is timed
+        paths[name] = check_model_file(p)
+        check_input_shape(ort_session(paths[name]), image_shape, str(p))
     out: dict[str, Any] = {"models": {n: {"path": str(p), "onnx_bytes": p.stat().st_size} for n, p in paths.items()}}
     with make_progress() as progress:
         out["latency"] = latency(paths, image_shape, cfg, progress)

@@ -127,12 +127,12 @@ StreamOpt = Annotated[
     ),
 ]
 RoundOpt = Annotated[
-    int,
+    str,
     typer.Option(
         "--round-to",
-        min=1,
-        help="Keep a multiple of this many channels per layer "
-        "(8 or 16 suit onnxruntime's blocked CPU convolutions); 1 = exactly the threshold's choice.",
+        help="Keep a multiple of this many channels per layer. auto: the channel block of onnxruntime's CPU "
+        "convolutions on this machine (16 with AVX-512, 8 with AVX2), the fast choice for deployment; "
+        "1: exactly the threshold's choice (the paper's).",
     ),
 ]
 SelectionOpt = Annotated[
@@ -188,7 +188,7 @@ def _handle_errors(fn):
             console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            console.print("[bold red]interrupted[/]; finished artifacts are intact, partial ones were discarded")
+            console.print("[bold red]interrupted[/]: files being written were discarded; finished ones were kept")
             raise typer.Exit(130) from None
         except Exception as e:  # a bug, not bad input: still one line unless asked for the traceback
             if os.environ.get("SLIMEXPORT_DEBUG"):
@@ -233,21 +233,12 @@ def _train_config(
     device: Device,
     eval_every: int | None = None,
     compile: bool = False,
+    refine: bool = False,
 ):
-    from slimexport.train import PRESETS, TrainConfig
+    from slimexport.train import preset_config
 
-    p = PRESETS[preset.value]
-    return TrainConfig(
-        epochs=epochs,
-        lr=lr or p["lr"],
-        batch_size=batch_size or p["batch_size"],
-        weight_decay=p["weight_decay"],
-        schedule=p["schedule"],
-        sparsity=sparsity,
-        seed=seed,
-        device=device.value,
-        eval_every=eval_every or 1,
-        compile=compile,
+    return preset_config(
+        preset.value, epochs, sparsity, lr, batch_size, seed, device.value, eval_every, compile, refine=refine
     )
 
 
@@ -321,7 +312,7 @@ def prune(
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Pruned checkpoint to write.")] = Path("pruned.pt"),
     min_channels: MinChOpt = 1,
-    round_to: RoundOpt = 1,
+    round_to: RoundOpt = "auto",
     prune_stream: StreamOpt = False,
     dataset: Annotated[
         str | None,
@@ -334,7 +325,7 @@ def prune(
 ):
     """Prune with one global threshold on BN |γ| and write a physically smaller model."""
     from slimexport.data import load_dataset
-    from slimexport.prune import check_macs_fraction, check_percent
+    from slimexport.prune import check_macs_fraction, check_percent, resolve_round_to
     from slimexport.prune import prune as prune_fn
 
     if percent is not None and max_macs is not None:
@@ -344,6 +335,7 @@ def prune(
     else:
         check_macs_fraction(max_macs)
     _check_out(out, force)
+    resolve_round_to(round_to)
     ds = load_dataset(dataset, data_dir) if dataset else None
     meta = prune_fn(
         checkpoint,
@@ -365,9 +357,10 @@ def prune(
         if st and st["before"] != st["after"]
         else ""
     )
+    rounded = f", round-to {r['round_to']} ({r['round_to_reason']})" if r["round_to"] > 1 else ""
     typer.echo(
-        f"pruned {r['channels_before'] - r['channels_after']}/{r['channels_before']} channels{budget} at threshold "
-        f"{r['threshold']}: params {r['params_before']:,} -> {r['params_after']:,} "
+        f"pruned {r['channels_before'] - r['channels_after']}/{r['channels_before']} channels{budget}{rounded} at "
+        f"threshold {r['threshold']}: params {r['params_before']:,} -> {r['params_after']:,} "
         f"(×{r['params_before'] / r['params_after']:.2f}), MACs ×{r['macs_before'] / r['macs_after']:.2f}"
         f"{stream}{acc} -> {out}"
     )
@@ -381,7 +374,10 @@ def refine(
     dataset: DatasetOpt = "embedded",
     data_dir: DataDirOpt = None,
     epochs: EpochsOpt = 5,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate of the fine-tuning.")] = 0.02,
+    lr: Annotated[
+        float | None,
+        typer.Option("--lr", help="Peak learning rate of the fine-tuning (default: the preset's lr × 0.2, 0.02)."),
+    ] = None,
     batch_size: BatchOpt = None,
     preset: PresetOpt = Preset.fast,
     seed: SeedOpt = 0,
@@ -396,7 +392,7 @@ def refine(
     from slimexport.train import train as train_fn
 
     _check_out(out, force, resume)
-    cfg = _train_config(preset, epochs, 0.0, lr, batch_size, seed, device, eval_every, compile)
+    cfg = _train_config(preset, epochs, 0.0, lr, batch_size, seed, device, eval_every, compile, refine=True)
     cfg.validate()
     ds = load_dataset(dataset, data_dir)
     meta = train_fn(out, ds, cfg, init=checkpoint, stage="refined", resume=resume)
@@ -528,7 +524,7 @@ def pipeline(
     sparsity: SparsityOpt = 3e-3,
     percent: PercentOpt = 0.6,
     min_channels: MinChOpt = 1,
-    round_to: RoundOpt = 1,
+    round_to: RoundOpt = "auto",
     prune_stream: StreamOpt = False,
     baseline: Annotated[
         Path | None, typer.Option("--baseline", help="Reuse this trained baseline checkpoint instead of training one.")
@@ -559,6 +555,14 @@ def pipeline(
     threads: ThreadsOpt = None,
     bench_device: BenchDeviceOpt = BenchDevice.cpu,
     seconds: SecondsOpt = 1.0,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue an interrupted run (kept in .OUT.partial beside OUT) with the same options: finished "
+            "stages are skipped, an interrupted training stage continues from its last epoch.",
+        ),
+    ] = False,
     force: ForceOpt = False,
 ):
     """Baseline → sparse training → prune → refine → ONNX export of both → onnxruntime bench → report."""
@@ -588,6 +592,7 @@ def pipeline(
         seed=seed,
         device=device.value,
         force=force,
+        resume=resume,
         export=ExportConfig(selection=selection.value),
         bench=_bench_config(batch, threads, bench_device, seconds),
     )

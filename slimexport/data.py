@@ -162,10 +162,26 @@ def from_arrays(name: str, x_train, y_train, x_test, y_test, labels: list[str] |
         if y.min() < 0:
             raise DataError(f"{what} holds negative labels")
         ys.append(torch.from_numpy(y.astype(np.int64)))
-    num_classes = int(max(ys[0].max(), ys[1].max())) + 1
+    train_labels = set(torch.unique(ys[0]).tolist())
+    num_classes = max(train_labels) + 1
     if num_classes < 2:
         raise DataError("the data set needs at least two classes")
+    gaps = sorted(set(range(num_classes)) - train_labels)
+    if gaps:
+        raise DataError(
+            f"y_train labels must be 0..{num_classes - 1} with every class present; no training image has label(s) "
+            f"{_few(gaps)}"
+        )
+    unseen = sorted(set(torch.unique(ys[1]).tolist()) - train_labels)
+    if unseen:
+        raise DataError(
+            f"y_test holds label(s) {_few(unseen)} that no training image has (y_train: 0..{num_classes - 1})"
+        )
     return Dataset(name, xtr, ys[0], xte, ys[1], num_classes, list(labels or []))
+
+
+def _few(values: list[int], n: int = 5) -> str:
+    return ", ".join(map(str, values[:n])) + (f" and {len(values) - n} more" if len(values) > n else "")
 
 
 def _read_idx_gz(path: Path) -> np.ndarray:

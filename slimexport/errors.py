@@ -27,3 +27,7 @@ class DeviceError(SlimExportError):
 
 class ParityError(SlimExportError):
     """The exported ONNX model disagrees with PyTorch beyond tolerance."""
+
+
+class ModelFileError(SlimExportError):
+    """A model file (ONNX, ORT) is missing, not a model, truncated, or does not fit the data."""

@@ -25,8 +25,10 @@ from slimexport.data import Dataset
 from slimexport.errors import ConfigError, ParityError, SlimExportError
 from slimexport.fileio import atomic_path
 from slimexport.models.common import for_export
+from slimexport.runtime import INPUT_NAME, OUTPUT_NAME, BenchConfig, latency, ort_session, run_logits
+from slimexport.selection import candidates
 
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
+__all__ = ["INPUT_NAME", "OUTPUT_NAME", "ExportConfig", "export", "export_model", "ort_session", "parity"]
 SELECTION_MODES = ("gather", "dense", "auto")
 
 
@@ -78,26 +80,6 @@ def op_counts(model_proto) -> dict[str, int]:
     return dict(sorted(Counter(n.op_type for n in model_proto.graph.node).items()))
 
 
-def ort_session(
-    path: str | os.PathLike | bytes,
-    threads: int = 1,
-    provider: str = "CPUExecutionProvider",
-    profile_prefix: str | None = None,
-):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    if profile_prefix:
-        so.enable_profiling = True
-        so.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(str(path) if not isinstance(path, bytes) else path, so, providers=[provider])
-
-
 @torch.no_grad()
 def parity(model: torch.nn.Module, onnx_path: Path, ds: Dataset, n_images: int, batch: int) -> dict[str, float]:
     """Max |ONNX − PyTorch| over the logits of the first ``n_images`` test images, and top-1 agreement."""
@@ -108,7 +90,7 @@ def parity(model: torch.nn.Module, onnx_path: Path, ds: Dataset, n_images: int, 
     for i in range(0, n, batch):
         x = ds.normalize(ds.x_test[i : min(i + batch, n)].cpu())
         ref = model(x).numpy()
-        got = sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+        got = run_logits(sess, x.numpy())
         if got.shape != ref.shape:
             raise ParityError(f"ONNX output shape {got.shape} differs from PyTorch's {ref.shape}")
         max_diff = max(max_diff, float(np.abs(got - ref).max()))
@@ -146,9 +128,6 @@ def _export_fastest(
     model: torch.nn.Module, out: str | os.PathLike, ds: Dataset, cfg: ExportConfig, metadata: dict[str, str]
 ) -> dict[str, Any]:
     """``--selection auto``: export every candidate, time them side by side in onnxruntime, keep the fastest."""
-    from slimexport.bench import BenchConfig, latency
-    from slimexport.selection import candidates
-
     image_shape = (ds.in_channels, *ds.image_size)
     cands, per_unit = candidates(model, image_shape, cfg.tune_batch, cfg.tune_threads)
     if len(cands) == 1:  # nothing to choose (no selection removes a channel)

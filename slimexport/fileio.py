@@ -51,3 +51,8 @@ def check_writable(path: str | os.PathLike, force: bool) -> Path:
     if path.exists() and not force:
         raise OutputExistsError(f"{path} already exists; pass --force to overwrite it")
     return path
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path) as f:
+        return json.load(f)

@@ -1,8 +1,14 @@
-"""The whole workflow into one run directory: baseline → sparse → prune → refine → export ×2 → bench → report.
+"""The whole workflow into one run directory, as a list of stages: each reads artifacts of the run and writes its
+own, and returns a record (``stages.json``).
 
-The run is built in a hidden sibling directory and renamed into place only when it completes, so an
-interrupted run leaves any earlier run directory as it was; an existing run directory is replaced only with
-``force``.
+    baseline → sparse → prune → refine → export_baseline, export_pruned → bench → report
+
+The run is built in a hidden sibling directory, ``.NAME.partial``, and renamed into place only when it completes,
+so an earlier run directory is replaced (with ``force``) only by a finished one. When a run stops early (an error,
+Ctrl-C), the partial directory stays with every finished stage's artifacts, and ``resume`` continues it: a stage
+whose outputs and record are there, and whose inputs come from stages that did not rerun, is skipped; an
+interrupted training stage continues from its per-epoch state (``NAME.pt.resume``). Resume needs the same options
+as the interrupted run (those that only say where to write, or whether to overwrite, may differ).
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,17 +26,19 @@ import torch
 from slimexport.bench import BenchConfig, bench, provider_for
 from slimexport.checkpoint import load_checkpoint, make_checkpoint, read_checkpoint, save_checkpoint
 from slimexport.console import console
-from slimexport.data import EMBEDDED, load_dataset
+from slimexport.data import EMBEDDED, Dataset, load_dataset
 from slimexport.errors import CheckpointError, ConfigError, OutputExistsError
 from slimexport.export import ExportConfig, export
-from slimexport.fileio import write_json
+from slimexport.fileio import read_json, write_json
 from slimexport.models import create_model, default_config
-from slimexport.prune import bn_gammas, check_percent, check_prune_stream, prune
+from slimexport.prune import bn_gammas, check_percent, check_prune_stream, prune, resolve_round_to
 from slimexport.report import build_report, plot_channels, plot_gammas, plot_latency, write_report
 from slimexport.stats import count_macs, count_params
-from slimexport.train import PRESETS, TrainConfig, data_meta, evaluate, resolve_device, train
+from slimexport.train import PRESETS, TrainConfig, data_meta, evaluate, preset_config, resolve_device, train
 
 DEFAULT_ARCH = "vgg11_w25"
+# Options that only say where or whether to write: they may differ between an interrupted run and its resume.
+RESUME_FREE = ("out", "force", "resume")
 
 
 @dataclass
@@ -43,7 +52,7 @@ class PipelineConfig:
     sparsity: float = 3e-3
     percent: float = 0.6
     min_channels: int = 1
-    round_to: int = 1
+    round_to: int | str = "auto"  # auto: onnxruntime's CPU channel block here (16 AVX-512, 8 AVX2); 1: exact
     prune_stream: bool = False  # residual networks: also prune the stream (beyond the paper's rules)
     eval_every: int | None = None  # None: only after the last epoch of each stage
     compile: bool = False  # torch.compile the training forward
@@ -51,11 +60,12 @@ class PipelineConfig:
     sparse: str | None = None  # reuse a sparse-trained checkpoint (e.g. to sweep --percent)
     preset: str = "fast"
     lr: float | None = None  # None: the preset's
-    refine_lr: float | None = None  # None: lr / 5
+    refine_lr: float | None = None  # None: the preset's lr × its refine_lr_factor
     batch_size: int | None = None
     seed: int = 0
     device: str = "auto"
     force: bool = False
+    resume: bool = False
     bench: BenchConfig = field(default_factory=BenchConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
@@ -67,22 +77,41 @@ class PipelineConfig:
             raise ConfigError("--epochs and --refine-epochs must be at least 1")
         if self.sparsity <= 0:
             raise ConfigError(f"--sparsity must be positive for network slimming, got {self.sparsity}")
+        resolve_round_to(self.round_to)
         self.bench.validate()
 
-    def train_config(self, epochs: int, sparsity: float, lr: float | None) -> TrainConfig:
-        p = PRESETS[self.preset]
-        return TrainConfig(
-            epochs=epochs,
-            lr=lr or p["lr"],
-            batch_size=self.batch_size or p["batch_size"],
-            weight_decay=p["weight_decay"],
-            schedule=p["schedule"],
-            sparsity=sparsity,
-            seed=self.seed,
-            device=self.device,
-            eval_every=self.eval_every or epochs,
-            compile=self.compile,
-        )
+    def train_config(self, stage: str) -> TrainConfig:
+        """The training options of ``stage`` (baseline, sparse or refine), from the preset where not given."""
+        common = dict(batch_size=self.batch_size, seed=self.seed, device=self.device, compile=self.compile)
+        if stage == "refine":
+            return preset_config(
+                self.preset, self.refine_epochs, 0.0, self.refine_lr, eval_every=self.eval_every, refine=True, **common
+            )
+        sparsity = self.sparsity if stage == "sparse" else 0.0
+        return preset_config(self.preset, self.epochs, sparsity, self.lr, eval_every=self.eval_every, **common)
+
+
+@dataclass
+class Stage:
+    """One step of the pipeline: ``run`` writes ``outputs`` (file names in the run directory) and returns the
+    stage's record."""
+
+    name: str
+    outputs: tuple[str, ...]
+    run: Callable[[_Run], dict[str, Any]]
+
+
+@dataclass
+class _Run:
+    cfg: PipelineConfig
+    ds: Dataset
+    device: torch.device
+    dir: Path
+    records: dict[str, dict[str, Any]]
+    command: str = ""
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
 
 
 def _reuse(src: Path, dst: Path, ds, device: torch.device) -> dict[str, Any]:
@@ -104,15 +133,137 @@ def _stage_facts(meta: dict[str, Any]) -> dict[str, Any]:
     return facts | ({"reused": meta["reused"]} if "reused" in meta else {})
 
 
-def run_pipeline(cfg: PipelineConfig, command: str = "") -> dict[str, Any]:
-    """Run every stage; returns the report (also written to ``cfg.out``/report.json)."""
-    cfg.validate()
-    out = Path(cfg.out)
-    if out.exists() and not cfg.force:
-        raise OutputExistsError(f"run directory {out} already exists; pass --force to replace it")
-    device = resolve_device(cfg.device)
-    if cfg.bench.device == "cuda":
-        provider_for("cuda")
+def _train_stage(name: str, reuse: str | None) -> Callable[[_Run], dict[str, Any]]:
+    def run(r: _Run) -> dict[str, Any]:
+        out = r.path(f"{name}.pt")
+        if reuse is not None:
+            return _stage_facts(_reuse(Path(reuse), out, r.ds, r.device))
+        meta = train(out, r.ds, r.cfg.train_config(name), arch=r.cfg.arch, resume=True)
+        return _stage_facts(meta)
+
+    return run
+
+
+def _prune_stage(r: _Run) -> dict[str, Any]:
+    cfg = r.cfg
+    meta = prune(
+        r.path("sparse.pt"),
+        r.path("pruned.pt"),
+        cfg.percent,
+        cfg.min_channels,
+        ds=r.ds,
+        round_to=cfg.round_to,
+        prune_stream=cfg.prune_stream,
+        device=str(r.device),
+    )
+    return {"accuracy": meta["accuracy"], "record": meta["prune"]}
+
+
+def _refine_stage(r: _Run) -> dict[str, Any]:
+    meta = train(
+        r.path("refined.pt"), r.ds, r.cfg.train_config("refine"), init=r.path("pruned.pt"), stage="refined", resume=True
+    )
+    return {"accuracy": meta["accuracy"], "images_per_s": meta["images_per_s"]}
+
+
+def _export_stage(name: str, ckpt: str) -> Callable[[_Run], dict[str, Any]]:
+    def run(r: _Run) -> dict[str, Any]:
+        ex = export(r.path(ckpt), r.path(f"{name}.onnx"), r.ds, r.cfg.export)
+        model, ck = load_checkpoint(r.path(ckpt))
+        return {
+            "model": {
+                "params": count_params(model),
+                "macs": count_macs(model, r.ds.in_channels, r.ds.image_size),
+                "checkpoint": ckpt,
+                "onnx": f"{name}.onnx",
+                "onnx_bytes": ex["onnx_bytes"],
+                "torch_accuracy": ck["meta"]["accuracy"],
+                "parity": ex["parity"],
+                "op_counts": ex["op_counts"],
+            }
+            | ({"selection": ex["selection"]} if "selection" in ex else {})
+        }
+
+    return run
+
+
+def _bench_stage(r: _Run) -> dict[str, Any]:
+    res = bench({n: r.path(f"{n}.onnx") for n in ("baseline", "pruned")}, r.ds, r.cfg.bench)
+    return {"result": res}
+
+
+def _report_stage(r: _Run) -> dict[str, Any]:
+    cfg, recs = r.cfg, r.records
+    res = recs["bench"]["result"]
+    models = {n: dict(recs[f"export_{n}"]["model"]) for n in ("baseline", "pruned")}
+    for name, m in models.items():
+        m["latency"] = [
+            {k: x[k] for k in ("provider", "batch", "threads", "median_ms", "p90_ms", "runs")}
+            for x in res["latency"]
+            if x["model"] == name
+        ]
+        m["accuracy"] = res["models"][name].get("accuracy")
+        if "op_time" in res["models"][name]:
+            m["op_time"] = res["models"][name]["op_time"]
+    models["pruned"] |= {
+        "sparse_accuracy": recs["sparse"]["accuracy"],
+        "accuracy_before_refine": recs["prune"]["accuracy"],
+    }
+    stages = {n: {k: v for k, v in rec.items() if k not in ("record", "model", "result")} for n, rec in recs.items()}
+    record = recs["prune"]["record"]
+    config = read_json(r.path("config.json"))
+    report = build_report(models["baseline"], models["pruned"], record, stages, config, r.command)
+    sparse_model, _ = load_checkpoint(r.path("sparse.pt"))
+    gam = torch.cat(list(bn_gammas(sparse_model).values())).tolist()
+    title = f"{cfg.arch}: BN |γ| after sparse training (s={cfg.sparsity:g})"
+    plot_gammas(gam, record["threshold"], r.path("gamma_hist.png"), title)
+    plot_channels(
+        record["layers"], r.path("channels.png"), f"{cfg.arch}: channels per BN layer, {cfg.percent:.0%} pruned"
+    )
+    plot_latency(report, r.path("latency.png"))
+    write_report(r.dir, report)
+    return {"report": "report.json"}
+
+
+def stages(cfg: PipelineConfig) -> list[Stage]:
+    """The pipeline's stages, in order."""
+    return [
+        Stage("baseline", ("baseline.pt",), _train_stage("baseline", cfg.baseline)),
+        Stage("sparse", ("sparse.pt",), _train_stage("sparse", cfg.sparse)),
+        Stage("prune", ("pruned.pt",), _prune_stage),
+        Stage("refine", ("refined.pt",), _refine_stage),
+        Stage("export_baseline", ("baseline.onnx",), _export_stage("baseline", "baseline.pt")),
+        Stage("export_pruned", ("pruned.onnx",), _export_stage("pruned", "refined.pt")),
+        Stage("bench", (), _bench_stage),
+        Stage("report", ("report.json", "report.md", "gamma_hist.png", "channels.png", "latency.png"), _report_stage),
+    ]
+
+
+def partial_dir(out: Path) -> Path:
+    """Where a run is built, and where an interrupted one stays."""
+    return out.parent / f".{out.name}.partial"
+
+
+def _recipe(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in RESUME_FREE}
+
+
+def _check_resumable(work: Path, config: dict[str, Any]) -> None:
+    try:
+        old = read_json(work / "config.json")
+    except (OSError, ValueError):
+        raise ConfigError(
+            f"cannot resume: {work}/config.json is missing or unreadable; start over with --force"
+        ) from None
+    a, b = _recipe(old), _recipe(config)
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if diff:
+        shown = ", ".join(f"{k} ({a.get(k)!r} then, {b.get(k)!r} now)" for k in diff[:3])
+        raise ConfigError(f"cannot resume {work}: options differ from the interrupted run's: {shown}")
+
+
+def _resolve(cfg: PipelineConfig) -> None:
+    """Fill in the architecture (from --baseline/--sparse or the default) and check it, before any data or training."""
     baseline_src = Path(cfg.baseline) if cfg.baseline else None
     if baseline_src is not None:
         ck = read_checkpoint(baseline_src)
@@ -133,127 +284,70 @@ def run_pipeline(cfg: PipelineConfig, command: str = "") -> dict[str, Any]:
         raise ConfigError(str(e)) from None
     if cfg.prune_stream:
         check_prune_stream(create_model(cfg.arch, 10, 3), True)
+
+
+def run_pipeline(cfg: PipelineConfig, command: str = "") -> dict[str, Any]:
+    """Run every stage (or, with ``cfg.resume``, those an interrupted run did not finish); returns the report
+    (also written to ``cfg.out``/report.json)."""
+    cfg.validate()
+    out = Path(cfg.out)
+    work = partial_dir(out)
+    if cfg.resume and not work.is_dir():
+        state = "is complete" if (out / "report.json").is_file() else "has no interrupted run"
+        raise ConfigError(f"nothing to resume: {out} {state} ({work} does not exist)")
+    if not cfg.resume:
+        if work.exists() and not cfg.force:
+            raise OutputExistsError(
+                f"an interrupted run of {out} is kept in {work}: continue it with --resume, or start over with --force"
+            )
+        if out.exists() and not cfg.force:
+            raise OutputExistsError(f"run directory {out} already exists; pass --force to replace it")
+    device = resolve_device(cfg.device)
+    if cfg.bench.device == "cuda":
+        provider_for("cuda")  # a real session on CUDA, before any training
+    _resolve(cfg)
     ds = load_dataset(cfg.dataset, cfg.data_dir)
-    console.print(f"[bold]slimexport pipeline[/] {cfg.arch} on {ds.summary()}, device {device}")
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
-    try:
-        report = _run(cfg, ds, device, work, baseline_src, command)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(work, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(work, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return report
-
-
-def _run(
-    cfg: PipelineConfig, ds, device: torch.device, work: Path, baseline_src: Path | None, command: str
-) -> dict[str, Any]:
     config = asdict(cfg) | {"resolved_device": str(device), "data": ds.summary()}
+    config["round_to_resolved"], config["round_to_reason"] = resolve_round_to(cfg.round_to)
+    if cfg.resume:
+        _check_resumable(work, config)
+        records = read_json(work / "stages.json") if (work / "stages.json").is_file() else {}
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        records = {}
     write_json(work / "config.json", config)
-    stages: dict[str, dict[str, Any]] = {}
-    size = ds.image_size
-
-    def timed(name: str, fn, *a, **kw):
-        t0 = time.perf_counter()
-        res = fn(*a, **kw)
-        stages[name] = {"seconds": time.perf_counter() - t0}
-        return res
-
-    base_ckpt = work / "baseline.pt"
-    if baseline_src is None:
-        meta = timed("baseline", train, base_ckpt, ds, cfg.train_config(cfg.epochs, 0.0, cfg.lr), arch=cfg.arch)
+    console.print(f"[bold]slimexport pipeline[/] {cfg.arch} on {ds.summary()}, device {device}")
+    run = _Run(cfg, ds, device, work, records, command)
+    finished: list[str] = []
+    try:
+        rerun = False
+        for st in stages(cfg):
+            if not rerun and st.name in records and all((work / o).is_file() for o in st.outputs):
+                console.print(f"[dim]{st.name}: kept from the interrupted run[/]")
+                finished.append(st.name)
+                continue
+            rerun = True  # every later stage reads what this one writes
+            t0 = time.perf_counter()
+            rec = st.run(run)
+            records[st.name] = {"seconds": time.perf_counter() - t0} | rec
+            write_json(work / "stages.json", records)
+            finished.append(st.name)
+    except BaseException:
+        if finished:
+            console.print(
+                f"[bold]the finished stages ({', '.join(finished)}) are kept in {work}[/]; "
+                "continue with the same command and --resume"
+            )
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    report = read_json(work / "report.json")
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(work, out)
+        shutil.rmtree(old, ignore_errors=True)
     else:
-        meta = timed("baseline", _reuse, baseline_src, base_ckpt, ds, device)
-    stages["baseline"] |= _stage_facts(meta)
-
-    sparse_ckpt = work / "sparse.pt"
-    if cfg.sparse is None:
-        meta = timed(
-            "sparse", train, sparse_ckpt, ds, cfg.train_config(cfg.epochs, cfg.sparsity, cfg.lr), arch=cfg.arch
-        )
-    else:
-        meta = timed("sparse", _reuse, Path(cfg.sparse), sparse_ckpt, ds, device)
-    stages["sparse"] |= _stage_facts(meta)
-    sparse_acc = meta["accuracy"]
-
-    pruned_ckpt = work / "pruned.pt"
-    meta = timed(
-        "prune",
-        prune,
-        sparse_ckpt,
-        pruned_ckpt,
-        cfg.percent,
-        cfg.min_channels,
-        ds=ds,
-        round_to=cfg.round_to,
-        prune_stream=cfg.prune_stream,
-        device=str(device),
-    )
-    record = meta["prune"]
-    stages["prune"] |= {"accuracy": meta["accuracy"]}
-    before_refine = meta["accuracy"]
-
-    refined_ckpt = work / "refined.pt"
-    refine_lr = cfg.refine_lr or (cfg.lr or PRESETS[cfg.preset]["lr"]) / 5
-    meta = timed(
-        "refine",
-        train,
-        refined_ckpt,
-        ds,
-        cfg.train_config(cfg.refine_epochs, 0.0, refine_lr),
-        init=pruned_ckpt,
-        stage="refined",
-    )
-    stages["refine"] |= {"accuracy": meta["accuracy"], "images_per_s": meta["images_per_s"]}
-
-    models = {}
-    for name, ckpt in (("baseline", base_ckpt), ("pruned", refined_ckpt)):
-        ex = timed(f"export_{name}", export, ckpt, work / f"{name}.onnx", ds, cfg.export)
-        model, ck = load_checkpoint(ckpt)
-        models[name] = {
-            "params": count_params(model),
-            "macs": count_macs(model, ds.in_channels, size),
-            "checkpoint": ckpt.name,
-            "onnx": f"{name}.onnx",
-            "onnx_bytes": ex["onnx_bytes"],
-            "torch_accuracy": ck["meta"]["accuracy"],
-            "parity": ex["parity"],
-            "op_counts": ex["op_counts"],
-        }
-
-    res = timed("bench", bench, {n: work / f"{n}.onnx" for n in models}, ds, cfg.bench)
-    for name, m in models.items():
-        m["latency"] = [
-            {k: r[k] for k in ("provider", "batch", "threads", "median_ms", "p90_ms", "runs")}
-            for r in res["latency"]
-            if r["model"] == name
-        ]
-        m["accuracy"] = res["models"][name].get("accuracy")
-        if "op_time" in res["models"][name]:
-            m["op_time"] = res["models"][name]["op_time"]
-    models["pruned"] |= {"sparse_accuracy": sparse_acc, "accuracy_before_refine": before_refine}
-
-    report = build_report(models["baseline"], models["pruned"], record, stages, config, command)
-    sparse_model, _ = load_checkpoint(sparse_ckpt)
-    gam = torch.cat(list(bn_gammas(sparse_model).values())).tolist()
-    plot_gammas(
-        gam,
-        record["threshold"],
-        work / "gamma_hist.png",
-        f"{cfg.arch}: BN |γ| after sparse training (s={cfg.sparsity:g})",
-    )
-    plot_channels(
-        record["layers"], work / "channels.png", f"{cfg.arch}: channels per BN layer, {cfg.percent:.0%} pruned"
-    )
-    plot_latency(report, work / "latency.png")
-    write_report(work, report)
+        os.replace(work, out)
     return report

@@ -28,6 +28,28 @@ def check_percent(percent: float) -> float:
     return float(percent)
 
 
+def resolve_round_to(round_to: int | str) -> tuple[int, str]:
+    """``--round-to``: an integer ≥ 1, or ``auto``, the channel block of onnxruntime's CPU convolutions here
+    (its NCHWc kernels: 16 channels with AVX-512, 8 with AVX2), read from the CPU's flags. Returns (value, why)."""
+    if isinstance(round_to, str) and round_to.strip().lower() == "auto":
+        from slimexport.runtime import machine_facts
+
+        m = machine_facts()
+        if m["avx512f"]:
+            return 16, "auto: this CPU has AVX-512, onnxruntime's CPU convolutions work in blocks of 16 channels"
+        if m["avx2"]:
+            return 8, "auto: this CPU has AVX2 without AVX-512, onnxruntime's CPU convolutions work in blocks of 8"
+        why = "no AVX2/AVX-512 found" if m["flags_known"] else "CPU flags unknown"
+        return 8, f"auto: {why}; 8, a block size that suits most SIMD widths"
+    try:
+        value = int(round_to)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--round-to must be a positive integer or auto, got {round_to!r}") from None
+    if value < 1 or str(value) != str(round_to).strip():
+        raise ConfigError(f"--round-to must be a positive integer or auto, got {round_to!r}")
+    return value, "exact channel counts (the paper's)" if value == 1 else f"given: multiples of {value}"
+
+
 def bn_gammas(model: nn.Module) -> dict[str, torch.Tensor]:
     """|γ| of every prunable BN, by module name, in forward order."""
     return {name: bn.weight.detach().abs().float().cpu() for name, bn in model.prunable_bns()}
@@ -179,7 +201,7 @@ def prune(
     min_channels: int = 1,
     ds: Dataset | None = None,
     device: str = "cpu",
-    round_to: int = 1,
+    round_to: int | str = "auto",
     max_macs: float | None = None,
     prune_stream: bool = False,
 ) -> dict[str, Any]:
@@ -196,6 +218,7 @@ def prune(
         check_percent(percent)
     else:
         check_macs_fraction(max_macs)
+    round_to, round_why = resolve_round_to(round_to)
     model, ckpt = load_checkpoint(ckpt_path)
     size = tuple(ckpt["data"].get("image_size") or (32, 32))
     if percent is not None:
@@ -209,6 +232,7 @@ def prune(
             "macs_before": count_macs(model, model.in_channels, size),
             "macs_after": count_macs(new, new.in_channels, size),
             "source": str(ckpt_path),
+            "round_to_reason": round_why,
         }
     )
     meta = {

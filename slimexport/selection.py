@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from slimexport.export import INPUT_NAME, OUTPUT_NAME
 from slimexport.models.common import absorb_selections, for_export
+from slimexport.runtime import INPUT_NAME, OUTPUT_NAME, BenchConfig, latency
 
 
 @dataclass(frozen=True)
@@ -145,8 +145,6 @@ def _unit_graph(shape: UnitShape, dense: bool, batch: int, opset: int = 20) -> b
 
 def time_unit(shape: UnitShape, batch: int = 1, threads: int = 1, seconds: float = 0.1) -> dict[str, float]:
     """Median milliseconds of the unit's gather and dense variants in onnxruntime, timed side by side."""
-    from slimexport.bench import BenchConfig, latency
-
     graphs = {v: _unit_graph(shape, v == "dense", batch) for v in ("gather", "dense")}
     cfg = BenchConfig(batches=[batch], threads=[threads], warmup=3, min_runs=15, seconds=seconds)
     rows = latency(graphs, (shape.channels, shape.height, shape.width), cfg)

@@ -23,11 +23,46 @@ from slimexport.data import Dataset, augment, batches
 from slimexport.errors import CheckpointError, ConfigError, DeviceError
 from slimexport.models import create_model
 
-# Named schedules. `fast` is a short one-cycle schedule; `paper` is the reference recipe (Liu et al. 2017).
+# Named schedules, the one home of their defaults. `fast` is a short one-cycle schedule; `paper` is the reference
+# recipe (Liu et al. 2017). Refine's learning rate is `refine_lr_factor` × the training lr unless given.
 PRESETS: dict[str, dict[str, Any]] = {
-    "fast": {"schedule": "onecycle", "lr": 0.1, "batch_size": 128, "weight_decay": 5e-4},
-    "paper": {"schedule": "multistep", "lr": 0.1, "batch_size": 64, "weight_decay": 1e-4},
+    "fast": {"schedule": "onecycle", "lr": 0.1, "batch_size": 128, "weight_decay": 5e-4, "refine_lr_factor": 0.2},
+    "paper": {"schedule": "multistep", "lr": 0.1, "batch_size": 64, "weight_decay": 1e-4, "refine_lr_factor": 0.2},
 }
+
+
+def preset_config(
+    preset: str,
+    epochs: int,
+    sparsity: float = 0.0,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    eval_every: int | None = None,
+    compile: bool = False,
+    refine: bool = False,
+) -> TrainConfig:
+    """A :class:`TrainConfig` from a preset: every default not given comes from :data:`PRESETS`. With ``refine``,
+    ``lr`` is refine's own lr (default: the preset's lr × its ``refine_lr_factor``). ``eval_every`` None measures
+    test accuracy after the last epoch only."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown --preset {preset!r}: {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    if lr is None:
+        lr = p["lr"] * (p["refine_lr_factor"] if refine else 1.0)
+    return TrainConfig(
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size or p["batch_size"],
+        weight_decay=p["weight_decay"],
+        schedule=p["schedule"],
+        sparsity=sparsity,
+        seed=seed,
+        device=device,
+        eval_every=eval_every or epochs,
+        compile=compile,
+    )
 
 
 @dataclass

@@ -18,14 +18,18 @@ def _digest(folder):
 
 
 def _fails_cleanly(args, match, folder=None):
+    """Bad input: exit code 2 (not 3, an internal error), no traceback, one error line that says ``match``, and
+    ``folder`` byte for byte as it was."""
     before = _digest(folder) if folder else None
     res = runner.invoke(app, args)
-    assert res.exit_code != 0, res.output
-    assert "Traceback" not in res.output and res.exception is None or isinstance(res.exception, SystemExit)
-    err = res.stderr if hasattr(res, "stderr") else res.output
+    assert res.exit_code == 2, res.output
+    assert isinstance(res.exception, SystemExit), res.exception  # typer.Exit(2), not an escaped exception
+    assert "Traceback" not in res.output, res.output
+    err = res.stderr
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert lines and match in " ".join(lines), err
-    assert len([ln for ln in lines if "error" in ln]) == 1
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and not any(ln.startswith("internal error") for ln in lines), err
+    assert match in " ".join(lines), err
     if folder is not None:
         assert _digest(folder) == before
     return err
@@ -242,7 +246,7 @@ def test_prune_stream_through_the_cli(tmp_path, ckpt, make_model, small_ds):
     outs = {}
     for flag in ([], ["--prune-stream"]):
         out = tmp_path / f"p{len(flag)}.pt"
-        res = runner.invoke(app, ["prune", str(src), "-p", "0.5", *flag, "--out", str(out)])
+        res = runner.invoke(app, ["prune", str(src), "-p", "0.5", "--round-to", "1", *flag, "--out", str(out)])
         assert res.exit_code == 0, res.output
         # the last stage's unread channels go either way (exact); the others only with --prune-stream
         assert "residual stream 16/64/128/256 -> " in res.output
@@ -261,3 +265,60 @@ def test_pipeline_refuses_a_bad_architecture_before_training(tmp_path, small_npz
     _fails_cleanly(
         ["pipeline", "--arch", arch, "--dataset", small_npz, *flags, "--out", str(tmp_path / "run")], match, tmp_path
     )
+
+
+@pytest.mark.parametrize("content", ["truncated", "text", "empty"])
+def test_bad_onnx_files_are_one_line_errors(tmp_path, ckpt, small_npz, content):
+    good = tmp_path / "good.onnx"
+    res = runner.invoke(app, ["export", str(ckpt), "--out", str(good), "--dataset", small_npz, "--parity-images", "16"])
+    assert res.exit_code == 0, res.output
+    data = good.read_bytes()
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes({"truncated": data[: len(data) // 2], "text": b"hello, I am not a model\n", "empty": b""}[content])
+    _fails_cleanly(
+        ["bench", str(good), str(bad), "--dataset", small_npz, "--batch", "1", "--threads", "1"],
+        "not a valid ONNX",
+        tmp_path,
+    )
+
+
+def test_bench_of_a_missing_model_and_of_a_model_for_other_data(tmp_path, ckpt, small_npz):
+    import numpy as np
+
+    _fails_cleanly(["bench", str(tmp_path / "none.onnx"), "--dataset", small_npz], "not found", tmp_path)
+    good = tmp_path / "good.onnx"
+    assert runner.invoke(app, ["export", str(ckpt), "--out", str(good), "--dataset", small_npz]).exit_code == 0
+    rgb = tmp_path / "rgb.npz"
+    rng = np.random.default_rng(0)
+    np.savez(
+        rgb,
+        x_train=rng.integers(0, 255, (20, 32, 32, 3), dtype=np.uint8),
+        y_train=np.arange(20) % 2,
+        x_test=rng.integers(0, 255, (6, 32, 32, 3), dtype=np.uint8),
+        y_test=np.arange(6) % 2,
+    )
+    _fails_cleanly(["bench", str(good), "--dataset", str(rgb), "--batch", "1"], "takes inputs of shape", tmp_path)
+
+
+@pytest.mark.parametrize("value", ["0", "x", "1.5", "-8"])
+def test_bad_round_to(tmp_path, ckpt, value):
+    _fails_cleanly(["prune", str(ckpt), "--round-to", value, "--out", str(tmp_path / "p.pt")], "--round-to", tmp_path)
+
+
+@pytest.mark.parametrize("avx512, avx2, expected", [(True, True, 16), (False, True, 8), (False, False, 8)])
+def test_round_to_auto_follows_the_cpu(tmp_path, ckpt, monkeypatch, avx512, avx2, expected):
+    import slimexport.runtime
+
+    facts = {"cpu": "test", "avx2": avx2, "avx512f": avx512, "vnni": False, "flags_known": True}
+    monkeypatch.setattr(slimexport.runtime, "machine_facts", lambda: facts)
+    res = runner.invoke(app, ["prune", str(ckpt), "-p", "0.5", "--out", str(tmp_path / "p.pt")])
+    assert res.exit_code == 0, res.output
+    rec = read_checkpoint(tmp_path / "p.pt")["meta"]["prune"]
+    assert rec["round_to"] == expected and rec["round_to_reason"].startswith("auto")
+    assert f"round-to {expected}" in res.output
+    # every pruned layer keeps a multiple of the block, or its whole width
+    assert all(x["after"] % expected == 0 or x["after"] == x["before"] for x in rec["layers"])
+    res = runner.invoke(app, ["prune", str(ckpt), "-p", "0.5", "--round-to", "1", "--out", str(tmp_path / "q.pt")])
+    assert res.exit_code == 0, res.output
+    rec1 = read_checkpoint(tmp_path / "q.pt")["meta"]["prune"]
+    assert rec1["round_to"] == 1 and rec1["channels_after"] <= rec["channels_after"]

@@ -1,4 +1,5 @@
 import gzip
+import re
 import struct
 
 import numpy as np
@@ -117,3 +118,37 @@ def test_augment_is_a_shifted_crop_with_flips():
         windows = [xp[i, :, dy : dy + 8, dx : dx + 8] for dy in range(5) for dx in range(5)]
         assert any(torch.equal(y[i], w) or torch.equal(y[i], w.flip(2)) for w in windows)
     assert not all(torch.equal(y[i], x[i]) for i in range(len(x)))  # something moved (fixed seed)
+
+
+def _arrays(y_train, y_test):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return dict(
+        x_train=rng.integers(0, 255, (len(y_train), 8, 8), dtype=np.uint8),
+        y_train=np.asarray(y_train),
+        x_test=rng.integers(0, 255, (len(y_test), 8, 8), dtype=np.uint8),
+        y_test=np.asarray(y_test),
+    )
+
+
+@pytest.mark.parametrize(
+    "y_train, y_test, match",
+    [
+        ([0, 1, 3, 3], [0, 1], "no training image has label(s) 2"),
+        ([1, 2, 1, 2], [1, 2], "no training image has label(s) 0"),
+        ([0, 1, 0, 1], [0, 2], "y_test holds label(s) 2"),
+    ],
+)
+def test_labels_must_be_the_training_classes(y_train, y_test, match):
+    from slimexport.data import from_arrays
+
+    with pytest.raises(DataError, match=re.escape(match)):
+        from_arrays("t", **_arrays(y_train, y_test))
+
+
+def test_a_test_split_missing_a_class_is_fine():
+    from slimexport.data import from_arrays
+
+    ds = from_arrays("t", **_arrays([0, 1, 2, 0], [0, 1]))
+    assert ds.num_classes == 3

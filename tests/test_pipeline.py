@@ -117,6 +117,32 @@ def test_refine_and_bench_from_the_run(run_dir, small_npz, tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert "refined: accuracy" in res.stdout
+    bench_json = tmp_path / "bench.json"
+    res = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            str(run_dir / "baseline.onnx"),
+            str(run_dir / "pruned.onnx"),
+            "--dataset",
+            small_npz,
+            "--batch",
+            "1",
+            "--threads",
+            "1",
+            "--seconds",
+            "0.05",
+            "--out",
+            str(bench_json),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    b = json.loads(bench_json.read_text())
+    report = json.loads((run_dir / "report.json").read_text())
+    # bench alone measures the same onnxruntime accuracy as the pipeline's bench stage
+    for name in ("baseline", "pruned"):
+        assert b["models"][name]["accuracy"] == report[name]["accuracy"]
+    assert {r["model"] for r in b["latency"]} == {"baseline", "pruned"}
 
 
 def test_sweep_percent_from_the_same_sparse_model(run_dir, small_npz, tmp_path):

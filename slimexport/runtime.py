@@ -1,0 +1,282 @@
+"""The runtime everyone uses: onnxruntime sessions, execution providers, input/output names, latency timing.
+
+A leaf module: it imports nothing else from slimexport but errors, so export, bench, the ``auto`` export choice
+and the deploy stage (INT8, ``.ort``) all build on it without import cycles.
+
+A model file that is not a valid ONNX (or ``.ort``) model is a :class:`ModelFileError` with one line, never the
+runtime's own exception. A provider is checked by creating a real session on it and reading back the providers
+the session got: onnxruntime-gpu lists ``CUDAExecutionProvider`` even where its CUDA/cuDNN libraries fail to
+load, and then silently runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slimexport.errors import ConfigError, DeviceError, ModelFileError
+
+INPUT_NAME, OUTPUT_NAME = "input", "logits"  # the names slimexport's own exports use
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+MODEL_SUFFIXES = (".onnx", ".ort")
+CUDA_HINT = (
+    "pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'onnxruntime-gpu' "
+    "(or pip install -e '.[gpu]'), with a CUDA and cuDNN matching its build"
+)
+
+
+@dataclass
+class BenchConfig:
+    batches: list[int] = field(default_factory=lambda: [1, 32])
+    threads: list[int] = field(default_factory=lambda: [1, os.cpu_count() or 1])
+    device: str = "cpu"
+    warmup: int = 5
+    min_runs: int = 20
+    max_runs: int = 2000
+    seconds: float = 1.0  # time budget per setting and model, after the minimum runs
+    accuracy: bool = True
+    profile: bool = True  # per-op-type time shares at batch 1, one thread
+
+    def validate(self) -> None:
+        if not self.batches or min(self.batches) < 1:
+            raise ConfigError(f"--batch sizes must be positive integers, got {self.batches}")
+        if not self.threads or min(self.threads) < 1:
+            raise ConfigError(f"--threads must be positive integers, got {self.threads}")
+        if self.min_runs < 1 or self.max_runs < self.min_runs:
+            raise ConfigError("--runs must be at least 1")
+        if self.device not in PROVIDERS:
+            raise ConfigError(f"unknown --device {self.device!r} for bench: cpu or cuda")
+
+
+def _probe_model() -> bytes:
+    """A one-node ONNX model, to see which provider a real session gets."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    return proto.SerializeToString()
+
+
+@cache
+def provider_for(device: str) -> str:
+    """The onnxruntime provider for ``device``, checked by a real session: :class:`DeviceError` in one line if the
+    session does not really run on it (on CUDA: libraries that fail to load make onnxruntime fall back to the
+    CPU)."""
+    import onnxruntime as ort
+
+    if device not in PROVIDERS:
+        raise ConfigError(f"unknown onnxruntime device {device!r}: cpu or cuda")
+    provider = PROVIDERS[device]
+    if provider == "CPUExecutionProvider":
+        return provider
+    available = ort.get_available_providers()
+    if provider not in available:
+        raise DeviceError(
+            f"onnxruntime {ort.__version__} has no {provider} (available: {', '.join(available)}); {CUDA_HINT}"
+        )
+    if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu >= 1.21: load CUDA/cuDNN from the pip packages or torch
+        try:
+            ort.preload_dlls()
+        except Exception:  # noqa: BLE001 - the session below is the real check
+            pass
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    try:
+        got = ort.InferenceSession(_probe_model(), so, providers=[provider]).get_providers()
+    except Exception as e:  # noqa: BLE001 - any failure to create the session means the provider is not usable
+        got, why = [], _first_line(e)
+    else:
+        why = "its CUDA/cuDNN libraries did not load, so onnxruntime fell back to the CPU"
+    if not got or got[0] != provider:
+        raise DeviceError(f"onnxruntime lists {provider} but cannot run on it ({why}); {CUDA_HINT}")
+    return provider
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def check_model_file(path: str | os.PathLike) -> Path:
+    """A path that exists and is a file: else :class:`ModelFileError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file not found: {path}")
+    return path
+
+
+def ort_session(
+    path: str | os.PathLike | bytes,
+    threads: int = 1,
+    provider: str = "CPUExecutionProvider",
+    profile_prefix: str | None = None,
+):
+    """An onnxruntime session (sequential, all graph optimisations); a model file that is missing, not ONNX/ORT,
+    truncated or invalid is a one-line :class:`ModelFileError`; a session that did not get ``provider`` is a
+    :class:`DeviceError`."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    if isinstance(path, bytes):
+        src: str | bytes = path
+        what = "in-memory model"
+    else:
+        src = str(check_model_file(path))
+        what = src
+        if str(path).endswith(".ort"):
+            so.add_session_config_entry("session.load_model_format", "ORT")
+    try:
+        sess = ort.InferenceSession(src, so, providers=[provider])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises InvalidProtobuf, InvalidGraph, Fail, ... (pybind types)
+        raise ModelFileError(f"{what} is not a valid ONNX/ORT model onnxruntime can load ({_first_line(e)})") from None
+    if sess.get_providers()[0] != provider:
+        raise DeviceError(f"the onnxruntime session for {what} runs on {sess.get_providers()[0]}, not {provider}")
+    return sess
+
+
+def io_names(sess) -> tuple[str, str]:
+    """The (first) input and output names of a session: slimexport's own are ``input``/``logits``, a user's
+    model may name them otherwise."""
+    return sess.get_inputs()[0].name, sess.get_outputs()[0].name
+
+
+def check_input_shape(sess, image_shape: tuple[int, ...], what: str) -> None:
+    """The model's input must be (N, *image_shape) where its dimensions are static."""
+    shape = sess.get_inputs()[0].shape
+    if len(shape) != 1 + len(image_shape):
+        raise ModelFileError(f"{what} takes inputs of rank {len(shape)} ({shape}); the data has {len(image_shape) + 1}")
+    for want, got in zip(image_shape, shape[1:]):
+        if isinstance(got, int) and got != want:
+            dims = "×".join(map(str, image_shape))
+            raise ModelFileError(f"{what} takes inputs of shape {shape}; the data set's images are {dims}")
+
+
+class _Runner:
+    """One session and a fixed input; ``run()`` times one inference. On CUDA, IOBinding keeps inputs and outputs
+    on the device (``device_id``) so that no host copy is timed."""
+
+    def __init__(
+        self,
+        path: Path | bytes,
+        provider: str,
+        batch: int,
+        threads: int,
+        image_shape: tuple[int, ...],
+        device_id: int = 0,
+    ):
+        import onnxruntime as ort
+
+        self.sess = ort_session(path, threads=threads, provider=provider)
+        self.input, self.output = io_names(self.sess)
+        x = np.random.default_rng(0).standard_normal((batch, *image_shape)).astype(np.float32)
+        self.cuda = provider == "CUDAExecutionProvider"
+        if self.cuda:
+            self.binding = self.sess.io_binding()
+            self.x = ort.OrtValue.ortvalue_from_numpy(x, "cuda", device_id)
+            self.binding.bind_ortvalue_input(self.input, self.x)
+            self.binding.bind_output(self.output, "cuda", device_id)
+        else:
+            self.feed = {self.input: x}
+
+    def run(self) -> float:
+        t0 = time.perf_counter()
+        if self.cuda:
+            self.sess.run_with_iobinding(self.binding)
+        else:
+            self.sess.run([self.output], self.feed)
+        return (time.perf_counter() - t0) * 1e3
+
+
+def latency(
+    models: dict[str, Path | bytes], image_shape: tuple[int, ...], cfg: BenchConfig, progress=None
+) -> list[dict]:
+    """Rows {model, provider, batch, threads, median_ms, p90_ms, runs} for every model (a path or serialized ONNX)
+    and setting. Models are timed side by side: runs alternate between them, so that machine noise hits all."""
+    cfg.validate()
+    provider = provider_for(cfg.device)
+    threads = cfg.threads if cfg.device == "cpu" else [cfg.threads[0]]
+    rows = []
+    settings = [(b, t) for b in cfg.batches for t in threads]
+    task = progress.add_task("latency", total=len(settings), info="") if progress is not None else None
+    for batch, nthreads in settings:
+        if task is not None:
+            progress.update(task, info=f"batch {batch}, {nthreads} thread(s)")
+        runners = {name: _Runner(path, provider, batch, nthreads, image_shape) for name, path in models.items()}
+        for r in runners.values():  # warm-up (on CUDA this also covers cuDNN's algorithm search)
+            for _ in range(cfg.warmup):
+                r.run()
+        times: dict[str, list[float]] = defaultdict(list)
+        start = time.perf_counter()
+        budget = cfg.seconds * len(runners)
+        while True:
+            for name, r in runners.items():
+                times[name].append(r.run())
+            n = len(times[next(iter(runners))])
+            if n >= cfg.max_runs or (n >= cfg.min_runs and time.perf_counter() - start >= budget):
+                break
+        for name, ts in times.items():
+            rows.append(
+                {
+                    "model": name,
+                    "provider": provider,
+                    "batch": batch,
+                    "threads": nthreads,
+                    "median_ms": float(np.median(ts)),
+                    "p90_ms": float(np.percentile(ts, 90)),
+                    "runs": len(ts),
+                }
+            )
+        if task is not None:
+            progress.advance(task)
+    if task is not None:
+        progress.remove_task(task)
+    return rows
+
+
+def run_logits(sess, x: np.ndarray) -> np.ndarray:
+    """The first output of ``sess`` on ``x`` (float32 NCHW)."""
+    inp, out = io_names(sess)
+    return sess.run([out], {inp: x})[0]
+
+
+def machine_facts() -> dict[str, Any]:
+    """The CPU features that decide onnxruntime's fast paths: vendor/model, AVX2, AVX-512, VNNI."""
+    flags: set[str] = set()
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+                elif line.startswith("model name") and not model:
+                    model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "avx2": "avx2" in flags,
+        "avx512f": "avx512f" in flags,
+        "vnni": bool({"avx512_vnni", "avx_vnni"} & flags),
+        "flags_known": bool(flags),
+    }
