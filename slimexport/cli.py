@@ -448,7 +448,9 @@ def export_cmd(
 def bench_cmd(
     models: Annotated[
         list[Path],
-        typer.Argument(help="ONNX models; the first is the reference for ratios (e.g. baseline.onnx pruned.onnx)."),
+        typer.Argument(
+            help="ONNX or .ort models; the first is the reference for ratios (e.g. baseline.onnx pruned.onnx)."
+        ),
     ],
     dataset: DatasetOpt = "embedded",
     data_dir: DataDirOpt = None,
@@ -478,6 +480,8 @@ def bench_cmd(
         _check_out(out, force)
     names = [p.stem for p in models]
     if len(set(names)) != len(names):
+        names = [p.name for p in models]
+    if len(set(names)) != len(names):
         names = [f"{i}:{n}" for i, n in enumerate(names)]
     ds = load_dataset(dataset, data_dir)
     cfg = _bench_config(batch, threads, device, seconds)
@@ -505,6 +509,115 @@ def bench_cmd(
         f"benchmarked {len(models)} model(s) in {len(res['latency']) // len(models)} setting(s)"
         + (f"; onnxruntime accuracy: {accs}" if accs else "")
         + (f" -> {out}" if out else "")
+    )
+
+
+class Calibrate(str, Enum):
+    minmax = "minmax"
+    entropy = "entropy"
+    percentile = "percentile"
+
+
+class QuantTypes(str, Enum):
+    auto = "auto"
+    s8s8 = "s8s8"
+    u8s8 = "u8s8"
+
+
+class OptStyle(str, Enum):
+    fixed = "fixed"
+    runtime = "runtime"
+
+
+class Platform(str, Enum):
+    amd64 = "amd64"
+    arm = "arm"
+
+
+CalibImagesOpt = Annotated[
+    int, typer.Option("--calib-images", help="Training images the INT8 activation ranges are calibrated on.")
+]
+CalibrateOpt = Annotated[
+    Calibrate, typer.Option("--calibrate", help="How activation ranges are calibrated: minmax, entropy, percentile.")
+]
+QuantTypesOpt = Annotated[
+    QuantTypes,
+    typer.Option(
+        "--types",
+        help="INT8 activation/weight types: auto (S8S8 on a CPU with VNNI, else U8S8 with reduce_range), s8s8, u8s8.",
+    ),
+]
+OptStyleOpt = Annotated[
+    OptStyle,
+    typer.Option(
+        "--optimization-style",
+        help="fixed: optimisations for this CPU are baked into the .ort file; runtime: applied when loaded.",
+    ),
+]
+PlatformOpt = Annotated[Platform, typer.Option("--target-platform", help="The CPU the .ort file is for: amd64 or arm.")]
+
+
+@app.command()
+@_handle_errors
+def quantize(
+    model: Annotated[Path, typer.Argument(help="An FP32 ONNX model (e.g. pruned.onnx).")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="INT8 model to write (default: MODEL.int8.onnx).")
+    ] = None,
+    dataset: DatasetOpt = "embedded",
+    data_dir: DataDirOpt = None,
+    calib_images: CalibImagesOpt = 512,
+    calibrate: CalibrateOpt = Calibrate.minmax,
+    types: QuantTypesOpt = QuantTypes.auto,
+    force: ForceOpt = False,
+):
+    """INT8 static quantization (onnxruntime QDQ, per-channel weights), measured against the FP32 model."""
+    from slimexport.data import load_dataset
+    from slimexport.deploy import QuantizeConfig
+    from slimexport.deploy import quantize as quantize_fn
+
+    out = out or model.with_name(model.stem + ".int8.onnx")
+    _check_out(out, force)
+    cfg = QuantizeConfig(calib_images=calib_images, calibrate=calibrate.value, types=types.value)
+    cfg.validate()
+    ds = load_dataset(dataset, data_dir)
+    r = quantize_fn(model, out, ds, cfg)
+    typer.echo(
+        f"quantized {model} -> {out}: {r['activation_type']}/{r['weight_type']}"
+        f"{' reduce_range' if r['reduce_range'] else ''} ({r['types_why']}); {r['fp32_bytes']:,} -> {r['bytes']:,} "
+        f"bytes (×{1 / r['bytes_ratio']:.2f}); onnxruntime accuracy {r['fp32_accuracy']:.4f} -> {r['accuracy']:.4f}, "
+        f"top-1 agreement {r['top1_agreement']:.4f}, max |Δ logits| {r['max_abs_diff']:.3g} on {r['images']} images"
+    )
+
+
+@app.command()
+@_handle_errors
+def convert(
+    model: Annotated[Path, typer.Argument(help="An ONNX model (FP32 or INT8).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Directory to write the .ort model and its operator config to.")
+    ],
+    to: Annotated[str, typer.Option("--to", help="Target format: ort (the onnxruntime mobile format).")] = "ort",
+    dataset: DatasetOpt = "embedded",
+    data_dir: DataDirOpt = None,
+    optimization_style: OptStyleOpt = OptStyle.fixed,
+    target_platform: PlatformOpt = Platform.amd64,
+    force: ForceOpt = False,
+):
+    """Convert to the onnxruntime mobile format (.ort) and check it against the ONNX model on real test images."""
+    from slimexport.data import load_dataset
+    from slimexport.deploy import convert as convert_fn
+
+    if to != "ort":
+        raise ConfigError(f"--to {to!r} is not supported: ort is")
+    _check_out(out, force)
+    ds = load_dataset(dataset, data_dir)
+    r = convert_fn(model, out, ds, optimization_style.value, target_platform.value)
+    p = r["parity"]
+    typer.echo(
+        f"converted {model} -> {r['path']} ({r['bytes']:,} bytes, {r['optimization_style']} optimisations for "
+        f"{r['target_platform']}): max |Δ| {p['max_abs_diff']:.2e}, top-1 agreement {p['top1_agreement']:.4f} on "
+        f"{p['images']} images"
     )
 
 
@@ -555,6 +668,16 @@ def pipeline(
     threads: ThreadsOpt = None,
     bench_device: BenchDeviceOpt = BenchDevice.cpu,
     seconds: SecondsOpt = 1.0,
+    int8: Annotated[
+        bool,
+        typer.Option("--int8", help="Also quantize baseline and pruned to INT8 (onnxruntime QDQ) and bench all four."),
+    ] = False,
+    ort: Annotated[
+        bool, typer.Option("--ort", help="Also convert the pruned model(s) to the onnxruntime mobile format (.ort).")
+    ] = False,
+    calib_images: CalibImagesOpt = 512,
+    calibrate: CalibrateOpt = Calibrate.minmax,
+    types: QuantTypesOpt = QuantTypes.auto,
     resume: Annotated[
         bool,
         typer.Option(
@@ -565,7 +688,8 @@ def pipeline(
     ] = False,
     force: ForceOpt = False,
 ):
-    """Baseline → sparse training → prune → refine → ONNX export of both → onnxruntime bench → report."""
+    """Baseline → sparse training → prune → refine → ONNX export of both [→ INT8, .ort] → onnxruntime bench → report."""
+    from slimexport.deploy import QuantizeConfig
     from slimexport.export import ExportConfig
     from slimexport.pipeline import PipelineConfig, run_pipeline
 
@@ -593,6 +717,9 @@ def pipeline(
         device=device.value,
         force=force,
         resume=resume,
+        int8=int8,
+        ort=ort,
+        quantize=QuantizeConfig(calib_images=calib_images, calibrate=calibrate.value, types=types.value),
         export=ExportConfig(selection=selection.value),
         bench=_bench_config(batch, threads, bench_device, seconds),
     )
@@ -606,6 +733,21 @@ def pipeline(
         f"onnxruntime accuracy {b['accuracy']:.4f} -> {p['accuracy']:.4f}"
         + (f", speed-up ×{sp['speedup']:.2f} (batch {sp['batch']}, {sp['threads']} thread)" if sp else "")
         + f"; report: {out / 'report.md'}"
+    )
+    if len(r.get("variants", [])) > 2:
+        typer.echo(_variants_line(r["variants"]))
+
+
+def _variants_line(rows: list[dict]) -> str:
+    """One line per run: each deployment variant's accuracy and batch-1 single-thread speed-up over baseline FP32."""
+
+    def b1(row):
+        x = next((y for y in row["latency"] if y["batch"] == 1 and y["threads"] == 1), row["latency"][0])
+        return x["median_ms"]
+
+    base = b1(rows[0])
+    return "variants: " + ", ".join(
+        f"{r['name']} {100 * r['accuracy']:.2f}% ×{base / b1(r):.2f} ({r['bytes'] / 1024:,.0f} KB)" for r in rows[1:]
     )
 
 

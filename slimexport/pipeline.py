@@ -1,7 +1,8 @@
 """The whole workflow into one run directory, as a list of stages: each reads artifacts of the run and writes its
 own, and returns a record (``stages.json``).
 
-    baseline → sparse → prune → refine → export_baseline, export_pruned → bench → report
+    baseline → sparse → prune → refine → export_baseline, export_pruned
+        [→ quantize_baseline, quantize_pruned (--int8)] [→ convert_pruned[.int8] (--ort)] → bench → report
 
 The run is built in a hidden sibling directory, ``.NAME.partial``, and renamed into place only when it completes,
 so an earlier run directory is replaced (with ``force``) only by a finished one. When a run stops early (an error,
@@ -27,12 +28,13 @@ from slimexport.bench import BenchConfig, bench, provider_for
 from slimexport.checkpoint import load_checkpoint, make_checkpoint, read_checkpoint, save_checkpoint
 from slimexport.console import console
 from slimexport.data import EMBEDDED, Dataset, load_dataset
+from slimexport.deploy import QuantizeConfig, convert, quantize
 from slimexport.errors import CheckpointError, ConfigError, OutputExistsError
 from slimexport.export import ExportConfig, export
 from slimexport.fileio import read_json, write_json
 from slimexport.models import create_model, default_config
 from slimexport.prune import bn_gammas, check_percent, check_prune_stream, prune, resolve_round_to
-from slimexport.report import build_report, plot_channels, plot_gammas, plot_latency, write_report
+from slimexport.report import build_report, plot_channels, plot_gammas, plot_latency, plot_variants, write_report
 from slimexport.stats import count_macs, count_params
 from slimexport.train import PRESETS, TrainConfig, data_meta, evaluate, preset_config, resolve_device, train
 
@@ -66,8 +68,11 @@ class PipelineConfig:
     device: str = "auto"
     force: bool = False
     resume: bool = False
+    int8: bool = False  # also quantize both models to INT8 (onnxruntime QDQ) and bench them
+    ort: bool = False  # also convert the pruned model(s) to the onnxruntime mobile format (.ort) and bench it
     bench: BenchConfig = field(default_factory=BenchConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
 
     def validate(self) -> None:
         check_percent(self.percent)
@@ -79,6 +84,7 @@ class PipelineConfig:
             raise ConfigError(f"--sparsity must be positive for network slimming, got {self.sparsity}")
         resolve_round_to(self.round_to)
         self.bench.validate()
+        self.quantize.validate()
 
     def train_config(self, stage: str) -> TrainConfig:
         """The training options of ``stage`` (baseline, sparse or refine), from the preset where not given."""
@@ -187,9 +193,69 @@ def _export_stage(name: str, ckpt: str) -> Callable[[_Run], dict[str, Any]]:
     return run
 
 
+def _quantize_stage(name: str) -> Callable[[_Run], dict[str, Any]]:
+    def run(r: _Run) -> dict[str, Any]:
+        q = quantize(r.path(f"{name}.onnx"), r.path(f"{name}.int8.onnx"), r.ds, r.cfg.quantize)
+        return {"accuracy": q["accuracy"], "record": q}
+
+    return run
+
+
+def _convert_stage(name: str) -> Callable[[_Run], dict[str, Any]]:
+    def run(r: _Run) -> dict[str, Any]:
+        c = convert(r.path(f"{name}.onnx"), r.path(f"ort/{name}"), r.ds)
+        return {"record": c | {"path": str(Path(c["path"]).relative_to(r.dir))}}
+
+    return run
+
+
+def variants(cfg: PipelineConfig) -> dict[str, str]:
+    """Every model the bench stage times, by name: the FP32 ONNX pair, and with --int8/--ort their deploy forms."""
+    out = {"baseline": "baseline.onnx", "pruned": "pruned.onnx"}
+    if cfg.int8:
+        out |= {"baseline-int8": "baseline.int8.onnx", "pruned-int8": "pruned.int8.onnx"}
+    if cfg.ort:
+        out["pruned-ort"] = "ort/pruned/pruned.ort"
+        if cfg.int8:
+            out["pruned-int8-ort"] = "ort/pruned.int8/pruned.int8.ort"
+    return out
+
+
 def _bench_stage(r: _Run) -> dict[str, Any]:
-    res = bench({n: r.path(f"{n}.onnx") for n in ("baseline", "pruned")}, r.ds, r.cfg.bench)
+    res = bench({n: r.path(f) for n, f in variants(r.cfg).items()}, r.ds, r.cfg.bench)
     return {"result": res}
+
+
+def _variant_rows(r: _Run, res: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per benchmarked model: bytes, onnxruntime accuracy, agreement with its FP32 source, latency."""
+    recs = r.records
+    rows = []
+    for name, f in variants(r.cfg).items():
+        base = name.split("-")[0]
+        row: dict[str, Any] = {
+            "name": name,
+            "file": f,
+            "bytes": r.path(f).stat().st_size,
+            "accuracy": res["models"][name].get("accuracy"),
+            "latency": [
+                {k: x[k] for k in ("provider", "batch", "threads", "median_ms", "p90_ms")}
+                for x in res["latency"]
+                if x["model"] == name
+            ],
+        }
+        if name.endswith("int8"):
+            q = recs[f"quantize_{base}"]["record"]
+            row["parity"] = {"reference": f"{base}.onnx", "top1_agreement": q["top1_agreement"],
+                             "max_abs_diff": q["max_abs_diff"], "images": q["images"]}  # fmt: skip
+            row["types"] = f"{q['activation_type']}/{q['weight_type']}" + (" reduce_range" if q["reduce_range"] else "")
+        elif name.endswith("ort"):
+            src = name.removesuffix("-ort").replace("-int8", ".int8")
+            c = recs[f"convert_{src}"]["record"]
+            row["parity"] = {"reference": f"{src}.onnx"} | c["parity"]
+        else:
+            row["parity"] = {"reference": "PyTorch"} | recs[f"export_{base}"]["model"]["parity"]
+        rows.append(row)
+    return rows
 
 
 def _report_stage(r: _Run) -> dict[str, Any]:
@@ -213,6 +279,7 @@ def _report_stage(r: _Run) -> dict[str, Any]:
     record = recs["prune"]["record"]
     config = read_json(r.path("config.json"))
     report = build_report(models["baseline"], models["pruned"], record, stages, config, r.command)
+    report["variants"] = _variant_rows(r, res)
     sparse_model, _ = load_checkpoint(r.path("sparse.pt"))
     gam = torch.cat(list(bn_gammas(sparse_model).values())).tolist()
     title = f"{cfg.arch}: BN |γ| after sparse training (s={cfg.sparsity:g})"
@@ -221,6 +288,8 @@ def _report_stage(r: _Run) -> dict[str, Any]:
         record["layers"], r.path("channels.png"), f"{cfg.arch}: channels per BN layer, {cfg.percent:.0%} pruned"
     )
     plot_latency(report, r.path("latency.png"))
+    if len(report["variants"]) > 2:
+        plot_variants(report["variants"], r.path("variants.png"))
     write_report(r.dir, report)
     return {"report": "report.json"}
 
@@ -234,6 +303,17 @@ def stages(cfg: PipelineConfig) -> list[Stage]:
         Stage("refine", ("refined.pt",), _refine_stage),
         Stage("export_baseline", ("baseline.onnx",), _export_stage("baseline", "baseline.pt")),
         Stage("export_pruned", ("pruned.onnx",), _export_stage("pruned", "refined.pt")),
+        *(
+            [Stage(f"quantize_{n}", (f"{n}.int8.onnx",), _quantize_stage(n)) for n in ("baseline", "pruned")]
+            if cfg.int8
+            else []
+        ),
+        *([Stage("convert_pruned", ("ort/pruned/pruned.ort",), _convert_stage("pruned"))] if cfg.ort else []),
+        *(
+            [Stage("convert_pruned.int8", ("ort/pruned.int8/pruned.int8.ort",), _convert_stage("pruned.int8"))]
+            if cfg.ort and cfg.int8
+            else []
+        ),
         Stage("bench", (), _bench_stage),
         Stage("report", ("report.json", "report.md", "gamma_hist.png", "channels.png", "latency.png"), _report_stage),
     ]

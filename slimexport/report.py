@@ -176,6 +176,7 @@ def render_markdown(r: dict[str, Any]) -> str:
             f"{y.get('median_ms', float('nan')):.3f} | {y.get('p90_ms', float('nan')):.3f} | "
             f"{x['median_ms']:.3f} | {x['p90_ms']:.3f} | ×{sp.get(k, float('nan')):.2f} |"
         )
+    lines += _variants_markdown(r.get("variants", []))
     lines += [
         "",
         "## Export",
@@ -210,6 +211,61 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _lat(row: dict[str, Any], batch: int, threads: int) -> str:
+    x = next((y for y in row["latency"] if y["batch"] == batch and y["threads"] == threads), None)
+    return "–" if x is None else f"{x['median_ms']:.3f}"
+
+
+def _variants_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """The deploy table: every benchmarked form of both models (FP32, INT8, .ort), side by side."""
+    if len(rows) <= 2:
+        return []
+    settings = sorted({(x["batch"], x["threads"]) for row in rows for x in row["latency"]})
+    head = " | ".join(f"b{b} t{t} ms" for b, t in settings)
+    lines = [
+        "",
+        "## Deployment variants (onnxruntime, median latency)",
+        "",
+        f"| model | bytes | accuracy | top-1 agreement (vs) | max abs diff | {head} |",
+        "|---|---:|---:|---|---:|" + "---:|" * len(settings),
+    ]
+    for row in rows:
+        par = row.get("parity", {})
+        lats = " | ".join(_lat(row, b, t) for b, t in settings)
+        lines.append(
+            f"| {row['name']}{' (' + row['types'] + ')' if row.get('types') else ''} | {row['bytes']:,} | "
+            f"{_pct(row.get('accuracy'))} | {par.get('top1_agreement', float('nan')):.4f} ({par.get('reference', '')})"
+            f" | {par.get('max_abs_diff', float('nan')):.3g} | {lats} |"
+        )
+    lines += ["", "![accuracy against latency](variants.png)"]
+    return lines
+
+
+def plot_variants(rows: list[dict[str, Any]], path: Path) -> None:
+    """Accuracy against batch-1 single-thread latency, one point per deployment variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    for row in rows:
+        x = next((y for y in row["latency"] if y["batch"] == 1 and y["threads"] == 1), None) or row["latency"][0]
+        acc = row.get("accuracy")
+        if acc is None:
+            continue
+        marker = "s" if "int8" in row["name"] else "o"
+        color = "#4C72B0" if row["name"].startswith("pruned") else "#8C8C8C"
+        ax.scatter([x["median_ms"]], [100 * acc], marker=marker, color=color, s=50)
+        ax.annotate(row["name"], (x["median_ms"], 100 * acc), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"median latency (ms), onnxruntime, batch {x['batch']}, {x['threads']} thread(s)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("accuracy against latency")
+    ax.grid(alpha=0.3)
+    _save_fig(fig, path)
 
 
 def _save_fig(fig, path: Path) -> None:

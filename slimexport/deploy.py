@@ -1,0 +1,297 @@
+"""The deploy stage: INT8 quantization (onnxruntime static QDQ) and conversion to the onnxruntime mobile format
+(``.ort``), each verified against the model it came from on real test images.
+
+- :func:`quantize`: ``quant_pre_process`` (symbolic shape inference and graph optimisation), then
+  ``quantize_static`` in QDQ format with per-channel weights, calibrated on training images through a
+  :class:`~onnxruntime.quantization.CalibrationDataReader`. The INT8 model is measured against the FP32 one on
+  the whole test split: accuracy of both, top-1 agreement, max |Δ logits|, bytes.
+- :func:`convert`: ``onnxruntime.tools.convert_onnx_models_to_ort`` (fixed or runtime optimisation, a target
+  platform), then the ``.ort`` file is loaded by onnxruntime and its outputs compared with the ONNX model's.
+
+Activation/weight types follow what is fast and safe on the CPU it runs on (:func:`choose_types`): S8S8 by
+default; where the CPU lacks VNNI, U8S8 with ``reduce_range`` (7-bit weights), because the AVX2/AVX-512 integer
+dot product without VNNI (``vpmaddubsw``) sums pairs of u8×s8 products into int16 and can saturate with full-range
+weights. The record says which was used and why.
+
+Every output is written atomically, and only once verified; bad input (not a model, a model whose input does not
+fit the data, an empty calibration set) is a one-line error that leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slimexport.data import Dataset
+from slimexport.errors import ConfigError, ModelFileError, ParityError, SlimExportError
+from slimexport.fileio import atomic_path
+from slimexport.runtime import check_input_shape, io_names, machine_facts, ort_session
+
+CALIBRATE = ("minmax", "entropy", "percentile")
+OPT_STYLES = ("fixed", "runtime")
+PLATFORMS = ("amd64", "arm")
+
+
+@dataclass
+class QuantizeConfig:
+    calib_images: int = 512  # training images the activation ranges are calibrated on
+    calibrate: str = "minmax"  # minmax | entropy | percentile
+    types: str = "auto"  # auto (by the CPU) | s8s8 | u8s8
+    per_channel: bool = True
+    calib_batch: int = 64
+    seed: int = 0  # which training images calibrate
+
+    def validate(self) -> None:
+        if self.calib_images < 1:
+            raise ConfigError(f"--calib-images must be at least 1, got {self.calib_images}")
+        if self.calibrate not in CALIBRATE:
+            raise ConfigError(f"--calibrate must be one of {', '.join(CALIBRATE)}, got {self.calibrate!r}")
+        if self.types not in ("auto", "s8s8", "u8s8"):
+            raise ConfigError(f"--types must be auto, s8s8 or u8s8, got {self.types!r}")
+
+
+def choose_types(types: str = "auto", facts: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Activation and weight types, ``reduce_range``, and why."""
+    if types == "s8s8":
+        return {"activation": "int8", "weight": "int8", "reduce_range": False, "why": "given: S8S8"}
+    if types == "u8s8":
+        return {"activation": "uint8", "weight": "int8", "reduce_range": True, "why": "given: U8S8 with reduce_range"}
+    facts = facts or machine_facts()
+    if facts["vnni"] or not facts["flags_known"]:
+        why = (
+            "S8S8, onnxruntime's default for QDQ: this CPU has VNNI, whose int8 dot products do not saturate"
+            if facts["vnni"]
+            else "S8S8, onnxruntime's default for QDQ (CPU flags unknown)"
+        )
+        return {"activation": "int8", "weight": "int8", "reduce_range": False, "why": why}
+    return {
+        "activation": "uint8",
+        "weight": "int8",
+        "reduce_range": True,
+        "why": "U8S8 with reduce_range: this CPU has no VNNI, and its u8×s8 dot product (vpmaddubsw) adds pairs into "
+        "int16, which full-range weights can saturate",
+    }
+
+
+class _Calibration:
+    """A CalibrationDataReader over ``n`` training images (a fixed random subset), normalised as at export."""
+
+    def __init__(self, ds: Dataset, input_name: str, n: int, batch: int, seed: int):
+        import torch
+
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(ds.y_train), generator=g)[:n]
+        self.x = ds.normalize(ds.x_train[idx].cpu()).numpy()
+        self.name, self.batch, self.pos = input_name, batch, 0
+
+    def get_next(self):
+        if self.pos >= len(self.x):
+            return None
+        xb = self.x[self.pos : self.pos + self.batch]
+        self.pos += self.batch
+        return {self.name: xb}
+
+    def rewind(self) -> None:
+        self.pos = 0
+
+
+def compare(reference: str | os.PathLike, candidate: str | os.PathLike, ds: Dataset, images: int | None = None,
+            batch: int = 256) -> dict[str, Any]:  # fmt: skip
+    """Both models on the first ``images`` test images (all by default), in onnxruntime: each one's accuracy, top-1
+    agreement and max |Δ logits|."""
+    ref = ort_session(reference, threads=os.cpu_count() or 1)
+    cand = ort_session(candidate, threads=os.cpu_count() or 1)
+    shape = (ds.in_channels, *ds.image_size)
+    check_input_shape(ref, shape, str(reference))
+    check_input_shape(cand, shape, str(candidate))
+    (ri, ro), (ci, co) = io_names(ref), io_names(cand)
+    n = len(ds.y_test) if images is None else min(images, len(ds.y_test))
+    agree = correct_ref = correct_cand = 0
+    max_diff = 0.0
+    for i in range(0, n, batch):
+        x = ds.normalize(ds.x_test[i : min(i + batch, n)].cpu()).numpy()
+        y = ds.y_test[i : min(i + batch, n)].cpu().numpy()
+        a = ref.run([ro], {ri: x})[0]
+        b = cand.run([co], {ci: x})[0]
+        if a.shape != b.shape:
+            raise ParityError(f"{candidate} outputs shape {b.shape}, {reference} {a.shape}")
+        max_diff = max(max_diff, float(np.abs(a - b).max()))
+        agree += int((a.argmax(1) == b.argmax(1)).sum())
+        correct_ref += int((a.argmax(1) == y).sum())
+        correct_cand += int((b.argmax(1) == y).sum())
+    return {
+        "images": n,
+        "reference_accuracy": correct_ref / n,
+        "accuracy": correct_cand / n,
+        "top1_agreement": agree / n,
+        "max_abs_diff": max_diff,
+    }
+
+
+def _op_counts(path: Path) -> dict[str, int]:
+    import onnx
+
+    return dict(sorted(Counter(n.op_type for n in onnx.load(str(path)).graph.node).items()))
+
+
+def quantize(
+    model: str | os.PathLike, out: str | os.PathLike, ds: Dataset, cfg: QuantizeConfig | None = None
+) -> dict[str, Any]:
+    """Quantize the FP32 ONNX ``model`` to INT8 (QDQ) at ``out``; returns the record (see the module doc)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    cfg = cfg or QuantizeConfig()
+    cfg.validate()
+    model = Path(model)
+    sess = ort_session(model)  # a missing or invalid file fails here, in one line
+    check_input_shape(sess, (ds.in_channels, *ds.image_size), str(model))
+    if len(ds.y_train) == 0:
+        raise ConfigError("the calibration set is empty: the data set has no training images")
+    input_name = io_names(sess)[0]
+    types = choose_types(cfg.types)
+    qtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[cfg.calibrate]
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work-") as tmp,
+        atomic_path(out, suffix=".onnx") as dst,
+    ):
+        pre = Path(tmp) / "pre.onnx"
+        log = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                quant_pre_process(str(model), str(pre))
+                reader = _Calibration(ds, input_name, min(cfg.calib_images, len(ds.y_train)), cfg.calib_batch, cfg.seed)
+                quantize_static(
+                    str(pre),
+                    str(dst),
+                    reader,
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=cfg.per_channel,
+                    reduce_range=types["reduce_range"],
+                    activation_type=qtype[types["activation"]],
+                    weight_type=qtype[types["weight"]],
+                    calibrate_method=method,
+                    extra_options={"CalibTensorRangeSymmetric": False},
+                )
+        except SlimExportError:
+            raise
+        except Exception as e:  # noqa: BLE001 - onnxruntime's quantizer raises many types
+            text = str(e).strip()
+            raise SlimExportError(
+                f"quantizing {model} failed: {type(e).__name__}: {(text.splitlines() or [''])[0][:200]}"
+            ) from None
+        quant_seconds = time.perf_counter() - t0
+        measured = compare(model, dst, ds)
+        size = dst.stat().st_size
+        ops = _op_counts(dst)
+    return {
+        "path": str(out),
+        "source": str(model),
+        "bytes": size,
+        "fp32_bytes": model.stat().st_size,
+        "bytes_ratio": size / model.stat().st_size,
+        "format": "QDQ",
+        "activation_type": types["activation"],
+        "weight_type": types["weight"],
+        "reduce_range": types["reduce_range"],
+        "types_why": types["why"],
+        "per_channel": cfg.per_channel,
+        "calibrate": cfg.calibrate,
+        "calib_images": min(cfg.calib_images, len(ds.y_train)),
+        "fp32_accuracy": measured["reference_accuracy"],
+        "accuracy": measured["accuracy"],
+        "top1_agreement": measured["top1_agreement"],
+        "max_abs_diff": measured["max_abs_diff"],
+        "images": measured["images"],
+        "op_counts": ops,
+        "quantize_seconds": quant_seconds,
+        "config": asdict(cfg),
+    }
+
+
+def convert(
+    model: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    ds: Dataset,
+    optimization_style: str = "fixed",
+    target_platform: str = "amd64",
+    parity_images: int = 512,
+    atol: float = 1e-3,
+) -> dict[str, Any]:
+    """Convert ``model`` to the onnxruntime mobile format in ``out_dir`` (``NAME.ort`` plus the operator config a
+    reduced onnxruntime build takes), load the ``.ort`` in onnxruntime and check its outputs against the ONNX
+    model's on real test images. ``out_dir`` appears only once verified."""
+    import onnxruntime as ort
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    if optimization_style not in OPT_STYLES:
+        raise ConfigError(f"--optimization-style must be fixed or runtime, got {optimization_style!r}")
+    if target_platform not in PLATFORMS:
+        raise ConfigError(f"--target-platform must be amd64 or arm, got {target_platform!r}")
+    model = Path(model)
+    if model.suffix != ".onnx":
+        raise ModelFileError(f"{model}: convert takes an .onnx model")
+    check_input_shape(ort_session(model), (ds.in_channels, *ds.image_size), str(model))
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    work = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
+    try:
+        src = work / "src"
+        src.mkdir()
+        shutil.copy2(model, src / model.name)
+        built = work / "out"
+        style = {"fixed": OptimizationStyle.Fixed, "runtime": OptimizationStyle.Runtime}[optimization_style]
+        log = io.StringIO()
+        try:
+            # its native log warns that a fixed-style model holds optimisations for this CPU: the record says so
+            ort.set_default_logger_severity(3)
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                convert_onnx_models_to_ort(src, built, [style], target_platform=target_platform)
+        except Exception as e:  # noqa: BLE001 - the converter raises many types
+            raise SlimExportError(f"converting {model} to .ort failed: {type(e).__name__}: {str(e)[:200]}") from None
+        orts = sorted(built.rglob("*.ort"))
+        if len(orts) != 1:
+            raise SlimExportError(f"converting {model} to .ort produced {len(orts)} .ort files, expected one")
+        par = compare(model, orts[0], ds, images=parity_images)
+        if not par["max_abs_diff"] <= atol:
+            raise ParityError(
+                f"the .ort model differs from {model} by {par['max_abs_diff']:.3g} > atol {atol:g}; "
+                f"{out_dir} not written"
+            )
+        ort_path = out_dir / orts[0].name
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(built, out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "path": str(ort_path),
+        "dir": str(out_dir),
+        "source": str(model),
+        "bytes": ort_path.stat().st_size,
+        "onnx_bytes": model.stat().st_size,
+        "optimization_style": optimization_style,
+        "target_platform": target_platform,
+        "parity": {k: par[k] for k in ("images", "max_abs_diff", "top1_agreement")} | {"atol": atol},
+        "files": sorted(p.name for p in out_dir.iterdir()),
+        "seconds": time.perf_counter() - t0,
+    }

@@ -1,0 +1,143 @@
+"""The deploy stage: INT8 (onnxruntime QDQ) and the .ort mobile format, verified on real images."""
+
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from slimexport.cli import app
+from slimexport.deploy import choose_types, compare, convert, quantize
+from slimexport.export import export
+from slimexport.train import preset_config, train
+from tests.conftest import TINY_VGG
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory, small_ds):
+    """A small VGG trained a few epochs on real Fashion-MNIST images, exported to ONNX."""
+    d = tmp_path_factory.mktemp("deploy")
+    cfg = preset_config("fast", 4, device="cpu", batch_size=64)
+    train(d / "m.pt", small_ds, cfg, arch="vgg11_w25")
+    export(d / "m.pt", d / "m.onnx", small_ds)
+    return d / "m.onnx"
+
+
+def _digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_int8_keeps_the_predictions_at_under_a_third_of_the_bytes(fp32, small_ds, tmp_path):
+    r = quantize(fp32, tmp_path / "m.int8.onnx", small_ds)
+    assert r["top1_agreement"] >= 0.98, r
+    assert r["bytes"] <= 0.3 * fp32.stat().st_size and r["bytes"] == (tmp_path / "m.int8.onnx").stat().st_size
+    assert abs(r["accuracy"] - r["fp32_accuracy"]) <= 0.03 and r["fp32_accuracy"] > 0.5
+    assert r["format"] == "QDQ" and r["per_channel"] and r["types_why"]
+    proto = onnx.load(str(tmp_path / "m.int8.onnx"))
+    producer = {o: n.op_type for n in proto.graph.node for o in n.output}
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    assert convs
+    for n in convs:  # activations and weights of every convolution come through a DequantizeLinear
+        assert producer.get(n.input[0]) == "DequantizeLinear" and producer.get(n.input[1]) == "DequantizeLinear"
+    assert {"QuantizeLinear", "DequantizeLinear"} <= set(r["op_counts"])
+
+
+def test_types_follow_the_cpu():
+    vnni = choose_types("auto", {"vnni": True, "flags_known": True})
+    assert (vnni["activation"], vnni["reduce_range"]) == ("int8", False)
+    avx2 = choose_types("auto", {"vnni": False, "flags_known": True})
+    assert (avx2["activation"], avx2["weight"], avx2["reduce_range"]) == ("uint8", "int8", True)
+    assert "VNNI" in avx2["why"]
+    assert choose_types("s8s8")["activation"] == "int8" and choose_types("u8s8")["reduce_range"]
+
+
+def test_ort_format_loads_and_matches_the_onnx_model(fp32, small_ds, tmp_path):
+    r = convert(fp32, tmp_path / "ort", small_ds)
+    ort_file = tmp_path / "ort" / "m.ort"
+    assert ort_file.is_file() and r["path"] == str(ort_file)
+    assert r["parity"]["max_abs_diff"] <= 1e-3 and r["parity"]["top1_agreement"] == 1.0
+    c = compare(fp32, ort_file, small_ds)  # independently: the whole test split
+    assert c["top1_agreement"] == 1.0 and c["max_abs_diff"] <= 1e-3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no work directory left
+
+
+def test_quantize_and_convert_through_the_cli_and_bench_an_ort_file(fp32, small_npz, tmp_path):
+    q = tmp_path / "m.int8.onnx"
+    res = runner.invoke(app, ["quantize", str(fp32), "--out", str(q), "--dataset", small_npz, "--calib-images", "64"])
+    assert res.exit_code == 0, res.output
+    assert "top-1 agreement" in res.stdout and q.is_file()
+    res = runner.invoke(app, ["convert", str(q), "--to", "ort", "--out", str(tmp_path / "o"), "--dataset", small_npz])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(
+        app,
+        ["bench", str(fp32), str(q), str(tmp_path / "o" / "m.int8.ort"), "--dataset", small_npz, "--batch", "1",
+         "--threads", "1", "--seconds", "0.05", "--out", str(tmp_path / "b.json")],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert set(b["models"]) == {"m.onnx", "m.int8.onnx", "m.int8.ort"}
+    assert b["models"]["m.int8.ort"]["accuracy"] == b["models"]["m.int8.onnx"]["accuracy"]
+    assert b["models"]["m.int8.onnx"]["accuracy"] == pytest.approx(b["models"]["m.onnx"]["accuracy"], abs=0.03)
+
+
+def _fails_cleanly(args, match, folder):
+    before = _digest(folder)
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert isinstance(res.exception, SystemExit) and "Traceback" not in res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len([ln for ln in lines if ln.startswith("error:")]) == 1 and match in res.stderr, res.stderr
+    assert _digest(folder) == before
+
+
+def test_bad_inputs_to_quantize_and_convert(fp32, small_npz, tmp_path):
+    text = tmp_path / "notes.onnx"
+    text.write_text("not a model")
+    _fails_cleanly(["quantize", str(text), "--out", str(tmp_path / "q.onnx"), "--dataset", small_npz], "not a valid",
+                   tmp_path)  # fmt: skip
+    _fails_cleanly(["convert", str(text), "--out", str(tmp_path / "o"), "--dataset", small_npz], "not a valid",
+                   tmp_path)  # fmt: skip
+    rgb = tmp_path / "rgb.npz"
+    rng = np.random.default_rng(0)
+    np.savez(rgb, x_train=rng.integers(0, 255, (8, 32, 32, 3), dtype=np.uint8), y_train=np.arange(8) % 2,
+             x_test=rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8), y_test=np.arange(4) % 2)  # fmt: skip
+    _fails_cleanly(["quantize", str(fp32), "--out", str(tmp_path / "q.onnx"), "--dataset", str(rgb)],
+                   "takes inputs of shape", tmp_path)  # fmt: skip
+    _fails_cleanly(["quantize", str(fp32), "--out", str(tmp_path / "q.onnx"), "--dataset", small_npz,
+                    "--calib-images", "0"], "calib-images", tmp_path)  # fmt: skip
+    _fails_cleanly(["convert", str(fp32), "--to", "tflite", "--out", str(tmp_path / "o"), "--dataset", small_npz],
+                   "not supported", tmp_path)  # fmt: skip
+    (tmp_path / "exists.onnx").write_bytes(b"precious")
+    _fails_cleanly(["quantize", str(fp32), "--out", str(tmp_path / "exists.onnx"), "--dataset", small_npz],
+                   "--force", tmp_path)  # fmt: skip
+
+
+def test_pipeline_with_int8_and_ort(tmp_path, small_npz):
+    out = tmp_path / "run"
+    res = runner.invoke(
+        app,
+        ["pipeline", "--arch", TINY_VGG, "--dataset", small_npz, "--out", str(out), "--epochs", "2",
+         "--refine-epochs", "1", "--sparsity", "0.02", "--percent", "0.5", "--batch", "1,8", "--threads", "1",
+         "--seconds", "0.02", "--device", "cpu", "--int8", "--ort", "--calib-images", "128"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "report.json").read_text())
+    names = [v["name"] for v in r["variants"]]
+    assert names == ["baseline", "pruned", "baseline-int8", "pruned-int8", "pruned-ort", "pruned-int8-ort"]
+    for v in r["variants"]:
+        assert (out / v["file"]).is_file() and v["bytes"] == (out / v["file"]).stat().st_size
+        assert {(x["batch"], x["threads"]) for x in v["latency"]} == {(1, 1), (8, 1)}
+        assert 0 <= v["accuracy"] <= 1 and 0 < v["parity"]["top1_agreement"] <= 1
+        if "int8" not in v["name"]:  # FP32 forms agree with their source (INT8 of a barely trained model need not)
+            assert v["parity"]["top1_agreement"] >= 0.99 and v["parity"]["max_abs_diff"] <= 1e-3
+    by = {v["name"]: v for v in r["variants"]}
+    assert by["pruned-int8"]["bytes"] < by["pruned"]["bytes"] < by["baseline"]["bytes"]
+    assert by["pruned-ort"]["accuracy"] == by["pruned"]["accuracy"]  # the same model in another container
+    assert (out / "variants.png").is_file() and "Deployment variants" in (out / "report.md").read_text()
+    q = r["stages"]["quantize_pruned"]
+    assert by["pruned-int8"]["accuracy"] == q["accuracy"]  # the bench and the quantize stage measure alike
+    assert {"quantize_baseline", "quantize_pruned", "convert_pruned", "convert_pruned.int8"} <= set(r["stages"])
