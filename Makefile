@@ -2,13 +2,16 @@
 PYTHON ?= python3
 SUITE ?= quick
 
-.PHONY: install test lint benchmark benchmark-selection demo clean
+.PHONY: install test test-gpu lint benchmark benchmark-selection demo clean
 
 install:  ## install slimexport with its test tools (editable)
 	$(PYTHON) -m pip install -e ".[dev]"
 
 test:  ## the whole test suite (a few minutes on two cores)
 	$(PYTHON) -m pytest tests
+
+test-gpu:  ## only the GPU tests (CUDA training, compile, resume, onnxruntime CUDA bench); skipped without CUDA
+	$(PYTHON) -m pytest tests -m cuda -rs
 
 lint:
 	$(PYTHON) -m ruff check slimexport tests benchmarks

@@ -93,6 +93,13 @@ SUITES: dict[str, list[dict]] = {
             train_subset=1000,
         ),  # fmt: skip
     ],
+    # The GPU path in one command (`make benchmark SUITE=gpu`): VGG-19 on CIFAR-10 at 70%, the whole pipeline on
+    # CUDA with bf16, resident data and torch.compile; per-stage images/s, compile time and wall time in the result.
+    # Needs cifar10.npz (python ../shared/tools/fetch_cifar10.py DIR, then --data-dir DIR); nothing is downloaded.
+    "gpu": [
+        dict(arch="vgg19", dataset="cifar10", percent=0.7, epochs=30, refine_epochs=30, sparsity=1e-4, compile=True,
+             peer=False, device="cuda"),  # fmt: skip
+    ],
     # The reference architectures on CIFAR-10, meant for a GPU (`fast` preset).
     "full": [
         dict(arch="vgg19", dataset="cifar10", percent=0.7, epochs=30, refine_epochs=30, sparsity=1e-4),
@@ -243,7 +250,8 @@ def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path, trained:
         refine_epochs=args.refine_epochs or entry["refine_epochs"],
         sparsity=entry["sparsity"],
         percent=entry["percent"],
-        device=args.device,
+        device=entry.get("device", args.device),
+        compile=entry.get("compile", False),
         force=True,
         preset=args.preset,
         bench=BenchConfig(batches=[1], threads=[1], seconds=0.2, accuracy=True),

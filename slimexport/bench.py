@@ -26,6 +26,7 @@ from slimexport.runtime import (
     check_model_file,
     latency,
     ort_session,
+    parse_device,
     provider_for,
     run_logits,
 )
@@ -35,7 +36,9 @@ __all__ = ["BenchConfig", "bench", "index_op_cost", "latency", "op_time_shares",
 
 def ort_accuracy(path: Path, ds: Dataset, device: str = "cpu", batch_size: int = 256, progress=None) -> float:
     """Top-1 accuracy of the ONNX model on the whole test split, computed by onnxruntime."""
-    sess = ort_session(path, threads=os.cpu_count() or 1, provider=provider_for(device))
+    sess = ort_session(
+        path, threads=os.cpu_count() or 1, provider=provider_for(device), device_id=parse_device(device)[1]
+    )
     check_input_shape(sess, (ds.in_channels, *ds.image_size), str(path))
     correct = 0
     task = progress.add_task(f"accuracy {Path(path).name}", total=len(ds.y_test), info="") if progress else None
@@ -49,10 +52,17 @@ def ort_accuracy(path: Path, ds: Dataset, device: str = "cpu", batch_size: int =
     return correct / len(ds.y_test)
 
 
-def op_time_shares(path: Path, image_shape: tuple[int, ...], runs: int = 50, threads: int = 1) -> dict[str, Any]:
-    """Per op type, the share of onnxruntime CPU node time at batch 1 (from onnxruntime's profiler)."""
+def op_time_shares(
+    path: Path, image_shape: tuple[int, ...], runs: int = 50, threads: int = 1, device: str = "cpu"
+) -> dict[str, Any]:
+    """Per op type, the share of onnxruntime node time at batch 1 (from onnxruntime's profiler), on the provider of
+    ``device`` (the one the bench targets); the record names it."""
+    provider, device_id = parse_device(device)
     with tempfile.TemporaryDirectory() as tmp:
-        sess = ort_session(path, threads=threads, profile_prefix=os.path.join(tmp, "ort"))
+        sess = ort_session(
+            path, threads=threads, provider=provider_for(device), profile_prefix=os.path.join(tmp, "ort"),
+            device_id=device_id,
+        )  # fmt: skip
         x = np.zeros((1, *image_shape), np.float32)
         for _ in range(runs):
             run_logits(sess, x)
@@ -72,6 +82,7 @@ def op_time_shares(path: Path, image_shape: tuple[int, ...], runs: int = 50, thr
         "gather_slice_share": shares.get("Gather", 0.0) + shares.get("Slice", 0.0),
         "runs": runs,
         "threads": threads,
+        "provider": provider,
     }
 
 
@@ -163,6 +174,6 @@ def bench(models: dict[str, str | os.PathLike], ds: Dataset, cfg: BenchConfig | 
             if cfg.accuracy:
                 out["models"][name]["accuracy"] = ort_accuracy(p, ds, cfg.device, progress=progress)
             if cfg.profile:
-                out["models"][name]["op_time"] = op_time_shares(p, image_shape)
+                out["models"][name]["op_time"] = op_time_shares(p, image_shape, device=cfg.device)
     out["config"] = asdict(cfg)
     return out

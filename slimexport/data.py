@@ -12,6 +12,7 @@ Sources, by ``--dataset``:
 
 from __future__ import annotations
 
+import copy
 import gzip
 import os
 import zipfile
@@ -81,10 +82,13 @@ class Dataset:
         return (x.float() - mean) / std
 
     def to(self, device: str | torch.device) -> Dataset:
-        """Move the raw tensors (kept uint8, so a whole data set fits on a GPU) to ``device``."""
+        """A new Dataset whose raw tensors (kept uint8, so a whole data set fits on a GPU) are on ``device``; this
+        one stays where it is. On the same device it shares the tensors."""
+        new = copy.copy(self)
+        new._norm = dict(self._norm)
         for k in ("x_train", "y_train", "x_test", "y_test"):
-            setattr(self, k, getattr(self, k).to(device))
-        return self
+            setattr(new, k, getattr(self, k).to(device))
+        return new
 
     def summary(self) -> str:
         c, (h, w) = self.in_channels, self.image_size

@@ -48,6 +48,7 @@ class ExportConfig:
     tune_batch: int = 1
     tune_threads: int = 1
     tune_seconds: float = 1.0
+    tune_device: str = "cpu"  # where `auto` times its candidates: the bench's device (cpu, cuda, cuda:N)
     # Apply the model's exact export rewrites (``for_export``; DenseNet: each transition's conv1×1 → avg-pool 2 as
     # one 2×2 stride-2 conv). Off only to measure what they gain.
     rewrite: bool = True
@@ -129,7 +130,7 @@ def _export_fastest(
 ) -> dict[str, Any]:
     """``--selection auto``: export every candidate, time them side by side in onnxruntime, keep the fastest."""
     image_shape = (ds.in_channels, *ds.image_size)
-    cands, per_unit = candidates(model, image_shape, cfg.tune_batch, cfg.tune_threads)
+    cands, per_unit = candidates(model, image_shape, cfg.tune_batch, cfg.tune_threads, cfg.tune_device)
     if len(cands) == 1:  # nothing to choose (no selection removes a channel)
         res = export_model(model, out, ds, cfg, metadata, reference=model)
         res["selection"] = {"chosen": "gather", "absorbed": cands["gather"][1], "candidates": {}, "units": per_unit}
@@ -141,7 +142,9 @@ def _export_fastest(
         for name, (m, _) in cands.items():
             paths[name] = Path(tmp) / f"{name}.onnx"
             results[name] = export_model(m, paths[name], ds, cfg, metadata | {"selection": name}, reference=model)
-        bcfg = BenchConfig(batches=[cfg.tune_batch], threads=[cfg.tune_threads], seconds=cfg.tune_seconds)
+        bcfg = BenchConfig(
+            batches=[cfg.tune_batch], threads=[cfg.tune_threads], seconds=cfg.tune_seconds, device=cfg.tune_device
+        )
         rows = latency(paths, image_shape, bcfg)
         timing = {r["model"]: r["median_ms"] for r in rows}
         chosen = min(timing, key=lambda n: (timing[n], n != "gather"))  # a tie goes to the fewest MACs
@@ -152,6 +155,7 @@ def _export_fastest(
         "absorbed": cands[chosen][1],  # per selection unit, in the order of model.selection_units()
         "batch": cfg.tune_batch,
         "threads": cfg.tune_threads,
+        "tuned_on": cfg.tune_device,
         "candidates": {n: {"median_ms": timing[n], "op_counts": results[n]["op_counts"]} for n in cands},
         "units": per_unit,
     }

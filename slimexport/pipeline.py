@@ -136,6 +136,8 @@ def _reuse(src: Path, dst: Path, ds, device: torch.device) -> dict[str, Any]:
 def _stage_facts(meta: dict[str, Any]) -> dict[str, Any]:
     """What a training stage reports: its accuracy, its speed, and where a reused checkpoint came from."""
     facts = {"accuracy": meta["accuracy"], "images_per_s": meta.get("images_per_s")}
+    if meta.get("compile_seconds"):
+        facts["compile_seconds"] = meta["compile_seconds"]  # not in images_per_s
     return facts | ({"reused": meta["reused"]} if "reused" in meta else {})
 
 
@@ -169,7 +171,7 @@ def _refine_stage(r: _Run) -> dict[str, Any]:
     meta = train(
         r.path("refined.pt"), r.ds, r.cfg.train_config("refine"), init=r.path("pruned.pt"), stage="refined", resume=True
     )
-    return {"accuracy": meta["accuracy"], "images_per_s": meta["images_per_s"]}
+    return _stage_facts(meta)
 
 
 def _export_stage(name: str, ckpt: str) -> Callable[[_Run], dict[str, Any]]:
@@ -383,8 +385,9 @@ def run_pipeline(cfg: PipelineConfig, command: str = "") -> dict[str, Any]:
         if out.exists() and not cfg.force:
             raise OutputExistsError(f"run directory {out} already exists; pass --force to replace it")
     device = resolve_device(cfg.device)
-    if cfg.bench.device == "cuda":
-        provider_for("cuda")  # a real session on CUDA, before any training
+    if cfg.bench.device != "cpu":
+        provider_for(cfg.bench.device)  # a real session on CUDA, before any training
+        cfg.export.tune_device = cfg.bench.device  # `--selection auto` chooses for the device it is benched on
     _resolve(cfg)
     ds = load_dataset(cfg.dataset, cfg.data_dir)
     config = asdict(cfg) | {"resolved_device": str(device), "data": ds.summary()}

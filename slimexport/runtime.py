@@ -27,8 +27,8 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"  # the names slimexport's own export
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 MODEL_SUFFIXES = (".onnx", ".ort")
 CUDA_HINT = (
-    "pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'onnxruntime-gpu' "
-    "(or pip install -e '.[gpu]'), with a CUDA and cuDNN matching its build"
+    "switch to the GPU build with: pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu "
+    "(it shares the CPU wheel's import folder), with the CUDA and cuDNN its release notes name"
 )
 
 
@@ -51,8 +51,19 @@ class BenchConfig:
             raise ConfigError(f"--threads must be positive integers, got {self.threads}")
         if self.min_runs < 1 or self.max_runs < self.min_runs:
             raise ConfigError("--runs must be at least 1")
-        if self.device not in PROVIDERS:
-            raise ConfigError(f"unknown --device {self.device!r} for bench: cpu or cuda")
+        parse_device(self.device)
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """``cpu``, ``cuda`` or ``cuda:N`` → (onnxruntime provider, device id)."""
+    name, _, index = device.partition(":")
+    if name not in PROVIDERS or (index and (name != "cuda" or not index.isdigit())):
+        raise ConfigError(f"unknown onnxruntime device {device!r}: cpu, cuda or cuda:N")
+    return PROVIDERS[name], int(index or 0)
+
+
+def _providers(provider: str, device_id: int = 0) -> list:
+    return [(provider, {"device_id": str(device_id)})] if provider == "CUDAExecutionProvider" else [provider]
 
 
 def _probe_model() -> bytes:
@@ -77,9 +88,7 @@ def provider_for(device: str) -> str:
     CPU)."""
     import onnxruntime as ort
 
-    if device not in PROVIDERS:
-        raise ConfigError(f"unknown onnxruntime device {device!r}: cpu or cuda")
-    provider = PROVIDERS[device]
+    provider, device_id = parse_device(device)
     if provider == "CPUExecutionProvider":
         return provider
     available = ort.get_available_providers()
@@ -95,7 +104,7 @@ def provider_for(device: str) -> str:
     so = ort.SessionOptions()
     so.log_severity_level = 4
     try:
-        got = ort.InferenceSession(_probe_model(), so, providers=[provider]).get_providers()
+        got = ort.InferenceSession(_probe_model(), so, providers=_providers(provider, device_id)).get_providers()
     except Exception as e:  # noqa: BLE001 - any failure to create the session means the provider is not usable
         got, why = [], _first_line(e)
     else:
@@ -123,6 +132,7 @@ def ort_session(
     threads: int = 1,
     provider: str = "CPUExecutionProvider",
     profile_prefix: str | None = None,
+    device_id: int = 0,
 ):
     """An onnxruntime session (sequential, all graph optimisations); a model file that is missing, not ONNX/ORT,
     truncated or invalid is a one-line :class:`ModelFileError`; a session that did not get ``provider`` is a
@@ -147,7 +157,7 @@ def ort_session(
         if str(path).endswith(".ort"):
             so.add_session_config_entry("session.load_model_format", "ORT")
     try:
-        sess = ort.InferenceSession(src, so, providers=[provider])
+        sess = ort.InferenceSession(src, so, providers=_providers(provider, device_id))
     except Exception as e:  # noqa: BLE001 - onnxruntime raises InvalidProtobuf, InvalidGraph, Fail, ... (pybind types)
         raise ModelFileError(f"{what} is not a valid ONNX/ORT model onnxruntime can load ({_first_line(e)})") from None
     if sess.get_providers()[0] != provider:
@@ -187,7 +197,7 @@ class _Runner:
     ):
         import onnxruntime as ort
 
-        self.sess = ort_session(path, threads=threads, provider=provider)
+        self.sess = ort_session(path, threads=threads, provider=provider, device_id=device_id)
         self.input, self.output = io_names(self.sess)
         x = np.random.default_rng(0).standard_normal((batch, *image_shape)).astype(np.float32)
         self.cuda = provider == "CUDAExecutionProvider"
@@ -215,6 +225,7 @@ def latency(
     and setting. Models are timed side by side: runs alternate between them, so that machine noise hits all."""
     cfg.validate()
     provider = provider_for(cfg.device)
+    device_id = parse_device(cfg.device)[1]
     threads = cfg.threads if cfg.device == "cpu" else [cfg.threads[0]]
     rows = []
     settings = [(b, t) for b in cfg.batches for t in threads]
@@ -222,7 +233,9 @@ def latency(
     for batch, nthreads in settings:
         if task is not None:
             progress.update(task, info=f"batch {batch}, {nthreads} thread(s)")
-        runners = {name: _Runner(path, provider, batch, nthreads, image_shape) for name, path in models.items()}
+        runners = {
+            name: _Runner(path, provider, batch, nthreads, image_shape, device_id) for name, path in models.items()
+        }
         for r in runners.values():  # warm-up (on CUDA this also covers cuDNN's algorithm search)
             for _ in range(cfg.warmup):
                 r.run()

@@ -143,10 +143,12 @@ def _unit_graph(shape: UnitShape, dense: bool, batch: int, opset: int = 20) -> b
     return proto.SerializeToString()
 
 
-def time_unit(shape: UnitShape, batch: int = 1, threads: int = 1, seconds: float = 0.1) -> dict[str, float]:
-    """Median milliseconds of the unit's gather and dense variants in onnxruntime, timed side by side."""
+def time_unit(
+    shape: UnitShape, batch: int = 1, threads: int = 1, seconds: float = 0.1, device: str = "cpu"
+) -> dict[str, float]:
+    """Median milliseconds of the unit's gather and dense variants in onnxruntime on ``device``, side by side."""
     graphs = {v: _unit_graph(shape, v == "dense", batch) for v in ("gather", "dense")}
-    cfg = BenchConfig(batches=[batch], threads=[threads], warmup=3, min_runs=15, seconds=seconds)
+    cfg = BenchConfig(batches=[batch], threads=[threads], warmup=3, min_runs=15, seconds=seconds, device=device)
     rows = latency(graphs, (shape.channels, shape.height, shape.width), cfg)
     return {r["model"]: r["median_ms"] for r in rows}
 
@@ -158,7 +160,12 @@ MIX_TOLERANCES = (0.0, 0.1, 0.25)
 
 
 def unit_costs(
-    model: nn.Module, image_shape: tuple[int, int, int], batch: int = 1, threads: int = 1, seconds: float = 0.1
+    model: nn.Module,
+    image_shape: tuple[int, int, int],
+    batch: int = 1,
+    threads: int = 1,
+    seconds: float = 0.1,
+    device: str = "cpu",
 ) -> list[dict[str, Any] | None]:
     """Per selection unit of ``model``, its gather and dense variants timed alone (None for identity selections).
 
@@ -172,7 +179,7 @@ def unit_costs(
             costs.append(None)
             continue
         if shape.key() not in cache:
-            cache[shape.key()] = time_unit(shape, batch, threads, seconds)
+            cache[shape.key()] = time_unit(shape, batch, threads, seconds, device)
         t = cache[shape.key()]
         costs.append(
             {
@@ -193,7 +200,7 @@ def mix(costs: list[dict[str, Any] | None], tolerance: float = 0.0) -> list[bool
 
 
 def candidates(
-    model: nn.Module, image_shape: tuple[int, int, int], batch: int = 1, threads: int = 1
+    model: nn.Module, image_shape: tuple[int, int, int], batch: int = 1, threads: int = 1, device: str = "cpu"
 ) -> tuple[dict[str, tuple[nn.Module, list[bool]]], list[dict[str, Any]]]:
     """The exact variants of ``model`` worth timing whole, each with its per-unit absorb flags: ``gather`` (the model
     itself), ``dense`` (every selection absorbed) and the per-unit mixes of :data:`MIX_TOLERANCES` that differ from
@@ -206,7 +213,7 @@ def candidates(
     active = [sel.mode != "identity" for sel, _, _ in units]
     if not any(active):
         return {"gather": (model, [False] * len(units))}, []
-    costs = unit_costs(model, image_shape, batch, threads)
+    costs = unit_costs(model, image_shape, batch, threads, device=device)
     out = {"gather": (model, [False] * len(units)), "dense": (absorb_selections(model), [True] * len(units))}
     seen = {tuple([False] * sum(active)), tuple([True] * sum(active))}
     for tol in MIX_TOLERANCES:

@@ -132,26 +132,26 @@ def _autocast(device: torch.device):
 def evaluate(
     model: nn.Module, ds: Dataset, device: torch.device | str = "cpu", batch_size: int = 512, progress=None
 ) -> float:
-    """Top-1 accuracy (fraction) on the test split."""
+    """Top-1 accuracy (fraction) on the test split, in fp32 on every device (as onnxruntime measures it); the
+    count stays on the device until the end, so there is no host sync per batch."""
     device = torch.device(device)
     model.eval().to(device)
-    correct = 0
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     task = progress.add_task("evaluate", total=len(ds.y_test), info="") if progress is not None else None
     x_all, y_all = ds.x_test.to(device), ds.y_test.to(device)
     for xb, yb in batches(x_all, y_all, batch_size, shuffle=False):
-        with _autocast(device):
-            logits = model(ds.normalize(xb))
-        correct += int((logits.argmax(1) == yb).sum())
+        logits = model(ds.normalize(xb))
+        correct += (logits.argmax(1) == yb).sum()
         if task is not None:
             progress.advance(task, len(yb))
     if task is not None:
         progress.remove_task(task)
-    return correct / len(ds.y_test)
+    return int(correct) / len(ds.y_test)
 
 
 def _make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
     total = cfg.epochs * steps_per_epoch
-    if cfg.schedule == "onecycle":
+    if cfg.schedule == "onecycle" and total >= 8:  # fewer steps than that leave a one-cycle phase empty
         return torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=cfg.lr, total_steps=total, pct_start=0.25, div_factor=10.0, final_div_factor=100.0
         )
@@ -176,12 +176,18 @@ def fit(
     cfg.validate()
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # shuffling, and augmentation on the CPU
+    # Augmentation runs where the data is: on CUDA with the run's own CUDA generator (saved for resume), never the
+    # global one, so a resumed run continues the same random stream.
+    aug_gen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(cfg.seed + 1)
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    ds_dev = ds if device.type == "cpu" else ds.to(device)
-    steps = math.ceil(len(ds.y_train) / cfg.batch_size)
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest algorithms once
+    ds_dev = ds.to(device)  # a new Dataset on the device; the caller's stays where it was
+    # torch.compile: static shapes (the last partial batch is dropped, so no second, dynamic-shape compile)
+    drop_last = cfg.compile and len(ds.y_train) >= cfg.batch_size
+    steps = len(ds.y_train) // cfg.batch_size if drop_last else math.ceil(len(ds.y_train) / cfg.batch_size)
     opt = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
     )
@@ -199,12 +205,15 @@ def fit(
         opt.load_state_dict(state["meta"]["optimizer"])
         sched.load_state_dict(state["meta"]["scheduler"])
         gen.set_state(state["meta"]["rng"])
+        if aug_gen is not gen and "rng_device" in state["meta"]:
+            aug_gen.set_state(state["meta"]["rng_device"].cpu())
         start_epoch, history = state["meta"]["epoch"], state["meta"]["history"]
         train_seconds = state["meta"]["train_seconds"]
         console.print(f"resuming {description} from epoch {start_epoch} ({resume_path})")
     bn_ws = bn_weights(model)
     forward = torch.compile(model) if cfg.compile else model  # shares parameters with `model`
     pad = max(1, ds.image_size[0] // 8) if cfg.augment else 0
+    compile_seconds = _warm_up(model, forward, ds_dev, cfg, device) if cfg.compile else 0.0
     with make_progress() as progress:
         task = progress.add_task(description, total=cfg.epochs * steps, completed=start_epoch * steps, info="")
         for epoch in range(start_epoch, cfg.epochs):
@@ -212,9 +221,11 @@ def fit(
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             seen = 0
-            for xb, yb in batches(ds_dev.x_train, ds_dev.y_train, cfg.batch_size, shuffle=True, generator=gen):
+            for xb, yb in batches(
+                ds_dev.x_train, ds_dev.y_train, cfg.batch_size, shuffle=True, generator=gen, drop_last=drop_last
+            ):
                 if cfg.augment:
-                    xb = augment(xb, pad, flip=True, generator=gen if device.type == "cpu" else None)
+                    xb = augment(xb, pad, flip=True, generator=aug_gen)
                 x = ds.normalize(xb)
                 if device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -229,7 +240,7 @@ def fit(
                 seen += len(yb)
                 progress.advance(task)
             if device.type == "cuda":
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(device)
             epoch_s = time.perf_counter() - t0
             train_seconds += epoch_s
             last = epoch + 1 == cfg.epochs
@@ -255,20 +266,43 @@ def fit(
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(),
                     "rng": gen.get_state(),
+                    **({"rng_device": aug_gen.get_state()} if aug_gen is not gen else {}),
                     "epoch": epoch + 1,
                     "history": history,
                     "train_seconds": train_seconds,
                 }
                 save_checkpoint(make_checkpoint(model, {}, state_meta), resume_path)
     model.to("cpu").to(memory_format=torch.contiguous_format)
-    n_images = sum(len(ds.y_train) for _ in history)
+    n_images = sum(steps * cfg.batch_size if drop_last else len(ds.y_train) for _ in history)
     return {
+        "compile_seconds": compile_seconds,
         "history": history,
         "final_accuracy": history[-1]["accuracy"],
         "best_accuracy": max(h["accuracy"] for h in history if h["accuracy"] is not None),
         "train_seconds": train_seconds,
         "images_per_s": n_images / train_seconds if train_seconds else 0.0,
     }
+
+
+def _warm_up(model: nn.Module, forward, ds: Dataset, cfg: TrainConfig, device: torch.device) -> float:
+    """Compile ``forward`` (and its backward) outside the timed epochs: one forward and backward on a training-shaped
+    batch, after which the model's weights, BN statistics and gradients are put back as they were. Returns seconds."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    x = ds.normalize(ds.x_train[: cfg.batch_size])
+    y = ds.y_train[: cfg.batch_size]
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    t0 = time.perf_counter()
+    model.train()
+    with _autocast(device):
+        loss = F.cross_entropy(forward(x), y)
+    loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    model.load_state_dict(state)
+    model.zero_grad(set_to_none=True)
+    return seconds
 
 
 def _cfg_key(cfg: TrainConfig) -> dict[str, Any]:
@@ -332,6 +366,7 @@ def train(
         "history": result["history"],
         "train_seconds": result["train_seconds"],
         "images_per_s": result["images_per_s"],
+        "compile_seconds": result["compile_seconds"],
         "parent": prior_meta.get("stage"),
     }
     if "prune" in prior_meta:

@@ -79,3 +79,14 @@ def test_bad_training_options(small_ds):
 def test_cuda_without_a_gpu_is_a_clear_error():
     with pytest.raises(DeviceError, match="CUDA is not available"):
         resolve_device("cuda")
+
+
+def test_a_few_steps_train_without_a_schedule_error(small_ds):
+    """One-cycle over 4 steps leaves its warm-up phase empty (torch divides by zero); such runs use a constant lr."""
+    from slimexport.models import create_model
+    from slimexport.train import TrainConfig, fit
+
+    torch.manual_seed(0)
+    m = create_model("vgg11_w12", 10, 1)
+    r = fit(m, small_ds, TrainConfig(epochs=1, batch_size=150, device="cpu"))  # 600 images: 4 steps
+    assert len(r["history"]) == 1 and r["history"][0]["loss"] > 0
