@@ -97,8 +97,17 @@ SUITES: dict[str, list[dict]] = {
     # CUDA with bf16, resident data and torch.compile; per-stage images/s, compile time and wall time in the result.
     # Needs cifar10.npz (python ../shared/tools/fetch_cifar10.py DIR, then --data-dir DIR); nothing is downloaded.
     "gpu": [
-        dict(arch="vgg19", dataset="cifar10", percent=0.7, epochs=30, refine_epochs=30, sparsity=1e-4, compile=True,
-             peer=False, device="cuda"),  # fmt: skip
+        dict(
+            arch="vgg19",
+            dataset="cifar10",
+            percent=0.7,
+            epochs=30,
+            refine_epochs=30,
+            sparsity=1e-4,
+            compile=True,
+            peer=False,
+            device="cuda",
+        ),  # fmt: skip
     ],
     # The reference architectures on CIFAR-10, meant for a GPU (`fast` preset).
     "full": [
