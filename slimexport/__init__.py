@@ -10,3 +10,19 @@ Each stage is a function from an artifact on disk to a new artifact on disk:
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """The Python API, imported on first use (so that ``slimexport --help`` stays light)::
+
+    from slimexport import prune_model, regularize
+    """
+    if name == "prune_model":
+        from slimexport.prune import prune_model
+
+        return prune_model
+    if name == "regularize":
+        from slimexport.train import regularize
+
+        return regularize
+    raise AttributeError(f"module 'slimexport' has no attribute {name!r}")

@@ -102,9 +102,37 @@ def check_prune_stream(model: nn.Module, prune_stream: bool) -> None:
 
 
 def prune_model(
-    model: nn.Module, percent: float, min_channels: int = 1, round_to: int = 1, prune_stream: bool = False
+    model: nn.Module,
+    percent: float | None = None,
+    min_channels: int = 1,
+    round_to: int = 1,
+    prune_stream: bool = False,
+    example_input: torch.Tensor | None = None,
+    max_macs: float | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Prune ``model`` (not modified) at the global ``percent``; returns the smaller model and a record."""
+    """Prune any CNN by network slimming; ``model`` is not modified. Returns (the smaller model, the record).
+
+    ``percent`` (of the prunable BN channels) or ``max_macs`` (the fraction of the unpruned MACs to keep) sets one
+    global |γ| threshold; each layer keeps at least ``min_channels`` and, with ``round_to``, a multiple of it.
+    slimexport's own architectures use their hand-written rules; any other ``nn.Module`` goes through the graph
+    engine (:mod:`slimexport.graph`), which needs ``example_input`` (one batch of the input it will see).
+    """
+    from slimexport.models.external import GraphModel
+
+    if (percent is None) == (max_macs is None):
+        raise ConfigError("give either percent or max_macs, not both")
+    if isinstance(model, GraphModel):
+        return model.pruned_by_graph(percent=percent, min_channels=min_channels, round_to=round_to, max_macs=max_macs)
+    if not callable(getattr(model, "pruned", None)):
+        from slimexport.graph_prune import prune_graph
+
+        if example_input is None:
+            raise ConfigError(f"pruning a {type(model).__name__} traces it: pass example_input (a batch of inputs)")
+        return prune_graph(model, example_input, percent, min_channels, round_to, max_macs)
+    if max_macs is not None:
+        size = tuple(example_input.shape[2:]) if example_input is not None else (32, 32)
+        return prune_to_macs(model, max_macs, size, min_channels, round_to, prune_stream)
+    check_percent(percent)
     gammas = bn_gammas(model)
     return _prune_at(model, gammas, global_threshold(gammas, percent), percent, min_channels, round_to, prune_stream)
 
@@ -187,7 +215,9 @@ def _prune_at(
         "channels_after": kept,
         "pruned_fraction": 1 - kept / total,
         "floored_layers": floored,
-        "layers": [{"name": n, "before": len(g), "after": len(keep[n])} for n, g in gammas.items()],
+        "layers": [
+            {"name": n, "before": len(g), "after": len(keep[n]), "kept": keep[n].tolist()} for n, g in gammas.items()
+        ],
     }
     if _has_stream(model):
         record["stream"] = {"before": model.stream_widths(), "after": new.stream_widths()}
@@ -221,7 +251,14 @@ def prune(
     round_to, round_why = resolve_round_to(round_to)
     model, ckpt = load_checkpoint(ckpt_path)
     size = tuple(ckpt["data"].get("image_size") or (32, 32))
-    if percent is not None:
+    from slimexport.models.external import GraphModel
+
+    if isinstance(model, GraphModel):
+        check_prune_stream(model, prune_stream)
+        new, record = model.pruned_by_graph(
+            percent=percent, min_channels=min_channels, round_to=round_to, max_macs=max_macs
+        )
+    elif percent is not None:
         new, record = prune_model(model, percent, min_channels, round_to, prune_stream)
     else:
         new, record = prune_to_macs(model, max_macs, size, min_channels, round_to, prune_stream)

@@ -21,3 +21,14 @@ def count_macs(model: nn.Module, in_channels: int, image_size: tuple[int, int]) 
         model(x)
     model.train(was_training)
     return counter.get_total_flops() // 2
+
+
+@torch.no_grad()
+def count_macs_on(model: nn.Module, example_input: torch.Tensor) -> int:
+    """MACs of one forward pass on ``example_input`` (convs and linears; FLOPs / 2)."""
+    was_training = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as counter:
+        model(example_input)
+    model.train(was_training)
+    return counter.get_total_flops() // 2

@@ -108,13 +108,25 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
 def bn_weights(model: nn.Module) -> list[torch.Tensor]:
-    return [m.weight for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.weight is not None]
+    """The scale γ of every BatchNorm (1d, 2d, 3d, SyncBatchNorm) of any model."""
+    return [m.weight for m in model.modules() if isinstance(m, BN_TYPES) and m.weight is not None]
 
 
 @torch.no_grad()
 def regularize(model: nn.Module, sparsity: float, weights: list[torch.Tensor] | None = None) -> None:
-    """Add the L1 subgradient ``sparsity·sign(γ)`` to the gradient of every BN scale γ (after ``backward()``)."""
+    """Add the L1 subgradient ``sparsity·sign(γ)`` to the gradient of every BN scale γ of any model.
+
+    Call it after ``backward()`` and before ``step()`` (under DDP after backward, i.e. after the all-reduce, so
+    every rank adds the same term; with a GradScaler after ``scaler.unscale_(optimizer)``)::
+
+        loss.backward()
+        slimexport.regularize(model, 1e-4)
+        optimizer.step()
+    """
     if sparsity <= 0:
         return
     ws = [w for w in (weights if weights is not None else bn_weights(model)) if w.grad is not None]
@@ -355,6 +367,8 @@ def train(
             model = create_model(arch, ds.num_classes, ds.in_channels)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if "image_size" in model.config:  # a traced model prunes at the data's image size
+            model.config["image_size"] = list(ds.image_size)
     stage = stage or ("refined" if init is not None else ("sparse" if cfg.sparsity > 0 else "baseline"))
     resume_path = out.with_name(out.name + ".resume")
     result = fit(model, ds, cfg, resume_path=resume_path, resume=resume, description=stage)

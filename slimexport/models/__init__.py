@@ -19,6 +19,7 @@ from torch import nn
 
 from slimexport.models.common import ChannelSelection
 from slimexport.models.densenet import DenseNet, densenet_config
+from slimexport.models.external import GraphModel, external_config, is_external
 from slimexport.models.preresnet import PreResNet, preresnet_config
 from slimexport.models.vgg import VGG, vgg_config
 
@@ -74,12 +75,17 @@ def _resolve(arch: str) -> tuple[Family, re.Match]:
 
 def default_config(arch: str) -> dict[str, Any]:
     """The unpruned config of ``arch``."""
+    if is_external(arch):
+        return external_config(arch)
     fam, m = _resolve(arch)
     return fam.default_config(m)
 
 
 def create_model(arch: str, num_classes: int = 10, in_channels: int = 3, config: dict[str, Any] | None = None):
-    """Build ``arch``; with ``config`` (from a checkpoint) the pruned variant, else the unpruned one."""
+    """Build ``arch``; with ``config`` (from a checkpoint) the pruned variant, else the unpruned one. ``arch`` is a
+    registered name (vgg19, preresnet164, ...) or ``torchvision:NAME`` (pruned by the graph engine)."""
+    if is_external(arch):
+        return GraphModel(arch, external_config(arch) if config is None else config, num_classes, in_channels)
     fam, m = _resolve(arch)
     return fam.cls(arch, fam.default_config(m) if config is None else config, num_classes, in_channels)
 

@@ -1,0 +1,466 @@
+"""Channel dependencies of any CNN, found from its traced graph.
+
+**Why torch.fx.** A symbolic trace gives every op with its arguments (``cat``'s dim, ``view``'s target sizes,
+whether a size came from ``x.size()`` or was written as a number) and which module object each call went to, so a
+module called twice is seen as one module. The autograd graph (Torch-Pruning's choice) loses those arguments and
+needs a backward-capable forward; ``torch.export`` decomposes into aten ops and takes seconds per model. torch.fx
+traces a torchvision ResNet-50 in about 0.1 s. Models that FX cannot trace (data-dependent control flow) get a
+one-line error naming what failed, never a half-pruned model.
+
+**The model.** Every channel of every tensor is an *atom*. A conv or linear layer creates new atoms for its
+outputs; BatchNorm, activations, pooling, dropout, interpolation pass their input's atoms through; a depthwise
+conv passes them through too (its input and output channels are tied); element-wise ops between tensors
+(add/sub/mul/div: residual streams, squeeze-excite gating) *join* the atoms they combine, ``cat`` on the channel
+axis concatenates its inputs' atoms, ``split``/``chunk``/slicing take a range of them (and freeze it: their sizes
+are written into ``forward`` and would cut elsewhere once the input is narrower), and a flatten of
+C×H×W repeats each atom H·W times, so a Linear reading it loses each pruned channel's H·W columns. Joined atoms
+form a *class*: channels that can only be removed together. Anything the engine does not understand
+(view/reshape/permute touching the channel axis, channel shuffle, pixel shuffle, grouped convs, sizes written
+into ``forward``, parameters used outside modules, the model's inputs and outputs) *freezes* the classes it
+touches, with the reason recorded. A frozen class is never pruned.
+
+A class's importance is the largest |γ| among the BatchNorms that normalise it (:mod:`slimexport.graph_prune`).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+
+from slimexport.errors import ConfigError
+
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Modules that leave the channel axis as it is (and hold no per-channel parameters).
+PASS_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
+    nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.AlphaDropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
+    nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+    nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
+)  # fmt: skip
+PASS_FUNCS = {
+    F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.leaky_relu, F.elu, F.selu,
+    F.mish, F.softplus, F.hardtanh, torch.relu, torch.sigmoid, torch.tanh, F.dropout, F.dropout2d, F.max_pool2d,
+    F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d,
+    F.interpolate, F.pad, torch.clone, torch.clamp, torch.nn.functional.hardtanh, operator.neg, torch.neg,
+    torch.exp, torch.abs, torch.square, torch.sqrt,
+}  # fmt: skip
+PASS_METHODS = {
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone", "float", "to", "type_as", "detach",
+    "clamp", "clamp_", "clamp_min", "abs", "exp", "neg", "square", "sqrt", "hardtanh", "hardtanh_",
+}  # fmt: skip
+BINARY = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
+    operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum,
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum",
+}  # fmt: skip
+
+
+@dataclass
+class ModuleUse:
+    """How one module reads and writes channels: the atoms of its input and output channel axes."""
+
+    name: str
+    kind: str  # conv | depthwise | linear | bn | prelu
+    inp: np.ndarray | None = None
+    out: np.ndarray | None = None
+
+
+@dataclass
+class ChannelGraph:
+    """The result of :func:`trace_channels`: atoms, their classes, and where each module reads and writes them."""
+
+    parent: list[int]
+    frozen: dict[int, list[str]]  # class root → reasons it cannot be pruned
+    uses: dict[str, ModuleUse]
+    trace_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def find(self, a: int) -> int:
+        p = self.parent
+        while p[a] != a:
+            p[a] = p[p[a]]
+            a = p[a]
+        return a
+
+    def classes(self, atoms: np.ndarray) -> np.ndarray:
+        return np.fromiter((self.find(int(a)) for a in atoms), dtype=np.int64, count=len(atoms))
+
+    def frozen_reasons(self, root: int) -> list[str]:
+        return self.frozen.get(self.find(root), [])
+
+
+class _Builder:
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.modules = dict(model.named_modules())
+        self.parent: list[int] = []
+        self.frozen: dict[int, list[str]] = defaultdict(list)
+        self.uses: dict[str, ModuleUse] = {}
+        self.vec: dict[fx.Node, Any] = {}
+
+    # -- atoms and classes --------------------------------------------------------------------------------------
+    def new(self, n: int, reason: str | None = None) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        atoms = np.arange(start, start + n, dtype=np.int64)
+        if reason:
+            self.freeze(atoms, reason)
+        return atoms
+
+    def find(self, a: int) -> int:
+        p = self.parent
+        while p[a] != a:
+            p[a] = p[p[a]]
+            a = p[a]
+        return a
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        for x, y in zip(a.tolist(), b.tolist()):
+            rx, ry = self.find(x), self.find(y)
+            if rx == ry:
+                continue
+            if ry < rx:
+                rx, ry = ry, rx
+            self.parent[ry] = rx
+            if ry in self.frozen:
+                self.frozen[rx].extend(self.frozen.pop(ry))
+
+    def freeze(self, atoms: np.ndarray | None, reason: str) -> None:
+        if atoms is None:
+            return
+        for a in set(self.find(int(x)) for x in atoms):
+            if reason not in self.frozen[a]:
+                self.frozen[a].append(reason)
+
+    # -- helpers ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def shape(node: Any) -> tuple[int, ...] | None:
+        meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+    @staticmethod
+    def metas(node: fx.Node) -> list | None:
+        """The tensor metadata of a node returning several tensors (split, chunk), else None."""
+        meta = node.meta.get("tensor_meta")
+        if meta is None or hasattr(meta, "shape") or not isinstance(meta, (list, tuple)):
+            return None
+        return list(meta) if all(hasattr(m, "shape") for m in meta) else None
+
+    def tensor_args(self, node: fx.Node) -> list[fx.Node]:
+        out: list[fx.Node] = []
+        for a in node.all_input_nodes:
+            if isinstance(self.vec.get(a), np.ndarray):
+                out.append(a)
+        return out
+
+    def freeze_all(self, node: fx.Node, reason: str) -> Any:
+        """Freeze every tensor input's channels; the output gets new frozen atoms."""
+        for a in node.all_input_nodes:
+            v = self.vec.get(a)
+            if isinstance(v, np.ndarray):
+                self.freeze(v, reason)
+            elif isinstance(v, list):
+                for x in v:
+                    self.freeze(x, reason)
+        return self.fresh(node, reason)
+
+    def fresh(self, node: fx.Node, reason: str | None = None) -> Any:
+        metas = self.metas(node)
+        if metas is not None:
+            return [self.new(m.shape[1], reason) if len(m.shape) >= 2 else None for m in metas]
+        shape = self.shape(node)
+        return self.new(shape[1], reason) if shape is not None and len(shape) >= 2 else None
+
+    def where(self, node: fx.Node) -> str:
+        if node.op == "call_module":
+            return f"{node.target} ({type(self.modules[node.target]).__name__})"
+        name = getattr(node.target, "__name__", str(node.target))
+        return f"{name} at {node.name}"
+
+    # -- the walk -----------------------------------------------------------------------------------------------
+    def run(self, gm: fx.GraphModule) -> None:
+        for node in gm.graph.nodes:
+            try:
+                self.vec[node] = self.visit(node)
+            except (IndexError, ValueError, TypeError, KeyError) as e:  # an op in a form the rules do not cover
+                self.vec[node] = self.freeze_all(node, f"{self.where(node)}: not understood ({type(e).__name__})")
+
+    def visit(self, node: fx.Node) -> Any:
+        if node.op == "placeholder":
+            return self.fresh(node, "model input")
+        if node.op == "get_attr":
+            return self.fresh(node, f"tensor {node.target} used outside a module")
+        if node.op == "output":
+            for a in node.all_input_nodes:
+                v = self.vec.get(a)
+                for x in v if isinstance(v, list) else [v]:
+                    self.freeze(x, "model output (classes are never pruned)")
+            return None
+        if node.op == "call_module":
+            return self.module(node, self.modules[node.target])
+        return self.function(node)
+
+    def module(self, node: fx.Node, m: nn.Module) -> Any:
+        name = node.target
+        x = node.args[0] if node.args else None
+        xin = self.vec.get(x) if isinstance(x, fx.Node) else None
+        shape_in = self.shape(x)
+        if isinstance(m, CONV_TYPES) or isinstance(m, nn.ConvTranspose2d):
+            if xin is None:
+                return self.freeze_all(node, f"{name}: input without channels")
+            transposed = isinstance(m, nn.ConvTranspose2d)
+            if m.groups == 1:
+                return self._use(name, "convT" if transposed else "conv", xin, m.out_channels)
+            if not transposed and m.groups == m.in_channels == m.out_channels:
+                return self._use(name, "depthwise", xin, None)
+            return self.freeze_all(node, f"{name}: grouped conv (groups={m.groups}) kept as it is")
+        if isinstance(m, BN_TYPES):
+            if xin is None or (shape_in and len(shape_in) < 2):
+                return self.freeze_all(node, f"{name}: BatchNorm without a channel axis")
+            return self._use(name, "bn", xin, None)
+        if isinstance(m, nn.Linear):
+            if xin is None or shape_in is None or len(shape_in) != 2:
+                return self.freeze_all(node, f"{name}: Linear on a tensor of rank {len(shape_in or ())}")
+            return self._use(name, "linear", xin, m.out_features)
+        if isinstance(m, nn.PReLU) and m.num_parameters > 1:
+            return self._use(name, "prelu", xin, None)
+        if isinstance(m, nn.Flatten):
+            return self.flatten(node, xin, m.start_dim, m.end_dim)
+        if isinstance(m, PASS_MODULES) or (isinstance(m, nn.PReLU) and m.num_parameters == 1):
+            return self.passthrough(node, xin)
+        if isinstance(m, nn.Sequential) and len(m) == 0:
+            return self.passthrough(node, xin)
+        if type(m).__name__ == "StochasticDepth":  # torchvision.ops: scales whole samples
+            return self.passthrough(node, xin)
+        return self.freeze_all(node, f"{name}: module {type(m).__name__} not understood")
+
+    def _use(self, name: str, kind: str, xin: np.ndarray, n_out: int | None) -> np.ndarray:
+        """A module reads ``xin`` and writes new atoms (conv, linear) or passes its input's (bn, depthwise). A module
+        called again (shared weights) reads and writes the same classes."""
+        use = self.uses.get(name)
+        if use is not None:
+            if use.inp is not None and len(use.inp) == len(xin):
+                self.union(use.inp, xin)
+            else:
+                self.freeze(xin, f"{name}: called on inputs of different widths")
+            return use.out
+        out = self.new(n_out) if n_out is not None else xin
+        self.uses[name] = ModuleUse(name, kind, xin, out)
+        return out
+
+    def passthrough(self, node: fx.Node, xin: Any) -> Any:
+        si, so = self.shape(node.args[0]) if node.args else None, self.shape(node)
+        if xin is None or si is None or so is None or len(so) < 2 or len(si) != len(so) or si[1] != so[1]:
+            return self.freeze_all(node, f"{self.where(node)}: changes the channel axis")
+        return xin
+
+    def flatten(self, node: fx.Node, xin: Any, start: int = 1, end: int = -1) -> Any:
+        si, so = self.shape(node.args[0]), self.shape(node)
+        if xin is None or si is None or so is None:
+            return self.fresh(node)
+        end = end % len(si)
+        if start == 1 and end == len(si) - 1:
+            return np.repeat(xin, int(np.prod(si[2:], dtype=np.int64)))
+        if start >= 2:
+            return xin
+        return self.freeze_all(node, f"{self.where(node)}: flatten over the batch and channel axes")
+
+    def reshape(self, node: fx.Node, xin: Any, sizes: list[Any]) -> Any:
+        si, so = self.shape(node.args[0]), self.shape(node)
+        if xin is None or si is None or so is None:
+            return self.fresh(node)
+        fixed = [s for s in sizes[1:] if isinstance(s, int) and s != -1]
+        is_flatten = len(so) == 2 and so[0] == si[0] and so[1] == int(np.prod(si[1:], dtype=np.int64))
+        if is_flatten and not fixed:
+            return np.repeat(xin, int(np.prod(si[2:], dtype=np.int64)))
+        if len(so) >= 2 and len(si) >= 2 and so[:2] == si[:2] and not any(isinstance(s, int) for s in sizes[1:2]):
+            return xin  # only the spatial axes change
+        reason = "reshape with sizes written into forward" if is_flatten else "view/reshape across the channel axis"
+        return self.freeze_all(node, f"{self.where(node)}: {reason}")
+
+    def function(self, node: fx.Node) -> Any:
+        t = node.target
+        name = t if isinstance(t, str) else getattr(t, "__name__", "")
+        args = node.args
+        first = args[0] if args else None
+        xin = self.vec.get(first) if isinstance(first, fx.Node) else None
+        if t in BINARY or (node.op == "call_method" and t in BINARY):
+            return self.binary(node)
+        if t is operator.getitem:
+            return self.getitem(node, xin)
+        if name in ("size", "dim") or t is getattr or (node.op == "call_method" and t in ("size", "dim")):
+            return None
+        so = self.shape(node)
+        if so is None and self.metas(node) is None:
+            return None  # not a tensor (a size, a shape, a python value)
+        if t in PASS_FUNCS or (node.op == "call_method" and t in PASS_METHODS):
+            return self.passthrough(node, xin)
+        if t in (torch.cat, torch.concat) or name in ("cat", "concat"):
+            return self.cat(node)
+        if t is torch.flatten or (node.op == "call_method" and t == "flatten"):
+            start = node.kwargs.get("start_dim", args[1] if len(args) > 1 else 0)
+            end = node.kwargs.get("end_dim", args[2] if len(args) > 2 else -1)
+            return self.flatten(node, xin, start, end)
+        if (node.op == "call_method" and t in ("view", "reshape")) or t is torch.reshape:
+            sizes = list(args[1:]) if node.op == "call_method" else list(args[1])
+            if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+                sizes = list(sizes[0])
+            return self.reshape(node, xin, sizes)
+        if t in (torch.split, torch.chunk) or (node.op == "call_method" and t in ("split", "chunk")):
+            return self.split(node, xin)
+        if (node.op == "call_method" and t in ("mean", "sum", "amax")) or t in (torch.mean, torch.sum):
+            dims = node.kwargs.get("dim", args[1] if len(args) > 1 else None)
+            dims = [dims] if isinstance(dims, int) else list(dims or [])
+            si = self.shape(first)
+            if dims and si and all(d % len(si) >= 2 for d in dims) and so and len(so) >= 2:
+                return xin
+            return self.freeze_all(node, f"{self.where(node)}: reduction over the channel axis")
+        if (node.op == "call_method" and t in ("transpose", "permute")) or t in (torch.transpose, torch.permute):
+            si = self.shape(first)
+            if si and so and len(si) == len(so) and si[:2] == so[:2] and self._keeps_axes_01(node):
+                return xin
+            return self.freeze_all(node, f"{self.where(node)}: {name} moves the channel axis")
+        if t in (F.pixel_shuffle, F.pixel_unshuffle, F.channel_shuffle):
+            return self.freeze_all(node, f"{self.where(node)}: {name} mixes channels")
+        return self.freeze_all(node, f"{self.where(node)}: op {name or t} not understood")
+
+    def _keeps_axes_01(self, node: fx.Node) -> bool:
+        dims = [a for a in node.args[1:] if isinstance(a, int)]
+        if node.target in ("permute", torch.permute):
+            dims = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else dims
+            return len(dims) >= 2 and dims[0] == 0 and dims[1] == 1
+        return len(dims) == 2 and all(d % len(self.shape(node)) >= 2 for d in dims)
+
+    def binary(self, node: fx.Node) -> Any:
+        so = self.shape(node)
+        if so is None or len(so) < 2:
+            return self.freeze_all(node, f"{self.where(node)}: element-wise op without a channel axis")
+        out = None
+        for a in node.args:
+            if not isinstance(a, fx.Node):
+                continue
+            v, sa = self.vec.get(a), self.shape(a)
+            if sa is None:
+                continue  # a python number
+            axis = 1 - (len(so) - len(sa))
+            if axis < 0 or sa[axis] == 1:
+                continue  # broadcast along the channel axis: no constraint
+            if axis == 1 and isinstance(v, np.ndarray) and len(v) == so[1]:
+                if out is None:
+                    out = v
+                else:
+                    self.union(out, v)
+                continue
+            return self.freeze_all(node, f"{self.where(node)}: broadcast against a tensor whose channel axis differs")
+        return out if out is not None else self.fresh(node)
+
+    def cat(self, node: fx.Node) -> Any:
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        so = self.shape(node)
+        vecs = [self.vec.get(a) for a in tensors]
+        if any(not isinstance(v, np.ndarray) for v in vecs) or so is None:
+            return self.freeze_all(node, f"{self.where(node)}: cat of tensors without channels")
+        if dim % len(so) == 1:
+            return np.concatenate(vecs)
+        for v in vecs[1:]:
+            self.union(vecs[0], v)
+        return vecs[0]
+
+    def split(self, node: fx.Node, xin: Any) -> Any:
+        meta = self.metas(node)
+        args = node.args
+        dim = node.kwargs.get("dim", args[2] if len(args) > 2 else 0)
+        si = self.shape(args[0])
+        if xin is None or si is None or meta is None:
+            return self.freeze_all(node, f"{self.where(node)}: split not understood")
+        if dim % len(si) != 1:
+            return [xin for _ in meta]
+        # The pieces' sizes are written into forward (split(8), chunk(2)): after pruning they would cut elsewhere,
+        # so the channels they cut stay as they are.
+        self.freeze(xin, f"{self.where(node)}: channel split whose sizes are written into forward")
+        out, start = [], 0
+        for m in meta:
+            out.append(xin[start : start + m.shape[1]])
+            start += m.shape[1]
+        return out
+
+    def getitem(self, node: fx.Node, xin: Any) -> Any:
+        src, idx = node.args[0], node.args[1]
+        if isinstance(self.vec.get(src), list):  # a tuple from split/chunk
+            return self.vec[src][idx]
+        si, so = self.shape(src), self.shape(node)
+        if not isinstance(xin, np.ndarray) or si is None or so is None:
+            return self.fresh(node) if so is not None else None
+        items = idx if isinstance(idx, tuple) else (idx,)
+        if len(items) < 2 or items[0] != slice(None):
+            if items and items[0] == slice(None) and len(items) == 1:
+                return xin
+            return self.freeze_all(node, f"{self.where(node)}: indexing across the channel axis")
+        ch = items[1]
+        if ch == slice(None) and len(so) == len(si):
+            return xin
+        if isinstance(ch, slice) and all(v is None or isinstance(v, int) for v in (ch.start, ch.stop, ch.step)):
+            if len(so) == len(si):  # bounds written into forward: the sliced tensor's channels stay
+                self.freeze(xin, f"{self.where(node)}: channel slice whose bounds are written into forward")
+                return xin[ch]
+        if ch is Ellipsis and len(so) == len(si) and so[1] == si[1]:
+            return xin
+        return self.freeze_all(node, f"{self.where(node)}: indexing across the channel axis")
+
+
+class _Tracer(fx.Tracer):
+    """Traces through every user module; torch.nn modules (and torchvision's ops modules) stay leaves."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if type(m).__name__ == "StochasticDepth":
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:  # noqa: BLE001 - FX raises TraceError, TypeError, NotImplementedError, ...
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {text[:160]}); the graph engine "
+            "needs a forward without data-dependent control flow"
+        ) from None
+    return fx.GraphModule(model, graph)
+
+
+@torch.no_grad()
+def trace_channels(model: nn.Module, example_input: torch.Tensor) -> ChannelGraph:
+    """Trace ``model`` on ``example_input`` and find which channels must go together (see the module doc)."""
+    import time
+
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        gm = trace(model)
+        try:
+            ShapeProp(gm).propagate(example_input)
+        except Exception as e:  # noqa: BLE001
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(
+                f"the traced {type(model).__name__} does not run on the example input: {text[:160]}"
+            ) from None
+        b = _Builder(model)
+        b.run(gm)
+    finally:
+        model.train(was_training)
+    return ChannelGraph(b.parent, dict(b.frozen), b.uses, time.perf_counter() - t0)
