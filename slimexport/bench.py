@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from slimexport.console import make_progress
-from slimexport.data import Dataset, batches
+from slimexport.data import Dataset, batches, conform
 from slimexport.errors import SlimExportError
 from slimexport.runtime import (
     BenchConfig,
@@ -29,6 +29,7 @@ from slimexport.runtime import (
     parse_device,
     provider_for,
     run_logits,
+    static_image_size,
 )
 
 __all__ = ["BenchConfig", "bench", "index_op_cost", "latency", "op_time_shares", "ort_accuracy", "provider_for"]
@@ -162,11 +163,12 @@ def bench(models: dict[str, str | os.PathLike], ds: Dataset, cfg: BenchConfig | 
     cfg = cfg or BenchConfig()
     cfg.validate()
     provider_for(cfg.device)
-    image_shape = (ds.in_channels, *ds.image_size)
     paths = {}
     for name, p in models.items():  # every file loads and fits the data before anything is timed
         paths[name] = check_model_file(p)
-        check_input_shape(ort_session(paths[name]), image_shape, str(p))
+        ds = conform(ds, static_image_size(ort_session(paths[name])), str(p))
+        check_input_shape(ort_session(paths[name]), (ds.in_channels, *ds.image_size), str(p))
+    image_shape = (ds.in_channels, *ds.image_size)
     out: dict[str, Any] = {"models": {n: {"path": str(p), "onnx_bytes": p.stat().st_size} for n, p in paths.items()}}
     with make_progress() as progress:
         out["latency"] = latency(paths, image_shape, cfg, progress)

@@ -52,8 +52,10 @@ ArchOpt = Annotated[
     typer.Option(
         "--arch",
         "-a",
-        help="Architecture: vgg11/13/16/19 (vgg11_w25: 25% "
-        "width), preresnet{9n+2} (preresnet164), densenet{3n+4} (densenet40). See `slimexport models`.",
+        help="Architecture: vgg11/13/16/19 (vgg11_w25: 25% width), preresnet{9n+2} (preresnet164), densenet{3n+4} "
+        "(densenet40); or any CNN, pruned by the graph engine: torchvision:NAME (resnet50, mobilenet_v2, ...), "
+        "timm:NAME (with timm installed), path/to/file.py:factory or package.module:factory (factory gets "
+        "num_classes=K if it takes it). See `slimexport models`.",
     ),
 ]
 DatasetOpt = Annotated[
@@ -62,8 +64,8 @@ DatasetOpt = Annotated[
         "--dataset",
         "-d",
         help="embedded (Fashion-MNIST subset shipped with the "
-        "package), fashion-mnist, cifar10, cifar100, or a path to an .npz with uint8 x_train, y_train, "
-        "x_test, y_test.",
+        "package), fashion-mnist, cifar10, cifar100, imagefolder:PATH (PATH/train/<class>/*, PATH/val/<class>/*), "
+        "or a path to an .npz with uint8 x_train, y_train, x_test, y_test.",
     ),
 ]
 DataDirOpt = Annotated[
@@ -117,6 +119,21 @@ PresetOpt = Annotated[
 ]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to train: auto (CUDA if available), cpu, cuda.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+WeightsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--weights",
+        help="Start from this state_dict (e.g. pretrained weights you saved; nothing is downloaded), loaded with "
+        "weights_only=True.",
+    ),
+]
+ImageSizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--image-size",
+        help="Resize the data's images to this height = width (imagefolder: default 224; else the data's own).",
+    ),
+]
 StreamOpt = Annotated[
     bool,
     typer.Option(
@@ -269,6 +286,8 @@ def train(
     device: DeviceOpt = Device.auto,
     eval_every: EvalEveryOpt = None,
     compile: CompileOpt = False,
+    weights: WeightsOpt = None,
+    image_size: ImageSizeOpt = None,
     resume: ResumeOpt = False,
     force: ForceOpt = False,
 ):
@@ -280,8 +299,12 @@ def train(
     _check_out(out, force, resume)
     cfg = _train_config(preset, epochs, sparsity, lr, batch_size, seed, device, eval_every, compile)
     cfg.validate()
-    ds = load_dataset(dataset, data_dir)
-    meta = train_fn(out, ds, cfg, arch=arch or DEFAULT_ARCH, resume=resume)
+    if arch:
+        from slimexport.models import default_config
+
+        default_config(arch)  # an unknown or unbuildable architecture fails before the data loads
+    ds = load_dataset(dataset, data_dir, image_size)
+    meta = train_fn(out, ds, cfg, arch=arch or DEFAULT_ARCH, resume=resume, weights=weights)
     typer.echo(
         f"{meta['stage']} {arch or DEFAULT_ARCH}: accuracy {meta['accuracy']:.4f} after {epochs} epochs "
         f"({meta['train_seconds']:.0f} s, {meta['images_per_s']:.0f} img/s) -> {out}"
@@ -642,6 +665,8 @@ def pipeline(
     baseline: Annotated[
         Path | None, typer.Option("--baseline", help="Reuse this trained baseline checkpoint instead of training one.")
     ] = None,
+    weights: WeightsOpt = None,
+    image_size: ImageSizeOpt = None,
     sparse: Annotated[
         Path | None,
         typer.Option(
@@ -709,6 +734,8 @@ def pipeline(
         compile=compile,
         baseline=str(baseline) if baseline else None,
         sparse=str(sparse) if sparse else None,
+        weights=str(weights) if weights else None,
+        image_size=image_size,
         preset=preset.value,
         lr=lr,
         refine_lr=refine_lr,
@@ -757,6 +784,14 @@ def models(
     num_classes: Annotated[int, typer.Option("--num-classes", min=2, help="Output classes.")] = 10,
     in_channels: Annotated[int, typer.Option("--in-channels", min=1, help="Input channels.")] = 3,
     image_size: Annotated[int, typer.Option("--image-size", min=8, help="Input height = width, for MACs.")] = 32,
+    torchvision_models: Annotated[
+        bool,
+        typer.Option(
+            "--torchvision",
+            help="List torchvision's classification models instead: params, MACs, and whether they have BatchNorm "
+            "(what network slimming scores; those without are refused).",
+        ),
+    ] = False,
 ):
     """List the architectures with their parameter counts and MACs."""
     from rich.table import Table
@@ -764,14 +799,34 @@ def models(
     from slimexport.models import create_model, list_models
     from slimexport.stats import count_macs, count_params
 
+    Console = type(console)
+    if torchvision_models:
+        from slimexport.models.external import torchvision_table
+
+        table = Table(
+            title=f"torchvision, {num_classes} classes, 3×{image_size}×{image_size} input (--arch torchvision:NAME)"
+        )
+        for col in ("--arch", "params", "MACs", "BatchNorm"):
+            table.add_column(col, justify="right" if col in ("params", "MACs") else "left")
+        for r in torchvision_table(num_classes, image_size):
+            table.add_row(
+                f"torchvision:{r['name']}",
+                f"{r['params']:,}" if r["params"] is not None else "–",
+                f"{r['macs']:,}" if r["macs"] is not None else "–",
+                "yes" if r["bn"] else "no: refused",
+            )
+        Console(width=160).print(table)
+        return
     table = Table(title=f"{num_classes} classes, {in_channels}×{image_size}×{image_size} input")
     for col in ("arch", "params", "MACs", "family"):
         table.add_column(col, justify="right" if col in ("params", "MACs") else "left")
     for name, desc in list_models():
         m = create_model(name, num_classes, in_channels)
         table.add_row(name, f"{count_params(m):,}", f"{count_macs(m, in_channels, (image_size, image_size)):,}", desc)
-    Console = type(console)
     Console(width=160).print(table)
+    console.print(
+        "Any other CNN: --arch torchvision:NAME (slimexport models --torchvision), timm:NAME, FILE.py:FACTORY"
+    )
 
 
 def main() -> None:

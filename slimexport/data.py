@@ -90,6 +90,22 @@ class Dataset:
             setattr(new, k, getattr(self, k).to(device))
         return new
 
+    def resized(self, size: int) -> Dataset:
+        """A copy whose images are ``size`` × ``size`` (bilinear with antialiasing, once, in chunks)."""
+        if self.image_size == (size, size):
+            return self
+
+        def resize(x: torch.Tensor) -> torch.Tensor:
+            out = [
+                F.interpolate(x[i : i + 512].float(), size=(size, size), mode="bilinear", antialias=True,
+                              align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
+                for i in range(0, len(x), 512)
+            ]  # fmt: skip
+            return torch.cat(out)
+
+        return Dataset(self.name, resize(self.x_train), self.y_train, resize(self.x_test), self.y_test,
+                       self.num_classes, list(self.label_names))  # fmt: skip
+
     def summary(self) -> str:
         c, (h, w) = self.in_channels, self.image_size
         return (
@@ -101,8 +117,20 @@ def default_data_dir() -> Path:
     return Path(os.environ.get(DATA_ENV, "~/.cache/slimexport/data")).expanduser()
 
 
-def load_dataset(name: str = EMBEDDED, data_dir: str | os.PathLike | None = None) -> Dataset:
-    """Load a data set by name or ``.npz`` path; raises :class:`DataError` with a one-line reason."""
+def load_dataset(
+    name: str = EMBEDDED, data_dir: str | os.PathLike | None = None, image_size: int | None = None
+) -> Dataset:
+    """Load a data set by name, ``imagefolder:PATH`` or ``.npz`` path, at ``image_size`` × ``image_size`` when given
+    (resized once, in memory); raises :class:`DataError` with a one-line reason."""
+    if image_size is not None and image_size < 8:
+        raise DataError(f"--image-size must be at least 8, got {image_size}")
+    ds = _load(name, data_dir, image_size)
+    return ds.resized(image_size) if image_size else ds
+
+
+def _load(name: str, data_dir: str | os.PathLike | None, image_size: int | None) -> Dataset:
+    if name.startswith("imagefolder:"):
+        return load_imagefolder(Path(name.split(":", 1)[1]).expanduser(), image_size or 224)
     data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
     if name == EMBEDDED:
         with resources.as_file(resources.files("slimexport.assets") / "fashion_mnist_subset.npz") as p:
@@ -116,7 +144,47 @@ def load_dataset(name: str = EMBEDDED, data_dir: str | os.PathLike | None = None
         if npz.is_file():
             return load_npz(npz, name=name)
         return _load_torchvision(name, data_dir)
-    raise DataError(f"unknown data set {name!r}: use one of {', '.join(NAMED)} or a path to an .npz file")
+    raise DataError(
+        f"unknown data set {name!r}: use one of {', '.join(NAMED)}, imagefolder:PATH or a path to an .npz file"
+    )
+
+
+def load_imagefolder(root: Path, size: int, workers: int | None = None) -> Dataset:
+    """``root/train/<class>/*`` and ``root/val/<class>/*`` through torchvision's ImageFolder, decoded by a
+    DataLoader with workers, resized (shorter side) and centre-cropped to ``size``, kept in memory as uint8.
+    Training then augments with pad-and-crop and flips, as for every data set."""
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    if not root.is_dir():
+        raise DataError(f"image folder {root} not found")
+    tf = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
+    splits = {}
+    for split in ("train", "val"):
+        d = root / split
+        if not d.is_dir():
+            raise DataError(f"{root} needs {split}/<class>/<image> folders; {d} is missing")
+        try:
+            splits[split] = datasets.ImageFolder(str(d), transform=tf)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise DataError(f"{d}: {str(e).splitlines()[0][:200]}") from None
+    if splits["train"].classes != splits["val"].classes:
+        a, b = set(splits["train"].classes), set(splits["val"].classes)
+        diff = sorted(a ^ b) or ["(same names, other order)"]
+        raise DataError(f"{root}: train/ and val/ have different classes ({', '.join(diff[:5])})")
+    arrays = {}
+    n_workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    for split, ds in splits.items():
+        loader = DataLoader(ds, batch_size=64, num_workers=n_workers, shuffle=False)
+        try:
+            xs, ys = zip(*[(x, y) for x, y in loader])
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read an image under {root / split}: {str(e).splitlines()[0][:160]}") from None
+        arrays[split] = (torch.cat(xs), torch.cat(ys))
+    (xtr, ytr), (xva, yva) = arrays["train"], arrays["val"]
+    return from_arrays(
+        f"imagefolder:{root.name}", xtr.numpy(), ytr.numpy(), xva.numpy(), yva.numpy(), splits["train"].classes
+    )
 
 
 def load_npz(path: Path, name: str | None = None) -> Dataset:
@@ -285,3 +353,16 @@ def batches(
     for i in range(0, stop, batch_size):
         idx = order[i : i + batch_size]
         yield x[idx], y[idx]
+
+
+def conform(ds: Dataset, image_size: list[int] | tuple[int, ...] | None, what: str) -> Dataset:
+    """``ds`` at the square image size a model was trained or exported at (resized once, and said so)."""
+    if not image_size or tuple(image_size) == ds.image_size:
+        return ds
+    h, w = (int(v) for v in image_size)
+    if h != w:
+        raise DataError(f"{what} takes {h}×{w} images; the data set's are {ds.image_size[0]}×{ds.image_size[1]}")
+    from slimexport.console import console
+
+    console.print(f"[dim]resizing {ds.name} to {h}×{w}, the image size of {what}[/]")
+    return ds.resized(h)

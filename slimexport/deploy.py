@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from slimexport.data import Dataset
+from slimexport.data import Dataset, conform
 from slimexport.errors import ConfigError, ModelFileError, ParityError, SlimExportError
 from slimexport.fileio import atomic_path
-from slimexport.runtime import check_input_shape, io_names, machine_facts, ort_session
+from slimexport.runtime import check_input_shape, io_names, machine_facts, ort_session, static_image_size
 
 CALIBRATE = ("minmax", "entropy", "percentile")
 OPT_STYLES = ("fixed", "runtime")
@@ -155,6 +155,7 @@ def quantize(
     cfg.validate()
     model = Path(model)
     sess = ort_session(model)  # a missing or invalid file fails here, in one line
+    ds = conform(ds, static_image_size(sess), str(model))
     check_input_shape(sess, (ds.in_channels, *ds.image_size), str(model))
     if len(ds.y_train) == 0:
         raise ConfigError("the calibration set is empty: the data set has no training images")
@@ -249,7 +250,9 @@ def convert(
     model = Path(model)
     if model.suffix != ".onnx":
         raise ModelFileError(f"{model}: convert takes an .onnx model")
-    check_input_shape(ort_session(model), (ds.in_channels, *ds.image_size), str(model))
+    sess = ort_session(model)
+    ds = conform(ds, static_image_size(sess), str(model))
+    check_input_shape(sess, (ds.in_channels, *ds.image_size), str(model))
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -420,10 +420,13 @@ class _Builder:
 
 
 class _Tracer(fx.Tracer):
-    """Traces through every user module; torch.nn modules (and torchvision's ops modules) stay leaves."""
+    """Traces through every user module; torch.nn modules, subclasses of conv/BN/linear, and torchvision's
+    StochasticDepth stay leaves."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if type(m).__name__ == "StochasticDepth":
+        # Subclasses of the layers the engine knows stay leaves too (timm's BatchNormAct2d: BN + activation;
+        # Conv2dSame: conv with "same" padding): their channels behave as their base class's.
+        if type(m).__name__ == "StochasticDepth" or isinstance(m, (*BN_TYPES, *CONV_TYPES, nn.Linear)):
             return True
         return super().is_leaf_module(m, qualname)
 

@@ -318,3 +318,27 @@ def _why_none(model: nn.Module, g: ChannelGraph, scores: dict[int, float]) -> st
         return "no BatchNorm normalises a conv or linear output"
     top = sorted(reasons.items(), key=lambda kv: -kv[1])[:2]
     return "; ".join(r for r, _ in top)
+
+
+@torch.no_grad()
+def exactness(model: nn.Module, example_input: torch.Tensor, percent: float = 0.5, **kw) -> dict[str, Any]:
+    """The grouping check that needs no knowledge of the groups: zero γ and β of the BN channels the engine
+    removes (those channels then emit exactly 0), prune that zeroed model again at the same setting (the zeroed
+    channels now score lowest, so the same ones go), and compare its output with the zeroed original's. A wrong
+    grouping shows up as a difference or a shape error. Returns {relative_error, same_channels, record}."""
+    _, rec = prune_graph(model, example_input, percent, **kw)
+    zeroed = copy.deepcopy(model).eval()
+    modules = dict(zeroed.named_modules())
+    for layer in rec["layers"]:
+        bn = modules[layer["name"]]
+        gone = sorted(set(range(layer["before"])) - set(layer["kept"]))
+        if gone and bn.weight is not None:
+            bn.weight[gone] = 0
+            bn.bias[gone] = 0
+    again, rec2 = prune_graph(zeroed, example_input, percent, **kw)
+    ref, out = zeroed(example_input), again.eval()(example_input)
+    if out.shape != ref.shape:
+        return {"relative_error": float("inf"), "same_channels": False, "record": rec}
+    rel = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+    same = [x["kept"] for x in rec2["layers"]] == [x["kept"] for x in rec["layers"]]
+    return {"relative_error": rel, "same_channels": same, "record": rec}

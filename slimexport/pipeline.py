@@ -60,6 +60,8 @@ class PipelineConfig:
     compile: bool = False  # torch.compile the training forward
     baseline: str | None = None
     sparse: str | None = None  # reuse a sparse-trained checkpoint (e.g. to sweep --percent)
+    weights: str | None = None  # a state_dict baseline and sparse training start from
+    image_size: int | None = None  # resize the data's images to this (None: the data's own; imagefolder: 224)
     preset: str = "fast"
     lr: float | None = None  # None: the preset's
     refine_lr: float | None = None  # None: the preset's lr × its refine_lr_factor
@@ -146,7 +148,7 @@ def _train_stage(name: str, reuse: str | None) -> Callable[[_Run], dict[str, Any
         out = r.path(f"{name}.pt")
         if reuse is not None:
             return _stage_facts(_reuse(Path(reuse), out, r.ds, r.device))
-        meta = train(out, r.ds, r.cfg.train_config(name), arch=r.cfg.arch, resume=True)
+        meta = train(out, r.ds, r.cfg.train_config(name), arch=r.cfg.arch, resume=True, weights=r.cfg.weights)
         return _stage_facts(meta)
 
     return run
@@ -389,7 +391,7 @@ def run_pipeline(cfg: PipelineConfig, command: str = "") -> dict[str, Any]:
         provider_for(cfg.bench.device)  # a real session on CUDA, before any training
         cfg.export.tune_device = cfg.bench.device  # `--selection auto` chooses for the device it is benched on
     _resolve(cfg)
-    ds = load_dataset(cfg.dataset, cfg.data_dir)
+    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size)
     config = asdict(cfg) | {"resolved_device": str(device), "data": ds.summary()}
     config["round_to_resolved"], config["round_to_reason"] = resolve_round_to(cfg.round_to)
     if cfg.resume:

@@ -182,6 +182,14 @@ def check_input_shape(sess, image_shape: tuple[int, ...], what: str) -> None:
             raise ModelFileError(f"{what} takes inputs of shape {shape}; the data set's images are {dims}")
 
 
+def static_image_size(sess) -> list[int] | None:
+    """(H, W) of a session's NCHW input where both are fixed numbers, else None."""
+    shape = sess.get_inputs()[0].shape
+    if len(shape) == 4 and all(isinstance(v, int) for v in shape[2:]):
+        return [int(shape[2]), int(shape[3])]
+    return None
+
+
 class _Runner:
     """One session and a fixed input; ``run()`` times one inference. On CUDA, IOBinding keeps inputs and outputs
     on the device (``device_id``) so that no host copy is timed."""

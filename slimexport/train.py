@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from slimexport.checkpoint import load_checkpoint, make_checkpoint, read_checkpoint, save_checkpoint
 from slimexport.console import console, make_progress
-from slimexport.data import Dataset, augment, batches
+from slimexport.data import Dataset, augment, batches, conform
 from slimexport.errors import CheckpointError, ConfigError, DeviceError
 from slimexport.models import create_model
 
@@ -344,6 +344,7 @@ def train(
     init: str | os.PathLike | None = None,
     stage: str | None = None,
     resume: bool = False,
+    weights: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Train ``arch`` from scratch, or continue from checkpoint ``init`` (refine); write the checkpoint ``out``.
 
@@ -355,6 +356,7 @@ def train(
     prior_meta: dict[str, Any] = {}
     if init is not None:
         model, ckpt = load_checkpoint(init)
+        ds = conform(ds, ckpt["data"].get("image_size"), str(init))
         prior_meta = ckpt["meta"]
         if (ckpt["num_classes"], ckpt["in_channels"]) != (ds.num_classes, ds.in_channels):
             raise ConfigError(
@@ -369,6 +371,10 @@ def train(
             raise ConfigError(str(e)) from None
         if "image_size" in model.config:  # a traced model prunes at the data's image size
             model.config["image_size"] = list(ds.image_size)
+        if weights is not None:
+            from slimexport.models.external import load_weights
+
+            load_weights(model, weights)
     stage = stage or ("refined" if init is not None else ("sparse" if cfg.sparsity > 0 else "baseline"))
     resume_path = out.with_name(out.name + ".resume")
     result = fit(model, ds, cfg, resume_path=resume_path, resume=resume, description=stage)

@@ -5,8 +5,6 @@ engine removes, prune that zeroed model again at the same percent, and its outpu
 original's. A wrong grouping shows up as a difference or a shape error.
 """
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -18,6 +16,7 @@ from slimexport.checkpoint import load_checkpoint, make_checkpoint, save_checkpo
 from slimexport.data import from_arrays
 from slimexport.errors import ConfigError
 from slimexport.export import ExportConfig, export_model
+from slimexport.graph_prune import exactness
 from slimexport.models import create_model
 from slimexport.stats import count_macs_on
 
@@ -36,31 +35,12 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-@torch.no_grad()
-def zero_removed(model: nn.Module, record: dict, prefix: str = "") -> nn.Module:
-    """A copy of ``model`` with γ = β = 0 on every BN channel the record says was removed."""
-    z = copy.deepcopy(model)
-    mods = dict(z.named_modules())
-    for layer in record["layers"]:
-        bn = mods[prefix + layer["name"]] if prefix + layer["name"] in mods else mods[layer["name"]]
-        gone = sorted(set(range(layer["before"])) - set(layer["kept"]))
-        if gone:
-            bn.weight[gone] = 0
-            bn.bias[gone] = 0
-    return z
-
-
-@torch.no_grad()
 def check_exact(model: nn.Module, x: torch.Tensor, percent: float = 0.5, **kw) -> tuple[nn.Module, dict]:
-    pruned, rec = prune_model(model, percent, example_input=x, **kw)
+    res = exactness(model, x, percent, **kw)
+    assert res["same_channels"] and res["relative_error"] <= 1e-4, res["relative_error"]
+    rec = res["record"]
     assert rec["channels_after"] < rec["channels_before"]
-    zeroed = zero_removed(model, rec)
-    again, rec2 = prune_model(zeroed, percent, example_input=x, **kw)
-    assert [la["kept"] for la in rec2["layers"]] == [la["kept"] for la in rec["layers"]]
-    ref, out = zeroed(x), again(x)
-    assert out.shape == ref.shape
-    rel = float((out - ref).abs().max() / ref.abs().max())
-    assert rel <= 1e-4, rel
+    pruned, _ = prune_model(model, percent, example_input=x, **kw)
     return pruned, rec
 
 
@@ -256,3 +236,23 @@ def test_selection_nets_the_engine_keeps_every_channel_some_reader_keeps(make_mo
         else:
             shared += 1
     assert shared > 0  # the nets do have shared tensors, so the comparison is not vacuous
+
+
+def test_the_exactness_check_catches_a_wrong_grouping(monkeypatch):
+    """Break one rule (residual adds no longer join their inputs' channels): the check must notice."""
+    import slimexport.graph as graph
+
+    def no_join(self, node):
+        for a in node.args:
+            if isinstance(a, torch.fx.Node) and isinstance(self.vec.get(a), np.ndarray):
+                return self.vec[a]
+        return self.fresh(node)
+
+    monkeypatch.setattr(graph._Builder, "binary", no_join)
+    torch.manual_seed(0)
+    m = randomize(torchvision.models.get_model("resnet18", weights=None, num_classes=10))
+    try:
+        res = exactness(m, torch.randn(2, 3, 64, 64), 0.5)
+    except RuntimeError:  # a shape error is the other way a wrong grouping shows
+        return
+    assert res["relative_error"] > 1e-4

@@ -19,7 +19,7 @@ from torch import nn
 
 from slimexport.models.common import ChannelSelection
 from slimexport.models.densenet import DenseNet, densenet_config
-from slimexport.models.external import GraphModel, external_config, is_external
+from slimexport.models.external import GraphModel, check_source, external_config, is_external
 from slimexport.models.preresnet import PreResNet, preresnet_config
 from slimexport.models.vgg import VGG, vgg_config
 
@@ -76,6 +76,7 @@ def _resolve(arch: str) -> tuple[Family, re.Match]:
 def default_config(arch: str) -> dict[str, Any]:
     """The unpruned config of ``arch``."""
     if is_external(arch):
+        check_source(arch)
         return external_config(arch)
     fam, m = _resolve(arch)
     return fam.default_config(m)

@@ -1,4 +1,10 @@
-"""Models slimexport did not write: torchvision builders (``torchvision:NAME``), pruned by the graph engine.
+"""Models slimexport did not write, pruned by the graph engine. Sources (``--arch``):
+
+- ``torchvision:NAME``: any torchvision classification builder (random weights; nothing downloads);
+- ``timm:NAME``: a timm model, where timm is installed (``pip install -e '.[timm]'``);
+- ``path/to/file.py:factory`` or ``package.module:factory``: the user's own code; ``factory`` gets
+  ``num_classes=K`` when it takes that argument. A file is stored by its absolute path and imported again from
+  there (only while it is there) when a checkpoint is loaded.
 
 A :class:`GraphModel` wraps the user's network (``.net``) with the interface the pipeline uses (``arch``,
 ``num_classes``, ``in_channels``, ``config``, ``prunable_bns``). Its config is plain data: the source to build
@@ -13,6 +19,10 @@ Grayscale data (one channel) fed to a three-channel network is repeated to three
 from __future__ import annotations
 
 import copy
+import importlib
+import importlib.util
+import inspect
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,11 +30,48 @@ from torch import nn
 
 from slimexport.errors import ConfigError
 
-PREFIXES = ("torchvision:",)
+PREFIXES = ("torchvision:", "timm:")
 
 
 def is_external(arch: str) -> bool:
-    return arch.startswith(PREFIXES)
+    """``torchvision:NAME``, ``timm:NAME`` or an import string ``file.py:factory`` / ``pkg.module:factory``."""
+    return ":" in arch
+
+
+def canonical_source(arch: str) -> str:
+    """The source as stored in a checkpoint: a model file by its absolute path."""
+    if arch.startswith(PREFIXES):
+        return arch
+    target, _, factory = arch.rpartition(":")
+    if target.endswith(".py"):
+        return f"{Path(target).expanduser().resolve()}:{factory}"
+    return arch
+
+
+def _factory(source: str):
+    """The callable an import string names; one-line errors for a missing file, module or attribute."""
+    target, _, name = source.rpartition(":")
+    if not target or not name.isidentifier():
+        raise ConfigError(f"--arch {source!r}: expected torchvision:NAME, timm:NAME, FILE.py:FACTORY or MODULE:FACTORY")
+    if target.endswith(".py"):
+        path = Path(target).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"model file {path} not found (named by --arch or stored in the checkpoint)")
+        spec = importlib.util.spec_from_file_location(f"slimexport_user_{abs(hash(str(path.resolve())))}", path)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:  # noqa: BLE001 - the user's file may raise anything
+            raise ConfigError(f"importing {path} failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise ConfigError(f"cannot import {target!r} for --arch {source!r}: {e}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ConfigError(f"{target} has no callable {name!r}")
+    return fn
 
 
 def _net_in_channels(net: nn.Module) -> int:
@@ -38,6 +85,14 @@ def build_source(source: str, num_classes: int, kwargs: dict[str, Any] | None = 
     """The unpruned network named by ``source`` (``torchvision:NAME``), with random weights (nothing downloads)."""
     kind, _, name = source.partition(":")
     kwargs = dict(kwargs or {})
+    if kind == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise ConfigError("timm is not installed: pip install -e '.[timm]' (or pip install timm)") from None
+        if name not in timm.list_models():
+            raise ConfigError(f"unknown timm model {name!r}")
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     if kind == "torchvision":
         import torchvision
 
@@ -48,7 +103,17 @@ def build_source(source: str, num_classes: int, kwargs: dict[str, Any] | None = 
             return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"torchvision:{name} cannot be built with {kwargs}: {e}") from None
-    raise ConfigError(f"unknown model source {source!r}: use torchvision:NAME")
+    fn = _factory(source)
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "num_classes" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs.setdefault("num_classes", num_classes)
+    net = fn(**kwargs)
+    if not isinstance(net, nn.Module):
+        raise ConfigError(f"{source} returned a {type(net).__name__}, not a torch.nn.Module")
+    return net
 
 
 def compose_plans(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
@@ -108,4 +173,84 @@ class GraphModel(nn.Module):
 
 
 def external_config(arch: str, kwargs: dict[str, Any] | None = None, image_size=None) -> dict[str, Any]:
-    return {"source": arch, "kwargs": dict(kwargs or {}), "image_size": list(image_size or (224, 224)), "plan": {}}
+    return {
+        "source": canonical_source(arch),
+        "kwargs": dict(kwargs or {}),
+        "image_size": list(image_size or (224, 224)),
+        "plan": {},
+    }
+
+
+def check_source(arch: str) -> None:
+    """Fail early (before data or training) on a source that cannot be built."""
+    kind, _, name = arch.partition(":")
+    if kind == "torchvision":
+        import torchvision
+
+        if name not in torchvision.models.list_models(module=torchvision.models):
+            raise ConfigError(
+                f"unknown torchvision classification model {name!r} (see slimexport models --torchvision)"
+            )
+    elif kind == "timm":
+        build_source(arch, 2)
+    else:
+        _factory(canonical_source(arch))
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Start from a state_dict the user saved (``torch.load(weights_only=True)``); keys may or may not carry the
+    ``net.`` prefix of a GraphModel. A state_dict that does not fit is a one-line error naming the first
+    mismatched key."""
+    import pickle
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--weights {path} not found")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise ConfigError(f"--weights {path} is not a readable state_dict ({str(e).splitlines()[0][:120]})") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ConfigError(f"--weights {path} does not hold a state_dict (a dict of tensors)")
+    target = model.net if isinstance(model, GraphModel) and not any(k.startswith("net.") for k in sd) else model
+    own = target.state_dict()
+    for k, v in own.items():
+        if k not in sd:
+            raise ConfigError(f"--weights {path} does not fit the model: key {k!r} is missing")
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise ConfigError(
+                f"--weights {path} does not fit the model: {k!r} has shape {tuple(sd[k].shape)}, the model's is "
+                f"{tuple(v.shape)}"
+            )
+    extra = [k for k in sd if k not in own]
+    if extra:
+        raise ConfigError(f"--weights {path} does not fit the model: unexpected key {extra[0]!r}")
+    target.load_state_dict(sd)
+
+
+def torchvision_table(num_classes: int = 10, image_size: int = 32) -> list[dict[str, Any]]:
+    """torchvision's classification models: params, MACs at ``image_size``, whether they have BatchNorm. Built on
+    the meta device (no memory, no weights), so listing all of them takes seconds."""
+    import torchvision
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from slimexport.graph import BN_TYPES
+
+    rows = []
+    for name in torchvision.models.list_models(module=torchvision.models):
+        row: dict[str, Any] = {"name": name, "params": None, "macs": None, "bn": None}
+        try:
+            with torch.device("meta"):
+                m = torchvision.models.get_model(name, weights=None, num_classes=num_classes).eval()
+                row["params"] = sum(p.numel() for p in m.parameters())
+                row["bn"] = any(isinstance(x, BN_TYPES) for x in m.modules())
+                with FlopCounterMode(display=False) as counter:
+                    m(torch.zeros(1, 3, image_size, image_size))
+                row["macs"] = counter.get_total_flops() // 2
+        except Exception:  # noqa: BLE001 - too small an input for this model, or a builder that needs real data
+            pass
+        rows.append(row)
+    return rows

@@ -1,0 +1,223 @@
+"""Coverage of the graph engine: every torchvision classification model, pruned at 50% by slimexport and by
+Torch-Pruning 1.6.1 (BN-scale importance, global), side by side.
+
+Per model: status (pruned / refused with the reason / crashed), channel groups and unprunable groups, MACs ratio,
+exactness (the zeroing check of slimexport.graph_prune.exactness), whether the pruned model exports to ONNX and
+matches torch in onnxruntime; the same for Torch-Pruning. Also the time to trace and prune resnet50 at 224×224.
+Random weights, random BN statistics (seeded), input 64×64 (larger where a model needs it).
+
+Usage (from the repository root): python -m benchmarks.graph_coverage [--only NAME ...] [--no-onnx] [--no-peer]
+Writes benchmarks/results/<machine-tag>/graph-coverage.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.metadata
+import shlex
+import sys
+import tempfile
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+
+from benchmarks.run import machine_tag
+from slimexport.data import from_arrays
+from slimexport.export import ExportConfig, export_model
+from slimexport.fileio import write_json
+from slimexport.graph import BN_TYPES
+from slimexport.graph_prune import exactness, prune_graph
+from slimexport.report import machine, versions
+from slimexport.stats import count_macs_on
+
+ROOT = Path(__file__).resolve().parent
+SIZES = (64, 96, 128, 224, 299)
+FORBIDDEN = {"NonZero", "GatherND", "Where", "ScatterND"}
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+            n = m.num_features
+            m.weight.data = torch.rand(n, generator=g) + 0.05
+            m.bias.data = torch.randn(n, generator=g) * 0.2
+            m.running_mean = torch.randn(n, generator=g) * 0.2
+            m.running_var = torch.rand(n, generator=g) + 0.5
+    return model.eval()
+
+
+def build(name: str) -> tuple[nn.Module, torch.Tensor]:
+    """The model (random weights, 10 classes) and the smallest input of SIZES it runs on."""
+    torch.manual_seed(0)
+    kw = {"aux_logits": False, "init_weights": False} if name in ("inception_v3", "googlenet") else {}
+    m = randomize(torchvision.models.get_model(name, weights=None, num_classes=10, **kw))
+    for s in SIZES:
+        x = torch.randn(2, 3, s, s)
+        try:
+            with torch.no_grad():
+                m(x)
+            return m, x
+        except Exception:  # noqa: BLE001 - too small for this model; try the next size
+            continue
+    raise RuntimeError("runs on none of the input sizes")
+
+
+def _data(size: int):
+    rng = np.random.default_rng(0)
+    return from_arrays(
+        "random",
+        rng.integers(0, 255, (20, size, size, 3), dtype=np.uint8),
+        np.arange(20) % 10,
+        rng.integers(0, 255, (16, size, size, 3), dtype=np.uint8),
+        np.arange(16) % 10,
+    )
+
+
+def onnx_ok(model: nn.Module, size: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            r = export_model(model, Path(tmp) / "m.onnx", _data(size), ExportConfig(parity_images=8, atol=1e-3))
+        except Exception as e:  # noqa: BLE001
+            return {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
+    bad = sorted(FORBIDDEN & set(r["op_counts"]))
+    return {"ok": not bad, "max_abs_diff": r["parity"]["max_abs_diff"], "forbidden_ops": bad}
+
+
+def _err(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+
+
+def ours(m: nn.Module, x: torch.Tensor, with_onnx: bool) -> dict:
+    t0 = time.perf_counter()
+    try:
+        p, rec = prune_graph(m, x, 0.5)
+    except Exception as e:  # noqa: BLE001 - a refusal (ConfigError) or a crash: both are recorded
+        kind = "refused" if type(e).__name__ == "ConfigError" else "crashed"
+        return {"status": kind, "error": _err(e)}
+    seconds = time.perf_counter() - t0
+    out = {
+        "status": "pruned",
+        "seconds": seconds,
+        "groups": len(rec["groups"]),
+        "unprunable_groups": len(rec["unprunable"]),
+        "unprunable_reasons": sorted({r for u in rec["unprunable"] for r in u["reasons"]})[:12],
+        "macs_ratio": count_macs_on(m, x[:1]) / count_macs_on(p, x[:1]),
+    }
+    try:
+        ex = exactness(m, x, 0.5)
+        out["exact_rel_error"] = ex["relative_error"]
+        out["exact"] = ex["same_channels"] and ex["relative_error"] <= 1e-4
+    except Exception as e:  # noqa: BLE001
+        out["exact"], out["exact_error"] = False, _err(e)
+    if with_onnx:
+        out["onnx"] = onnx_ok(p, x.shape[-1])
+    return out
+
+
+def peer(m: nn.Module, x: torch.Tensor, with_onnx: bool) -> dict:
+    import torch_pruning as tp
+
+    pm = copy.deepcopy(m)
+    heads = [mod for mod in pm.modules() if isinstance(mod, nn.Linear) and mod.out_features == 10]
+    t0 = time.perf_counter()
+    try:
+        tp.pruner.BNScalePruner(
+            pm, x[:1], importance=tp.importance.BNScaleImportance(), global_pruning=True, pruning_ratio=0.5,
+            ignored_layers=heads,
+        ).step()  # fmt: skip
+        seconds = time.perf_counter() - t0
+        with torch.no_grad():
+            y = pm(x)
+        if tuple(y.shape) != (2, 10):
+            raise RuntimeError(f"output shape {tuple(y.shape)}")
+    except Exception as e:  # noqa: BLE001
+        return {"status": "crashed", "error": _err(e)}
+    out = {"status": "pruned", "seconds": seconds, "macs_ratio": count_macs_on(m, x[:1]) / count_macs_on(pm, x[:1])}
+    if with_onnx:
+        out["onnx"] = onnx_ok(pm, x.shape[-1])
+    return out
+
+
+def engine_speed() -> dict:
+    """Trace and prune resnet50 at 224×224 (random weights), slimexport and Torch-Pruning, median of 3."""
+    import torch_pruning as tp
+
+    m = randomize(torchvision.models.get_model("resnet50", weights=None))
+    x = torch.randn(1, 3, 224, 224)
+    ts_ours, ts_tp = [], []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        prune_graph(m, x, 0.5)
+        ts_ours.append(time.perf_counter() - t0)
+        pm = copy.deepcopy(m)
+        t0 = time.perf_counter()
+        tp.pruner.BNScalePruner(pm, x, importance=tp.importance.BNScaleImportance(), global_pruning=True,
+                                pruning_ratio=0.5, ignored_layers=[pm.fc]).step()  # fmt: skip
+        ts_tp.append(time.perf_counter() - t0)
+    return {"model": "resnet50", "input": [1, 3, 224, 224], "slimexport_s": float(np.median(ts_ours)),
+            "torch_pruning_s": float(np.median(ts_tp)), "runs": 3}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", help="these models only")
+    ap.add_argument("--no-onnx", action="store_true")
+    ap.add_argument("--no-peer", action="store_true")
+    args = ap.parse_args()
+    names = args.only or torchvision.models.list_models(module=torchvision.models)
+    rows = []
+    for name in names:
+        t0 = time.perf_counter()
+        try:
+            m, x = build(name)
+        except Exception as e:  # noqa: BLE001
+            rows.append({"model": name, "build_error": _err(e)})
+            continue
+        has_bn = any(isinstance(mod, BN_TYPES) for mod in m.modules())
+        row = {"model": name, "input": x.shape[-1], "has_bn": has_bn, "params": sum(p.numel() for p in m.parameters())}
+        try:
+            row["slimexport"] = ours(m, x, not args.no_onnx)
+        except Exception:  # noqa: BLE001
+            row["slimexport"] = {"status": "crashed", "error": traceback.format_exc().splitlines()[-1]}
+        if not args.no_peer and has_bn:
+            row["torch_pruning"] = peer(m, x, not args.no_onnx)
+        rows.append(row)
+        s = row["slimexport"]
+        print(f"{name:28s} {s['status']:8s} x{s.get('macs_ratio', 0):.2f} exact={s.get('exact')} "
+              f"onnx={s.get('onnx', {}).get('ok')} | tp {row.get('torch_pruning', {}).get('status')} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+    with_bn = [r for r in rows if r.get("has_bn")]
+    ok = [r for r in with_bn if r["slimexport"]["status"] == "pruned" and r["slimexport"].get("exact")]
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m benchmarks.graph_coverage " + shlex.join(sys.argv[1:]),
+        "machine_tag": machine_tag(),
+        "machine": machine(),
+        "versions": versions() | {"torch_pruning": importlib.metadata.version("torch-pruning")},
+        "summary": {
+            "models": len(rows),
+            "with_bn": len(with_bn),
+            "pruned_exactly": len(ok),
+            "refused": sum(r["slimexport"]["status"] == "refused" for r in with_bn),
+            "crashed": sum(r["slimexport"]["status"] == "crashed" for r in with_bn),
+            "torch_pruning_pruned": sum(r.get("torch_pruning", {}).get("status") == "pruned" for r in with_bn),
+        },
+        "engine_speed": None if args.no_peer else engine_speed(),
+        "models": rows,
+    }
+    out = ROOT / "results" / machine_tag() / ("graph-coverage.json" if not args.only else "graph-coverage-only.json")
+    write_json(out, result)
+    print(result["summary"], result["engine_speed"])
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
