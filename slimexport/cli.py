@@ -162,6 +162,10 @@ SelectionOpt = Annotated[
         "with prune --round-to 16).",
     ),
 ]
+SyncBnOpt = Annotated[
+    bool,
+    typer.Option("--sync-bn", help="Under torchrun on CUDA: SyncBatchNorm, BN statistics over the global batch."),
+]
 CompileOpt = Annotated[
     bool, typer.Option("--compile", help="torch.compile the training forward (pays on a GPU for small networks).")
 ]
@@ -194,6 +198,17 @@ BenchDeviceOpt = Annotated[
 SecondsOpt = Annotated[float, typer.Option("--seconds", help="Timing budget per model and setting, after 20 runs.")]
 
 
+def _say(text: str) -> None:
+    """A command's summary line on stdout (under torchrun from rank 0 only)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(text)
+
+
+def _rank_prefix() -> str:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return f"rank {os.environ.get('RANK', '0')}/{world}: " if world > 1 else ""
+
+
 def _handle_errors(fn):
     """One line on stderr and a non-zero exit for every user-facing error; never a traceback."""
 
@@ -202,23 +217,28 @@ def _handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except SlimExportError as e:
-            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            _error(f"[bold red]error:[/] {_rank_prefix()}{e}")
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            console.print("[bold red]interrupted[/]: files being written were discarded; finished ones were kept")
+            _error(f"[bold red]interrupted[/]: {_rank_prefix()}files being written were discarded; finished ones kept")
             raise typer.Exit(130) from None
         except Exception as e:  # a bug, not bad input: still one line unless asked for the traceback
             if os.environ.get("SLIMEXPORT_DEBUG"):
                 raise
-            console.print(
-                f"[bold red]internal error:[/] {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                " (set SLIMEXPORT_DEBUG=1 for the traceback)",
-                highlight=False,
-                soft_wrap=True,
+            _error(
+                f"[bold red]internal error:[/] {_rank_prefix()}{type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''} (set SLIMEXPORT_DEBUG=1 for the traceback)"
             )
             raise typer.Exit(3) from None
 
     return wrapper
+
+
+def _error(text: str) -> None:
+    """One line on stderr, from every rank (the shared console is quiet on ranks other than 0)."""
+    from rich.console import Console
+
+    Console(stderr=True).print(text, highlight=False, soft_wrap=True)
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -251,12 +271,16 @@ def _train_config(
     eval_every: int | None = None,
     compile: bool = False,
     refine: bool = False,
+    sync_bn: bool = False,
 ):
+    import dataclasses
+
     from slimexport.train import preset_config
 
-    return preset_config(
+    cfg = preset_config(
         preset.value, epochs, sparsity, lr, batch_size, seed, device.value, eval_every, compile, refine=refine
     )
+    return dataclasses.replace(cfg, sync_bn=sync_bn)
 
 
 def _check_out(out: Path, force: bool, resume: bool = False) -> None:
@@ -288,6 +312,7 @@ def train(
     compile: CompileOpt = False,
     weights: WeightsOpt = None,
     image_size: ImageSizeOpt = None,
+    sync_bn: SyncBnOpt = False,
     resume: ResumeOpt = False,
     force: ForceOpt = False,
 ):
@@ -297,7 +322,7 @@ def train(
     from slimexport.train import train as train_fn
 
     _check_out(out, force, resume)
-    cfg = _train_config(preset, epochs, sparsity, lr, batch_size, seed, device, eval_every, compile)
+    cfg = _train_config(preset, epochs, sparsity, lr, batch_size, seed, device, eval_every, compile, sync_bn=sync_bn)
     cfg.validate()
     if arch:
         from slimexport.models import default_config
@@ -305,7 +330,7 @@ def train(
         default_config(arch)  # an unknown or unbuildable architecture fails before the data loads
     ds = load_dataset(dataset, data_dir, image_size)
     meta = train_fn(out, ds, cfg, arch=arch or DEFAULT_ARCH, resume=resume, weights=weights)
-    typer.echo(
+    _say(
         f"{meta['stage']} {arch or DEFAULT_ARCH}: accuracy {meta['accuracy']:.4f} after {epochs} epochs "
         f"({meta['train_seconds']:.0f} s, {meta['images_per_s']:.0f} img/s) -> {out}"
     )
@@ -381,7 +406,7 @@ def prune(
         else ""
     )
     rounded = f", round-to {r['round_to']} ({r['round_to_reason']})" if r["round_to"] > 1 else ""
-    typer.echo(
+    _say(
         f"pruned {r['channels_before'] - r['channels_after']}/{r['channels_before']} channels{budget}{rounded} at "
         f"threshold {r['threshold']}: params {r['params_before']:,} -> {r['params_after']:,} "
         f"(×{r['params_before'] / r['params_after']:.2f}), MACs ×{r['macs_before'] / r['macs_after']:.2f}"
@@ -407,6 +432,7 @@ def refine(
     device: DeviceOpt = Device.auto,
     eval_every: EvalEveryOpt = None,
     compile: CompileOpt = False,
+    sync_bn: SyncBnOpt = False,
     resume: ResumeOpt = False,
     force: ForceOpt = False,
 ):
@@ -415,13 +441,13 @@ def refine(
     from slimexport.train import train as train_fn
 
     _check_out(out, force, resume)
-    cfg = _train_config(preset, epochs, 0.0, lr, batch_size, seed, device, eval_every, compile, refine=True)
+    cfg = _train_config(
+        preset, epochs, 0.0, lr, batch_size, seed, device, eval_every, compile, refine=True, sync_bn=sync_bn
+    )
     cfg.validate()
     ds = load_dataset(dataset, data_dir)
     meta = train_fn(out, ds, cfg, init=checkpoint, stage="refined", resume=resume)
-    typer.echo(
-        f"refined: accuracy {meta['accuracy']:.4f} after {epochs} epochs ({meta['train_seconds']:.0f} s) -> {out}"
-    )
+    _say(f"refined: accuracy {meta['accuracy']:.4f} after {epochs} epochs ({meta['train_seconds']:.0f} s) -> {out}")
 
 
 @app.command("export")
@@ -457,13 +483,13 @@ def export_cmd(
         ExportConfig(opset=opset, simplify=simplify, atol=atol, parity_images=parity_images, selection=selection.value),
     )
     p = r["parity"]
-    typer.echo(
+    _say(
         f"exported {out} ({r['onnx_bytes']:,} bytes, {sum(r['op_counts'].values())} nodes): max |Δ| "
         f"{p['max_abs_diff']:.2e}, top-1 agreement {p['top1_agreement']:.4f} on {p['images']} images"
     )
     if r.get("selection", {}).get("candidates"):
         times = ", ".join(f"{n} {c['median_ms']:.3f} ms" for n, c in r["selection"]["candidates"].items())
-        typer.echo(f"selection: {r['selection']['chosen']} (onnxruntime CPU, batch 1, 1 thread: {times})")
+        _say(f"selection: {r['selection']['chosen']} (onnxruntime CPU, batch 1, 1 thread: {times})")
 
 
 @app.command("bench")
@@ -528,7 +554,7 @@ def bench_cmd(
     if out is not None:
         write_json(out, res)
     accs = ", ".join(f"{n} {m['accuracy']:.4f}" for n, m in res["models"].items() if "accuracy" in m)
-    typer.echo(
+    _say(
         f"benchmarked {len(models)} model(s) in {len(res['latency']) // len(models)} setting(s)"
         + (f"; onnxruntime accuracy: {accs}" if accs else "")
         + (f" -> {out}" if out else "")
@@ -605,7 +631,7 @@ def quantize(
     cfg.validate()
     ds = load_dataset(dataset, data_dir)
     r = quantize_fn(model, out, ds, cfg)
-    typer.echo(
+    _say(
         f"quantized {model} -> {out}: {r['activation_type']}/{r['weight_type']}"
         f"{' reduce_range' if r['reduce_range'] else ''} ({r['types_why']}); {r['fp32_bytes']:,} -> {r['bytes']:,} "
         f"bytes (×{1 / r['bytes_ratio']:.2f}); onnxruntime accuracy {r['fp32_accuracy']:.4f} -> {r['accuracy']:.4f}, "
@@ -637,7 +663,7 @@ def convert(
     ds = load_dataset(dataset, data_dir)
     r = convert_fn(model, out, ds, optimization_style.value, target_platform.value)
     p = r["parity"]
-    typer.echo(
+    _say(
         f"converted {model} -> {r['path']} ({r['bytes']:,} bytes, {r['optimization_style']} optimisations for "
         f"{r['target_platform']}): max |Δ| {p['max_abs_diff']:.2e}, top-1 agreement {p['top1_agreement']:.4f} on "
         f"{p['images']} images"
@@ -680,6 +706,7 @@ def pipeline(
     seed: SeedOpt = 0,
     device: DeviceOpt = Device.auto,
     selection: SelectionOpt = Selection.gather,
+    sync_bn: SyncBnOpt = False,
     compile: CompileOpt = False,
     eval_every: Annotated[
         int | None,
@@ -736,6 +763,7 @@ def pipeline(
         sparse=str(sparse) if sparse else None,
         weights=str(weights) if weights else None,
         image_size=image_size,
+        sync_bn=sync_bn,
         preset=preset.value,
         lr=lr,
         refine_lr=refine_lr,
@@ -751,18 +779,20 @@ def pipeline(
         bench=_bench_config(batch, threads, bench_device, seconds),
     )
     r = run_pipeline(cfg, command=shlex.join(["slimexport", *sys.argv[1:]]))
+    if not r:  # a rank other than 0 under torchrun: rank 0 wrote the run and reports it
+        return
     b, p, q = r["baseline"], r["pruned"], r["ratios"]
     sp = next(
         (s for s in q["speedup"] if s["batch"] == 1 and s["threads"] == 1), q["speedup"][0] if q["speedup"] else None
     )
-    typer.echo(
+    _say(
         f"{cfg.arch}: params {b['params']:,} -> {p['params']:,} (×{q['params']:.2f}), MACs ×{q['macs']:.2f}, "
         f"onnxruntime accuracy {b['accuracy']:.4f} -> {p['accuracy']:.4f}"
         + (f", speed-up ×{sp['speedup']:.2f} (batch {sp['batch']}, {sp['threads']} thread)" if sp else "")
         + f"; report: {out / 'report.md'}"
     )
     if len(r.get("variants", [])) > 2:
-        typer.echo(_variants_line(r["variants"]))
+        _say(_variants_line(r["variants"]))
 
 
 def _variants_line(rows: list[dict]) -> str:

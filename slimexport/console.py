@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True)
+# Under torchrun only rank 0 shows progress and messages (errors are printed by every rank that has one).
+console = Console(stderr=True, quiet=int(os.environ.get("RANK", "0")) > 0)
 
 
 def make_progress() -> Progress:

@@ -14,6 +14,7 @@ as the interrupted run (those that only say where to write, or whether to overwr
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from slimexport import distributed
 from slimexport.bench import BenchConfig, bench, provider_for
 from slimexport.checkpoint import load_checkpoint, make_checkpoint, read_checkpoint, save_checkpoint
 from slimexport.console import console
@@ -41,6 +43,8 @@ from slimexport.train import PRESETS, TrainConfig, data_meta, evaluate, preset_c
 DEFAULT_ARCH = "vgg11_w25"
 # Options that only say where or whether to write: they may differ between an interrupted run and its resume.
 RESUME_FREE = ("out", "force", "resume")
+# Under torchrun every rank runs these (with DDP); rank 0 alone runs the others while the rest wait.
+TRAINING_STAGES = ("baseline", "sparse", "refine")
 
 
 @dataclass
@@ -58,6 +62,7 @@ class PipelineConfig:
     prune_stream: bool = False  # residual networks: also prune the stream (beyond the paper's rules)
     eval_every: int | None = None  # None: only after the last epoch of each stage
     compile: bool = False  # torch.compile the training forward
+    sync_bn: bool = False  # under torchrun on CUDA: SyncBatchNorm
     baseline: str | None = None
     sparse: str | None = None  # reuse a sparse-trained checkpoint (e.g. to sweep --percent)
     weights: str | None = None  # a state_dict baseline and sparse training start from
@@ -92,11 +97,13 @@ class PipelineConfig:
         """The training options of ``stage`` (baseline, sparse or refine), from the preset where not given."""
         common = dict(batch_size=self.batch_size, seed=self.seed, device=self.device, compile=self.compile)
         if stage == "refine":
-            return preset_config(
+            cfg = preset_config(
                 self.preset, self.refine_epochs, 0.0, self.refine_lr, eval_every=self.eval_every, refine=True, **common
             )
-        sparsity = self.sparsity if stage == "sparse" else 0.0
-        return preset_config(self.preset, self.epochs, sparsity, self.lr, eval_every=self.eval_every, **common)
+        else:
+            sparsity = self.sparsity if stage == "sparse" else 0.0
+            cfg = preset_config(self.preset, self.epochs, sparsity, self.lr, eval_every=self.eval_every, **common)
+        return dataclasses.replace(cfg, sync_bn=self.sync_bn)
 
 
 @dataclass
@@ -130,8 +137,9 @@ def _reuse(src: Path, dst: Path, ds, device: torch.device) -> dict[str, Any]:
             f"{src} is for {ck['num_classes']} classes and {ck['in_channels']} channels; "
             f"{ds.name} has {ds.num_classes} and {ds.in_channels}"
         )
-    meta = ck["meta"] | {"accuracy": evaluate(model, ds, device), "reused": str(src)}
-    save_checkpoint(make_checkpoint(model.cpu(), data_meta(ds), meta), dst)
+    meta = ck["meta"] | {"accuracy": evaluate(model, ds, device), "reused": str(src)}  # every rank evaluates
+    if distributed.is_main():
+        save_checkpoint(make_checkpoint(model.cpu(), data_meta(ds), meta), dst)
     return meta
 
 
@@ -376,6 +384,7 @@ def run_pipeline(cfg: PipelineConfig, command: str = "") -> dict[str, Any]:
     cfg.validate()
     out = Path(cfg.out)
     work = partial_dir(out)
+    device = distributed.setup(resolve_device(cfg.device))  # under torchrun: join the group first
     if cfg.resume and not work.is_dir():
         state = "is complete" if (out / "report.json").is_file() else "has no interrupted run"
         raise ConfigError(f"nothing to resume: {out} {state} ({work} does not exist)")
@@ -386,7 +395,7 @@ def run_pipeline(cfg: PipelineConfig, command: str = "") -> dict[str, Any]:
             )
         if out.exists() and not cfg.force:
             raise OutputExistsError(f"run directory {out} already exists; pass --force to replace it")
-    device = resolve_device(cfg.device)
+    distributed.barrier()  # every rank has checked before rank 0 creates anything
     if cfg.bench.device != "cpu":
         provider_for(cfg.bench.device)  # a real session on CUDA, before any training
         cfg.export.tune_device = cfg.bench.device  # `--selection auto` chooses for the device it is benched on
@@ -394,14 +403,18 @@ def run_pipeline(cfg: PipelineConfig, command: str = "") -> dict[str, Any]:
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size)
     config = asdict(cfg) | {"resolved_device": str(device), "data": ds.summary()}
     config["round_to_resolved"], config["round_to_reason"] = resolve_round_to(cfg.round_to)
+    main = distributed.is_main()
     if cfg.resume:
         _check_resumable(work, config)
         records = read_json(work / "stages.json") if (work / "stages.json").is_file() else {}
     else:
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
         records = {}
-    write_json(work / "config.json", config)
+        if main:
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+    if main:
+        write_json(work / "config.json", config)
+    distributed.barrier()
     console.print(f"[bold]slimexport pipeline[/] {cfg.arch} on {ds.summary()}, device {device}")
     run = _Run(cfg, ds, device, work, records, command)
     finished: list[str] = []
@@ -413,20 +426,25 @@ def run_pipeline(cfg: PipelineConfig, command: str = "") -> dict[str, Any]:
                 finished.append(st.name)
                 continue
             rerun = True  # every later stage reads what this one writes
-            t0 = time.perf_counter()
-            rec = st.run(run)
-            records[st.name] = {"seconds": time.perf_counter() - t0} | rec
-            write_json(work / "stages.json", records)
+            if main or st.name in TRAINING_STAGES:
+                t0 = time.perf_counter()
+                rec = st.run(run)
+                records[st.name] = {"seconds": time.perf_counter() - t0} | rec
+                if main:
+                    write_json(work / "stages.json", records)
+            distributed.barrier()  # the next stage reads this one's files
             finished.append(st.name)
     except BaseException:
-        if finished:
+        if main and finished:
             console.print(
                 f"[bold]the finished stages ({', '.join(finished)}) are kept in {work}[/]; "
                 "continue with the same command and --resume"
             )
-        else:
+        elif main:
             shutil.rmtree(work, ignore_errors=True)
         raise
+    if not main:
+        return {}
     report = read_json(work / "report.json")
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"

@@ -283,7 +283,7 @@ def prune(
         from slimexport.train import evaluate, resolve_device
 
         ds = conform(ds, ckpt["data"].get("image_size"), str(ckpt_path))
-        meta["accuracy"] = evaluate(new, ds, resolve_device(device))
+        meta["accuracy"] = evaluate(new, ds, resolve_device(device), shard=False)  # rank 0 alone under torchrun
         new.to("cpu")
     save_checkpoint(make_checkpoint(new, ckpt["data"], meta), out)
     return meta

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from slimexport import distributed
 from slimexport.checkpoint import load_checkpoint, make_checkpoint, read_checkpoint, save_checkpoint
 from slimexport.console import console, make_progress
 from slimexport.data import Dataset, augment, batches, conform
@@ -80,6 +81,7 @@ class TrainConfig:
     eval_batch_size: int = 512
     eval_every: int = 1  # evaluate on the test split every N epochs (the last epoch always)
     compile: bool = False  # torch.compile the training forward (pays on GPUs for small, launch-bound networks)
+    sync_bn: bool = False  # under torchrun on CUDA: SyncBatchNorm (global batch statistics)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -93,6 +95,12 @@ class TrainConfig:
             raise ConfigError(f"--sparsity must be >= 0, got {self.sparsity}")
         if self.eval_every < 1:
             raise ConfigError(f"--eval-every must be at least 1, got {self.eval_every}")
+        if (
+            self.sync_bn
+            and not self.device.startswith("cuda")
+            and not (self.device == "auto" and torch.cuda.is_available())
+        ):
+            raise ConfigError("--sync-bn needs CUDA (NCCL); on the CPU each rank keeps its own BatchNorm statistics")
         if self.schedule not in ("onecycle", "multistep", "constant"):
             raise ConfigError(f"unknown schedule {self.schedule!r}: onecycle, multistep or constant")
 
@@ -142,15 +150,25 @@ def _autocast(device: torch.device):
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, ds: Dataset, device: torch.device | str = "cpu", batch_size: int = 512, progress=None
+    model: nn.Module,
+    ds: Dataset,
+    device: torch.device | str = "cpu",
+    batch_size: int = 512,
+    progress=None,
+    shard: bool = True,
 ) -> float:
     """Top-1 accuracy (fraction) on the test split, in fp32 on every device (as onnxruntime measures it); the
-    count stays on the device until the end, so there is no host sync per batch."""
+    count stays on the device until the end, so there is no host sync per batch. Under torchrun (and ``shard``)
+    every rank must call it: each evaluates its shard and the counts are summed."""
     device = torch.device(device)
     model.eval().to(device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     task = progress.add_task("evaluate", total=len(ds.y_test), info="") if progress is not None else None
     x_all, y_all = ds.x_test.to(device), ds.y_test.to(device)
+    shard = shard and distributed.active()
+    if shard:  # each rank its shard; the counts are summed
+        r, w = distributed.rank(), distributed.world_size()
+        x_all, y_all = x_all[r::w], y_all[r::w]
     for xb, yb in batches(x_all, y_all, batch_size, shuffle=False):
         logits = model(ds.normalize(xb))
         correct += (logits.argmax(1) == yb).sum()
@@ -158,7 +176,7 @@ def evaluate(
             progress.advance(task, len(yb))
     if task is not None:
         progress.remove_task(task)
-    return int(correct) / len(ds.y_test)
+    return int(distributed.all_sum(correct) if shard else correct) / len(ds.y_test)
 
 
 def _make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
@@ -186,7 +204,10 @@ def fit(
     ``resume`` an existing state there is continued from instead of starting over.
     """
     cfg.validate()
-    device = resolve_device(cfg.device)
+    device = distributed.setup(resolve_device(cfg.device))
+    world, rank = distributed.world_size(), distributed.rank()
+    if world > 1 and cfg.batch_size % world:
+        raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) must divide by the {world} ranks")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)  # shuffling, and augmentation on the CPU
     # Augmentation runs where the data is: on CUDA with the run's own CUDA generator (saved for resume), never the
@@ -198,7 +219,7 @@ def fit(
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest algorithms once
     ds_dev = ds.to(device)  # a new Dataset on the device; the caller's stays where it was
     # torch.compile: static shapes (the last partial batch is dropped, so no second, dynamic-shape compile)
-    drop_last = cfg.compile and len(ds.y_train) >= cfg.batch_size
+    drop_last = (cfg.compile or world > 1) and len(ds.y_train) >= cfg.batch_size
     steps = len(ds.y_train) // cfg.batch_size if drop_last else math.ceil(len(ds.y_train) / cfg.batch_size)
     opt = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
@@ -222,8 +243,16 @@ def fit(
         start_epoch, history = state["meta"]["epoch"], state["meta"]["history"]
         train_seconds = state["meta"]["train_seconds"]
         console.print(f"resuming {description} from epoch {start_epoch} ({resume_path})")
+    if cfg.sync_bn and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     bn_ws = bn_weights(model)
-    forward = torch.compile(model) if cfg.compile else model  # shares parameters with `model`
+    forward = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = torch.compile(forward) if cfg.compile else forward  # shares parameters with `model`
+    share = cfg.batch_size // world
     pad = max(1, ds.image_size[0] // 8) if cfg.augment else 0
     compile_seconds = _warm_up(model, forward, ds_dev, cfg, device) if cfg.compile else 0.0
     with make_progress() as progress:
@@ -236,16 +265,18 @@ def fit(
             for xb, yb in batches(
                 ds_dev.x_train, ds_dev.y_train, cfg.batch_size, shuffle=True, generator=gen, drop_last=drop_last
             ):
-                if cfg.augment:
+                if cfg.augment:  # drawn for the whole global batch on every rank: the inputs of a single process
                     xb = augment(xb, pad, flip=True, generator=aug_gen)
+                if world > 1:
+                    xb, yb = xb[rank * share : (rank + 1) * share], yb[rank * share : (rank + 1) * share]
                 x = ds.normalize(xb)
                 if device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
                 with _autocast(device):
                     loss = F.cross_entropy(forward(x), yb)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                regularize(model, cfg.sparsity, bn_ws)
+                loss.backward()  # under DDP the gradients are averaged over ranks here
+                regularize(model, cfg.sparsity, bn_ws)  # after the all-reduce: the same term on every rank
                 opt.step()
                 sched.step()
                 loss_sum += loss.detach() * len(yb)
@@ -255,6 +286,9 @@ def fit(
                 torch.cuda.synchronize(device)
             epoch_s = time.perf_counter() - t0
             train_seconds += epoch_s
+            if world > 1:
+                totals = distributed.all_sum(torch.stack([loss_sum.float(), torch.tensor(float(seen), device=device)]))
+                loss_sum, seen = totals[0], int(totals[1])
             last = epoch + 1 == cfg.epochs
             acc = (
                 evaluate(model, ds_dev, device, cfg.eval_batch_size)
@@ -272,7 +306,7 @@ def fit(
             )
             shown = "" if acc is None else f" acc {acc:.4f}"
             progress.update(task, info=f"epoch {epoch + 1}/{cfg.epochs} loss {history[-1]['loss']:.3f}{shown}")
-            if resume_path is not None:
+            if resume_path is not None and distributed.is_main():
                 state_meta = {
                     "train_config": _cfg_key(cfg),
                     "optimizer": opt.state_dict(),
@@ -284,9 +318,16 @@ def fit(
                     "train_seconds": train_seconds,
                 }
                 save_checkpoint(make_checkpoint(model, {}, state_meta), resume_path)
+    identical = distributed.same_on_every_rank(model)
+    if not identical:
+        raise RuntimeError("ranks ended training with different parameters")
+    if cfg.sync_bn and world > 1:
+        model = _revert_sync_bn(model)
     model.to("cpu").to(memory_format=torch.contiguous_format)
     n_images = sum(steps * cfg.batch_size if drop_last else len(ds.y_train) for _ in history)
     return {
+        "model": model,
+        "world_size": world,
         "compile_seconds": compile_seconds,
         "history": history,
         "final_accuracy": history[-1]["accuracy"],
@@ -294,6 +335,18 @@ def fit(
         "train_seconds": train_seconds,
         "images_per_s": n_images / train_seconds if train_seconds else 0.0,
     }
+
+
+def _revert_sync_bn(module: nn.Module) -> nn.Module:
+    """SyncBatchNorm back to BatchNorm2d, keeping parameters and statistics (checkpoints hold plain BNs)."""
+    out = module
+    if isinstance(module, nn.SyncBatchNorm):
+        out = nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
+                             module.track_running_stats)  # fmt: skip
+        out.load_state_dict(module.state_dict())
+    for name, child in module.named_children():
+        out.add_module(name, _revert_sync_bn(child))
+    return out
 
 
 def _warm_up(model: nn.Module, forward, ds: Dataset, cfg: TrainConfig, device: torch.device) -> float:
@@ -378,6 +431,7 @@ def train(
     stage = stage or ("refined" if init is not None else ("sparse" if cfg.sparsity > 0 else "baseline"))
     resume_path = out.with_name(out.name + ".resume")
     result = fit(model, ds, cfg, resume_path=resume_path, resume=resume, description=stage)
+    model = result["model"]  # the same module (or, after --sync-bn, one with plain BatchNorms again)
     meta = {
         "stage": stage,
         "train_config": asdict(cfg),
@@ -391,6 +445,9 @@ def train(
     }
     if "prune" in prior_meta:
         meta["prune"] = prior_meta["prune"]
-    save_checkpoint(make_checkpoint(model, data_meta(ds), meta), out)
-    resume_path.unlink(missing_ok=True)
+    meta["world_size"] = result["world_size"]
+    if distributed.is_main():  # rank 0 alone writes; the others wait until the file is there
+        save_checkpoint(make_checkpoint(model, data_meta(ds), meta), out)
+        resume_path.unlink(missing_ok=True)
+    distributed.barrier()
     return meta
