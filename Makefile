@@ -5,7 +5,7 @@ SUITE ?= quick
 .PHONY: install test test-gpu lint benchmark benchmark-selection demo clean
 
 install:  ## install slimexport with its test tools (editable)
-	$(PYTHON) -m pip install -e ".[dev,timm]"
+	$(PYTHON) -m pip install -e ".[dev,timm,ncnn]"
 
 test:  ## the whole test suite (a few minutes on two cores)
 	$(PYTHON) -m pytest tests

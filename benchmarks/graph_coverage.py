@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.metadata
+import json
 import shlex
 import sys
 import tempfile
@@ -171,17 +172,38 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="these models only")
     ap.add_argument("--no-onnx", action="store_true")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--max-params", type=float, default=150e6, help="skip larger models (memory: several copies)")
     args = ap.parse_args()
     names = args.only or torchvision.models.list_models(module=torchvision.models)
+    from slimexport.models.external import torchvision_table
+
+    sizes = {r["name"]: r["params"] for r in torchvision_table()}
+    cache = ROOT.parent / "benchmarks" / "work" / "graph-coverage-rows.jsonl"  # finished rows, so a rerun resumes
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    done = {}
+    if cache.exists() and not args.only:
+        for line in cache.read_text().splitlines():
+            r = json.loads(line)
+            done[r["model"]] = r
     rows = []
     for name in names:
         t0 = time.perf_counter()
+        if name in done:
+            rows.append(done[name])
+            continue
+        if (sizes.get(name) or 0) > args.max_params:
+            rows.append({"model": name, "skipped": f"{sizes[name] / 1e6:.0f}M parameters (over --max-params)"})
+            continue
         try:
             m, x = build(name)
         except Exception as e:  # noqa: BLE001
             rows.append({"model": name, "build_error": _err(e)})
             continue
         has_bn = any(isinstance(mod, BN_TYPES) for mod in m.modules())
+        if not has_bn:  # refused in one line, nothing to compare
+            rows.append({"model": name, "has_bn": False, "slimexport": ours(m, x, False)})
+            print(f"{name:28s} refused (no BatchNorm)", flush=True)
+            continue
         row = {"model": name, "input": x.shape[-1], "has_bn": has_bn, "params": sum(p.numel() for p in m.parameters())}
         try:
             row["slimexport"] = ours(m, x, not args.no_onnx)
@@ -190,6 +212,9 @@ def main() -> None:
         if not args.no_peer and has_bn:
             row["torch_pruning"] = peer(m, x, not args.no_onnx)
         rows.append(row)
+        if not args.only:
+            with cache.open("a") as f:
+                f.write(json.dumps(row) + "\n")
         s = row["slimexport"]
         print(f"{name:28s} {s['status']:8s} x{s.get('macs_ratio', 0):.2f} exact={s.get('exact')} "
               f"onnx={s.get('onnx', {}).get('ok')} | tp {row.get('torch_pruning', {}).get('status')} "
@@ -197,6 +222,7 @@ def main() -> None:
     with_bn = [r for r in rows if r.get("has_bn")]
     ok = [r for r in with_bn if r["slimexport"]["status"] == "pruned" and r["slimexport"].get("exact")]
     result = {
+        "kind": "graph_coverage",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m benchmarks.graph_coverage " + shlex.join(sys.argv[1:]),
         "machine_tag": machine_tag(),

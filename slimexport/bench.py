@@ -24,9 +24,11 @@ from slimexport.runtime import (
     BenchConfig,
     check_input_shape,
     check_model_file,
+    is_ncnn,
     latency,
     ort_session,
     parse_device,
+    predictor,
     provider_for,
     run_logits,
     static_image_size,
@@ -36,15 +38,19 @@ __all__ = ["BenchConfig", "bench", "index_op_cost", "latency", "op_time_shares",
 
 
 def ort_accuracy(path: Path, ds: Dataset, device: str = "cpu", batch_size: int = 256, progress=None) -> float:
-    """Top-1 accuracy of the ONNX model on the whole test split, computed by onnxruntime."""
-    sess = ort_session(
-        path, threads=os.cpu_count() or 1, provider=provider_for(device), device_id=parse_device(device)[1]
-    )
-    check_input_shape(sess, (ds.in_channels, *ds.image_size), str(path))
+    """Top-1 accuracy of the model on the whole test split, computed by its runtime (onnxruntime, or ncnn for an
+    ``.ncnn.param`` model)."""
+    threads = os.cpu_count() or 1
+    if is_ncnn(path):
+        predict = predictor(path, threads)
+    else:
+        sess = ort_session(path, threads=threads, provider=provider_for(device), device_id=parse_device(device)[1])
+        check_input_shape(sess, (ds.in_channels, *ds.image_size), str(path))
+        predict = lambda x: run_logits(sess, x)  # noqa: E731
     correct = 0
     task = progress.add_task(f"accuracy {Path(path).name}", total=len(ds.y_test), info="") if progress else None
     for xb, yb in batches(ds.x_test.cpu(), ds.y_test.cpu(), batch_size, shuffle=False):
-        logits = run_logits(sess, ds.normalize(xb).numpy())
+        logits = predict(ds.normalize(xb).numpy())
         correct += int((logits.argmax(1) == yb.numpy()).sum())
         if task is not None:
             progress.advance(task, len(yb))
@@ -166,6 +172,9 @@ def bench(models: dict[str, str | os.PathLike], ds: Dataset, cfg: BenchConfig | 
     paths = {}
     for name, p in models.items():  # every file loads and fits the data before anything is timed
         paths[name] = check_model_file(p)
+        if is_ncnn(p):
+            predictor(p)  # loads, or a one-line error; ncnn records no input shape
+            continue
         ds = conform(ds, static_image_size(ort_session(paths[name])), str(p))
         check_input_shape(ort_session(paths[name]), (ds.in_channels, *ds.image_size), str(p))
     image_shape = (ds.in_channels, *ds.image_size)
@@ -175,7 +184,7 @@ def bench(models: dict[str, str | os.PathLike], ds: Dataset, cfg: BenchConfig | 
         for name, p in paths.items():
             if cfg.accuracy:
                 out["models"][name]["accuracy"] = ort_accuracy(p, ds, cfg.device, progress=progress)
-            if cfg.profile:
+            if cfg.profile and not is_ncnn(p):
                 out["models"][name]["op_time"] = op_time_shares(p, image_shape, device=cfg.device)
     out["config"] = asdict(cfg)
     return out

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from slimexport.console import console
 from slimexport.errors import ConfigError, SlimExportError
@@ -217,7 +218,7 @@ def _handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except SlimExportError as e:
-            _error(f"[bold red]error:[/] {_rank_prefix()}{e}")
+            _error(f"[bold red]error:[/] {escape(_rank_prefix() + str(e))}")
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             _error(f"[bold red]interrupted[/]: {_rank_prefix()}files being written were discarded; finished ones kept")
@@ -225,9 +226,10 @@ def _handle_errors(fn):
         except Exception as e:  # a bug, not bad input: still one line unless asked for the traceback
             if os.environ.get("SLIMEXPORT_DEBUG"):
                 raise
+            first = str(e).splitlines()[0] if str(e) else ""
             _error(
-                f"[bold red]internal error:[/] {_rank_prefix()}{type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''} (set SLIMEXPORT_DEBUG=1 for the traceback)"
+                f"[bold red]internal error:[/] {escape(f'{_rank_prefix()}{type(e).__name__}: {first}')}"
+                " (set SLIMEXPORT_DEBUG=1 for the traceback)"
             )
             raise typer.Exit(3) from None
 
@@ -646,7 +648,14 @@ def convert(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Directory to write the .ort model and its operator config to.")
     ],
-    to: Annotated[str, typer.Option("--to", help="Target format: ort (the onnxruntime mobile format).")] = "ort",
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            help="ort (the onnxruntime mobile format) or ncnn (a phone runtime; FP32 models; the ncnn extra: "
+            "pip install -e '.[ncnn]').",
+        ),
+    ] = "ort",
     dataset: DatasetOpt = "embedded",
     data_dir: DataDirOpt = None,
     optimization_style: OptStyleOpt = OptStyle.fixed,
@@ -657,9 +666,22 @@ def convert(
     from slimexport.data import load_dataset
     from slimexport.deploy import convert as convert_fn
 
-    if to != "ort":
-        raise ConfigError(f"--to {to!r} is not supported: ort is")
+    if to not in ("ort", "ncnn"):
+        raise ConfigError(f"--to {to!r} is not supported: ort or ncnn")
     _check_out(out, force)
+    if to == "ncnn":
+        from slimexport.deploy import convert_ncnn, ncnn_available
+        from slimexport.runtime import NCNN_HINT
+
+        if not ncnn_available():
+            raise ConfigError(NCNN_HINT)
+        r = convert_ncnn(model, out, load_dataset(dataset, data_dir))
+        p = r["parity"]
+        _say(
+            f"converted {model} -> {r['path']} ({r['bytes']:,} bytes, {r['runtime']}): max |Δ| {p['max_abs_diff']:.2e} "
+            f"against onnxruntime, top-1 agreement {p['top1_agreement']:.4f} on {p['images']} images"
+        )
+        return
     ds = load_dataset(dataset, data_dir)
     r = convert_fn(model, out, ds, optimization_style.value, target_platform.value)
     p = r["parity"]
@@ -727,6 +749,14 @@ def pipeline(
     ort: Annotated[
         bool, typer.Option("--ort", help="Also convert the pruned model(s) to the onnxruntime mobile format (.ort).")
     ] = False,
+    ncnn: Annotated[
+        bool,
+        typer.Option(
+            "--ncnn",
+            help="Also run the pruned model in ncnn, a phone runtime (converted with pnnx, checked against "
+            "onnxruntime, benchmarked beside it). The ncnn extra: pip install -e '.[ncnn]'.",
+        ),
+    ] = False,
     calib_images: CalibImagesOpt = 512,
     calibrate: CalibrateOpt = Calibrate.minmax,
     types: QuantTypesOpt = QuantTypes.auto,
@@ -774,6 +804,7 @@ def pipeline(
         resume=resume,
         int8=int8,
         ort=ort,
+        ncnn=ncnn,
         quantize=QuantizeConfig(calib_images=calib_images, calibrate=calibrate.value, types=types.value),
         export=ExportConfig(selection=selection.value),
         bench=_bench_config(batch, threads, bench_device, seconds),

@@ -362,7 +362,9 @@ def conform(ds: Dataset, image_size: list[int] | tuple[int, ...] | None, what: s
     h, w = (int(v) for v in image_size)
     if h != w:
         raise DataError(f"{what} takes {h}×{w} images; the data set's are {ds.image_size[0]}×{ds.image_size[1]}")
+    from rich.markup import escape
+
     from slimexport.console import console
 
-    console.print(f"[dim]resizing {ds.name} to {h}×{w}, the image size of {what}[/]")
+    console.print(f"[dim]{escape(f'resizing {ds.name} to {h}×{w}, the image size of {what}')}[/]")
     return ds.resized(h)

@@ -35,7 +35,16 @@ import numpy as np
 from slimexport.data import Dataset, conform
 from slimexport.errors import ConfigError, ModelFileError, ParityError, SlimExportError
 from slimexport.fileio import atomic_path
-from slimexport.runtime import check_input_shape, io_names, machine_facts, ort_session, static_image_size
+from slimexport.runtime import (
+    NCNN_HINT,
+    check_input_shape,
+    io_names,
+    is_ncnn,
+    machine_facts,
+    ort_session,
+    predictor,
+    static_image_size,
+)
 
 CALIBRATE = ("minmax", "entropy", "percentile")
 OPT_STYLES = ("fixed", "runtime")
@@ -107,22 +116,21 @@ class _Calibration:
 
 def compare(reference: str | os.PathLike, candidate: str | os.PathLike, ds: Dataset, images: int | None = None,
             batch: int = 256) -> dict[str, Any]:  # fmt: skip
-    """Both models on the first ``images`` test images (all by default), in onnxruntime: each one's accuracy, top-1
-    agreement and max |Δ logits|."""
-    ref = ort_session(reference, threads=os.cpu_count() or 1)
-    cand = ort_session(candidate, threads=os.cpu_count() or 1)
+    """Both models on the first ``images`` test images (all by default), each in its runtime (onnxruntime, or
+    ncnn for an ``.ncnn.param`` model): each one's accuracy, top-1 agreement and max |Δ logits|."""
+    threads = os.cpu_count() or 1
     shape = (ds.in_channels, *ds.image_size)
-    check_input_shape(ref, shape, str(reference))
-    check_input_shape(cand, shape, str(candidate))
-    (ri, ro), (ci, co) = io_names(ref), io_names(cand)
+    for path in (reference, candidate):
+        if not is_ncnn(path):
+            check_input_shape(ort_session(path), shape, str(path))
+    ref, cand = predictor(reference, threads), predictor(candidate, threads)
     n = len(ds.y_test) if images is None else min(images, len(ds.y_test))
     agree = correct_ref = correct_cand = 0
     max_diff = 0.0
     for i in range(0, n, batch):
         x = ds.normalize(ds.x_test[i : min(i + batch, n)].cpu()).numpy()
         y = ds.y_test[i : min(i + batch, n)].cpu().numpy()
-        a = ref.run([ro], {ri: x})[0]
-        b = cand.run([co], {ci: x})[0]
+        a, b = ref(x), cand(x)
         if a.shape != b.shape:
             raise ParityError(f"{candidate} outputs shape {b.shape}, {reference} {a.shape}")
         max_diff = max(max_diff, float(np.abs(a - b).max()))
@@ -296,5 +304,84 @@ def convert(
         "target_platform": target_platform,
         "parity": {k: par[k] for k in ("images", "max_abs_diff", "top1_agreement")} | {"atol": atol},
         "files": sorted(p.name for p in out_dir.iterdir()),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def ncnn_available() -> bool:
+    try:
+        import ncnn  # noqa: F401
+        import pnnx  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def convert_ncnn(
+    model: str | os.PathLike, out_dir: str | os.PathLike, ds: Dataset, parity_images: int = 256, atol: float = 1e-2
+) -> dict[str, Any]:
+    """Convert an ONNX model to ncnn (a runtime made for phones: ARM NEON, Vulkan) with pnnx, then run the ncnn
+    model on real test images and compare it with onnxruntime. ``out_dir`` gets ``NAME.ncnn.param`` and
+    ``NAME.ncnn.bin`` once verified. ncnn's convolutions (Winograd, other summation orders) differ from
+    onnxruntime's in the last digits, so the default tolerance on logits is 1e-2; the record keeps the measured
+    difference and the top-1 agreement."""
+    import subprocess
+
+    if not ncnn_available():
+        raise ConfigError(NCNN_HINT)
+    import pnnx
+
+    model = Path(model)
+    if model.suffix != ".onnx":
+        raise ModelFileError(f"{model}: convert takes an .onnx model")
+    sess = ort_session(model)
+    ds = conform(ds, static_image_size(sess), str(model))
+    check_input_shape(sess, (ds.in_channels, *ds.image_size), str(model))
+    if "QuantizeLinear" in _op_counts(model):
+        raise ConfigError(
+            f"{model} is an INT8 (QDQ) model: ncnn takes the FP32 model (its own INT8 uses ncnn2int8's calibration)"
+        )
+    exe = Path(pnnx.__file__).parent / "pnnx"
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    work = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
+    try:
+        src = work / model.name
+        shutil.copy2(model, src)
+        shape = f"[1,{ds.in_channels},{ds.image_size[0]},{ds.image_size[1]}]"
+        res = subprocess.run([str(exe), src.name, f"inputshape={shape}"], cwd=work, capture_output=True, text=True,
+                             timeout=600)  # fmt: skip
+        stem = model.stem
+        param, weights = work / f"{stem}.ncnn.param", work / f"{stem}.ncnn.bin"
+        if res.returncode != 0 or not param.is_file() or not weights.is_file():
+            tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or [f"exit code {res.returncode}"]
+            raise SlimExportError(f"pnnx could not convert {model} to ncnn: {tail[0][:200]}")
+        built = work / "out"
+        built.mkdir()
+        os.replace(param, built / param.name)
+        os.replace(weights, built / weights.name)
+        par = compare(model, built / param.name, ds, images=parity_images)
+        if not par["max_abs_diff"] <= atol:
+            raise ParityError(
+                f"the ncnn model differs from {model} by {par['max_abs_diff']:.3g} > atol {atol:g}; {out_dir} not "
+                "written"
+            )
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(built, out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    path = out_dir / f"{model.stem}.ncnn.param"
+    import ncnn
+
+    return {
+        "path": str(path),
+        "dir": str(out_dir),
+        "source": str(model),
+        "runtime": f"ncnn {ncnn.__version__}, pnnx {getattr(pnnx, '__version__', '?')}",
+        "bytes": path.stat().st_size + (out_dir / f"{model.stem}.ncnn.bin").stat().st_size,
+        "onnx_bytes": model.stat().st_size,
+        "parity": {k: par[k] for k in ("images", "max_abs_diff", "top1_agreement")} | {"atol": atol},
         "seconds": time.perf_counter() - t0,
     }

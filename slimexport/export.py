@@ -74,7 +74,9 @@ def _export_torch(model: torch.nn.Module, sample: torch.Tensor, path: Path, opse
             )
     except Exception as e:  # the exporter raises many types; report the first line, keep the log for debugging
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SlimExportError(f"torch.onnx.export failed for {getattr(model, 'arch', 'model')}: {first[:200]}") from e
+        raise SlimExportError(
+            f"torch.onnx.export failed for {getattr(model, 'arch', type(model).__name__)}: {first[:200]}"
+        ) from e
 
 
 def op_counts(model_proto) -> dict[str, int]:
@@ -122,7 +124,7 @@ def export(
     }
     if cfg.selection == "auto":
         return _export_fastest(model, out, ds, cfg, metadata)
-    exported = model.without_selections() if cfg.selection == "dense" and hasattr(model, "selection_units") else model
+    exported = model.without_selections() if cfg.selection == "dense" else model
     return export_model(exported, out, ds, cfg, metadata, reference=model)
 
 

@@ -24,19 +24,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.markup import escape
 
 from slimexport import distributed
 from slimexport.bench import BenchConfig, bench, provider_for
 from slimexport.checkpoint import load_checkpoint, make_checkpoint, read_checkpoint, save_checkpoint
 from slimexport.console import console
 from slimexport.data import EMBEDDED, Dataset, load_dataset
-from slimexport.deploy import QuantizeConfig, convert, quantize
+from slimexport.deploy import QuantizeConfig, convert, convert_ncnn, ncnn_available, quantize
 from slimexport.errors import CheckpointError, ConfigError, OutputExistsError
 from slimexport.export import ExportConfig, export
 from slimexport.fileio import read_json, write_json
 from slimexport.models import create_model, default_config
 from slimexport.prune import bn_gammas, check_percent, check_prune_stream, prune, resolve_round_to
 from slimexport.report import build_report, plot_channels, plot_gammas, plot_latency, plot_variants, write_report
+from slimexport.runtime import NCNN_HINT
 from slimexport.stats import count_macs, count_params
 from slimexport.train import PRESETS, TrainConfig, data_meta, evaluate, preset_config, resolve_device, train
 
@@ -77,6 +79,7 @@ class PipelineConfig:
     resume: bool = False
     int8: bool = False  # also quantize both models to INT8 (onnxruntime QDQ) and bench them
     ort: bool = False  # also convert the pruned model(s) to the onnxruntime mobile format (.ort) and bench it
+    ncnn: bool = False  # also convert the pruned model to ncnn (a phone runtime) and bench it beside onnxruntime
     bench: BenchConfig = field(default_factory=BenchConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
@@ -90,6 +93,8 @@ class PipelineConfig:
         if self.sparsity <= 0:
             raise ConfigError(f"--sparsity must be positive for network slimming, got {self.sparsity}")
         resolve_round_to(self.round_to)
+        if self.ncnn and not ncnn_available():
+            raise ConfigError(f"--ncnn: {NCNN_HINT}")
         self.bench.validate()
         self.quantize.validate()
 
@@ -221,6 +226,11 @@ def _convert_stage(name: str) -> Callable[[_Run], dict[str, Any]]:
     return run
 
 
+def _ncnn_stage(r: _Run) -> dict[str, Any]:
+    c = convert_ncnn(r.path("pruned.onnx"), r.path("ncnn"), r.ds)
+    return {"record": c | {"path": str(Path(c["path"]).relative_to(r.dir))}}
+
+
 def variants(cfg: PipelineConfig) -> dict[str, str]:
     """Every model the bench stage times, by name: the FP32 ONNX pair, and with --int8/--ort their deploy forms."""
     out = {"baseline": "baseline.onnx", "pruned": "pruned.onnx"}
@@ -230,6 +240,8 @@ def variants(cfg: PipelineConfig) -> dict[str, str]:
         out["pruned-ort"] = "ort/pruned/pruned.ort"
         if cfg.int8:
             out["pruned-int8-ort"] = "ort/pruned.int8/pruned.int8.ort"
+    if cfg.ncnn:
+        out["pruned-ncnn"] = "ncnn/pruned.ncnn.param"
     return out
 
 
@@ -260,6 +272,10 @@ def _variant_rows(r: _Run, res: dict[str, Any]) -> list[dict[str, Any]]:
             row["parity"] = {"reference": f"{base}.onnx", "top1_agreement": q["top1_agreement"],
                              "max_abs_diff": q["max_abs_diff"], "images": q["images"]}  # fmt: skip
             row["types"] = f"{q['activation_type']}/{q['weight_type']}" + (" reduce_range" if q["reduce_range"] else "")
+        elif name.endswith("ncnn"):
+            row["parity"] = {"reference": "pruned.onnx"} | recs["convert_ncnn"]["record"]["parity"]
+            row["bytes"] += r.path(f.replace(".param", ".bin")).stat().st_size  # the weights file too
+            row["runtime"] = recs["convert_ncnn"]["record"]["runtime"]
         elif name.endswith("ort"):
             src = name.removesuffix("-ort").replace("-int8", ".int8")
             c = recs[f"convert_{src}"]["record"]
@@ -326,6 +342,7 @@ def stages(cfg: PipelineConfig) -> list[Stage]:
             if cfg.ort and cfg.int8
             else []
         ),
+        *([Stage("convert_ncnn", ("ncnn/pruned.ncnn.param",), _ncnn_stage)] if cfg.ncnn else []),
         Stage("bench", (), _bench_stage),
         Stage("report", ("report.json", "report.md", "gamma_hist.png", "channels.png", "latency.png"), _report_stage),
     ]
@@ -415,7 +432,7 @@ def run_pipeline(cfg: PipelineConfig, command: str = "") -> dict[str, Any]:
     if main:
         write_json(work / "config.json", config)
     distributed.barrier()
-    console.print(f"[bold]slimexport pipeline[/] {cfg.arch} on {ds.summary()}, device {device}")
+    console.print(f"[bold]slimexport pipeline[/] {escape(f'{cfg.arch} on {ds.summary()}, device {device}')}")
     run = _Run(cfg, ds, device, work, records, command)
     finished: list[str] = []
     try:
@@ -437,7 +454,7 @@ def run_pipeline(cfg: PipelineConfig, command: str = "") -> dict[str, Any]:
     except BaseException:
         if main and finished:
             console.print(
-                f"[bold]the finished stages ({', '.join(finished)}) are kept in {work}[/]; "
+                f"[bold]the finished stages ({', '.join(finished)}) are kept in {escape(str(work))}[/]; "
                 "continue with the same command and --resume"
             )
         elif main:

@@ -19,6 +19,7 @@ from torch import nn
 from slimexport.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from slimexport.data import Dataset
 from slimexport.errors import ConfigError
+from slimexport.models.common import SlimModel
 from slimexport.stats import count_macs, count_params
 
 
@@ -91,7 +92,7 @@ def select_channels(
 
 
 def _has_stream(model: nn.Module) -> bool:
-    return callable(getattr(model, "stream_widths", None))
+    return isinstance(model, SlimModel) and model.stream_widths() is not None
 
 
 def check_prune_stream(model: nn.Module, prune_stream: bool) -> None:
@@ -123,7 +124,7 @@ def prune_model(
         raise ConfigError("give either percent or max_macs, not both")
     if isinstance(model, GraphModel):
         return model.pruned_by_graph(percent=percent, min_channels=min_channels, round_to=round_to, max_macs=max_macs)
-    if not callable(getattr(model, "pruned", None)):
+    if not isinstance(model, SlimModel):
         from slimexport.graph_prune import prune_graph
 
         if example_input is None:
@@ -201,8 +202,7 @@ def _prune_at(
     keep, floored = select_channels(gammas, threshold, min_channels, round_to)
     check_prune_stream(model, prune_stream)
     # a residual network also compacts its stream, to the same multiple of round_to
-    opts = {"round_to": round_to, "prune_stream": prune_stream} if _has_stream(model) else {}
-    new = model.pruned(keep, **opts)
+    new = model.pruned(keep, round_to=round_to, prune_stream=prune_stream)
     total = sum(len(g) for g in gammas.values())
     kept = sum(len(k) for k in keep.values())
     record = {

@@ -190,9 +190,69 @@ def static_image_size(sess) -> list[int] | None:
     return None
 
 
+NCNN_HINT = "the ncnn runtime is an optional extra: pip install -e '.[ncnn]' (or pip install ncnn pnnx)"
+
+
+def is_ncnn(path: Any) -> bool:
+    return not isinstance(path, bytes) and str(path).endswith(".ncnn.param")
+
+
+class NcnnModel:
+    """A model in ncnn's format (``NAME.ncnn.param`` + ``NAME.ncnn.bin``, as pnnx writes them), run in fp32 (no
+    fp16/bf16 storage or arithmetic, so it can be compared with onnxruntime). ncnn takes one image at a time; a
+    batch runs image by image, as on a phone."""
+
+    def __init__(self, param: str | os.PathLike, threads: int = 1):
+        try:
+            import ncnn
+        except ImportError:
+            raise ConfigError(NCNN_HINT) from None
+        param = check_model_file(param)
+        weights = Path(str(param)[: -len(".param")] + ".bin")
+        check_model_file(weights)
+        self.ncnn = ncnn
+        net = ncnn.Net()
+        for flag in ("use_fp16_packed", "use_fp16_storage", "use_fp16_arithmetic", "use_bf16_storage"):
+            setattr(net.opt, flag, False)
+        net.opt.num_threads = threads
+        if net.load_param(str(param)) != 0 or net.load_model(str(weights)) != 0:
+            raise ModelFileError(f"{param} is not an ncnn model ncnn can load")
+        self.net = net
+        self.input, self.output = _ncnn_blobs(param)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        outs = []
+        for xi in x:
+            ex = self.net.create_extractor()
+            ex.input(self.input, self.ncnn.Mat(np.ascontiguousarray(xi)).clone())
+            _, out = ex.extract(self.output)
+            outs.append(np.array(out).reshape(-1))
+        return np.stack(outs)
+
+
+def _ncnn_blobs(param: Path) -> tuple[str, str]:
+    """The input blob (the Input layer's) and the output blob (the last layer's) of an ncnn .param file."""
+    try:
+        lines = [ln.split() for ln in Path(param).read_text().splitlines()[2:] if ln.strip()]
+        first = next(ln for ln in lines if ln[0] == "Input")
+        last = lines[-1]
+        n_in, n_out = int(last[2]), int(last[3])
+        return first[4], last[4 + n_in + n_out - 1]
+    except (StopIteration, IndexError, ValueError, OSError):
+        raise ModelFileError(f"{param} is not an ncnn .param file") from None
+
+
+def predictor(path: str | os.PathLike, threads: int = 1, provider: str = "CPUExecutionProvider"):
+    """A function from a float32 NCHW batch to logits, for an ONNX/ORT file (onnxruntime) or an ncnn model."""
+    if is_ncnn(path):
+        return NcnnModel(path, threads).run
+    sess = ort_session(path, threads=threads, provider=provider)
+    return lambda x: run_logits(sess, x)
+
+
 class _Runner:
     """One session and a fixed input; ``run()`` times one inference. On CUDA, IOBinding keeps inputs and outputs
-    on the device (``device_id``) so that no host copy is timed."""
+    on the device (``device_id``) so that no host copy is timed. An ncnn model runs on the CPU, image by image."""
 
     def __init__(
         self,
@@ -205,9 +265,14 @@ class _Runner:
     ):
         import onnxruntime as ort
 
+        x = np.random.default_rng(0).standard_normal((batch, *image_shape)).astype(np.float32)
+        self.ncnn = NcnnModel(path, threads) if is_ncnn(path) else None
+        self.cuda = False
+        if self.ncnn is not None:
+            self.x = x
+            return
         self.sess = ort_session(path, threads=threads, provider=provider, device_id=device_id)
         self.input, self.output = io_names(self.sess)
-        x = np.random.default_rng(0).standard_normal((batch, *image_shape)).astype(np.float32)
         self.cuda = provider == "CUDAExecutionProvider"
         if self.cuda:
             self.binding = self.sess.io_binding()
@@ -219,7 +284,9 @@ class _Runner:
 
     def run(self) -> float:
         t0 = time.perf_counter()
-        if self.cuda:
+        if self.ncnn is not None:
+            self.ncnn.run(self.x)
+        elif self.cuda:
             self.sess.run_with_iobinding(self.binding)
         else:
             self.sess.run([self.output], self.feed)
@@ -260,7 +327,7 @@ def latency(
             rows.append(
                 {
                     "model": name,
-                    "provider": provider,
+                    "provider": "ncnn" if runners[name].ncnn is not None else provider,
                     "batch": batch,
                     "threads": nthreads,
                     "median_ms": float(np.median(ts)),

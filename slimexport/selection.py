@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from slimexport.models.common import absorb_selections, for_export
+from slimexport.models.common import SlimModel, absorb_selections, for_export
 from slimexport.runtime import INPUT_NAME, OUTPUT_NAME, BenchConfig, latency
 
 
@@ -209,7 +209,7 @@ def candidates(
     layout, and a Gather breaks such a run, which no single-unit graph shows. A model without a channel-removing
     selection has just the one candidate. Also returns the per-unit timings.
     """
-    units = model.selection_units() if hasattr(model, "selection_units") else []
+    units = model.selection_units() if isinstance(model, SlimModel) else []
     active = [sel.mode != "identity" for sel, _, _ in units]
     if not any(active):
         return {"gather": (model, [False] * len(units))}, []

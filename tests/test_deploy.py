@@ -122,14 +122,18 @@ def test_pipeline_with_int8_and_ort(tmp_path, small_npz):
         app,
         ["pipeline", "--arch", TINY_VGG, "--dataset", small_npz, "--out", str(out), "--epochs", "2",
          "--refine-epochs", "1", "--sparsity", "0.02", "--percent", "0.5", "--batch", "1,8", "--threads", "1",
-         "--seconds", "0.02", "--device", "cpu", "--int8", "--ort", "--calib-images", "128"],
+         "--seconds", "0.02", "--device", "cpu", "--int8", "--ort", "--ncnn", "--calib-images", "128"],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     r = json.loads((out / "report.json").read_text())
     names = [v["name"] for v in r["variants"]]
-    assert names == ["baseline", "pruned", "baseline-int8", "pruned-int8", "pruned-ort", "pruned-int8-ort"]
+    assert names == ["baseline", "pruned", "baseline-int8", "pruned-int8", "pruned-ort", "pruned-int8-ort",
+                     "pruned-ncnn"]  # fmt: skip
     for v in r["variants"]:
-        assert (out / v["file"]).is_file() and v["bytes"] == (out / v["file"]).stat().st_size
+        size = (out / v["file"]).stat().st_size
+        if v["name"].endswith("ncnn"):  # .param plus the weights in .bin
+            size += (out / v["file"].replace(".param", ".bin")).stat().st_size
+        assert v["bytes"] == size
         assert {(x["batch"], x["threads"]) for x in v["latency"]} == {(1, 1), (8, 1)}
         assert 0 <= v["accuracy"] <= 1 and 0 < v["parity"]["top1_agreement"] <= 1
         if "int8" not in v["name"]:  # FP32 forms agree with their source (INT8 of a barely trained model need not)
@@ -137,7 +141,38 @@ def test_pipeline_with_int8_and_ort(tmp_path, small_npz):
     by = {v["name"]: v for v in r["variants"]}
     assert by["pruned-int8"]["bytes"] < by["pruned"]["bytes"] < by["baseline"]["bytes"]
     assert by["pruned-ort"]["accuracy"] == by["pruned"]["accuracy"]  # the same model in another container
+    nc = by["pruned-ncnn"]  # another runtime: the same predictions, logits within ncnn's tolerance
+    assert abs(nc["accuracy"] - by["pruned"]["accuracy"]) <= 0.01 and nc["parity"]["max_abs_diff"] <= 1e-2
+    assert {x["provider"] for x in nc["latency"]} == {"ncnn"} and nc["runtime"].startswith("ncnn")
     assert (out / "variants.png").is_file() and "Deployment variants" in (out / "report.md").read_text()
     q = r["stages"]["quantize_pruned"]
     assert by["pruned-int8"]["accuracy"] == q["accuracy"]  # the bench and the quantize stage measure alike
     assert {"quantize_baseline", "quantize_pruned", "convert_pruned", "convert_pruned.int8"} <= set(r["stages"])
+
+
+def test_ncnn_runs_the_model_beside_onnxruntime(fp32, small_ds, small_npz, tmp_path):
+    pytest.importorskip("ncnn")
+    pytest.importorskip("pnnx")
+    res = runner.invoke(app, ["convert", str(fp32), "--to", "ncnn", "--out", str(tmp_path / "nc"), "--dataset",
+                              small_npz])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    param = tmp_path / "nc" / "m.ncnn.param"
+    assert param.is_file() and (tmp_path / "nc" / "m.ncnn.bin").is_file()
+    c = compare(fp32, param, small_ds)  # the whole test split, image by image in ncnn
+    assert c["top1_agreement"] >= 0.99 and c["max_abs_diff"] <= 1e-2
+    q = tmp_path / "m.int8.onnx"
+    quantize(fp32, q, small_ds)
+    _fails_cleanly(["convert", str(q), "--to", "ncnn", "--out", str(tmp_path / "nc8"), "--dataset", small_npz],
+                   "INT8 (QDQ)", tmp_path)  # fmt: skip
+
+
+def test_without_the_ncnn_extra_the_options_say_so(monkeypatch, fp32, small_npz, tmp_path):
+    import slimexport.deploy
+    import slimexport.pipeline
+
+    monkeypatch.setattr(slimexport.deploy, "ncnn_available", lambda: False)
+    monkeypatch.setattr(slimexport.pipeline, "ncnn_available", lambda: False)
+    _fails_cleanly(["convert", str(fp32), "--to", "ncnn", "--out", str(tmp_path / "nc"), "--dataset", small_npz],
+                   "pip install -e '.[ncnn]'", tmp_path)  # fmt: skip
+    _fails_cleanly(["pipeline", "--ncnn", "--dataset", small_npz, "--out", str(tmp_path / "run")],
+                   "pip install -e '.[ncnn]'", tmp_path)  # fmt: skip

@@ -10,6 +10,45 @@ import torch
 from torch import nn
 
 
+class SlimModel(nn.Module):
+    """The interface the pipeline uses, named once: the hand-written families (VGG, PreResNet, DenseNet) and
+    :class:`~slimexport.models.external.GraphModel` (any CNN, through the graph engine) implement it, so no stage
+    asks a model what it supports.
+
+    Attributes every model sets: ``arch`` (its registry name or source), ``num_classes``, ``in_channels`` and
+    ``config`` (plain data from which ``create_model`` rebuilds it, pruned or not).
+    """
+
+    arch: str
+    num_classes: int
+    in_channels: int
+    config: dict
+
+    def prunable_bns(self) -> list[tuple[str, nn.Module]]:
+        """(name, BatchNorm) of every BN whose |γ| network slimming scores, in forward order."""
+        raise NotImplementedError
+
+    def pruned(self, keep: dict[str, torch.Tensor], round_to: int = 1, prune_stream: bool = False) -> SlimModel:
+        """A physically smaller copy that keeps channels ``keep[bn_name]`` of every prunable BN."""
+        raise NotImplementedError
+
+    def selection_units(self) -> list[tuple[nn.Module, nn.Module, nn.Module]]:
+        """(selection, the BN after it, its consumer) for every channel selection; none by default."""
+        return []
+
+    def stream_widths(self) -> list[int] | None:
+        """The residual stream's segment widths, for networks that have one (``--prune-stream``)."""
+        return None
+
+    def for_export(self) -> nn.Module:
+        """The module to export: an exact rewrite in ops that run faster in the runtimes, or the model itself."""
+        return self
+
+    def without_selections(self) -> nn.Module:
+        """The same function with every selection absorbed into zero weights (``--selection dense``)."""
+        return self
+
+
 class ChannelSelection(nn.Module):
     """Picks a static subset of channels (dim 1) — the reference's ``channel_selection``, folded.
 
@@ -153,7 +192,7 @@ def widen_selection(
 def for_export(model: nn.Module) -> nn.Module:
     """The module to export for ``model``: its ``for_export()`` rewrite where it has one (the same function, in ops
     that run faster in the runtimes), else the model itself."""
-    return model.for_export() if hasattr(model, "for_export") else model
+    return model.for_export() if isinstance(model, SlimModel) else model
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from slimexport.models.common import (
     ChannelSelection,
+    SlimModel,
     absorb_selections,
     as_index,
     conv_shift,
@@ -75,7 +76,7 @@ class Transition(nn.Module):
         return y if self.pool_folded else F.avg_pool2d(y, 2)
 
 
-class DenseNet(nn.Module):
+class DenseNet(SlimModel):
     def __init__(self, arch: str, config: dict[str, Any], num_classes: int = 10, in_channels: int = 3):
         super().__init__()
         self.arch, self.num_classes, self.in_channels = arch, num_classes, in_channels
@@ -138,7 +139,7 @@ class DenseNet(nn.Module):
         return [self.conv1] + [u.conv1 for u in self.units()]
 
     @torch.no_grad()
-    def pruned(self, keep: dict[str, torch.Tensor]) -> DenseNet:
+    def pruned(self, keep: dict[str, torch.Tensor], round_to: int = 1, prune_stream: bool = False) -> DenseNet:
         """The smaller model that keeps the channels ``keep`` of every BN (by module name).
 
         As in the reference, every BN is reached through a selection of the shared map and conv/FC inputs shrink.

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from slimexport.errors import ConfigError
+from slimexport.models.common import SlimModel
 
 PREFIXES = ("torchvision:", "timm:")
 
@@ -128,7 +129,7 @@ def compose_plans(first: dict[str, Any], second: dict[str, Any]) -> dict[str, An
     return out
 
 
-class GraphModel(nn.Module):
+class GraphModel(SlimModel):
     """A network from elsewhere, with slimexport's model interface."""
 
     def __init__(self, arch: str, config: dict[str, Any], num_classes: int = 10, in_channels: int = 3):
@@ -157,6 +158,9 @@ class GraphModel(nn.Module):
     def example_input(self, image_size: tuple[int, int] | None = None) -> torch.Tensor:
         size = tuple(image_size or self.config.get("image_size") or (224, 224))
         return torch.zeros(1, self.net_channels, *size)
+
+    def pruned(self, keep: dict[str, torch.Tensor], round_to: int = 1, prune_stream: bool = False) -> GraphModel:
+        raise ConfigError(f"{self.arch} is pruned by the graph engine (pruned_by_graph), not by kept BN channels")
 
     def pruned_by_graph(self, **kw) -> tuple[GraphModel, dict[str, Any]]:
         """Prune by the graph engine; the new model's config holds the plan relative to the original."""

@@ -28,6 +28,7 @@ from torch.nn import functional as F
 
 from slimexport.models.common import (
     ChannelSelection,
+    SlimModel,
     absorb_selections,
     as_index,
     conv_shift,
@@ -88,7 +89,7 @@ class Bottleneck(nn.Module):
         return out + residual
 
 
-class PreResNet(nn.Module):
+class PreResNet(SlimModel):
     def __init__(self, arch: str, config: dict[str, Any], num_classes: int = 10, in_channels: int = 3):
         super().__init__()
         self.arch, self.num_classes, self.in_channels = arch, num_classes, in_channels

@@ -9,7 +9,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from slimexport.models.common import as_index, conv_shift, copy_bn, copy_conv, dropped_constant, reference_init
+from slimexport.models.common import (
+    SlimModel,
+    as_index,
+    conv_shift,
+    copy_bn,
+    copy_conv,
+    dropped_constant,
+    reference_init,
+)
 
 VGG_CFGS: dict[int, list[int | str]] = {
     11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
@@ -29,7 +37,7 @@ def vgg_config(depth: int, width: int = 100) -> dict[str, Any]:
     return {"cfg": cfg}
 
 
-class VGG(nn.Module):
+class VGG(SlimModel):
     def __init__(self, arch: str, config: dict[str, Any], num_classes: int = 10, in_channels: int = 3):
         super().__init__()
         self.arch, self.num_classes, self.in_channels = arch, num_classes, in_channels
@@ -64,7 +72,7 @@ class VGG(nn.Module):
         return self
 
     @torch.no_grad()
-    def pruned(self, keep: dict[str, torch.Tensor]) -> VGG:
+    def pruned(self, keep: dict[str, torch.Tensor], round_to: int = 1, prune_stream: bool = False) -> VGG:
         """A physically smaller copy that keeps channels ``keep[bn_name]`` of every BN."""
         bns = self.prunable_bns()
         idxs = [as_index(keep[name]) for name, _ in bns]
