@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimexport.errors import CheckpointError
+from slimexport.errors import CheckpointError, ConfigError
 from slimexport.fileio import atomic_path
 from slimexport.models import create_model
 
@@ -78,3 +78,17 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]
             f"{path}: weights do not match its {ckpt.get('arch')} architecture ({first[:160]})"
         ) from None
     return model, ckpt
+
+
+def fit_data(ckpt: dict[str, Any], path: str | os.PathLike, ds):
+    """The data set as the checkpoint's model takes it: resized to its image size; its channels and classes must
+    match (a one-line :class:`ConfigError` otherwise). The one home of this check for every stage."""
+    from slimexport.data import conform
+
+    ds = conform(ds, ckpt["data"].get("image_size"), str(path))
+    if (ckpt["in_channels"], ckpt["num_classes"]) != (ds.in_channels, ds.num_classes):
+        raise ConfigError(
+            f"{path} is for {ckpt['in_channels']}-channel images and {ckpt['num_classes']} classes; "
+            f"the data set {ds.name} has {ds.in_channels} and {ds.num_classes}"
+        )
+    return ds

@@ -378,11 +378,11 @@ def prune(
     from slimexport.prune import check_macs_fraction, check_percent, resolve_round_to
     from slimexport.prune import prune as prune_fn
 
-    if percent is not None and max_macs is not None:
-        raise ConfigError("give either --percent or --max-macs, not both")
-    if max_macs is None:
-        percent = check_percent(0.6 if percent is None else percent)
-    else:
+    if percent is None and max_macs is None:
+        percent = 0.6
+    if percent is not None and max_macs is None:
+        check_percent(percent)
+    if max_macs is not None:
         check_macs_fraction(max_macs)
     _check_out(out, force)
     resolve_round_to(round_to)

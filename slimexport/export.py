@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from slimexport.checkpoint import load_checkpoint
-from slimexport.data import Dataset, conform
+from slimexport.checkpoint import fit_data, load_checkpoint
+from slimexport.data import Dataset
 from slimexport.errors import ConfigError, ParityError, SlimExportError
 from slimexport.fileio import atomic_path
 from slimexport.models.common import for_export
@@ -106,12 +106,7 @@ def export(
 ) -> dict[str, Any]:
     """Export a checkpoint to ONNX at ``out`` (atomically, only once checked, simplified and verified)."""
     model, ckpt = load_checkpoint(ckpt_path)
-    ds = conform(ds, ckpt["data"].get("image_size"), str(ckpt_path))
-    if (ckpt["in_channels"], ckpt["num_classes"]) != (ds.in_channels, ds.num_classes):
-        raise ConfigError(
-            f"{ckpt_path} expects {ckpt['in_channels']}-channel inputs and {ckpt['num_classes']} classes; "
-            f"the data set {ds.name} has {ds.in_channels} and {ds.num_classes}"
-        )
+    ds = fit_data(ckpt, ckpt_path, ds)
     cfg = cfg or ExportConfig()
     if cfg.selection not in SELECTION_MODES:
         raise ConfigError(f"--selection must be one of {', '.join(SELECTION_MODES)}, got {cfg.selection!r}")

@@ -28,7 +28,7 @@ from rich.markup import escape
 
 from slimexport import distributed
 from slimexport.bench import BenchConfig, bench, provider_for
-from slimexport.checkpoint import load_checkpoint, make_checkpoint, read_checkpoint, save_checkpoint
+from slimexport.checkpoint import fit_data, load_checkpoint, make_checkpoint, read_checkpoint, save_checkpoint
 from slimexport.console import console
 from slimexport.data import EMBEDDED, Dataset, load_dataset
 from slimexport.deploy import QuantizeConfig, convert, convert_ncnn, ncnn_available, quantize
@@ -137,11 +137,7 @@ class _Run:
 def _reuse(src: Path, dst: Path, ds, device: torch.device) -> dict[str, Any]:
     """Copy a given checkpoint into the run (re-measuring its accuracy on this data set); returns its meta."""
     model, ck = load_checkpoint(src)
-    if (ck["num_classes"], ck["in_channels"]) != (ds.num_classes, ds.in_channels):
-        raise CheckpointError(
-            f"{src} is for {ck['num_classes']} classes and {ck['in_channels']} channels; "
-            f"{ds.name} has {ds.num_classes} and {ds.in_channels}"
-        )
+    ds = fit_data(ck, src, ds)
     meta = ck["meta"] | {"accuracy": evaluate(model, ds, device), "reused": str(src)}  # every rank evaluates
     if distributed.is_main():
         save_checkpoint(make_checkpoint(model.cpu(), data_meta(ds), meta), dst)

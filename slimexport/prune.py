@@ -279,10 +279,10 @@ def prune(
         "parent_accuracy": ckpt["meta"].get("accuracy"),
     }
     if ds is not None:
-        from slimexport.data import conform
+        from slimexport.checkpoint import fit_data
         from slimexport.train import evaluate, resolve_device
 
-        ds = conform(ds, ckpt["data"].get("image_size"), str(ckpt_path))
+        ds = fit_data(ckpt, ckpt_path, ds)
         meta["accuracy"] = evaluate(new, ds, resolve_device(device), shard=False)  # rank 0 alone under torchrun
         new.to("cpu")
     save_checkpoint(make_checkpoint(new, ckpt["data"], meta), out)

@@ -1,20 +1,5 @@
-"""The run report: report.json (machine-readable, schema below), report.md (for people) and plots.
-
-report.json, schema ``slimexport.report/1``::
-
-    {"schema", "created", "command",
-     "baseline" / "pruned": {"checkpoint", "onnx", "params", "macs", "onnx_bytes", "accuracy" (onnxruntime, test
-                             set, fraction), "torch_accuracy", "latency": [{provider, batch, threads, median_ms,
-                             p90_ms, runs}], "parity": {max_abs_diff, top1_agreement, images, atol},
-                             "op_counts": {op: n}, "op_time": {shares, gather_slice_share}},
-     "pruned" also: "sparse_accuracy", "accuracy_before_refine",
-     "ratios": {"params", "macs", "onnx_bytes": baseline / pruned,
-                "speedup": [{provider, batch, threads, speedup = baseline median / pruned median}]},
-     "parity": {"max_abs_diff": worst of both, "top1_agreement": worst of both},
-     "prune": {percent, threshold, channels_before, channels_after, pruned_fraction, floored_layers, layers,
-               prune_stream, stream (residual networks: the stream's widths before and after)},
-     "stages": {stage: {"seconds", ...}}, "config", "versions", "machine"}
-"""
+"""The run report: report.json (machine-readable; its schema is :class:`slimexport.records.Report`, which also
+generates the README's table), report.md (for people) and plots."""
 
 from __future__ import annotations
 
@@ -25,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from slimexport.fileio import atomic_path, write_text
+from slimexport.records import Report
 
 SCHEMA = "slimexport.report/1"
 
@@ -99,7 +85,7 @@ def build_report(
     stages: dict[str, Any],
     config: dict[str, Any],
     command: str = "",
-) -> dict[str, Any]:
+) -> Report:
     par = [m["parity"] for m in (baseline, pruned) if "parity" in m]
     return {
         "schema": SCHEMA,

@@ -18,9 +18,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from slimexport import distributed
-from slimexport.checkpoint import load_checkpoint, make_checkpoint, read_checkpoint, save_checkpoint
+from slimexport.checkpoint import fit_data, load_checkpoint, make_checkpoint, read_checkpoint, save_checkpoint
 from slimexport.console import console, make_progress
-from slimexport.data import Dataset, augment, batches, conform
+from slimexport.data import Dataset, augment, batches
 from slimexport.errors import CheckpointError, ConfigError, DeviceError
 from slimexport.models import create_model
 
@@ -254,7 +254,7 @@ def fit(
     forward = torch.compile(forward) if cfg.compile else forward  # shares parameters with `model`
     share = cfg.batch_size // world
     pad = max(1, ds.image_size[0] // 8) if cfg.augment else 0
-    compile_seconds = _warm_up(model, forward, ds_dev, cfg, device) if cfg.compile else 0.0
+    compile_seconds = _warm_up(model, forward, ds_dev, share, device) if cfg.compile else 0.0
     with make_progress() as progress:
         task = progress.add_task(description, total=cfg.epochs * steps, completed=start_epoch * steps, info="")
         for epoch in range(start_epoch, cfg.epochs):
@@ -349,12 +349,12 @@ def _revert_sync_bn(module: nn.Module) -> nn.Module:
     return out
 
 
-def _warm_up(model: nn.Module, forward, ds: Dataset, cfg: TrainConfig, device: torch.device) -> float:
+def _warm_up(model: nn.Module, forward, ds: Dataset, batch: int, device: torch.device) -> float:
     """Compile ``forward`` (and its backward) outside the timed epochs: one forward and backward on a training-shaped
     batch, after which the model's weights, BN statistics and gradients are put back as they were. Returns seconds."""
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    x = ds.normalize(ds.x_train[: cfg.batch_size])
-    y = ds.y_train[: cfg.batch_size]
+    x = ds.normalize(ds.x_train[:batch])  # the shape every training step has (this rank's share under DDP)
+    y = ds.y_train[:batch]
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     t0 = time.perf_counter()
@@ -409,13 +409,8 @@ def train(
     prior_meta: dict[str, Any] = {}
     if init is not None:
         model, ckpt = load_checkpoint(init)
-        ds = conform(ds, ckpt["data"].get("image_size"), str(init))
+        ds = fit_data(ckpt, init, ds)
         prior_meta = ckpt["meta"]
-        if (ckpt["num_classes"], ckpt["in_channels"]) != (ds.num_classes, ds.in_channels):
-            raise ConfigError(
-                f"{init} was trained for {ckpt['num_classes']} classes and {ckpt['in_channels']} input "
-                f"channels; the data set {ds.name} has {ds.num_classes} and {ds.in_channels}"
-            )
     else:
         torch.manual_seed(cfg.seed)  # the initial weights too are a function of the seed
         try:

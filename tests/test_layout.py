@@ -58,3 +58,10 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_runtime_is_a_leaf():
     assert _graph()["slimexport.runtime"] <= {"slimexport.errors"}
+
+
+def test_the_readme_documents_report_json_as_the_types_say():
+    from slimexport.records import schema_table
+
+    readme = (PKG.parent / "README.md").read_text()
+    assert schema_table() in readme

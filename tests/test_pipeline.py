@@ -92,6 +92,23 @@ def test_report_figures_are_consistent(run_dir):
     assert f"{b['params']:,}" in md and "gamma_hist.png" in md
 
 
+def test_report_json_has_exactly_the_typed_schema(run_dir):
+    """report.json's keys are the ones slimexport/records.py declares (and the README documents)."""
+    from typing import get_type_hints
+
+    from slimexport.records import ModelReport, PruneRecord, Report, StageRecord, VariantRow
+
+    r = json.loads((run_dir / "report.json").read_text())
+    assert set(r) == set(get_type_hints(Report))
+    for name in ("baseline", "pruned"):
+        assert set(r[name]) <= set(get_type_hints(ModelReport)), set(r[name]) - set(get_type_hints(ModelReport))
+    assert set(r["prune"]) <= set(get_type_hints(PruneRecord)), set(r["prune"]) - set(get_type_hints(PruneRecord))
+    for st in r["stages"].values():
+        assert set(st) <= set(get_type_hints(StageRecord)), st
+    for v in r["variants"]:
+        assert set(v) <= set(get_type_hints(VariantRow)), v
+
+
 def test_rerun_without_force_leaves_the_run_untouched(run_dir, small_npz):
     before = (run_dir / "report.json").read_bytes()
     res = CliRunner().invoke(app, ["pipeline", "--dataset", small_npz, "--out", str(run_dir)])

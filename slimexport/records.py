@@ -1,0 +1,147 @@
+"""The records stages hand each other and write to disk, as types: one place that says what report.json holds.
+
+Each field carries its meaning (``Annotated[type, "doc"]``); :func:`schema_table` renders the README's
+report.json table from these types (a test keeps the two equal), so the documentation cannot drift from the code.
+Accuracies are fractions in [0, 1]; ratios are baseline ÷ pruned.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, TypedDict, get_args, get_origin, get_type_hints, is_typeddict
+
+
+class LatencyRow(TypedDict):
+    provider: Annotated[str, "onnxruntime execution provider (or ncnn)"]
+    batch: Annotated[int, "batch size"]
+    threads: Annotated[int, "intra-op threads"]
+    median_ms: Annotated[float, "median latency, ms"]
+    p90_ms: Annotated[float, "90th percentile, ms"]
+    runs: Annotated[int, "timed runs"]
+
+
+class Parity(TypedDict):
+    max_abs_diff: Annotated[float, "largest |ONNX − PyTorch| over the logits"]
+    top1_agreement: Annotated[float, "fraction of images with the same top-1 class"]
+    images: Annotated[int, "real test images compared"]
+    atol: Annotated[float, "the tolerance export enforced"]
+
+
+class ModelReport(TypedDict, total=False):
+    params: Annotated[int, "parameters"]
+    macs: Annotated[int, "multiply-accumulates per image"]
+    onnx_bytes: Annotated[int, "ONNX file size"]
+    accuracy: Annotated[float, "onnxruntime, whole test split"]
+    torch_accuracy: Annotated[float, "PyTorch, whole test split"]
+    latency: Annotated[list[LatencyRow], "one row per (batch, threads)"]
+    parity: Annotated[Parity, "the export's check against PyTorch"]
+    op_counts: Annotated[dict[str, int], "ONNX op type → count"]
+    op_time: Annotated[dict[str, Any], "`shares` of node time per op type at batch 1 (profiler), `provider`"]
+    sparse_accuracy: Annotated[float, "pruned only: the sparse-trained model's accuracy"]
+    accuracy_before_refine: Annotated[float, "pruned only: right after pruning"]
+
+
+class SpeedupRow(TypedDict):
+    provider: Annotated[str, "execution provider"]
+    batch: Annotated[int, "batch size"]
+    threads: Annotated[int, "threads"]
+    speedup: Annotated[float, "baseline median ÷ pruned median"]
+
+
+class Ratios(TypedDict):
+    params: Annotated[float, "baseline ÷ pruned"]
+    macs: Annotated[float, "baseline ÷ pruned"]
+    onnx_bytes: Annotated[float, "baseline ÷ pruned"]
+    speedup: Annotated[list[SpeedupRow], "per setting"]
+
+
+class PruneLayer(TypedDict):
+    name: Annotated[str, "the BN's module name"]
+    before: Annotated[int, "channels before"]
+    after: Annotated[int, "channels after"]
+    kept: Annotated[list[int], "the kept channel indices"]
+
+
+class PruneRecord(TypedDict, total=False):
+    percent: Annotated[float, "global fraction of channels pruned (the one asked for, or the one --max-macs found)"]
+    threshold: Annotated[float | None, "|γ| above which channels survive"]
+    min_channels: Annotated[int, "per-layer floor"]
+    round_to: Annotated[int, "channel counts in multiples of this"]
+    round_to_reason: Annotated[str, "why that multiple (auto: the CPU's onnxruntime channel block)"]
+    prune_stream: Annotated[bool, "residual networks: the stream was pruned too"]
+    max_macs: Annotated[float, "--max-macs: the budget, as a fraction of the unpruned MACs"]
+    macs_fraction: Annotated[float, "--max-macs: the fraction reached"]
+    source: Annotated[str, "the checkpoint that was pruned"]
+    channels_before: Annotated[int, "prunable BN channels before"]
+    channels_after: Annotated[int, "and after"]
+    pruned_fraction: Annotated[float, "1 − after / before"]
+    floored_layers: Annotated[list[str], "layers kept at their floor"]
+    layers: Annotated[list[PruneLayer], "per BN"]
+    params_before: Annotated[int, "parameters before"]
+    params_after: Annotated[int, "and after"]
+    macs_before: Annotated[int, "MACs per image before"]
+    macs_after: Annotated[int, "and after"]
+    stream: Annotated[dict[str, list[int]], "residual networks: the stream's segment widths before and after"]
+    engine: Annotated[str, "graph: pruned by the graph engine (any CNN)"]
+    groups: Annotated[list[dict[str, Any]], "graph engine: channel groups, `{layers, channels, removed, reasons}`"]
+    unprunable: Annotated[list[dict[str, Any]], "graph engine: groups left as they are, with the reasons"]
+    plan: Annotated[dict[str, Any], "graph engine: kept input/output indices per module"]
+    classes: Annotated[dict[str, int], "graph engine: channel classes in all, prunable, removed"]
+    trace_seconds: Annotated[float, "graph engine: time to trace and group"]
+
+
+class StageRecord(TypedDict, total=False):
+    seconds: Annotated[float, "wall time"]
+    accuracy: Annotated[float, "the stage's model's test accuracy"]
+    images_per_s: Annotated[float, "training throughput (compile time excluded)"]
+    compile_seconds: Annotated[float, "--compile: compilation, outside the timed epochs"]
+
+
+class VariantRow(TypedDict, total=False):
+    name: Annotated[str, "baseline, pruned, baseline-int8, pruned-int8, pruned-ort, pruned-int8-ort, pruned-ncnn"]
+    file: Annotated[str, "in the run directory"]
+    bytes: Annotated[int, "file size (ncnn: .param + .bin)"]
+    accuracy: Annotated[float, "in its runtime, whole test split"]
+    parity: Annotated[dict[str, Any], "`reference`, `top1_agreement`, `max_abs_diff` against the model it came from"]
+    types: Annotated[str, "INT8: activation/weight types"]
+    latency: Annotated[list[LatencyRow], "per setting"]
+
+
+class Report(TypedDict):
+    schema: Annotated[str, "`slimexport.report/1`"]
+    created: Annotated[str, "UTC time"]
+    command: Annotated[str, "the command line"]
+    baseline: Annotated[ModelReport, "the unpruned model"]
+    pruned: Annotated[ModelReport, "the pruned, refined model"]
+    ratios: Annotated[Ratios, "baseline ÷ pruned"]
+    parity: Annotated[dict[str, float], "the worse of the two models' `max_abs_diff` and `top1_agreement`"]
+    prune: Annotated[PruneRecord, "what pruning did"]
+    stages: Annotated[
+        dict[str, StageRecord], "per stage: baseline, sparse, prune, refine, export_*, quantize_*, convert_*, bench"
+    ]
+    variants: Annotated[list[VariantRow], "every benchmarked model; with --int8/--ort/--ncnn their deploy forms too"]
+    config: Annotated[dict[str, Any], "the resolved options"]
+    versions: Annotated[dict[str, str], "slimexport, python, torch, torchvision, onnx, onnxruntime, onnxsim"]
+    machine: Annotated[dict[str, Any], "CPU model, cores, GPU, platform"]
+
+
+def _fields(td: type) -> str:
+    return "`{" + ", ".join(get_type_hints(td)) + "}`"
+
+
+def _describe(tp: Any) -> str:
+    """The nested record's field names, for a field whose type is a record (or a list or dict of records)."""
+    if is_typeddict(tp):
+        return _fields(tp)
+    if get_origin(tp) in (list, dict) and is_typeddict(get_args(tp)[-1]):
+        return ("list of " if get_origin(tp) is list else "name → ") + _fields(get_args(tp)[-1])
+    return ""
+
+
+def schema_table() -> str:
+    """The README's report.json table, from :class:`Report`."""
+    rows = ["| key | meaning | fields |", "|---|---|---|"]
+    hints = get_type_hints(Report, include_extras=True)
+    for key, hint in hints.items():
+        tp, doc = get_args(hint)[0], get_args(hint)[1]
+        rows.append(f"| `{key}` | {doc} | {_describe(tp)} |")
+    return "\n".join(rows)
