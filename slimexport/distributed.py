@@ -19,6 +19,7 @@ The rules (see :func:`slimexport.train.fit`):
 
 from __future__ import annotations
 
+import atexit
 import os
 from datetime import timedelta
 
@@ -63,7 +64,18 @@ def setup(device: torch.device) -> torch.device:
         backend = "nccl" if device.type == "cuda" else "gloo"
         # prune, export and bench run on rank 0 while the others wait: give the barrier time
         dist.init_process_group(backend, timeout=timedelta(hours=4))
+        # leave the group before the interpreter exits: gloo's threads, still alive at exit, abort the process
+        # ("terminate called without an active exception") and torchrun reports the rank as failed
+        atexit.register(_leave)
     return device
+
+
+def _leave() -> None:
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - exiting anyway; another rank may already be gone
+            pass
 
 
 def barrier() -> None:
