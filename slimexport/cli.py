@@ -653,7 +653,7 @@ def convert(
         typer.Option(
             "--to",
             help="ort (the onnxruntime mobile format) or ncnn (a phone runtime; FP32 models; the ncnn extra: "
-            "pip install -e '.[ncnn]').",
+            "pip install -e '.\\[ncnn]').",
         ),
     ] = "ort",
     dataset: DatasetOpt = "embedded",
@@ -754,7 +754,7 @@ def pipeline(
         typer.Option(
             "--ncnn",
             help="Also run the pruned model in ncnn, a phone runtime (converted with pnnx, checked against "
-            "onnxruntime, benchmarked beside it). The ncnn extra: pip install -e '.[ncnn]'.",
+            "onnxruntime, benchmarked beside it). The ncnn extra: pip install -e '.\\[ncnn]'.",
         ),
     ] = False,
     calib_images: CalibImagesOpt = 512,
