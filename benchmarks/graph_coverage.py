@@ -17,6 +17,7 @@ import copy
 import importlib.metadata
 import json
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -167,12 +168,21 @@ def engine_speed() -> dict:
             "torch_pruning_s": float(np.median(ts_tp)), "runs": 3}  # fmt: skip
 
 
+class _Timeout(BaseException):  # not an Exception: the per-step handlers must not swallow it
+    pass
+
+
+def _timeout(signum, frame):
+    raise _Timeout
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", help="these models only")
     ap.add_argument("--no-onnx", action="store_true")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--max-params", type=float, default=150e6, help="skip larger models (memory: several copies)")
+    ap.add_argument("--timeout", type=int, default=300, help="seconds per model before it is recorded as timed out")
     args = ap.parse_args()
     names = args.only or torchvision.models.list_models(module=torchvision.models)
     from slimexport.models.external import torchvision_table
@@ -205,12 +215,21 @@ def main() -> None:
             print(f"{name:28s} refused (no BatchNorm)", flush=True)
             continue
         row = {"model": name, "input": x.shape[-1], "has_bn": has_bn, "params": sum(p.numel() for p in m.parameters())}
+        signal.signal(signal.SIGALRM, _timeout)
+        signal.alarm(args.timeout)  # ours, then the peer, each within the limit
         try:
             row["slimexport"] = ours(m, x, not args.no_onnx)
+        except _Timeout:
+            row["slimexport"] = {"status": "timeout", "error": f"over {args.timeout} s on this 2-core machine"}
         except Exception:  # noqa: BLE001
             row["slimexport"] = {"status": "crashed", "error": traceback.format_exc().splitlines()[-1]}
         if not args.no_peer and has_bn:
-            row["torch_pruning"] = peer(m, x, not args.no_onnx)
+            signal.alarm(args.timeout)
+            try:
+                row["torch_pruning"] = peer(m, x, not args.no_onnx)
+            except _Timeout:
+                row["torch_pruning"] = {"status": "timeout", "error": f"over {args.timeout} s"}
+        signal.alarm(0)
         rows.append(row)
         if not args.only:
             with cache.open("a") as f:
@@ -233,6 +252,7 @@ def main() -> None:
             "with_bn": len(with_bn),
             "pruned_exactly": len(ok),
             "refused": sum(r["slimexport"]["status"] == "refused" for r in with_bn),
+            "timeout": sum(r["slimexport"]["status"] == "timeout" for r in with_bn),
             "crashed": sum(r["slimexport"]["status"] == "crashed" for r in with_bn),
             "torch_pruning_pruned": sum(r.get("torch_pruning", {}).get("status") == "pruned" for r in with_bn),
         },

@@ -125,7 +125,7 @@ def deploy(every: list[dict]) -> list[str]:
         vs = {v["name"]: v for v in run["variants"]}
         base = vs["baseline"]
         tn = max(x["threads"] for x in base["latency"])
-        for name in ("baseline", "baseline-int8", "pruned", "pruned-int8"):
+        for name in ("baseline", "baseline-int8", "pruned", "pruned-int8", "pruned-ncnn"):
             v = vs.get(name)
             if v is None:
                 continue
