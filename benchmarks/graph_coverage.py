@@ -183,6 +183,7 @@ def main() -> None:
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--max-params", type=float, default=150e6, help="skip larger models (memory: several copies)")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per model before it is recorded as timed out")
+    ap.add_argument("--peer-rows", type=Path, help="reuse Torch-Pruning's results from an earlier run's rows (jsonl)")
     args = ap.parse_args()
     names = args.only or torchvision.models.list_models(module=torchvision.models)
     from slimexport.models.external import torchvision_table
@@ -190,11 +191,16 @@ def main() -> None:
     sizes = {r["name"]: r["params"] for r in torchvision_table()}
     cache = ROOT.parent / "benchmarks" / "work" / "graph-coverage-rows.jsonl"  # finished rows, so a rerun resumes
     cache.parent.mkdir(parents=True, exist_ok=True)
-    done = {}
+    done, peers = {}, {}
     if cache.exists() and not args.only:
         for line in cache.read_text().splitlines():
             r = json.loads(line)
             done[r["model"]] = r
+    if args.peer_rows and args.peer_rows.exists():  # Torch-Pruning's rows of an earlier run (they do not change)
+        for line in args.peer_rows.read_text().splitlines():
+            r = json.loads(line)
+            if "torch_pruning" in r:
+                peers[r["model"]] = r["torch_pruning"]
     rows = []
     for name in names:
         t0 = time.perf_counter()
@@ -223,7 +229,9 @@ def main() -> None:
             row["slimexport"] = {"status": "timeout", "error": f"over {args.timeout} s on this 2-core machine"}
         except Exception:  # noqa: BLE001
             row["slimexport"] = {"status": "crashed", "error": traceback.format_exc().splitlines()[-1]}
-        if not args.no_peer and has_bn:
+        if name in peers:
+            row["torch_pruning"] = peers[name]
+        elif not args.no_peer and has_bn:
             signal.alarm(args.timeout)
             try:
                 row["torch_pruning"] = peer(m, x, not args.no_onnx)

@@ -47,6 +47,14 @@ PASS_MODULES = (
     nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
     nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
 )  # fmt: skip
+# Ops that map 0 to 0 channel by channel (so a channel a BN zeroes stays zero through them).
+ZERO_KEEPING_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish,
+    nn.Hardtanh, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.MaxPool1d,
+    nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample,
+    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d,
+)  # fmt: skip
 PASS_FUNCS = {
     F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.leaky_relu, F.elu, F.selu,
     F.mish, F.softplus, F.hardtanh, torch.relu, torch.sigmoid, torch.tanh, F.dropout, F.dropout2d, F.max_pool2d,
@@ -54,9 +62,19 @@ PASS_FUNCS = {
     F.interpolate, F.pad, torch.clone, torch.clamp, torch.nn.functional.hardtanh, operator.neg, torch.neg,
     torch.exp, torch.abs, torch.square, torch.sqrt,
 }  # fmt: skip
+ZERO_KEEPING_METHODS = {
+    "relu", "relu_", "tanh", "contiguous", "clone", "float", "to", "type_as", "detach", "mean", "sum", "amax",
+    "hardtanh", "hardtanh_",
+}  # fmt: skip
 PASS_METHODS = {
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone", "float", "to", "type_as", "detach",
     "clamp", "clamp_", "clamp_min", "abs", "exp", "neg", "square", "sqrt", "hardtanh", "hardtanh_",
+}  # fmt: skip
+ZERO_KEEPING_FUNCS = {
+    F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.tanh, F.leaky_relu, F.elu, F.selu, F.mish, F.hardtanh,
+    torch.relu, torch.tanh, F.dropout, F.dropout2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d, F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.interpolate, torch.clone,
+    operator.neg, torch.neg, torch.abs, torch.square, torch.flatten, torch.mean, torch.sum,
 }  # fmt: skip
 BINARY = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
@@ -194,6 +212,119 @@ class _Builder:
                 self.vec[node] = self.visit(node)
             except (IndexError, ValueError, TypeError, KeyError) as e:  # an op in a form the rules do not cover
                 self.vec[node] = self.freeze_all(node, f"{self.where(node)}: not understood ({type(e).__name__})")
+        self.freeze_raw_reads(gm)
+
+    # -- channels read before their BatchNorm --------------------------------------------------------------------
+    def freeze_raw_reads(self, gm: fx.GraphModule) -> None:
+        """A BN scores the channels it normalises, but the same channels may also be read *before* it (a conv
+        reading the raw output of another conv that a BN elsewhere normalises: MaxViT's stem feeding both a BN and
+        a shortcut conv; a pre-activation ResNet's stream feeding the next stage's downsampling conv). Removing
+        such a channel changes what that reader computes whatever its γ, so it is frozen. A tensor counts as
+        normalised, channel by channel, when it is a BN's output or made from BN outputs by ops that keep zeros
+        at zero (ReLU-like activations, pooling, dropout, interpolation, sums of normalised tensors, products with
+        one normalised factor, cat/split/flatten)."""
+        memo: dict[fx.Node, Any] = {}
+        for node in gm.graph.nodes:
+            if node.op != "call_module":
+                continue
+            use = self.uses.get(node.target)
+            if use is None or use.kind not in ("conv", "convT", "linear") or not node.args:
+                continue
+            flags = self.normalised(node.args[0], memo)
+            if not isinstance(flags, np.ndarray) or len(flags) != len(use.inp):
+                continue
+            raw = use.inp[~flags]
+            if len(raw):
+                self.freeze(raw, f"{node.target}: reads these channels before any BatchNorm normalises them")
+
+    def normalised(self, node: Any, memo: dict) -> Any:
+        if not isinstance(node, fx.Node):
+            return None
+        if node in memo:
+            return memo[node]
+        memo[node] = None  # cycles cannot happen in an FX graph; this only guards re-entry
+        memo[node] = out = self._normalised(node, memo)
+        return out
+
+    def _normalised(self, node: fx.Node, memo: dict) -> Any:
+        v = self.vec.get(node)
+        if isinstance(v, list):
+            src = node.args[0] if node.args else None
+            flags = self.normalised(src, memo) if isinstance(src, fx.Node) else None
+            if not isinstance(flags, np.ndarray):
+                return [np.zeros(len(x), bool) if isinstance(x, np.ndarray) else None for x in v]
+            out, start = [], 0
+            for x in v:
+                n = len(x) if isinstance(x, np.ndarray) else 0
+                out.append(flags[start : start + n] if n and len(flags) >= start + n else np.zeros(n, bool))
+                start += n
+            return out
+        if not isinstance(v, np.ndarray):
+            return None
+        raw = np.zeros(len(v), bool)
+        first = node.args[0] if node.args else None
+        if node.op == "call_module":
+            m = self.modules[node.target]
+            if isinstance(m, BN_TYPES):
+                return np.ones(len(v), bool)
+            use = self.uses.get(node.target)
+            if use is not None and use.kind == "depthwise":
+                f = self.normalised(first, memo)
+                return f if isinstance(f, np.ndarray) and m.bias is None else raw
+            if isinstance(m, ZERO_KEEPING_MODULES) or (isinstance(m, nn.PReLU)):
+                f = self.normalised(first, memo)
+                return f if isinstance(f, np.ndarray) and len(f) == len(v) else raw
+            if isinstance(m, nn.Flatten):
+                f = self.normalised(first, memo)
+                return np.repeat(f, len(v) // len(f)) if isinstance(f, np.ndarray) and len(f) else raw
+            return raw
+        if node.op not in ("call_function", "call_method"):
+            return raw
+        t = node.target
+        if t in BINARY or (node.op == "call_method" and t in BINARY):
+            parts = []
+            for a in node.args:
+                if not isinstance(a, fx.Node) or self.shape(a) is None:
+                    continue  # a python number: adds a constant (not zero-keeping for + and -)
+                f = self.normalised(a, memo)
+                parts.append(f if isinstance(f, np.ndarray) and len(f) == len(v) else None)
+            name = t if isinstance(t, str) else getattr(t, "__name__", "")
+            if "mul" in name:  # zero when any factor is
+                ok = [f for f in parts if f is not None]
+                return np.logical_or.reduce(ok) if ok else raw
+            if any(f is None for f in parts) or not parts:
+                return raw
+            if "div" in name:
+                return parts[0]
+            consts = [a for a in node.args if not isinstance(a, fx.Node)]
+            return np.logical_and.reduce(parts) if not any(c != 0 for c in consts) else raw
+        if t is operator.getitem:
+            src = self.normalised(node.args[0], memo)
+            if isinstance(src, list):
+                return src[node.args[1]]
+            if isinstance(src, np.ndarray):
+                idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+                if len(idx) >= 2 and isinstance(idx[1], slice):
+                    return src[idx[1]] if len(src[idx[1]]) == len(v) else raw
+                return src if len(src) == len(v) else raw
+            return raw
+        if t in (torch.cat, torch.concat) or t in ("cat", "concat"):
+            fs = [self.normalised(a, memo) for a in (node.args[0] if node.args else [])]
+            if all(isinstance(f, np.ndarray) for f in fs) and sum(len(f) for f in fs) == len(v):
+                return np.concatenate(fs)
+            return raw
+        f = self.normalised(first, memo) if isinstance(first, fx.Node) else None
+        vin = self.vec.get(first) if isinstance(first, fx.Node) else None
+        if not isinstance(f, np.ndarray) or not isinstance(vin, np.ndarray) or not len(vin) or len(v) % len(vin):
+            return raw
+        k = len(v) // len(vin)
+        if not np.array_equal(v, np.repeat(vin, k)):
+            return raw  # the channels moved (the forward pass froze them): nothing to carry
+        flatten = t in (torch.flatten, torch.reshape) or (
+            node.op == "call_method" and t in ("flatten", "view", "reshape")
+        )
+        keeps_zero = t in ZERO_KEEPING_FUNCS or (node.op == "call_method" and t in ZERO_KEEPING_METHODS)
+        return np.repeat(f, k) if flatten or keeps_zero else raw
 
     def visit(self, node: fx.Node) -> Any:
         if node.op == "placeholder":

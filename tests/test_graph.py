@@ -209,8 +209,9 @@ def test_selection_nets_the_engine_keeps_every_channel_some_reader_keeps(make_mo
     """Where they differ, and why: the hand-written pre-activation ResNet and DenseNet let each BN that reads a
     shared tensor drop channels through its own selection (a Gather); the engine has no selections, so a shared
     channel goes only when every reader drops it. At the same threshold, per BN the engine keeps a superset of the
-    hand-written choice: exactly the channels that some reader keeps; a BN that is its channels' only reader
-    agrees exactly."""
+    hand-written choice: exactly the channels that some reader keeps, plus those nothing may remove (PreResNet's
+    first two streams, read before any BN by the next stage's downsampling conv: the paper keeps them too; the
+    hand-written `--prune-stream` goes beyond that); a BN that is its channels' only reader agrees otherwise."""
     from slimexport.graph import trace_channels
     from slimexport.graph_prune import choose, class_scores, describe
 
@@ -229,10 +230,15 @@ def test_selection_nets_the_engine_keeps_every_channel_some_reader_keeps(make_mo
             readers.setdefault(c, []).append((name, i))
     shared = 0
     for name, cls in bns.items():
-        some_reader_keeps = {i for i, c in enumerate(cls) if any(j in hand[n] for n, j in readers[c])}
+        # kept by the engine: what some reader keeps, and channels it must not remove at all (in PreResNet the
+        # first stages' streams, which the next stage's downsampling conv reads before any BN, as the paper says)
+        some_reader_keeps = {
+            i for i, c in enumerate(cls) if any(j in hand[n] for n, j in readers[c]) or g.frozen.get(c)
+        }
         assert hand[name] <= engine[name] == some_reader_keeps, name
         if all(len(readers[c]) == 1 for c in cls):
-            assert engine[name] == hand[name], name
+            frozen = {i for i, c in enumerate(cls) if g.frozen.get(c)}
+            assert engine[name] == hand[name] | frozen, name
         else:
             shared += 1
     assert shared > 0  # the nets do have shared tensors, so the comparison is not vacuous
