@@ -262,3 +262,32 @@ def test_the_exactness_check_catches_a_wrong_grouping(monkeypatch):
     except RuntimeError:  # a shape error is the other way a wrong grouping shows
         return
     assert res["relative_error"] > 1e-4
+
+
+class RawRead(nn.Module):
+    """A conv without BN whose output one branch normalises and another reads raw (MaxViT's stem and shortcut)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.shortcut = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        s = self.stem(x)
+        y = self.body(torch.relu(self.bn(s))) + self.shortcut(s)
+        return self.head(y.mean((2, 3)))
+
+
+def test_a_channel_read_before_its_batchnorm_is_never_removed():
+    torch.manual_seed(0)
+    m = randomize(RawRead())
+    x = torch.randn(2, 3, 16, 16)
+    pruned, rec = check_exact(m, x, 0.5)
+    kept = {la["name"]: la for la in rec["layers"]}
+    assert kept["bn"]["after"] == 8  # the stem's channels: the shortcut reads them raw
+    assert kept["body.1"]["after"] < 8  # the rest still prunes
+    reasons = " | ".join(r for u in rec["unprunable"] for r in u["reasons"])
+    assert "shortcut.0: reads these channels before any BatchNorm" in reasons
