@@ -17,7 +17,8 @@ C×H×W repeats each atom H·W times, so a Linear reading it loses each pruned c
 form a *class*: channels that can only be removed together. Anything the engine does not understand
 (view/reshape/permute touching the channel axis, channel shuffle, pixel shuffle, grouped convs, sizes written
 into ``forward``, parameters used outside modules, the model's inputs and outputs) *freezes* the classes it
-touches, with the reason recorded. A frozen class is never pruned.
+touches, with the reason recorded, and so does a conv or linear that reads channels before any BatchNorm
+normalises them (:meth:`_Builder.freeze_raw_reads`). A frozen class is never pruned.
 
 A class's importance is the largest |γ| among the BatchNorms that normalise it (:mod:`slimexport.graph_prune`).
 """
