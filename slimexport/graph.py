@@ -54,7 +54,7 @@ ZERO_KEEPING_MODULES = (
     nn.Hardtanh, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.MaxPool1d,
     nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
     nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample,
-    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d,
+    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
 )  # fmt: skip
 PASS_FUNCS = {
     F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.leaky_relu, F.elu, F.selu,
@@ -272,7 +272,8 @@ class _Builder:
             if use is not None and use.kind == "depthwise":
                 f = self.normalised(first, memo)
                 return f if isinstance(f, np.ndarray) and m.bias is None else raw
-            if isinstance(m, ZERO_KEEPING_MODULES) or (isinstance(m, nn.PReLU)):
+            passes = type(m).__name__ == "StochasticDepth" or (isinstance(m, nn.Sequential) and len(m) == 0)
+            if passes or isinstance(m, ZERO_KEEPING_MODULES) or isinstance(m, nn.PReLU):
                 f = self.normalised(first, memo)
                 return f if isinstance(f, np.ndarray) and len(f) == len(v) else raw
             if isinstance(m, nn.Flatten):
