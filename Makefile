@@ -17,11 +17,11 @@ lint:
 	$(PYTHON) -m ruff check slimexport tests benchmarks
 
 benchmark:  ## SUITE=quick (CPU, minutes), cpu (~1 h), full (reference architectures on CIFAR-10, for a GPU), smoke
-	$(PYTHON) benchmarks/run.py --suite $(SUITE)
+	$(PYTHON) -m benchmarks.run --suite $(SUITE)
 
 benchmark-selection:  ## what channel selection costs (training step, Gather share, preresnet164/densenet40)
-	$(PYTHON) benchmarks/selection_overhead.py $(ARGS)
-	$(PYTHON) benchmarks/run.py --render-only
+	$(PYTHON) -m benchmarks.selection_overhead $(ARGS)
+	$(PYTHON) -m benchmarks.run --render-only
 
 demo:  ## the main job on the embedded data
 	$(PYTHON) -m slimexport pipeline --out runs/demo --force

@@ -11,7 +11,7 @@ With --prune-stream, slimexport's side also prunes the residual stream (`prune -
 rules), as Torch-Pruning does.
 
 Writes benchmarks/results/<machine-tag>/seeds-<run-dir-name>[-stream].json.
-Usage: python benchmarks/peer_seeds.py benchmarks/work/cpu-preresnet20-cifar10-p40 [--seeds 0 1 2] [--prune-stream]
+Usage: python -m benchmarks.peer_seeds benchmarks/work/cpu-preresnet20-cifar10-p40 [--seeds 0 1 2] [--prune-stream]
 """
 
 from __future__ import annotations
@@ -27,18 +27,17 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT.parent))
+from benchmarks.run import machine_tag, torch_pruning_model
+from slimexport.checkpoint import load_checkpoint
+from slimexport.data import load_dataset
+from slimexport.fileio import write_json
+from slimexport.pipeline import PipelineConfig
+from slimexport.prune import prune
+from slimexport.report import machine, versions
+from slimexport.stats import count_macs
+from slimexport.train import fit, train
 
-from benchmarks.run import machine_tag, torch_pruning_model  # noqa: E402
-from slimexport.checkpoint import load_checkpoint  # noqa: E402
-from slimexport.data import load_dataset  # noqa: E402
-from slimexport.fileio import write_json  # noqa: E402
-from slimexport.pipeline import PipelineConfig  # noqa: E402
-from slimexport.prune import prune  # noqa: E402
-from slimexport.report import machine, versions  # noqa: E402
-from slimexport.stats import count_macs  # noqa: E402
-from slimexport.train import fit, train  # noqa: E402
+ROOT = Path(__file__).resolve().parent
 
 
 def main() -> None:
@@ -109,7 +108,7 @@ def main() -> None:
         "machine_tag": machine_tag(),
         "machine": machine(),
         "versions": versions(),
-        "command": "python benchmarks/peer_seeds.py " + shlex.join(sys.argv[1:]),
+        "command": "python -m benchmarks.peer_seeds " + shlex.join(sys.argv[1:]),
     }
     write_json(out, result)
     d = result["difference"]

@@ -13,7 +13,7 @@ s·sign(γ) subgradient as slimexport's.
 Writes benchmarks/results/<machine-tag>/<suite>-<arch>-<dataset>-p<percent>.json and regenerates
 benchmarks/RESULTS.md from every result file.
 
-Usage: python benchmarks/run.py --suite quick|cpu|full|smoke [--only ARCH] [--percent P] [--round-to N] [--epochs N]
+Usage: python -m benchmarks.run --suite quick|cpu|full|smoke [--only ARCH] [--percent P] [--round-to N] [--epochs N]
        [--refine-epochs N] [--data-dir DIR] [--device auto|cpu|cuda] [--no-peer] [--reuse-trained] [--render-only]
 """
 
@@ -32,21 +32,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT.parent))
+from benchmarks import sections
+from slimexport.bench import BenchConfig, bench
+from slimexport.checkpoint import load_checkpoint
+from slimexport.data import find_fashion_mnist, load_dataset
+from slimexport.export import ExportConfig, export, export_model
+from slimexport.fileio import atomic_path, write_json, write_text
+from slimexport.models.common import absorb_selections
+from slimexport.pipeline import PipelineConfig, run_pipeline
+from slimexport.prune import prune
+from slimexport.report import machine, versions
+from slimexport.stats import count_macs, count_params
+from slimexport.train import TrainConfig, evaluate, fit, train
 
-from benchmarks import sections  # noqa: E402
-from slimexport.bench import BenchConfig, bench  # noqa: E402
-from slimexport.checkpoint import load_checkpoint  # noqa: E402
-from slimexport.data import find_fashion_mnist, load_dataset  # noqa: E402
-from slimexport.export import ExportConfig, export, export_model  # noqa: E402
-from slimexport.fileio import atomic_path, write_json, write_text  # noqa: E402
-from slimexport.models.common import absorb_selections  # noqa: E402
-from slimexport.pipeline import PipelineConfig, run_pipeline  # noqa: E402
-from slimexport.prune import prune  # noqa: E402
-from slimexport.report import machine, versions  # noqa: E402
-from slimexport.stats import count_macs, count_params  # noqa: E402
-from slimexport.train import TrainConfig, evaluate, fit, train  # noqa: E402
+ROOT = Path(__file__).resolve().parent
 
 # Each entry: one pipeline run. Epoch counts are per stage (baseline and sparse each; refine separately).
 SUITES: dict[str, list[dict]] = {
@@ -365,7 +364,7 @@ def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path, trained:
         "machine_tag": machine_tag(),
         "machine": machine(),
         "versions": versions(),
-        "command": "python benchmarks/run.py " + shlex.join(sys.argv[1:]),
+        "command": "python -m benchmarks.run " + shlex.join(sys.argv[1:]),
         "pipeline_seconds": pipeline_s,
         "baseline": {
             "params": B["params"],

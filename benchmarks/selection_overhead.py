@@ -11,7 +11,7 @@
    timed in the same run.
 
 Writes benchmarks/results/<machine-tag>/selection.json; `python benchmarks/run.py --render-only` puts it into
-RESULTS.md. Usage: python benchmarks/selection_overhead.py [--steps 30] [--batch 64] [--train-images 3000]
+RESULTS.md. Usage: python -m benchmarks.selection_overhead [--steps 30] [--batch 64] [--train-images 3000]
 """
 
 from __future__ import annotations
@@ -30,22 +30,21 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT.parent))
+from benchmarks.run import machine_tag
+from slimexport.bench import BenchConfig, bench, index_op_cost
+from slimexport.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from slimexport.data import from_arrays, load_dataset
+from slimexport.errors import DataError
+from slimexport.export import ExportConfig, export
+from slimexport.fileio import write_json
+from slimexport.models import create_model
+from slimexport.models.common import absorb_selections
+from slimexport.prune import prune_model
+from slimexport.report import machine, versions
+from slimexport.stats import count_macs, count_params
+from slimexport.train import TrainConfig, data_meta, fit, regularize
 
-from benchmarks.run import machine_tag  # noqa: E402
-from slimexport.bench import BenchConfig, bench, index_op_cost  # noqa: E402
-from slimexport.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint  # noqa: E402
-from slimexport.data import from_arrays, load_dataset  # noqa: E402
-from slimexport.errors import DataError  # noqa: E402
-from slimexport.export import ExportConfig, export  # noqa: E402
-from slimexport.fileio import write_json  # noqa: E402
-from slimexport.models import create_model  # noqa: E402
-from slimexport.models.common import absorb_selections  # noqa: E402
-from slimexport.prune import prune_model  # noqa: E402
-from slimexport.report import machine, versions  # noqa: E402
-from slimexport.stats import count_macs, count_params  # noqa: E402
-from slimexport.train import TrainConfig, data_meta, fit, regularize  # noqa: E402
+ROOT = Path(__file__).resolve().parent
 
 FORBIDDEN = ("NonZero", "GatherND", "Where", "ScatterND", "Transpose")
 PUBLISHED = {  # CIFAR-10 parameters after pruning (Liu et al. 2017, Table 1)
@@ -271,7 +270,7 @@ def main() -> None:
             "machine_tag": machine_tag(),
             "machine": machine(),
             "versions": versions(),
-            "command": "python benchmarks/selection_overhead.py " + shlex.join(sys.argv[1:]),
+            "command": "python -m benchmarks.selection_overhead " + shlex.join(sys.argv[1:]),
             "step_overhead": overhead,
             "pruned": rows,
             "rewrites": rewrites,
