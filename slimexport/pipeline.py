@@ -40,7 +40,16 @@ from slimexport.prune import bn_gammas, check_percent, check_prune_stream, prune
 from slimexport.report import build_report, plot_channels, plot_gammas, plot_latency, plot_variants, write_report
 from slimexport.runtime import NCNN_HINT
 from slimexport.stats import count_macs, count_params
-from slimexport.train import PRESETS, TrainConfig, data_meta, evaluate, preset_config, resolve_device, train
+from slimexport.train import (
+    PRESETS,
+    TrainConfig,
+    data_meta,
+    evaluate,
+    make_scheduler,
+    preset_config,
+    resolve_device,
+    train,
+)
 
 DEFAULT_ARCH = "vgg11_w25"
 # Options that only say where or whether to write: they may differ between an interrupted run and its resume.
@@ -282,6 +291,27 @@ def _variant_rows(r: _Run, res: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def gamma_stats(gammas: list[float], cfg: TrainConfig, n_train: int) -> dict[str, Any]:
+    """How far sparse training polarised |γ|: quantiles, the fraction below 1e-2, and the most the L1 term alone
+    can have moved any γ, s·Σ lr over the schedule (compare with γ's initial 1)."""
+    g = torch.tensor(gammas)
+    qs = (0.1, 0.25, 0.5, 0.75, 0.9)
+    steps = cfg.epochs * -(-n_train // cfg.batch_size)
+    lrs = []
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    sched = make_scheduler(opt, cfg, steps // max(cfg.epochs, 1))
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return {
+        "channels": len(gammas),
+        "quantiles": {str(q): float(g.quantile(q)) for q in qs},
+        "fraction_small": float((g < 1e-2).float().mean()),
+        "l1_reach": cfg.sparsity * sum(lrs),
+    }
+
+
 def _report_stage(r: _Run) -> dict[str, Any]:
     cfg, recs = r.cfg, r.records
     res = recs["bench"]["result"]
@@ -306,6 +336,7 @@ def _report_stage(r: _Run) -> dict[str, Any]:
     report["variants"] = _variant_rows(r, res)
     sparse_model, _ = load_checkpoint(r.path("sparse.pt"))
     gam = torch.cat(list(bn_gammas(sparse_model).values())).tolist()
+    report["gamma"] = gamma_stats(gam, r.cfg.train_config("sparse"), len(r.ds.y_train))
     title = f"{cfg.arch}: BN |γ| after sparse training (s={cfg.sparsity:g})"
     plot_gammas(gam, record["threshold"], r.path("gamma_hist.png"), title)
     plot_channels(

@@ -27,6 +27,8 @@ class Parity(TypedDict):
 
 
 class ModelReport(TypedDict, total=False):
+    checkpoint: Annotated[str, "its checkpoint in the run directory"]
+    onnx: Annotated[str, "its ONNX file in the run directory"]
     params: Annotated[int, "parameters"]
     macs: Annotated[int, "multiply-accumulates per image"]
     onnx_bytes: Annotated[int, "ONNX file size"]
@@ -36,6 +38,7 @@ class ModelReport(TypedDict, total=False):
     parity: Annotated[Parity, "the export's check against PyTorch"]
     op_counts: Annotated[dict[str, int], "ONNX op type → count"]
     op_time: Annotated[dict[str, Any], "`shares` of node time per op type at batch 1 (profiler), `provider`"]
+    selection: Annotated[dict[str, Any], "--selection auto: the chosen export and every candidate's time"]
     sparse_accuracy: Annotated[float, "pruned only: the sparse-trained model's accuracy"]
     accuracy_before_refine: Annotated[float, "pruned only: right after pruning"]
 
@@ -106,6 +109,13 @@ class VariantRow(TypedDict, total=False):
     latency: Annotated[list[LatencyRow], "per setting"]
 
 
+class GammaStats(TypedDict):
+    channels: Annotated[int, "prunable BN channels"]
+    quantiles: Annotated[dict[str, float], "|γ| at the 10/25/50/75/90% quantiles"]
+    fraction_small: Annotated[float, "fraction of |γ| below 1e-2"]
+    l1_reach: Annotated[float, "s·Σlr: the most the L1 term alone moved any γ (γ starts at 1)"]
+
+
 class Report(TypedDict):
     schema: Annotated[str, "`slimexport.report/1`"]
     created: Annotated[str, "UTC time"]
@@ -119,6 +129,7 @@ class Report(TypedDict):
         dict[str, StageRecord], "per stage: baseline, sparse, prune, refine, export_*, quantize_*, convert_*, bench"
     ]
     variants: Annotated[list[VariantRow], "every benchmarked model; with --int8/--ort/--ncnn their deploy forms too"]
+    gamma: Annotated[GammaStats, "how far sparse training polarised |γ|"]
     config: Annotated[dict[str, Any], "the resolved options"]
     versions: Annotated[dict[str, str], "slimexport, python, torch, torchvision, onnx, onnxruntime, onnxsim"]
     machine: Annotated[dict[str, Any], "CPU model, cores, GPU, platform"]

@@ -147,6 +147,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         )
         + ".",
         "",
+        _gamma_line(r.get("gamma")),
+        "",
         "## Latency (onnxruntime, median and p90 in ms)",
         "",
         "| provider | batch | threads | baseline median | baseline p90 | pruned median | pruned p90 | speed-up |",
@@ -197,6 +199,17 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _gamma_line(g: dict[str, Any] | None) -> str:
+    if not g:
+        return ""
+    q = g["quantiles"]
+    return (
+        f"Sparse training: {100 * g['fraction_small']:.1f}% of |γ| below 1e-2; quantiles 10/50/90% "
+        f"{q['0.1']:.3g} / {q['0.5']:.3g} / {q['0.9']:.3g}; the L1 term could move a γ by at most s·Σlr = "
+        f"{g['l1_reach']:.3g} (γ starts at 1{', so it cannot polarise' if g['l1_reach'] < 0.5 else ''})."
+    )
 
 
 def _lat(row: dict[str, Any], batch: int, threads: int) -> str:

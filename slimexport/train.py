@@ -179,7 +179,7 @@ def evaluate(
     return int(distributed.all_sum(correct) if shard else correct) / len(ds.y_test)
 
 
-def _make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle" and total >= 8:  # fewer steps than that leave a one-cycle phase empty
         return torch.optim.lr_scheduler.OneCycleLR(
@@ -224,7 +224,7 @@ def fit(
     opt = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
     )
-    sched = _make_scheduler(opt, cfg, steps)
+    sched = make_scheduler(opt, cfg, steps)
     history: list[dict[str, float]] = []
     start_epoch, train_seconds = 0, 0.0
     if resume and resume_path is not None and resume_path.exists():
