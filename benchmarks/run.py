@@ -104,6 +104,16 @@ SUITES: dict[str, list[dict]] = {
             train_subset=1000,
         ),  # fmt: skip
     ],
+    # Issue 15's converged runs on the CPU (not run yet: about two hours of both cores): a narrow VGG on all of
+    # CIFAR-10 with schedules long enough for the baseline to stop rising, and a sparsity whose L1 reach s·Σlr
+    # (~0.5 here, reported as gamma.l1_reach) polarises |γ|; 50% and 70% from one sparse model; then
+    # `python -m benchmarks.peer_seeds benchmarks/work/converged-vgg11_w25-cifar10-p70` for the seed spread.
+    "converged": [
+        dict(arch="vgg11_w25", dataset="cifar10", percent=0.5, epochs=30, refine_epochs=20, sparsity=8e-4),
+        dict(arch="vgg11_w25", dataset="cifar10", percent=0.7, epochs=30, refine_epochs=20, sparsity=8e-4),
+        dict(arch="torchvision:mobilenet_v2", dataset="cifar10", percent=0.5, epochs=30, refine_epochs=20,
+             sparsity=8e-4),  # fmt: skip
+    ],
     # The GPU path in one command (`make benchmark SUITE=gpu`): VGG-19 on CIFAR-10 at 70%, the whole pipeline on
     # CUDA with bf16, resident data and torch.compile; per-stage images/s, compile time and wall time in the result.
     # Needs cifar10.npz (python ../shared/tools/fetch_cifar10.py DIR, then --data-dir DIR); nothing is downloaded.
