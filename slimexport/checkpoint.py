@@ -88,7 +88,7 @@ def fit_data(ckpt: dict[str, Any], path: str | os.PathLike, ds):
     ds = conform(ds, ckpt["data"].get("image_size"), str(path))
     if (ckpt["in_channels"], ckpt["num_classes"]) != (ds.in_channels, ds.num_classes):
         raise ConfigError(
-            f"{path} is for {ckpt['in_channels']}-channel images and {ckpt['num_classes']} classes; "
+            f"{path} takes {ckpt['in_channels']}-channel input images and {ckpt['num_classes']} classes; "
             f"the data set {ds.name} has {ds.in_channels} and {ds.num_classes}"
         )
     return ds
