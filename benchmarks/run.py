@@ -111,8 +111,9 @@ SUITES: dict[str, list[dict]] = {
     "converged": [
         dict(arch="vgg11_w25", dataset="cifar10", percent=0.5, epochs=30, refine_epochs=20, sparsity=8e-4),
         dict(arch="vgg11_w25", dataset="cifar10", percent=0.7, epochs=30, refine_epochs=20, sparsity=8e-4),
-        dict(arch="torchvision:mobilenet_v2", dataset="cifar10", percent=0.5, epochs=30, refine_epochs=20,
-             sparsity=8e-4),  # fmt: skip
+        dict(
+            arch="torchvision:mobilenet_v2", dataset="cifar10", percent=0.5, epochs=30, refine_epochs=20, sparsity=8e-4
+        ),  # fmt: skip
     ],
     # The GPU path in one command (`make benchmark SUITE=gpu`): VGG-19 on CIFAR-10 at 70%, the whole pipeline on
     # CUDA with bf16, resident data and torch.compile; per-stage images/s, compile time and wall time in the result.

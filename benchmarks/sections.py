@@ -18,6 +18,8 @@ def coverage(every: list[dict]) -> list[str]:
         return []
     r = res[-1]
     s = r["summary"]
+    no_bn = [m["model"] for m in r["models"] if m.get("has_bn") is False]
+    skipped = [m["model"] for m in r["models"] if "skipped" in m]
     lines = [
         "## Any CNN: the graph engine on every torchvision classification model",
         "",
@@ -29,9 +31,10 @@ def coverage(every: list[dict]) -> list[str]:
         "",
         f"**{s['pruned_exactly']} of {s['with_bn']} models with BatchNorm prune exactly** "
         f"({100 * s['pruned_exactly'] / max(1, s['with_bn']):.0f}%); {s['refused']} refused, {s['crashed']} crashed; "
-        f"Torch-Pruning pruned {s['torch_pruning_pruned']} of {s['with_bn']} without an error. Models without "
-        "BatchNorm (ViT, Swin, MaxViT, ConvNeXt, SqueezeNet, AlexNet, VGG without _bn) are refused in one line: "
-        "network slimming scores channels by BN's γ.",
+        f"Torch-Pruning pruned {s['torch_pruning_pruned']} of {s['with_bn']} without an error. "
+        f"Without BatchNorm, refused in one line (network slimming scores channels by BN's γ): {', '.join(no_bn)}. "
+        f"Not run (over the --max-params limit: several copies each on a 24 GB, two-core machine): "
+        f"{', '.join(skipped) or 'none'}.",
         "",
     ]
     if r.get("engine_speed"):
