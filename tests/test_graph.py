@@ -11,6 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
+from benchmarks.graph_coverage import randomize  # random γ, β and BN statistics, as trained BNs have
 from slimexport import prune_model, regularize
 from slimexport.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from slimexport.data import from_arrays
@@ -21,18 +22,6 @@ from slimexport.models import create_model
 from slimexport.stats import count_macs_on
 
 FORBIDDEN_OPS = {"NonZero", "GatherND", "Where", "ScatterND"}
-
-
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            n = m.num_features
-            m.weight.data = torch.rand(n, generator=g) + 0.05
-            m.bias.data = torch.randn(n, generator=g) * 0.2
-            m.running_mean = torch.randn(n, generator=g) * 0.2
-            m.running_var = torch.rand(n, generator=g) + 0.5
-    return model.eval()
 
 
 def check_exact(model: nn.Module, x: torch.Tensor, percent: float = 0.5, **kw) -> tuple[nn.Module, dict]:
