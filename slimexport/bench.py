@@ -40,13 +40,9 @@ __all__ = ["BenchConfig", "bench", "index_op_cost", "latency", "op_time_shares",
 def ort_accuracy(path: Path, ds: Dataset, device: str = "cpu", batch_size: int = 256, progress=None) -> float:
     """Top-1 accuracy of the model on the whole test split, computed by its runtime (onnxruntime, or ncnn for an
     ``.ncnn.param`` model)."""
-    threads = os.cpu_count() or 1
-    if is_ncnn(path):
-        predict = predictor(path, threads)
-    else:
-        sess = ort_session(path, threads=threads, provider=provider_for(device), device_id=parse_device(device)[1])
-        check_input_shape(sess, (ds.in_channels, *ds.image_size), str(path))
-        predict = lambda x: run_logits(sess, x)  # noqa: E731
+    provider, device_id = provider_for(device), parse_device(device)[1]
+    shape = (ds.in_channels, *ds.image_size)
+    predict = predictor(path, os.cpu_count() or 1, provider, shape, device_id)
     correct = 0
     task = progress.add_task(f"accuracy {Path(path).name}", total=len(ds.y_test), info="") if progress else None
     for xb, yb in batches(ds.x_test.cpu(), ds.y_test.cpu(), batch_size, shuffle=False):
@@ -175,8 +171,9 @@ def bench(models: dict[str, str | os.PathLike], ds: Dataset, cfg: BenchConfig | 
         if is_ncnn(p):
             predictor(p)  # loads, or a one-line error; ncnn records no input shape
             continue
-        ds = conform(ds, static_image_size(ort_session(paths[name])), str(p))
-        check_input_shape(ort_session(paths[name]), (ds.in_channels, *ds.image_size), str(p))
+        sess = ort_session(paths[name])
+        ds = conform(ds, static_image_size(sess), str(p))
+        check_input_shape(sess, (ds.in_channels, *ds.image_size), str(p))
     image_shape = (ds.in_channels, *ds.image_size)
     out: dict[str, Any] = {"models": {n: {"path": str(p), "onnx_bytes": p.stat().st_size} for n, p in paths.items()}}
     with make_progress() as progress:

@@ -217,6 +217,19 @@ def _handle_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except BaseException:
+            if "slimexport.distributed" in sys.modules:  # under torchrun: leave without waiting for the others
+                sys.modules["slimexport.distributed"].abandon()
+            raise
+
+    return _report_errors(wrapper)
+
+
+def _report_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
         except SlimExportError as e:
             _error(f"[bold red]error:[/] {escape(_rank_prefix() + str(e))}")
             raise typer.Exit(2) from None

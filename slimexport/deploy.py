@@ -34,12 +34,11 @@ import numpy as np
 
 from slimexport.data import Dataset, conform
 from slimexport.errors import ConfigError, ModelFileError, ParityError, SlimExportError
-from slimexport.fileio import atomic_path
+from slimexport.fileio import atomic_dir, atomic_path
 from slimexport.runtime import (
     NCNN_HINT,
     check_input_shape,
     io_names,
-    is_ncnn,
     machine_facts,
     ort_session,
     predictor,
@@ -118,12 +117,9 @@ def compare(reference: str | os.PathLike, candidate: str | os.PathLike, ds: Data
             batch: int = 256) -> dict[str, Any]:  # fmt: skip
     """Both models on the first ``images`` test images (all by default), each in its runtime (onnxruntime, or
     ncnn for an ``.ncnn.param`` model): each one's accuracy, top-1 agreement and max |Δ logits|."""
-    threads = os.cpu_count() or 1
-    shape = (ds.in_channels, *ds.image_size)
-    for path in (reference, candidate):
-        if not is_ncnn(path):
-            check_input_shape(ort_session(path), shape, str(path))
-    ref, cand = predictor(reference, threads), predictor(candidate, threads)
+    threads, shape = os.cpu_count() or 1, (ds.in_channels, *ds.image_size)
+    ref = predictor(reference, threads, image_shape=shape)
+    cand = predictor(candidate, threads, image_shape=shape)
     n = len(ds.y_test) if images is None else min(images, len(ds.y_test))
     agree = correct_ref = correct_cand = 0
     max_diff = 0.0
@@ -146,6 +142,18 @@ def compare(reference: str | os.PathLike, candidate: str | os.PathLike, ds: Data
     }
 
 
+def _open_onnx(model: str | os.PathLike, ds: Dataset, onnx_only: bool = False):
+    """The model's session and the data fitted to its input (resized to its image size; channels must match); a
+    missing or invalid file, or one that is not ``.onnx`` where ``onnx_only``, is a one-line error."""
+    model = Path(model)
+    if onnx_only and model.suffix != ".onnx":
+        raise ModelFileError(f"{model}: convert takes an .onnx model")
+    sess = ort_session(model)
+    ds = conform(ds, static_image_size(sess), str(model))
+    check_input_shape(sess, (ds.in_channels, *ds.image_size), str(model))
+    return model, sess, ds
+
+
 def _op_counts(path: Path) -> dict[str, int]:
     import onnx
 
@@ -161,10 +169,7 @@ def quantize(
 
     cfg = cfg or QuantizeConfig()
     cfg.validate()
-    model = Path(model)
-    sess = ort_session(model)  # a missing or invalid file fails here, in one line
-    ds = conform(ds, static_image_size(sess), str(model))
-    check_input_shape(sess, (ds.in_channels, *ds.image_size), str(model))
+    model, sess, ds = _open_onnx(model, ds)
     if len(ds.y_train) == 0:
         raise ConfigError("the calibration set is empty: the data set has no training images")
     input_name = io_names(sess)[0]
@@ -255,21 +260,14 @@ def convert(
         raise ConfigError(f"--optimization-style must be fixed or runtime, got {optimization_style!r}")
     if target_platform not in PLATFORMS:
         raise ConfigError(f"--target-platform must be amd64 or arm, got {target_platform!r}")
-    model = Path(model)
-    if model.suffix != ".onnx":
-        raise ModelFileError(f"{model}: convert takes an .onnx model")
-    sess = ort_session(model)
-    ds = conform(ds, static_image_size(sess), str(model))
-    check_input_shape(sess, (ds.in_channels, *ds.image_size), str(model))
+    model, _, ds = _open_onnx(model, ds, onnx_only=True)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    work = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
-    try:
+    with atomic_dir(out_dir) as work:
         src = work / "src"
         src.mkdir()
         shutil.copy2(model, src / model.name)
-        built = work / "out"
+        built = work / "result"
         style = {"fixed": OptimizationStyle.Fixed, "runtime": OptimizationStyle.Runtime}[optimization_style]
         log = io.StringIO()
         try:
@@ -289,11 +287,6 @@ def convert(
                 f"{out_dir} not written"
             )
         ort_path = out_dir / orts[0].name
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(built, out_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return {
         "path": str(ort_path),
         "dir": str(out_dir),
@@ -331,22 +324,15 @@ def convert_ncnn(
         raise ConfigError(NCNN_HINT)
     import pnnx
 
-    model = Path(model)
-    if model.suffix != ".onnx":
-        raise ModelFileError(f"{model}: convert takes an .onnx model")
-    sess = ort_session(model)
-    ds = conform(ds, static_image_size(sess), str(model))
-    check_input_shape(sess, (ds.in_channels, *ds.image_size), str(model))
+    model, _, ds = _open_onnx(model, ds, onnx_only=True)
     if "QuantizeLinear" in _op_counts(model):
         raise ConfigError(
             f"{model} is an INT8 (QDQ) model: ncnn takes the FP32 model (its own INT8 uses ncnn2int8's calibration)"
         )
     exe = Path(pnnx.__file__).parent / "pnnx"
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    work = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
-    try:
+    with atomic_dir(out_dir) as work:
         src = work / model.name
         shutil.copy2(model, src)
         shape = f"[1,{ds.in_channels},{ds.image_size[0]},{ds.image_size[1]}]"
@@ -357,7 +343,7 @@ def convert_ncnn(
         if res.returncode != 0 or not param.is_file() or not weights.is_file():
             tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or [f"exit code {res.returncode}"]
             raise SlimExportError(f"pnnx could not convert {model} to ncnn: {tail[0][:200]}")
-        built = work / "out"
+        built = work / "result"
         built.mkdir()
         os.replace(param, built / param.name)
         os.replace(weights, built / weights.name)
@@ -367,11 +353,6 @@ def convert_ncnn(
                 f"the ncnn model differs from {model} by {par['max_abs_diff']:.3g} > atol {atol:g}; {out_dir} not "
                 "written"
             )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(built, out_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     path = out_dir / f"{model.stem}.ncnn.param"
     import ncnn
 

@@ -70,9 +70,23 @@ def setup(device: torch.device) -> torch.device:
     return device
 
 
+_failed = False
+
+
+def abandon() -> None:
+    """This rank is failing: leave the group without waiting for the others (torchrun ends them)."""
+    global _failed
+    _failed = True
+
+
 def _leave() -> None:
+    """Leave together: a rank that tears its gloo connections down while another still uses them aborts
+    ("terminate called without an active exception"). On a normal exit a short monitored barrier (gloo) comes
+    first, so the ranks destroy the group at the same point; a failing rank (:func:`abandon`) does not wait."""
     if dist.is_available() and dist.is_initialized():
         try:
+            if dist.get_backend() == "gloo" and not _failed:
+                dist.monitored_barrier(timeout=timedelta(seconds=30))
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - exiting anyway; another rank may already be gone
             pass

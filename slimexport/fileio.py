@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +35,23 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """The directory version of :func:`atomic_path`: yield a scratch directory beside ``path``; what the block
+    leaves in ``scratch / "result"`` replaces ``path`` once the block succeeds; on failure nothing changes. The
+    scratch directory is always removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.partial-"))
+    try:
+        yield work
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(work / "result", path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

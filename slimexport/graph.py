@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import operator
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -102,20 +102,18 @@ class ChannelGraph:
     frozen: dict[int, list[str]]  # class root → reasons it cannot be pruned
     uses: dict[str, ModuleUse]
     trace_seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
-
-    def find(self, a: int) -> int:
-        p = self.parent
-        while p[a] != a:
-            p[a] = p[p[a]]
-            a = p[a]
-        return a
 
     def classes(self, atoms: np.ndarray) -> np.ndarray:
-        return np.fromiter((self.find(int(a)) for a in atoms), dtype=np.int64, count=len(atoms))
+        """The class (union-find root) of every atom."""
+        return np.fromiter((_find(self.parent, int(a)) for a in atoms), dtype=np.int64, count=len(atoms))
 
-    def frozen_reasons(self, root: int) -> list[str]:
-        return self.frozen.get(self.find(root), [])
+
+def _find(parent: list[int], a: int) -> int:
+    """Union-find root of ``a``, halving the path as it goes."""
+    while parent[a] != a:
+        parent[a] = parent[parent[a]]
+        a = parent[a]
+    return a
 
 
 class _Builder:
@@ -137,11 +135,7 @@ class _Builder:
         return atoms
 
     def find(self, a: int) -> int:
-        p = self.parent
-        while p[a] != a:
-            p[a] = p[p[a]]
-            a = p[a]
-        return a
+        return _find(self.parent, a)
 
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
         for x, y in zip(a.tolist(), b.tolist()):

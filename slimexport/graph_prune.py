@@ -133,16 +133,17 @@ def apply_plan(model: nn.Module, plan: dict[str, dict[str, Any]]) -> nn.Module:
         m, kind = modules[name], p["kind"]
         inp = torch.as_tensor(p["inp"], dtype=torch.long) if "inp" in p else None
         out = torch.as_tensor(p["out"], dtype=torch.long) if "out" in p else None
-        if kind == "conv":
+        if kind in ("conv", "linear"):  # weight (out, in, ...): the same slicing, other attribute names
+            out_attr, in_attr = ("out_channels", "in_channels") if kind == "conv" else ("out_features", "in_features")
             w = m.weight
             if out is not None:
                 w = w[out]
-                m.out_channels = len(out)
+                setattr(m, out_attr, len(out))
                 if m.bias is not None:
                     m.bias = _param(m.bias[out], m.bias)
             if inp is not None:
                 w = w[:, inp]
-                m.in_channels = len(inp)
+                setattr(m, in_attr, len(inp))
             m.weight = _param(w, m.weight)
         elif kind == "convT":
             w = m.weight  # (in, out, k...)
@@ -160,17 +161,6 @@ def apply_plan(model: nn.Module, plan: dict[str, dict[str, Any]]) -> nn.Module:
             if m.bias is not None:
                 m.bias = _param(m.bias[inp], m.bias)
             m.in_channels = m.out_channels = m.groups = len(inp)
-        elif kind == "linear":
-            w = m.weight
-            if out is not None:
-                w = w[out]
-                m.out_features = len(out)
-                if m.bias is not None:
-                    m.bias = _param(m.bias[out], m.bias)
-            if inp is not None:
-                w = w[:, inp]
-                m.in_features = len(inp)
-            m.weight = _param(w, m.weight)
         elif kind == "bn":
             if m.weight is not None:
                 m.weight = _param(m.weight[inp], m.weight)

@@ -242,11 +242,20 @@ def _ncnn_blobs(param: Path) -> tuple[str, str]:
         raise ModelFileError(f"{param} is not an ncnn .param file") from None
 
 
-def predictor(path: str | os.PathLike, threads: int = 1, provider: str = "CPUExecutionProvider"):
-    """A function from a float32 NCHW batch to logits, for an ONNX/ORT file (onnxruntime) or an ncnn model."""
+def predictor(
+    path: str | os.PathLike,
+    threads: int = 1,
+    provider: str = "CPUExecutionProvider",
+    image_shape: tuple[int, ...] | None = None,
+    device_id: int = 0,
+):
+    """A function from a float32 NCHW batch to logits, for an ONNX/ORT file (onnxruntime) or an ncnn model; with
+    ``image_shape``, an ONNX model whose input does not fit it is a one-line error (ncnn records no shape)."""
     if is_ncnn(path):
         return NcnnModel(path, threads).run
-    sess = ort_session(path, threads=threads, provider=provider)
+    sess = ort_session(path, threads=threads, provider=provider, device_id=device_id)
+    if image_shape is not None:
+        check_input_shape(sess, image_shape, str(path))
     return lambda x: run_logits(sess, x)
 
 

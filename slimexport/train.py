@@ -22,6 +22,7 @@ from slimexport.checkpoint import fit_data, load_checkpoint, make_checkpoint, re
 from slimexport.console import console, make_progress
 from slimexport.data import Dataset, augment, batches
 from slimexport.errors import CheckpointError, ConfigError, DeviceError
+from slimexport.graph import BN_TYPES
 from slimexport.models import create_model
 
 # Named schedules, the one home of their defaults. `fast` is a short one-cycle schedule; `paper` is the reference
@@ -114,9 +115,6 @@ def resolve_device(device: str) -> torch.device:
     if device != "cpu" and not device.startswith("cuda"):
         raise DeviceError(f"unknown device {device!r}: use cpu, cuda or auto")
     return torch.device(device)
-
-
-BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def bn_weights(model: nn.Module) -> list[torch.Tensor]:

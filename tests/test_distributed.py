@@ -79,7 +79,6 @@ def test_sync_bn_needs_cuda(tmp_path, small_npz):
     res = CliRunner().invoke(app, ["train", "--sync-bn", "--device", "cpu", "--dataset", small_npz, "--out",
                                    str(tmp_path / "t.pt")])  # fmt: skip
     assert res.exit_code == 2 and "--sync-bn needs CUDA" in res.stderr and not (tmp_path / "t.pt").exists()
-    json.dumps({})  # keep json imported for the pipeline test below
 
 
 def test_pipeline_under_torchrun(tmp_path, small_npz):
