@@ -14,7 +14,7 @@ Writes benchmarks/results/<machine-tag>/<suite>-<arch>-<dataset>-p<percent>.json
 benchmarks/RESULTS.md from every result file.
 
 Usage: python -m benchmarks.run --suite quick|cpu|full|smoke [--only ARCH] [--percent P] [--round-to N] [--epochs N]
-       [--refine-epochs N] [--data-dir DIR] [--device auto|cpu|cuda] [--no-peer] [--reuse-trained] [--render-only]
+       [--refine-epochs N] [--data-dir DIR] [--device auto|cpu|cuda] [--no-peer] [--reuse-trained] [--resume] [--render-only]
 """
 
 from __future__ import annotations
@@ -109,8 +109,8 @@ SUITES: dict[str, list[dict]] = {
     # (~0.5 here, reported as gamma.l1_reach) polarises |γ|; 50% and 70% from one sparse model; then
     # `python -m benchmarks.peer_seeds benchmarks/work/converged-vgg11_w25-cifar10-p70` for the seed spread.
     "converged": [
-        dict(arch="vgg11_w25", dataset="cifar10", percent=0.5, epochs=30, refine_epochs=20, sparsity=8e-4),
-        dict(arch="vgg11_w25", dataset="cifar10", percent=0.7, epochs=30, refine_epochs=20, sparsity=8e-4),
+        dict(arch="vgg11_w25", dataset="cifar10", percent=0.5, epochs=30, refine_epochs=20, sparsity=8e-4, eval_every=2),
+        dict(arch="vgg11_w25", dataset="cifar10", percent=0.7, epochs=30, refine_epochs=20, sparsity=8e-4, eval_every=2),
         dict(
             arch="torchvision:mobilenet_v2", dataset="cifar10", percent=0.5, epochs=30, refine_epochs=20, sparsity=8e-4
         ),  # fmt: skip
@@ -284,6 +284,8 @@ def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path, trained:
         device=entry.get("device", args.device),
         compile=entry.get("compile", False),
         force=True,
+        resume=args.resume and (work / f".{tag}.partial").is_dir(),
+        eval_every=entry.get("eval_every"),
         preset=args.preset,
         bench=BenchConfig(batches=[1], threads=[1], seconds=0.2, accuracy=True),
         round_to=round_to,
@@ -609,6 +611,7 @@ def main() -> None:
         help="reuse baseline and sparse models that an earlier run trained with the same settings (benchmarks/work)",
     )
     ap.add_argument("--no-peer", action="store_true", help="skip the Torch-Pruning comparison")
+    ap.add_argument("--resume", action="store_true", help="continue entries an interrupted run left unfinished")
     ap.add_argument("--render-only", action="store_true", help="only regenerate RESULTS.md")
     args = ap.parse_args()
     if args.seconds is None:

@@ -14,7 +14,10 @@ conv passes them through too (its input and output channels are tied); element-w
 axis concatenates its inputs' atoms, ``split``/``chunk``/slicing take a range of them (and freeze it: their sizes
 are written into ``forward`` and would cut elsewhere once the input is narrower), and a flatten of
 C×H×W repeats each atom H·W times, so a Linear reading it loses each pruned channel's H·W columns. Joined atoms
-form a *class*: channels that can only be removed together. Anything the engine does not understand
+form a *class*: channels that can only be removed together. A BatchNorm whose input is also read elsewhere (a
+pre-activation ResNet's stream, DenseNet's concatenated features: :meth:`_Builder.escapes`) is *selecting*: its
+channels are new atoms, each *depending on* the input atom it reads, so it can drop a channel the other readers
+keep (a static Gather or Slice in front of it); the input channel goes only when every reader has dropped it. Anything the engine does not understand
 (view/reshape/permute touching the channel axis, channel shuffle, pixel shuffle, grouped convs, sizes written
 into ``forward``, parameters used outside modules, the model's inputs and outputs) *freezes* the classes it
 touches, with the reason recorded, and so does a conv or linear that reads channels before any BatchNorm
@@ -92,6 +95,15 @@ class ModuleUse:
     kind: str  # conv | depthwise | linear | bn | prelu
     inp: np.ndarray | None = None
     out: np.ndarray | None = None
+    # A *selecting* BN (its input is also read elsewhere): its channels are new atoms, channel k reading input
+    # position select[k]; it can drop a channel its input keeps for the other readers (a static index op).
+    select: list[int] | None = None
+
+    def reads(self) -> np.ndarray | None:
+        """The input atoms this module's channels come from (a selecting BN's selected ones)."""
+        if self.select is None or self.inp is None:
+            return self.inp
+        return self.inp[np.asarray(self.select, dtype=np.int64)]
 
 
 @dataclass
@@ -354,6 +366,10 @@ class _Builder:
         if isinstance(m, BN_TYPES):
             if xin is None or (shape_in and len(shape_in) < 2):
                 return self.freeze_all(node, f"{name}: BatchNorm without a channel axis")
+            earlier = getattr(m, "slim_selection", None)  # from an earlier pruning (graph_prune.apply_plan)
+            if earlier is not None or self.escapes(x, node, set()):
+                select = earlier.indices() if earlier is not None else list(range(len(xin)))
+                return self._use(name, "bn", xin, len(select), select)
             return self._use(name, "bn", xin, None)
         if isinstance(m, nn.Linear):
             if xin is None or shape_in is None or len(shape_in) != 2:
@@ -371,9 +387,11 @@ class _Builder:
             return self.passthrough(node, xin)
         return self.freeze_all(node, f"{name}: module {type(m).__name__} not understood")
 
-    def _use(self, name: str, kind: str, xin: np.ndarray, n_out: int | None) -> np.ndarray:
-        """A module reads ``xin`` and writes new atoms (conv, linear) or passes its input's (bn, depthwise). A module
-        called again (shared weights) reads and writes the same classes."""
+    def _use(
+        self, name: str, kind: str, xin: np.ndarray, n_out: int | None, select: list[int] | None = None
+    ) -> np.ndarray:
+        """A module reads ``xin`` and writes new atoms (conv, linear, selecting BN) or passes its input's (bn,
+        depthwise). A module called again (shared weights) reads and writes the same classes."""
         use = self.uses.get(name)
         if use is not None:
             if use.inp is not None and len(use.inp) == len(xin):
@@ -382,8 +400,33 @@ class _Builder:
                 self.freeze(xin, f"{name}: called on inputs of different widths")
             return use.out
         out = self.new(n_out) if n_out is not None else xin
-        self.uses[name] = ModuleUse(name, kind, xin, out)
+        self.uses[name] = ModuleUse(name, kind, xin, out, select)
         return out
+
+    def escapes(self, node: Any, reader: fx.Node, seen: set) -> bool:
+        """Whether the channels ``reader`` gets from ``node`` are also read by something else: another user of
+        ``node``, or of a tensor ``node`` took its channels from (the inputs of a ``cat``, an activation's input,
+        both sides of a residual add). A BN reading such a tensor (pre-activation ResNets' streams, DenseNet's concatenated
+        features) gets its own channels, so it can drop one the other readers keep."""
+        if not isinstance(node, fx.Node) or node in seen:
+            return False
+        seen.add(node)
+        for u in node.users:
+            if u is not reader and (u.op == "output" or self.shape(u) is not None or self.metas(u) is not None):
+                return True  # (size() and dim() calls read no channel)
+        v = self.vec.get(node)
+        if not isinstance(v, np.ndarray):
+            return False
+        mine = set(self.classes(v))
+        for a in node.all_input_nodes:
+            va = self.vec.get(a)
+            parts = [p for p in (va if isinstance(va, list) else [va]) if isinstance(p, np.ndarray)]
+            if any(mine.intersection(self.classes(p)) for p in parts) and self.escapes(a, node, seen):
+                return True
+        return False
+
+    def classes(self, atoms: np.ndarray) -> list[int]:
+        return [self.find(int(a)) for a in atoms]
 
     def passthrough(self, node: fx.Node, xin: Any) -> Any:
         si, so = self.shape(node.args[0]) if node.args else None, self.shape(node)

@@ -7,12 +7,17 @@ Three steps, three functions:
   concatenated map: every later layer's first BN) is removed only when *every* one of them rates it low, because
   removing a channel that one BN still scales up would change that path's output; the mean or sum would let one
   large γ hide among small ones. A class no BN normalises has no score and is kept.
+- :func:`importance`: a selecting BN's channels (:mod:`slimexport.graph`) are classes of their own, scored by
+  its γ alone; the input class they read is removed only when every one of them is (and nothing else needs it),
+  so its *effective* score is the largest of theirs. Each BN then keeps exactly what its own γ says, as the
+  hand-written pre-activation ResNet and DenseNet rules do.
 - :func:`choose`: one global threshold over all scored, prunable classes (by percent, like the hand-written
   rules: the value at index ⌊n·percent⌋ of the sorted scores; classes strictly above it survive), then per
-  producing layer (a conv or linear) a floor of ``min_channels`` and a multiple of ``round_to``.
+  producing layer (a conv or linear) and selecting BN a floor of ``min_channels``, and per producing layer a
+  multiple of ``round_to``.
 - :func:`make_plan` / :func:`apply_plan`: the plan is plain data (per module, the kept input and output channel
-  indices), so a pruned model is rebuilt by constructing the original and re-applying the plan; no module is
-  ever pickled.
+  indices; for a selecting BN also the channels it keeps, whose static selection ``apply_plan`` rebuilds), so
+  a pruned model is rebuilt by constructing the original and re-applying the plan; no module is ever pickled.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,6 +34,7 @@ from torch import nn
 
 from slimexport.errors import ConfigError
 from slimexport.graph import BN_TYPES, ChannelGraph, trace_channels
+from slimexport.models.common import set_bn_selection
 
 PRODUCERS = ("conv", "convT", "linear")
 
@@ -43,14 +50,56 @@ def class_scores(model: nn.Module, g: ChannelGraph) -> dict[int, float]:
         if bn.weight is None:
             continue
         gam = bn.weight.detach().abs().float().cpu().numpy()
-        for cls, v in zip(g.classes(use.inp).tolist(), gam.tolist()):
+        for cls, v in zip(g.classes(use.out).tolist(), gam.tolist()):
             if v > scores.get(cls, -1.0):
                 scores[cls] = v
     return scores
 
 
-def _prunable(g: ChannelGraph, scores: dict[int, float]) -> dict[int, float]:
-    return {c: s for c, s in scores.items() if not g.frozen.get(c)}
+@dataclass
+class Importance:
+    """What :func:`choose` needs: per class its own score, its dependents (the selecting BNs' channels that read
+    it), its effective score (the largest γ that still needs it) and whether it may go at all."""
+
+    scores: dict[int, float]
+    deps: dict[int, set[int]]
+    eff: dict[int, float]
+    ok: set[int]  # not frozen, scored or read only through selecting BNs, and every dependent may go too
+
+    @property
+    def prunable(self) -> dict[int, float]:
+        """The scored classes that may go: the values the global threshold is taken over."""
+        return {c: s for c, s in self.scores.items() if c in self.ok}
+
+
+def importance(model: nn.Module, g: ChannelGraph) -> Importance:
+    scores = class_scores(model, g)
+    deps: dict[int, set[int]] = defaultdict(set)
+    for use in g.uses.values():
+        if use.kind == "bn" and use.select is not None:
+            for a, b in zip(g.classes(use.reads()).tolist(), g.classes(use.out).tolist()):
+                if a != b:
+                    deps[a].add(b)
+    eff: dict[int, float] = {}
+    ok: set[int] = set()
+
+    def visit(c: int) -> None:  # dependents first; a class on a cycle counts as it stands when met again
+        if c in eff:
+            return
+        eff[c] = scores.get(c, float("-inf"))
+        fine = not g.frozen.get(c) and (c in scores or bool(deps.get(c)))
+        if fine:
+            ok.add(c)
+        for d in deps.get(c, ()):
+            visit(d)
+            eff[c] = max(eff[c], eff[d])
+            fine = fine and d in ok
+        if not fine:
+            ok.discard(c)
+
+    for c in list(scores) + list(deps):
+        visit(c)
+    return Importance(scores, dict(deps), eff, ok)
 
 
 def threshold_at(values: list[float], percent: float) -> float:
@@ -63,52 +112,60 @@ def threshold_at(values: list[float], percent: float) -> float:
 
 
 def choose(
-    g: ChannelGraph, scores: dict[int, float], threshold: float, min_channels: int = 1, round_to: int = 1
+    g: ChannelGraph, imp: Importance, threshold: float, min_channels: int = 1, round_to: int = 1
 ) -> tuple[set[int], list[str]]:
-    """The classes to remove, and the producers whose floor kicked in."""
+    """The classes to remove, and the layers whose floor kicked in. A class goes only with all its dependents."""
     if min_channels < 1:
         raise ConfigError(f"--min-channels must be at least 1, got {min_channels}")
     if round_to < 1:
         raise ConfigError(f"--round-to must be at least 1, got {round_to}")
-    prunable = _prunable(g, scores)
-    removed = {c for c, s in prunable.items() if s <= threshold}
+    removed = {c for c in imp.ok if imp.eff[c] <= threshold}
     producers = [(u.name, g.classes(u.out)) for u in g.uses.values() if u.kind in PRODUCERS]
+    selecting = [(u.name, g.classes(u.out)) for u in g.uses.values() if u.kind == "bn" and u.select is not None]
     floored: list[str] = []
-    for name, cls in producers:  # never empty a layer: keep its min_channels best
-        kept = sum(1 for c in cls.tolist() if c not in removed)
-        floor = min(min_channels, len(cls))
-        if kept < floor:
-            floored.append(name)
-            cand = sorted({c for c in cls.tolist() if c in removed}, key=lambda c: -prunable[c])
-            for c in cand[: floor - kept]:
-                removed.discard(c)
-    if round_to > 1:
-        changed = True
-        while changed:  # restoring a class widens every layer it spans; repeat until every layer is a multiple
-            changed = False
+
+    def restore(lst: list[int], target: int) -> bool:
+        """Put back the best removed classes of one layer until it keeps ``target`` channels."""
+        kept = sum(1 for c in lst if c not in removed)
+        changed = False
+        for c in sorted({c for c in lst if c in removed}, key=lambda c: -imp.eff[c]):
+            if kept >= target:
+                break
+            removed.discard(c)
+            kept += lst.count(c)
+            changed = True
+        return changed
+
+    changed = True
+    while changed:  # restoring a class widens every layer it spans, and its inputs: repeat until nothing moves
+        changed = False
+        for name, cls in producers + selecting:  # never empty a layer: keep its min_channels best
+            lst = cls.tolist()
+            if restore(lst, min(min_channels, len(lst))):
+                changed = True
+                if name not in floored:
+                    floored.append(name)
+        if round_to > 1:
             for _, cls in producers:
                 lst = cls.tolist()
                 kept = sum(1 for c in lst if c not in removed)
-                target = min(len(lst), math.ceil(kept / round_to) * round_to)
-                if kept < target:
-                    cand = sorted({c for c in lst if c in removed}, key=lambda c: -prunable[c])
-                    for c in cand:
-                        if kept >= target:
-                            break
-                        removed.discard(c)
-                        kept += sum(1 for x in lst if x == c)
-                        changed = True
+                changed |= restore(lst, min(len(lst), math.ceil(kept / round_to) * round_to))
+        for c in list(removed):  # a channel some selecting BN still reads stays
+            if any(d not in removed for d in imp.deps.get(c, ())):
+                removed.discard(c)
+                changed = True
     return removed, floored
 
 
 def make_plan(g: ChannelGraph, removed: set[int]) -> dict[str, dict[str, Any]]:
-    """Per module that loses channels: its kind and the kept indices of its input and output channel axes."""
+    """Per module that loses channels: its kind and the kept indices of its input and output channel axes. A
+    selecting BN's entry has ``select: True``; its ``out`` are the BN channels it keeps."""
     plan: dict[str, dict[str, Any]] = {}
     for use in g.uses.values():
-        entry: dict[str, Any] = {"kind": use.kind}
+        entry: dict[str, Any] = {"kind": use.kind} | ({"select": True} if use.select is not None else {})
         for side in ("inp", "out"):
             atoms = getattr(use, side)
-            if atoms is None or (side == "out" and use.kind not in PRODUCERS):
+            if atoms is None or (side == "out" and use.kind not in PRODUCERS and use.select is None):
                 continue
             cls = g.classes(atoms)
             keep = [i for i, c in enumerate(cls.tolist()) if c not in removed]
@@ -161,14 +218,10 @@ def apply_plan(model: nn.Module, plan: dict[str, dict[str, Any]]) -> nn.Module:
             if m.bias is not None:
                 m.bias = _param(m.bias[inp], m.bias)
             m.in_channels = m.out_channels = m.groups = len(inp)
+        elif kind == "bn" and p.get("select"):
+            _select(name, m, p.get("inp"), p.get("out"))
         elif kind == "bn":
-            if m.weight is not None:
-                m.weight = _param(m.weight[inp], m.weight)
-                m.bias = _param(m.bias[inp], m.bias)
-            if m.running_mean is not None:
-                m.running_mean = m.running_mean[inp].clone()
-                m.running_var = m.running_var[inp].clone()
-            m.num_features = len(inp)
+            _slice_bn(m, inp)
         elif kind == "prelu":
             m.weight = _param(m.weight[inp], m.weight)
             m.num_parameters = len(inp)
@@ -177,14 +230,42 @@ def apply_plan(model: nn.Module, plan: dict[str, dict[str, Any]]) -> nn.Module:
     return model
 
 
-def describe(model: nn.Module, g: ChannelGraph, scores: dict[int, float], removed: set[int]) -> dict[str, Any]:
+def _slice_bn(m: nn.Module, keep: torch.Tensor) -> None:
+    if m.weight is not None:
+        m.weight = _param(m.weight[keep], m.weight)
+        m.bias = _param(m.bias[keep], m.bias)
+    if m.running_mean is not None:
+        m.running_mean = m.running_mean[keep].clone()
+        m.running_var = m.running_var[keep].clone()
+    m.num_features = len(keep)
+
+
+def _select(name: str, m: nn.Module, inp: list[int] | None, out: list[int] | None) -> None:
+    """A selecting BN keeps its channels ``out``, read from the input channels ``inp`` keeps. On a BN that
+    already selects (pruning a pruned model) both are relative to the current widths and the selections compose."""
+    earlier = getattr(m, "slim_selection", None)
+    width = earlier.num_channels if earlier is not None else m.num_features
+    current = earlier.indices() if earlier is not None else list(range(m.num_features))
+    new_inp = list(range(width)) if inp is None else list(inp)
+    keep = list(range(m.num_features)) if out is None else list(out)
+    where = {c: i for i, c in enumerate(new_inp)}
+    try:
+        index = [where[current[k]] for k in keep]
+    except (KeyError, IndexError):
+        raise ConfigError(f"the pruning plan keeps a channel of {name} whose input it removes") from None
+    if out is not None:
+        _slice_bn(m, torch.as_tensor(keep, dtype=torch.long))
+    set_bn_selection(m, len(new_inp), index)
+
+
+def describe(model: nn.Module, g: ChannelGraph, imp: Importance, removed: set[int]) -> dict[str, Any]:
     """Groups (classes that span the same layers), the unprunable ones with their reasons, and per BN its kept
     channels."""
     members: dict[int, set[str]] = defaultdict(set)
     for use in g.uses.values():
         for side in ("inp", "out"):
             atoms = getattr(use, side)
-            if atoms is not None and (side == "inp" or use.kind in PRODUCERS):
+            if atoms is not None and (side == "inp" or use.kind in PRODUCERS or use.select is not None):
                 for c in set(g.classes(atoms).tolist()):
                     members[c].add(use.name)
     groups: dict[frozenset, dict[str, Any]] = {}
@@ -193,7 +274,14 @@ def describe(model: nn.Module, g: ChannelGraph, scores: dict[int, float], remove
         grp = groups.setdefault(key, {"layers": sorted(names), "channels": 0, "removed": 0, "reasons": []})
         grp["channels"] += 1
         grp["removed"] += int(c in removed)
-        reasons = g.frozen.get(c) or ([] if c in scores else ["no BatchNorm normalises these channels"])
+        if g.frozen.get(c):
+            reasons = g.frozen[c]
+        elif c in imp.ok:
+            reasons = []
+        elif c in imp.scores or imp.deps.get(c):
+            reasons = ["read by a BatchNorm whose channels cannot go"]
+        else:
+            reasons = ["no BatchNorm normalises these channels"]
         for r in reasons:
             if r not in grp["reasons"]:
                 grp["reasons"].append(r)
@@ -204,7 +292,7 @@ def describe(model: nn.Module, g: ChannelGraph, scores: dict[int, float], remove
     layers = []
     for use in g.uses.values():
         if use.kind == "bn":
-            cls = g.classes(use.inp).tolist()
+            cls = g.classes(use.out).tolist()
             kept = [i for i, c in enumerate(cls) if c not in removed]
             layers.append({"name": use.name, "before": len(cls), "after": len(kept), "kept": kept})
     return {"groups": out, "layers": layers}
@@ -228,14 +316,14 @@ def prune_graph(
     if not any(isinstance(m, BN_TYPES) for m in model.modules()):
         raise ConfigError(f"{type(model).__name__} has no BatchNorm layer: network slimming scores channels by BN's γ")
     g = trace_channels(model, example_input)
-    scores = class_scores(model, g)
-    prunable = _prunable(g, scores)
+    imp = importance(model, g)
+    prunable = imp.prunable
     if not prunable:
-        raise ConfigError(f"no channel of {type(model).__name__} can be pruned: {_why_none(model, g, scores)}")
+        raise ConfigError(f"no channel of {type(model).__name__} can be pruned: {_why_none(g, imp.scores)}")
     values = list(prunable.values())
 
     def at(threshold: float) -> tuple[nn.Module, set[int], list[str], dict[str, Any]]:
-        removed, floored = choose(g, scores, threshold, min_channels, round_to)
+        removed, floored = choose(g, imp, threshold, min_channels, round_to)
         plan = make_plan(g, removed)
         new = apply_plan(copy.deepcopy(model), plan)
         return new, removed, floored, plan
@@ -268,7 +356,7 @@ def prune_graph(
         threshold = threshold_at(values, percent)
         best = at(threshold)
     new, removed, floored, plan = best
-    info = describe(model, g, scores, removed)
+    info = describe(model, g, imp, removed)
     total = sum(x["before"] for x in info["layers"])
     kept = sum(x["after"] for x in info["layers"])
     record = {
@@ -299,7 +387,7 @@ def prune_graph(
     return new, record
 
 
-def _why_none(model: nn.Module, g: ChannelGraph, scores: dict[int, float]) -> str:
+def _why_none(g: ChannelGraph, scores: dict[int, float]) -> str:
     reasons: dict[str, int] = defaultdict(int)
     for c in scores:
         for r in g.frozen.get(c, []):

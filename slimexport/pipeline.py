@@ -52,8 +52,9 @@ from slimexport.train import (
 )
 
 DEFAULT_ARCH = "vgg11_w25"
-# Options that only say where or whether to write: they may differ between an interrupted run and its resume.
-RESUME_FREE = ("out", "force", "resume")
+# Options that only say where or whether to write, or how often to measure: they may differ between an interrupted
+# run and its resume (training's own resume check ignores eval_every too: evaluating does not change the weights).
+RESUME_FREE = ("out", "force", "resume", "eval_every")
 # Under torchrun every rank runs these (with DDP); rank 0 alone runs the others while the rest wait.
 TRAINING_STAGES = ("baseline", "sparse", "refine")
 

@@ -24,6 +24,7 @@ from slimexport.data import Dataset, augment, batches
 from slimexport.errors import CheckpointError, ConfigError, DeviceError
 from slimexport.graph import BN_TYPES
 from slimexport.models import create_model
+from slimexport.models.common import restore_bn_selections
 
 # Named schedules, the one home of their defaults. `fast` is a short one-cycle schedule; `paper` is the reference
 # recipe (Liu et al. 2017). Refine's learning rate is `refine_lr_factor` × the training lr unless given.
@@ -242,7 +243,7 @@ def fit(
         train_seconds = state["meta"]["train_seconds"]
         console.print(f"resuming {description} from epoch {start_epoch} ({resume_path})")
     if cfg.sync_bn and world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = restore_bn_selections(nn.SyncBatchNorm.convert_sync_batchnorm(model))
     bn_ws = bn_weights(model)
     forward = model
     if world > 1:

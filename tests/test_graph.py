@@ -194,43 +194,86 @@ def test_hand_written_vgg19_and_the_engine_keep_the_same_channels(make_model):
 
 
 @pytest.mark.parametrize("arch", ["preresnet164", "densenet40"])
-def test_selection_nets_the_engine_keeps_every_channel_some_reader_keeps(make_model, arch):
-    """Where they differ, and why: the hand-written pre-activation ResNet and DenseNet let each BN that reads a
-    shared tensor drop channels through its own selection (a Gather); the engine has no selections, so a shared
-    channel goes only when every reader drops it. At the same threshold, per BN the engine keeps a superset of the
-    hand-written choice: exactly the channels that some reader keeps, plus those nothing may remove (PreResNet's
-    first two streams, read before any BN by the next stage's downsampling conv: the paper keeps them too; the
-    hand-written `--prune-stream` goes beyond that); a BN that is its channels' only reader agrees otherwise."""
-    from slimexport.graph import trace_channels
-    from slimexport.graph_prune import choose, class_scores, describe
+def test_selection_nets_the_engine_and_the_hand_written_rules_keep_the_same_channels(make_model, arch):
+    """Pre-activation ResNet and DenseNet: each BN that reads a shared tensor (the stream, the concatenated
+    features) drops channels through its own selection, in the hand-written rules and in the engine (a selecting
+    BN), so at the same threshold every BN keeps the same channels. The engine goes one step further and removes a
+    shared channel from its producer when every reader has dropped it; the test checks that too, and that the
+    frozen channels are exactly the image input and, in PreResNet, the stem's output and the first two stages'
+    streams (read before any BN by the next stage's downsampling conv, as the paper keeps them)."""
+    from slimexport.graph_prune import prune_graph
 
     m = make_model(arch, in_channels=3)
-    _, rec_hand = prune_model(m, 0.5, round_to=1)
-    g = trace_channels(m, torch.randn(1, 3, 32, 32))
-    scores = class_scores(m, g)
-    removed, _ = choose(g, scores, rec_hand["threshold"])
-    engine = {la["name"]: set(la["kept"]) for la in describe(m, g, scores, removed)["layers"]}
-    hand = {la["name"]: set(la["kept"]) for la in rec_hand["layers"]}
-    assert set(hand) <= set(engine)
-    bns = {u.name: g.classes(u.inp).tolist() for u in g.uses.values() if u.kind == "bn"}
-    readers: dict[int, list[tuple[str, int]]] = {}
-    for name, cls in bns.items():
-        for i, c in enumerate(cls):
-            readers.setdefault(c, []).append((name, i))
-    shared = 0
-    for name, cls in bns.items():
-        # kept by the engine: what some reader keeps, and channels it must not remove at all (in PreResNet the
-        # first stages' streams, which the next stage's downsampling conv reads before any BN, as the paper says)
-        some_reader_keeps = {
-            i for i, c in enumerate(cls) if any(j in hand[n] for n, j in readers[c]) or g.frozen.get(c)
-        }
-        assert hand[name] <= engine[name] == some_reader_keeps, name
-        if all(len(readers[c]) == 1 for c in cls):
-            frozen = {i for i, c in enumerate(cls) if g.frozen.get(c)}
-            assert engine[name] == hand[name] | frozen, name
-        else:
-            shared += 1
-    assert shared > 0  # the nets do have shared tensors, so the comparison is not vacuous
+    randomize(m)
+    x = torch.randn(2, 3, 32, 32)
+    pruned_hand, rec_hand = prune_model(m, 0.5, round_to=1)
+    pruned, rec = prune_graph(m, x, 0.5)
+    assert rec["threshold"] == rec_hand["threshold"]
+    hand = {la["name"]: la["kept"] for la in rec_hand["layers"]}
+    assert {la["name"]: la["kept"] for la in rec["layers"]} == hand
+    selecting = [n for n, p in rec["plan"].items() if p.get("select")]
+    assert len(selecting) >= (54 if arch == "preresnet164" else 36)  # every block's bn1 / every layer's BN
+    frozen = sorted(r for u in rec["unprunable"] for r in u["reasons"] if "model" not in r)
+    raw = "reads these channels before any BatchNorm normalises them"
+    ds = [f"layer{i}.0.downsample.0: {raw}" for i in (1, 2, 3)] if arch == "preresnet164" else []
+    assert frozen == [f"conv1: {raw}"] + ds, frozen
+    # With the removed channels' γ and β zeroed (so the hand-written rules' folding of relu(β) into the next BN
+    # adds nothing), both pruned models compute what the zeroed original does; the engine's has no more MACs.
+    zeroed = m.eval()
+    modules = dict(zeroed.named_modules())
+    with torch.no_grad():
+        for la in rec["layers"]:
+            gone = sorted(set(range(la["before"])) - set(la["kept"]))
+            modules[la["name"]].weight[gone] = 0
+            modules[la["name"]].bias[gone] = 0
+    ref = zeroed(x)
+    pruned_hand, _ = prune_model(zeroed, 0.5, round_to=1)
+    pruned, _ = prune_graph(zeroed, x, 0.5)
+    torch.testing.assert_close(pruned.eval()(x), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(pruned_hand.eval()(x), ref, rtol=1e-4, atol=1e-4)
+    assert count_macs_on(pruned, x[:1]) <= count_macs_on(pruned_hand, x[:1])
+
+
+def test_selecting_bns_compose_when_a_pruned_model_is_pruned_again(tmp_path):
+    """A pruned DenseNet (selections everywhere) pruned again: the composed plan, applied to the original,
+    rebuilds the twice-pruned model exactly, the checkpoint round-trips, and ONNX has one Gather or Slice per
+    selection and nothing data-dependent."""
+    torch.manual_seed(0)
+    cfg = {"source": "torchvision:densenet121", "image_size": [32, 32]}
+    gm = create_model("torchvision:densenet121", 10, 3, cfg)
+    randomize(gm)
+    once, _ = prune_model(gm, 0.3)
+    randomize(once)  # new γ, as refine would give
+    twice, rec = prune_model(once, 0.3)
+    assert any(p.get("select") for p in twice.config["plan"].values())
+    x = torch.randn(2, 3, 32, 32)
+    rebuilt = create_model(twice.arch, 10, 3, twice.config)
+    rebuilt.load_state_dict(twice.state_dict())
+    twice.eval(), rebuilt.eval()
+    torch.testing.assert_close(rebuilt(x), twice(x))
+    save_checkpoint(make_checkpoint(twice, {"image_size": [32, 32]}, {"stage": "pruned"}), tmp_path / "p.pt")
+    back = load_checkpoint(tmp_path / "p.pt")[0].eval()
+    torch.testing.assert_close(back(x), twice(x))
+    res = export_model(twice, tmp_path / "p.onnx", _fake_data(32), ExportConfig(parity_images=8, atol=1e-3))
+    ops = res["op_counts"]
+    assert not FORBIDDEN_OPS & set(ops) and ops.get("Gather", 0) + ops.get("Slice", 0) > 0, ops
+    assert res["parity"]["max_abs_diff"] <= 1e-3
+
+
+def test_sync_batchnorm_conversion_keeps_the_selections():
+    """--sync-bn rebuilds every BN as a SyncBatchNorm; a selecting BN must stay selecting."""
+    from slimexport.graph_prune import prune_graph
+    from slimexport.models.common import restore_bn_selections
+
+    torch.manual_seed(0)
+    m = create_model("preresnet20", 10, 3)
+    randomize(m)
+    pruned, _ = prune_graph(m, torch.randn(1, 3, 32, 32), 0.5)
+    x = torch.randn(2, 3, 32, 32)
+    ref = pruned.eval()(x)
+    synced = restore_bn_selections(nn.SyncBatchNorm.convert_sync_batchnorm(pruned)).eval()
+    assert any(isinstance(mm, nn.SyncBatchNorm) for mm in synced.modules())
+    torch.testing.assert_close(synced(x), ref)  # SyncBatchNorm in eval mode normalises as BatchNorm does
 
 
 def test_the_exactness_check_catches_a_wrong_grouping(monkeypatch):

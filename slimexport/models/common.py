@@ -97,6 +97,46 @@ class ChannelSelection(nn.Module):
         return f"{self.num_channels} -> {self.out_channels}, {self.mode}"
 
 
+class SelectingBatchNorm:
+    """Mixed into a BatchNorm's own class by :func:`set_bn_selection`: the BN first picks its channels out of a
+    wider input (a :class:`ChannelSelection` child, ``slim_selection``: nothing, one Slice or one Gather on a
+    constant index), then normalises them. The graph engine gives this to a BN whose input other layers read too
+    (pre-activation ResNets, DenseNet), so it can drop channels they keep. The BN keeps its name, its parameters
+    and its state-dict keys (the index is plain data in the pruning plan, not a persistent buffer)."""
+
+    slim_selection: ChannelSelection
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.slim_selection(x))  # type: ignore[misc]
+
+
+_SELECTING: dict[type, type] = {}
+
+
+def set_bn_selection(bn: nn.Module, num_channels: int, index: Sequence[int]) -> None:
+    """Make ``bn`` normalise channels ``index`` of an input with ``num_channels`` channels (see
+    :class:`SelectingBatchNorm`). Works for any BatchNorm class (1d/2d/3d, SyncBatchNorm, timm's BatchNormAct2d)."""
+    if not isinstance(bn, SelectingBatchNorm):
+        base = type(bn)
+        cls = _SELECTING.get(base)
+        if cls is None:
+            cls = _SELECTING[base] = type(f"Selecting{base.__name__}", (SelectingBatchNorm, base), {})
+            cls.__module__ = __name__
+            globals().setdefault(cls.__name__, cls)  # found by name when such a module is pickled in this process
+        bn.__class__ = cls
+    bn.slim_selection = ChannelSelection(num_channels, index)
+
+
+def restore_bn_selections(model: nn.Module) -> nn.Module:
+    """``nn.SyncBatchNorm.convert_sync_batchnorm`` rebuilds every BN as a plain SyncBatchNorm (keeping its
+    children): give the selecting ones back their selection."""
+    for m in model.modules():
+        sel = m._modules.get("slim_selection")
+        if isinstance(sel, ChannelSelection) and not isinstance(m, SelectingBatchNorm):
+            set_bn_selection(m, sel.num_channels, sel.indices())
+    return model
+
+
 def reference_init(model: nn.Module, linear_std: float | None = None) -> None:
     """The reference implementation's initialisation: He-normal convs (fan-out), BN γ = 0.5 and β = 0."""
     for m in model.modules():

@@ -123,6 +123,8 @@ def compose_plans(first: dict[str, Any], second: dict[str, Any]) -> dict[str, An
     out = copy.deepcopy(first)
     for name, p in second.items():
         e = out.setdefault(name, {"kind": p["kind"]})
+        if p.get("select"):  # a selecting BN: the sides compose as any module's; apply_plan rebuilds the index
+            e["select"] = True
         for side in ("inp", "out"):
             if side in p:
                 e[side] = [e[side][i] for i in p[side]] if side in e else list(p[side])
