@@ -14,7 +14,8 @@ Writes benchmarks/results/<machine-tag>/<suite>-<arch>-<dataset>-p<percent>.json
 benchmarks/RESULTS.md from every result file.
 
 Usage: python -m benchmarks.run --suite quick|cpu|full|smoke [--only ARCH] [--percent P] [--round-to N] [--epochs N]
-       [--refine-epochs N] [--data-dir DIR] [--device auto|cpu|cuda] [--no-peer] [--reuse-trained] [--resume] [--render-only]
+       [--refine-epochs N] [--data-dir DIR] [--device auto|cpu|cuda] [--no-peer] [--reuse-trained] [--resume]
+       [--render-only]
 """
 
 from __future__ import annotations
@@ -109,8 +110,12 @@ SUITES: dict[str, list[dict]] = {
     # (~0.5 here, reported as gamma.l1_reach) polarises |γ|; 50% and 70% from one sparse model; then
     # `python -m benchmarks.peer_seeds benchmarks/work/converged-vgg11_w25-cifar10-p70` for the seed spread.
     "converged": [
-        dict(arch="vgg11_w25", dataset="cifar10", percent=0.5, epochs=30, refine_epochs=20, sparsity=8e-4, eval_every=2),
-        dict(arch="vgg11_w25", dataset="cifar10", percent=0.7, epochs=30, refine_epochs=20, sparsity=8e-4, eval_every=2),
+        dict(
+            arch="vgg11_w25", dataset="cifar10", percent=0.5, epochs=30, refine_epochs=20, sparsity=8e-4, eval_every=2
+        ),  # fmt: skip
+        dict(
+            arch="vgg11_w25", dataset="cifar10", percent=0.7, epochs=30, refine_epochs=20, sparsity=8e-4, eval_every=2
+        ),  # fmt: skip
         dict(
             arch="torchvision:mobilenet_v2", dataset="cifar10", percent=0.5, epochs=30, refine_epochs=20, sparsity=8e-4
         ),  # fmt: skip

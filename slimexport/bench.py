@@ -20,6 +20,7 @@ import numpy as np
 from slimexport.console import make_progress
 from slimexport.data import Dataset, batches, conform
 from slimexport.errors import SlimExportError
+from slimexport.records import BenchResult
 from slimexport.runtime import (
     BenchConfig,
     check_input_shape,
@@ -160,7 +161,7 @@ def index_op_cost(path: Path, image_shape: tuple[int, ...], batch: int = 1, thre
     }
 
 
-def bench(models: dict[str, str | os.PathLike], ds: Dataset, cfg: BenchConfig | None = None) -> dict[str, Any]:
+def bench(models: dict[str, str | os.PathLike], ds: Dataset, cfg: BenchConfig | None = None) -> BenchResult:
     """Benchmark one or more ONNX models side by side; returns {models: {name: {...}}, latency: [...], config}."""
     cfg = cfg or BenchConfig()
     cfg.validate()
@@ -175,7 +176,7 @@ def bench(models: dict[str, str | os.PathLike], ds: Dataset, cfg: BenchConfig | 
         ds = conform(ds, static_image_size(sess), str(p))
         check_input_shape(sess, (ds.in_channels, *ds.image_size), str(p))
     image_shape = (ds.in_channels, *ds.image_size)
-    out: dict[str, Any] = {"models": {n: {"path": str(p), "onnx_bytes": p.stat().st_size} for n, p in paths.items()}}
+    out: BenchResult = {"models": {n: {"path": str(p), "onnx_bytes": p.stat().st_size} for n, p in paths.items()}}
     with make_progress() as progress:
         out["latency"] = latency(paths, image_shape, cfg, progress)
         for name, p in paths.items():
@@ -185,3 +186,33 @@ def bench(models: dict[str, str | os.PathLike], ds: Dataset, cfg: BenchConfig | 
                 out["models"][name]["op_time"] = op_time_shares(p, image_shape, device=cfg.device)
     out["config"] = asdict(cfg)
     return out
+
+
+def model_names(paths: list[Path]) -> list[str]:
+    """Short unique names for models given as paths: file stems, else file names, else numbered."""
+    names = [Path(p).stem for p in paths]
+    if len(set(names)) != len(names):
+        names = [Path(p).name for p in paths]
+    if len(set(names)) != len(names):
+        names = [f"{i}:{n}" for i, n in enumerate(names)]
+    return names
+
+
+def latency_table(res: BenchResult, ref: str, title: str = "onnxruntime"):
+    """:func:`bench`'s latencies as a rich table, with each row's speed-up over model ``ref`` in the same setting."""
+    from rich.table import Table
+
+    base = {(r["batch"], r["threads"]): r["median_ms"] for r in res["latency"] if r["model"] == ref}
+    table = Table(title=title)
+    for col in ("model", "batch", "threads", "median ms", "p90 ms", f"speed-up vs {ref}"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    for r in res["latency"]:
+        table.add_row(
+            r["model"],
+            str(r["batch"]),
+            str(r["threads"]),
+            f"{r['median_ms']:.3f}",
+            f"{r['p90_ms']:.3f}",
+            f"×{base[(r['batch'], r['threads'])] / r['median_ms']:.2f}",
+        )
+    return table

@@ -298,6 +298,19 @@ def _train_config(
     return dataclasses.replace(cfg, sync_bn=sync_bn)
 
 
+def _fill(cls, options: dict, **nested):
+    """A config dataclass from a command's options: every field named like an option takes its value (an enum's
+    value, a path as text); ``nested`` gives the fields built otherwise. One place instead of a field-by-field
+    copy per command, so a new config field is one new option."""
+    import dataclasses
+
+    def plain(v):
+        return v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else v
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: plain(v) for k, v in options.items() if k in names and k not in nested}, **nested)
+
+
 def _check_out(out: Path, force: bool, resume: bool = False) -> None:
     """Refuse to overwrite ``out`` without --force; --resume may continue an unfinished run's ``out.resume``."""
     from slimexport.fileio import check_writable
@@ -534,38 +547,18 @@ def bench_cmd(
     force: ForceOpt = False,
 ):
     """Time onnxruntime inference (median, p90) side by side, and measure accuracy with onnxruntime itself."""
-    from rich.table import Table
-
-    from slimexport.bench import bench
+    from slimexport.bench import bench, latency_table, model_names
     from slimexport.data import load_dataset
     from slimexport.fileio import write_json
 
     if out is not None:
         _check_out(out, force)
-    names = [p.stem for p in models]
-    if len(set(names)) != len(names):
-        names = [p.name for p in models]
-    if len(set(names)) != len(names):
-        names = [f"{i}:{n}" for i, n in enumerate(names)]
+    names = model_names(models)
     ds = load_dataset(dataset, data_dir)
     cfg = _bench_config(batch, threads, device, seconds)
     cfg.accuracy = accuracy
     res = bench(dict(zip(names, models)), ds, cfg)
-    ref = names[0]
-    base = {(r["batch"], r["threads"]): r["median_ms"] for r in res["latency"] if r["model"] == ref}
-    table = Table(title=f"onnxruntime {cfg.device}")
-    for col in ("model", "batch", "threads", "median ms", "p90 ms", f"speed-up vs {ref}"):
-        table.add_column(col, justify="right" if col != "model" else "left")
-    for r in res["latency"]:
-        table.add_row(
-            r["model"],
-            str(r["batch"]),
-            str(r["threads"]),
-            f"{r['median_ms']:.3f}",
-            f"{r['p90_ms']:.3f}",
-            f"×{base[(r['batch'], r['threads'])] / r['median_ms']:.2f}",
-        )
-    console.print(table)
+    console.print(latency_table(res, names[0], title=f"onnxruntime {cfg.device}"))
     if out is not None:
         write_json(out, res)
     accs = ", ".join(f"{n} {m['accuracy']:.4f}" for n, m in res["models"].items() if "accuracy" in m)
@@ -788,36 +781,9 @@ def pipeline(
     from slimexport.export import ExportConfig
     from slimexport.pipeline import PipelineConfig, run_pipeline
 
-    cfg = PipelineConfig(
-        out=str(out),
-        arch=arch,
-        dataset=dataset,
-        data_dir=str(data_dir) if data_dir else None,
-        epochs=epochs,
-        refine_epochs=refine_epochs,
-        sparsity=sparsity,
-        percent=percent,
-        min_channels=min_channels,
-        round_to=round_to,
-        prune_stream=prune_stream,
-        eval_every=eval_every,
-        compile=compile,
-        baseline=str(baseline) if baseline else None,
-        sparse=str(sparse) if sparse else None,
-        weights=str(weights) if weights else None,
-        image_size=image_size,
-        sync_bn=sync_bn,
-        preset=preset.value,
-        lr=lr,
-        refine_lr=refine_lr,
-        batch_size=batch_size,
-        seed=seed,
-        device=device.value,
-        force=force,
-        resume=resume,
-        int8=int8,
-        ort=ort,
-        ncnn=ncnn,
+    cfg = _fill(
+        PipelineConfig,
+        locals(),
         quantize=QuantizeConfig(calib_images=calib_images, calibrate=calibrate.value, types=types.value),
         export=ExportConfig(selection=selection.value),
         bench=_bench_config(batch, threads, bench_device, seconds),

@@ -15,7 +15,6 @@ import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ from slimexport.data import Dataset
 from slimexport.errors import ConfigError, ParityError, SlimExportError
 from slimexport.fileio import atomic_path
 from slimexport.models.common import for_export
+from slimexport.records import ExportResult
 from slimexport.runtime import INPUT_NAME, OUTPUT_NAME, BenchConfig, latency, ort_session, run_logits
 from slimexport.selection import candidates
 
@@ -103,7 +103,7 @@ def parity(model: torch.nn.Module, onnx_path: Path, ds: Dataset, n_images: int, 
 
 def export(
     ckpt_path: str | os.PathLike, out: str | os.PathLike, ds: Dataset, cfg: ExportConfig | None = None
-) -> dict[str, Any]:
+) -> ExportResult:
     """Export a checkpoint to ONNX at ``out`` (atomically, only once checked, simplified and verified)."""
     model, ckpt = load_checkpoint(ckpt_path)
     ds = fit_data(ckpt, ckpt_path, ds)
@@ -125,7 +125,7 @@ def export(
 
 def _export_fastest(
     model: torch.nn.Module, out: str | os.PathLike, ds: Dataset, cfg: ExportConfig, metadata: dict[str, str]
-) -> dict[str, Any]:
+) -> ExportResult:
     """``--selection auto``: export every candidate, time them side by side in onnxruntime, keep the fastest."""
     image_shape = (ds.in_channels, *ds.image_size)
     cands, per_unit = candidates(model, image_shape, cfg.tune_batch, cfg.tune_threads, cfg.tune_device)
@@ -167,7 +167,7 @@ def export_model(
     cfg: ExportConfig | None = None,
     metadata: dict[str, str] | None = None,
     reference: torch.nn.Module | None = None,
-) -> dict[str, Any]:
+) -> ExportResult:
     """Export any image classifier module taking (N, C, H, W) normalised inputs; see :func:`export`.
 
     Parity is checked against ``reference`` (default: ``model`` itself).

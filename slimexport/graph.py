@@ -17,11 +17,11 @@ C×H×W repeats each atom H·W times, so a Linear reading it loses each pruned c
 form a *class*: channels that can only be removed together. A BatchNorm whose input is also read elsewhere (a
 pre-activation ResNet's stream, DenseNet's concatenated features: :meth:`_Builder.escapes`) is *selecting*: its
 channels are new atoms, each *depending on* the input atom it reads, so it can drop a channel the other readers
-keep (a static Gather or Slice in front of it); the input channel goes only when every reader has dropped it. Anything the engine does not understand
-(view/reshape/permute touching the channel axis, channel shuffle, pixel shuffle, grouped convs, sizes written
-into ``forward``, parameters used outside modules, the model's inputs and outputs) *freezes* the classes it
-touches, with the reason recorded, and so does a conv or linear that reads channels before any BatchNorm
-normalises them (:meth:`_Builder.freeze_raw_reads`). A frozen class is never pruned.
+keep (a static Gather or Slice in front of it); the input channel goes only when every reader has dropped it.
+Anything the engine does not understand (view/reshape/permute touching the channel axis, channel shuffle, pixel
+shuffle, grouped convs, sizes written into ``forward``, parameters used outside modules, the model's inputs and
+outputs) *freezes* the classes it touches, with the reason recorded, and so does a conv or linear that reads
+channels before any BatchNorm normalises them (:meth:`_Builder.freeze_raw_reads`). A frozen class is never pruned.
 
 A class's importance is the largest |γ| among the BatchNorms that normalise it (:mod:`slimexport.graph_prune`).
 """
@@ -406,8 +406,8 @@ class _Builder:
     def escapes(self, node: Any, reader: fx.Node, seen: set) -> bool:
         """Whether the channels ``reader`` gets from ``node`` are also read by something else: another user of
         ``node``, or of a tensor ``node`` took its channels from (the inputs of a ``cat``, an activation's input,
-        both sides of a residual add). A BN reading such a tensor (pre-activation ResNets' streams, DenseNet's concatenated
-        features) gets its own channels, so it can drop one the other readers keep."""
+        both sides of a residual add). A BN reading such a tensor (pre-activation ResNets' streams, DenseNet's
+        concatenated features) gets its own channels, so it can drop one the other readers keep."""
         if not isinstance(node, fx.Node) or node in seen:
             return False
         seen.add(node)

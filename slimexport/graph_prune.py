@@ -35,6 +35,7 @@ from torch import nn
 from slimexport.errors import ConfigError
 from slimexport.graph import BN_TYPES, ChannelGraph, trace_channels
 from slimexport.models.common import set_bn_selection
+from slimexport.records import PruneRecord
 
 PRODUCERS = ("conv", "convT", "linear")
 
@@ -305,7 +306,7 @@ def prune_graph(
     min_channels: int = 1,
     round_to: int = 1,
     max_macs: float | None = None,
-) -> tuple[nn.Module, dict[str, Any]]:
+) -> tuple[nn.Module, PruneRecord]:
     """Prune any CNN by network slimming; returns (a physically smaller copy, the record). ``model`` is unchanged.
 
     Either ``percent`` (of the prunable channel classes) or ``max_macs`` (the fraction of the unpruned MACs to
@@ -359,7 +360,7 @@ def prune_graph(
     info = describe(model, g, imp, removed)
     total = sum(x["before"] for x in info["layers"])
     kept = sum(x["after"] for x in info["layers"])
-    record = {
+    record: PruneRecord = {
         "engine": "graph",
         "percent": percent,
         "threshold": threshold if math.isfinite(threshold) else None,

@@ -20,6 +20,7 @@ from slimexport.checkpoint import load_checkpoint, make_checkpoint, save_checkpo
 from slimexport.data import Dataset
 from slimexport.errors import ConfigError
 from slimexport.models.common import SlimModel
+from slimexport.records import PruneRecord
 from slimexport.stats import count_macs, count_params
 
 
@@ -110,7 +111,7 @@ def prune_model(
     prune_stream: bool = False,
     example_input: torch.Tensor | None = None,
     max_macs: float | None = None,
-) -> tuple[nn.Module, dict[str, Any]]:
+) -> tuple[nn.Module, PruneRecord]:
     """Prune any CNN by network slimming; ``model`` is not modified. Returns (the smaller model, the record).
 
     ``percent`` (of the prunable BN channels) or ``max_macs`` (the fraction of the unpruned MACs to keep) sets one

@@ -109,6 +109,36 @@ class VariantRow(TypedDict, total=False):
     latency: Annotated[list[LatencyRow], "per setting"]
 
 
+class ExportResult(TypedDict, total=False):
+    path: Annotated[str, "the ONNX file written"]
+    onnx_bytes: Annotated[int, "its size"]
+    opset: Annotated[int, "ONNX opset"]
+    simplified: Annotated[bool, "onnxsim ran and its result was kept"]
+    op_counts: Annotated[dict[str, int], "op type → count in the file"]
+    op_counts_before_simplify: Annotated[dict[str, int], "the same, as torch.onnx exported it"]
+    parity: Annotated[Parity, "the check against PyTorch on real images"]
+    export_seconds: Annotated[float, "wall time"]
+    config: Annotated[dict[str, Any], "the ExportConfig"]
+    selection: Annotated[dict[str, Any], "--selection auto: the chosen export and every candidate's time"]
+
+
+class BenchRow(LatencyRow):
+    model: Annotated[str, "the model's name"]
+
+
+class BenchModel(TypedDict, total=False):
+    path: Annotated[str, "the model file"]
+    onnx_bytes: Annotated[int, "its size"]
+    accuracy: Annotated[float, "in onnxruntime, whole test split"]
+    op_time: Annotated[dict[str, Any], "`shares` of node time per op type at batch 1 (profiler), `provider`"]
+
+
+class BenchResult(TypedDict, total=False):
+    models: Annotated[dict[str, BenchModel], "per model name"]
+    latency: Annotated[list[BenchRow], "one row per (model, batch, threads), models interleaved"]
+    config: Annotated[dict[str, Any], "the BenchConfig"]
+
+
 class GammaStats(TypedDict):
     channels: Annotated[int, "prunable BN channels"]
     quantiles: Annotated[dict[str, float], "|γ| at the 10/25/50/75/90% quantiles"]
@@ -133,6 +163,28 @@ class Report(TypedDict):
     config: Annotated[dict[str, Any], "the resolved options"]
     versions: Annotated[dict[str, str], "slimexport, python, torch, torchvision, onnx, onnxruntime, onnxsim"]
     machine: Annotated[dict[str, Any], "CPU model, cores, GPU, platform"]
+
+
+def undeclared(record: Any, td: type, where: str = "") -> list[str]:
+    """Keys of ``record`` (recursively, into nested records, lists and dicts of records) that the TypedDict ``td``
+    does not declare: what a test asserts empty, so a record cannot grow a field its type does not document."""
+    if not isinstance(record, dict):
+        return []
+    hints = get_type_hints(td)
+    out = [f"{where}{k}" for k in record if k not in hints]
+    for k, tp in hints.items():
+        if k not in record:
+            continue
+        v, origin = record[k], get_origin(tp)
+        if is_typeddict(tp):
+            out += undeclared(v, tp, f"{where}{k}.")
+        elif origin is list and is_typeddict(get_args(tp)[0]) and isinstance(v, list):
+            for i, x in enumerate(v):
+                out += undeclared(x, get_args(tp)[0], f"{where}{k}[{i}].")
+        elif origin is dict and is_typeddict(get_args(tp)[-1]) and isinstance(v, dict):
+            for name, x in v.items():
+                out += undeclared(x, get_args(tp)[-1], f"{where}{k}[{name}].")
+    return out
 
 
 def _fields(td: type) -> str:
