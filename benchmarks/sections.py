@@ -145,3 +145,88 @@ def deploy(every: list[dict]) -> list[str]:
             )
     lines += ["", "Runs: " + "; ".join(f"`{x['command']}`" for x in r["runs"]), ""]
     return lines
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.2f}"
+
+
+def _ms(m: dict, batch: int) -> str:
+    x = next((y for y in m["latency"] if y["batch"] == batch and y["threads"] == 1), None)
+    return "–" if x is None else f"{x['median_ms']:.3f} (×{x['speedup']:.2f})"
+
+
+def converged(every: list[dict]) -> list[str]:
+    """Issue 15's table: converged CPU runs on all of CIFAR-10, what the method's claim rests on."""
+    rows = [r for r in every if r.get("suite") == "converged"]
+    if not rows:
+        return []
+    seeds = {r["run"]: r for r in every if r.get("kind") == "peer_seeds" and r["run"].startswith("converged-")}
+    lines = [
+        "## Converged runs on two CPU cores: does pruning keep the accuracy?",
+        "",
+        "Long enough schedules that the baseline's test accuracy stopped rising (its last evaluations are listed "
+        "below), sparse training strong enough to polarise |γ|, one global threshold, refine. Accuracy in % by "
+        "onnxruntime on the whole CIFAR-10 test split (10,000 images). Latency: onnxruntime CPU, one thread, median "
+        "ms (× = baseline ÷ model, one interleaved run). *peer*: Torch-Pruning's BN-scale pruner on the same sparse "
+        "model, and slimexport pruned to the peer's MACs (`prune --max-macs`), refined alike; with seeds where "
+        "`benchmarks/peer_seeds.py` ran (mean ± sd).",
+        "",
+        "| model | pruned | params (×) | MACs (×) | baseline / sparse / before refine / refined | refined − baseline, pt "
+        "| b1 ms | b32 ms | at the peer's MACs: slimexport / Torch-Pruning |",
+        "|---|---:|---:|---:|---|---:|---|---|---|",
+    ]
+    for r in rows:
+        b, s = r["baseline"], r["slimexport"]
+        tag = f"{r['suite']}-{r['arch'].replace(':', '-')}-{r['dataset']}-p{int(round(100 * r['percent']))}"
+        peer = "–"
+        if tag in seeds:
+            z = seeds[tag]
+            peer = (
+                f"{100 * z['slimexport']['mean']:.2f} ± {100 * z['slimexport']['stdev']:.2f} / "
+                f"{100 * z['torch_pruning']['mean']:.2f} ± {100 * z['torch_pruning']['stdev']:.2f} "
+                f"({len(z['runs'])} seeds; difference {100 * z['difference']['mean']:+.2f} ± "
+                f"{100 * z['difference']['stdev']:.2f} pt)"
+            )
+        elif "torch_pruning" in r and "slimexport_matched" in r:
+            peer = f"{_pct(r['slimexport_matched']['accuracy'])} / {_pct(r['torch_pruning']['accuracy'])} (1 seed)"
+        subset = f", {r['train_subset']:,}-image train subset" if r.get("train_subset") else ""
+        lines.append(
+            f"| {r['arch']}{subset} | {100 * r['percent']:.0f}% | {s['params']:,} (×{b['params'] / s['params']:.2f}) "
+            f"| {s['macs']:,} (×{b['macs'] / s['macs']:.2f}) | {_pct(b['accuracy'])} / {_pct(s['sparse_accuracy'])}"
+            f" / {_pct(s['accuracy_before_refine'])} / {_pct(s['accuracy'])} "
+            f"| {100 * (s['accuracy'] - b['accuracy']):+.2f} | {_ms(s, 1)} | {_ms(s, 32)} | {peer} |"
+        )
+    lines.append("")
+    done: set = set()
+    for r in rows:
+        key = (r["arch"], r.get("train_subset"))
+        if key in done:
+            continue
+        done.add(key)
+        b = r["baseline"]
+        st = r["stages"]
+        lines.append(
+            f"- **{r['arch']}** ({r['epochs']} epochs baseline, {r['epochs']} sparse at s = {r['sparsity']:g}, "
+            f"{r['refine_epochs']} refine; {r['preset']} preset; {r['machine_tag']}, {r['date'][:10]}; "
+            f"`{r['command']}`): baseline {b['params']:,} params, {b['macs']:,} MACs, b1 {_ms(b, 1).split(' ')[0]} "
+            f"ms, b32 {_ms(b, 32).split(' ')[0]} ms. Training wall time: "
+            + ", ".join(f"{k} {st[k]['seconds'] / 60:.0f} min" for k in ("baseline", "sparse") if k in st)
+            + "."
+        )
+        for stage in ("baseline", "sparse"):
+            curve = [c for c in r.get("curves", {}).get(stage, []) if c.get("accuracy") is not None]
+            if curve:
+                tail = ", ".join(f"{c['epoch']}: {100 * c['accuracy']:.2f}" for c in curve[-5:])
+                lines.append(f"  - {stage} test accuracy by epoch (last evaluations): {tail}")
+        g = r.get("gamma")
+        if g:
+            q = g["quantiles"]
+            lines.append(
+                f"  - sparse |γ| over {g['channels']:,} channels: {100 * g['fraction_small']:.1f}% below 1e-2; "
+                f"quantiles 10/25/50/75/90% = {', '.join(f'{q[k]:.3g}' for k in q)}; L1 reach s·Σlr = "
+                f"{g['l1_reach']:.3g}"
+                + (f"; histogram: [{r['gamma_plot']}]({r['gamma_plot']})" if r.get("gamma_plot") else "")
+            )
+    lines.append("")
+    return lines

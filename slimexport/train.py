@@ -243,6 +243,7 @@ def fit(
         train_seconds = state["meta"]["train_seconds"]
         console.print(f"resuming {description} from epoch {start_epoch} ({resume_path})")
     if cfg.sync_bn and world > 1:
+        bn_kinds = {n: type(m) for n, m in model.named_modules() if isinstance(m, BN_TYPES)}
         model = restore_bn_selections(nn.SyncBatchNorm.convert_sync_batchnorm(model))
     bn_ws = bn_weights(model)
     forward = model
@@ -321,7 +322,7 @@ def fit(
     if not identical:
         raise RuntimeError("ranks ended training with different parameters")
     if cfg.sync_bn and world > 1:
-        model = _revert_sync_bn(model)
+        model = restore_bn_selections(_revert_sync_bn(model, bn_kinds))
     model.to("cpu").to(memory_format=torch.contiguous_format)
     n_images = sum(steps * cfg.batch_size if drop_last else len(ds.y_train) for _ in history)
     return {
@@ -336,15 +337,18 @@ def fit(
     }
 
 
-def _revert_sync_bn(module: nn.Module) -> nn.Module:
-    """SyncBatchNorm back to BatchNorm2d, keeping parameters and statistics (checkpoints hold plain BNs)."""
+def _revert_sync_bn(module: nn.Module, kinds: dict[str, type], prefix: str = "") -> nn.Module:
+    """SyncBatchNorm back to the BatchNorm it was (1d, 2d or 3d, as recorded in ``kinds`` by module name), keeping
+    parameters, statistics and children (checkpoints hold plain BNs)."""
     out = module
     if isinstance(module, nn.SyncBatchNorm):
-        out = nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
-                             module.track_running_stats)  # fmt: skip
+        was = kinds.get(prefix, nn.BatchNorm2d)
+        base = next((c for c in (nn.BatchNorm1d, nn.BatchNorm3d) if issubclass(was, c)), nn.BatchNorm2d)
+        out = base(module.num_features, module.eps, module.momentum, module.affine,
+                   module.track_running_stats)  # fmt: skip
         out.load_state_dict(module.state_dict())
     for name, child in module.named_children():
-        out.add_module(name, _revert_sync_bn(child))
+        out.add_module(name, _revert_sync_bn(child, kinds, f"{prefix}.{name}" if prefix else name))
     return out
 
 

@@ -264,6 +264,7 @@ def test_sync_batchnorm_conversion_keeps_the_selections():
     """--sync-bn rebuilds every BN as a SyncBatchNorm; a selecting BN must stay selecting."""
     from slimexport.graph_prune import prune_graph
     from slimexport.models.common import restore_bn_selections
+    from slimexport.train import _revert_sync_bn
 
     torch.manual_seed(0)
     m = create_model("preresnet20", 10, 3)
@@ -271,9 +272,24 @@ def test_sync_batchnorm_conversion_keeps_the_selections():
     pruned, _ = prune_graph(m, torch.randn(1, 3, 32, 32), 0.5)
     x = torch.randn(2, 3, 32, 32)
     ref = pruned.eval()(x)
+    kinds = {n: type(mm) for n, mm in pruned.named_modules() if isinstance(mm, nn.modules.batchnorm._BatchNorm)}
     synced = restore_bn_selections(nn.SyncBatchNorm.convert_sync_batchnorm(pruned)).eval()
     assert any(isinstance(mm, nn.SyncBatchNorm) for mm in synced.modules())
     torch.testing.assert_close(synced(x), ref)  # SyncBatchNorm in eval mode normalises as BatchNorm does
+    back = restore_bn_selections(_revert_sync_bn(synced, kinds)).eval()  # what training hands back
+    assert not any(isinstance(mm, nn.SyncBatchNorm) for mm in back.modules())
+    torch.testing.assert_close(back(x), ref)
+
+
+def test_sync_batchnorm_reverts_to_the_batchnorm_it_was():
+    """A BatchNorm1d after a Linear comes back as a BatchNorm1d, not a BatchNorm2d that rejects 2-D input."""
+    from slimexport.train import _revert_sync_bn
+
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 5), nn.BatchNorm1d(5))
+    kinds = {n: type(mm) for n, mm in m.named_modules() if isinstance(mm, nn.modules.batchnorm._BatchNorm)}
+    back = _revert_sync_bn(nn.SyncBatchNorm.convert_sync_batchnorm(m), kinds).eval()
+    assert type(back[1]) is nn.BatchNorm2d and type(back[4]) is nn.BatchNorm1d
+    assert back(torch.randn(2, 3, 4, 4)).shape == (2, 5)  # 4×4 → 2×2 map of 4 channels → 16 features
 
 
 def test_the_exactness_check_catches_a_wrong_grouping(monkeypatch):

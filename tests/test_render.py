@@ -54,3 +54,37 @@ def test_coverage_section_counts_and_flags(tmp_path):
     assert "| a | 64 | pruned | 5 | 1 | ×3.00 | yes (1.0e-07) | yes | pruned | ×2.00 | yes | x: grouped conv |" in text
     assert "| b | 64 | crashed: boom |" in text and "| c |" not in text
     assert "Pipeline checks (one epoch per stage): not accuracy" in text
+
+
+def test_converged_section_leads_and_joins_the_seed_spread(tmp_path):
+    lat = [{"batch": b, "threads": 1, "median_ms": ms, "p90_ms": ms, "speedup": sp}
+           for b, ms, sp in ((1, 0.5, 4.0), (32, 5.0, 3.0))]  # fmt: skip
+    run = {"suite": "converged", "arch": "vgg11_w25", "dataset": "cifar10", "percent": 0.7, "sparsity": 8e-4,
+           "epochs": 30, "refine_epochs": 20, "preset": "fast", "machine_tag": "m", "date": "2026-11-29",
+           "command": "python -m benchmarks.run --suite converged",
+           "baseline": {"params": 1000, "macs": 8000, "accuracy": 0.9, "latency": lat},
+           "slimexport": {"params": 100, "macs": 2000, "accuracy": 0.898, "sparse_accuracy": 0.89,
+                          "accuracy_before_refine": 0.85, "latency": lat},
+           "stages": {"baseline": {"seconds": 600}, "sparse": {"seconds": 1200}},
+           "curves": {"baseline": [{"epoch": e, "loss": 1.0, "accuracy": 0.88 + e / 1000} for e in range(1, 30, 2)]},
+           "gamma": {"channels": 500, "quantiles": {"10%": 1e-4, "50%": 0.2}, "fraction_small": 0.6,
+                     "l1_reach": 0.5}}  # fmt: skip
+    seeds = {"kind": "peer_seeds", "run": "converged-vgg11_w25-cifar10-p70", "runs": [{"seed": 0}, {"seed": 1}],
+             "slimexport": {"mean": 0.9, "stdev": 0.001}, "torch_pruning": {"mean": 0.89, "stdev": 0.002},
+             "difference": {"mean": 0.01, "stdev": 0.001, "wins": 2}, "macs": {"slimexport": 1, "torch_pruning": 1},
+             "machine_tag": "m", "date": "2026-11-29", "command": "c"}  # fmt: skip
+    d = tmp_path / "results" / "m"
+    d.mkdir(parents=True)
+    (d / "converged-vgg11.json").write_text(json.dumps(run))
+    (d / "seeds.json").write_text(json.dumps(seeds))
+    text = render_results(tmp_path / "results")
+    assert text.index("## Converged runs") < text.index("Pipeline checks")  # it leads
+    row = "| vgg11_w25 | 70% | 100 (×10.00) | 2,000 (×4.00) | 90.00 / 89.00 / 85.00 / 89.80 | -0.20 |"
+    assert row in text
+    assert "90.00 ± 0.10 / 89.00 ± 0.20 (2 seeds; difference +1.00 ± 0.10 pt)" in text
+    assert (
+        "baseline test accuracy by epoch (last evaluations): 21: 90.10, 23: 90.30, 25: 90.50, 27: 90.70, 29: 90.90"
+        in text
+    )
+    assert "60.0% below 1e-2" in text
+    assert "### vgg11_w25 on cifar10" not in text  # not repeated among the one-epoch pipeline checks
