@@ -172,8 +172,8 @@ def converged(every: list[dict]) -> list[str]:
         "model, and slimexport pruned to the peer's MACs (`prune --max-macs`), refined alike; with seeds where "
         "`benchmarks/peer_seeds.py` ran (mean ± sd).",
         "",
-        "| model | pruned | params (×) | MACs (×) | baseline / sparse / before refine / refined | refined − baseline, pt "
-        "| b1 ms | b32 ms | at the peer's MACs: slimexport / Torch-Pruning |",
+        "| model | pruned | params (×) | MACs (×) | baseline / sparse / before refine / refined "
+        "| refined − baseline, pt | b1 ms | b32 ms | at the peer's MACs: slimexport / Torch-Pruning |",
         "|---|---:|---:|---:|---|---:|---|---|---|",
     ]
     for r in rows:
