@@ -335,7 +335,35 @@ def test_a_channel_read_before_its_batchnorm_is_never_removed():
     x = torch.randn(2, 3, 16, 16)
     pruned, rec = check_exact(m, x, 0.5)
     kept = {la["name"]: la for la in rec["layers"]}
-    assert kept["bn"]["after"] == 8  # the stem's channels: the shortcut reads them raw
-    assert kept["body.1"]["after"] < 8  # the rest still prunes
+    assert pruned.stem.out_channels == 8  # the stem's channels: the shortcut reads them raw
+    # `bn` shares its input with the shortcut, so it selects its own channels (and may drop some); the rest prunes
+    assert rec["plan"].get("bn", {}).get("select") and kept["body.1"]["after"] < 8
     reasons = " | ".join(r for u in rec["unprunable"] for r in u["reasons"])
     assert "shortcut.0: reads these channels before any BatchNorm" in reasons
+
+
+class DepthwiseFirstResidual(nn.Module):
+    """EfficientNet's and MobileNetV3's blocks without expansion: the input feeds a depthwise conv and the residual
+    add, so the BN after the depthwise conv selects its own channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.pw = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        s = self.stem(x)
+        y = s + self.pw(torch.relu(self.bn(self.dw(s))))
+        return self.head(y.mean((2, 3)))
+
+
+def test_a_batchnorm_after_a_depthwise_conv_of_a_shared_input_selects_exactly():
+    torch.manual_seed(0)
+    m = randomize(DepthwiseFirstResidual())
+    pruned, rec = check_exact(m, torch.randn(2, 3, 16, 16), 0.5)
+    assert rec["plan"]["bn"]["select"]
+    kept = {la["name"]: la["after"] for la in rec["layers"]}
+    assert kept["bn"] < 8 and pruned.bn.num_features == kept["bn"]
