@@ -2,7 +2,7 @@
 PYTHON ?= python3
 SUITE ?= quick
 
-.PHONY: install test test-gpu lint benchmark benchmark-selection demo clean
+.PHONY: install test test-gpu lint benchmark benchmark-converged benchmark-selection demo clean
 
 install:  ## install slimexport with its test tools (editable)
 	$(PYTHON) -m pip install -e ".[dev,timm,ncnn]"
@@ -17,7 +17,15 @@ lint:
 	$(PYTHON) -m ruff check slimexport tests benchmarks
 
 benchmark:  ## SUITE=quick (CPU, minutes), cpu (~1 h), full (reference architectures on CIFAR-10, for a GPU), smoke
-	$(PYTHON) -m benchmarks.run --suite $(SUITE)
+	$(PYTHON) -m benchmarks.run --suite $(SUITE) $(ARGS)
+
+# Issue 15's converged runs on all of CIFAR-10 (about two hours of two CPU cores; run it in the background).
+# DATA: a directory with cifar10.npz (python3 ../shared/tools/fetch_cifar10.py DIR builds it; nothing is downloaded).
+DATA ?= $(HOME)/data
+benchmark-converged:  ## converged VGG (50%, 70%) and mobilenet_v2, the peer at equal MACs over three refine seeds
+	$(PYTHON) -m benchmarks.run --suite converged --data-dir $(DATA) --resume
+	$(PYTHON) -m benchmarks.peer_seeds benchmarks/work/converged-vgg11_w25-cifar10-p70
+	$(PYTHON) -m benchmarks.run --render-only
 
 benchmark-selection:  ## what channel selection costs (training step, Gather share, preresnet164/densenet40)
 	$(PYTHON) -m benchmarks.selection_overhead $(ARGS)
