@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from benchmarks.run import machine_tag
+from benchmarks.common import machine_tag
 from slimexport.fileio import write_json
 from slimexport.models import create_model
 from slimexport.report import machine, versions

@@ -13,7 +13,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.run import machine_tag
+from benchmarks.common import machine_tag
 from slimexport.fileio import write_json
 from slimexport.report import machine, versions
 

@@ -30,7 +30,7 @@ import torch
 import torchvision
 from torch import nn
 
-from benchmarks.run import machine_tag
+from benchmarks.common import machine_tag
 from slimexport.data import from_arrays
 from slimexport.export import ExportConfig, export_model
 from slimexport.fileio import write_json

@@ -27,7 +27,8 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.run import machine_tag, torch_pruning_model
+from benchmarks.common import machine_tag
+from benchmarks.peers import torch_pruning_model
 from slimexport.checkpoint import load_checkpoint
 from slimexport.data import load_dataset
 from slimexport.fileio import write_json

@@ -21,9 +21,7 @@ Usage: python -m benchmarks.run --suite quick|cpu|full|smoke [--only ARCH] [--pe
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
-import re
 import shlex
 import sys
 import time
@@ -31,20 +29,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from benchmarks import sections
+from benchmarks.common import machine_tag
+from benchmarks.peers import torch_pruning_peer
+from benchmarks.render import render_results
 from slimexport.bench import BenchConfig, bench, ort_accuracy
 from slimexport.checkpoint import load_checkpoint, read_checkpoint
 from slimexport.data import find_fashion_mnist, load_dataset
-from slimexport.export import ExportConfig, export, export_model
+from slimexport.export import ExportConfig, export
 from slimexport.fileio import atomic_path, write_json, write_text
 from slimexport.models.common import absorb_selections
 from slimexport.pipeline import PipelineConfig, run_pipeline
 from slimexport.prune import prune
 from slimexport.report import machine, versions
 from slimexport.stats import count_macs, count_params
-from slimexport.train import TrainConfig, evaluate, fit, train
+from slimexport.train import train
 
 ROOT = Path(__file__).resolve().parent
 
@@ -157,13 +156,6 @@ SUITES: dict[str, list[dict]] = {
 }
 
 
-def machine_tag() -> str:
-    m = machine()
-    name = m["gpu"] or m["cpu"]
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower().replace("(r)", "").replace("(tm)", "")).strip("-")
-    return f"{slug[:40]}-{m['cores']}c"
-
-
 def dataset_source(entry: dict, data_dir: str | None, work: Path) -> tuple[str, str | None]:
     """The --dataset value for this entry: the named set, or a stratified training subset of it as .npz."""
     name = entry["dataset"]
@@ -192,51 +184,6 @@ def dataset_source(entry: dict, data_dir: str | None, work: Path) -> tuple[str, 
                 label_names=np.array(ds.label_names or [str(i) for i in range(ds.num_classes)]),
             )
     return str(path), data_dir
-
-
-def torch_pruning_model(sparse: Path, ds, percent: float):
-    """The sparse checkpoint pruned by Torch-Pruning's BN-scale pruner, global, at ``percent`` (the peer's setting)."""
-    import torch_pruning as tp
-
-    model, _ = load_checkpoint(sparse)
-    model.eval()
-    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]  # the classifier
-    tp.pruner.BNScalePruner(
-        model,
-        ds.normalize(ds.x_test[:1]),
-        importance=tp.importance.BNScaleImportance(),
-        global_pruning=True,
-        pruning_ratio=percent,
-        ignored_layers=[head],
-    ).step()
-    return model
-
-
-def torch_pruning_peer(run_dir: Path, ds, percent: float, refine_cfg: TrainConfig, out_onnx: Path) -> dict:
-    """Prune the same sparse checkpoint with Torch-Pruning's BN-scale pruner, refine, export."""
-    t0 = time.perf_counter()
-    model = torch_pruning_model(run_dir / "sparse.pt", ds, percent)
-    prune_s = time.perf_counter() - t0
-    before = evaluate(model, ds)
-    res = fit(model, ds, refine_cfg, description="torch-pruning refine")
-    # the installed distribution's version: the 1.6.1 wheel's torch_pruning.__version__ still says 1.6.0
-    library = f"torch-pruning {importlib.metadata.version('torch-pruning')}"
-    ex = export_model(model, out_onnx, ds, ExportConfig(), {"producer_peer": library})
-    size = ds.image_size
-    return {
-        "library": library,
-        "params": count_params(model),
-        "macs": count_macs(model, ds.in_channels, size),
-        "accuracy_before_refine": before,
-        "torch_accuracy": res["final_accuracy"],
-        "onnx_bytes": ex["onnx_bytes"],
-        "parity": ex["parity"],
-        "op_counts": ex["op_counts"],
-        "stages": {
-            "prune": {"seconds": prune_s},
-            "refine": {"seconds": res["train_seconds"], "images_per_s": res["images_per_s"]},
-        },
-    }
 
 
 def _variant(name: str, model, ex: dict, b: dict, ds, base_macs: int, speedups) -> dict:
@@ -483,169 +430,6 @@ def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path, trained:
     path = out_dir / f"{tag}.json"
     write_json(path, result)
     return path
-
-
-def _setting(r: dict) -> str:
-    """The pruning setting of a result: percent, and the channel rounding where there is one."""
-    rt = r.get("round_to", 1)
-    return f"{int(round(100 * r['percent']))}%" + (f", round-to {rt}" if rt > 1 else "")
-
-
-def _pct(x):
-    return "–" if x is None else f"{100 * x:.2f}"
-
-
-def render_results(results_root: Path) -> str:
-    every = [json.loads(p.read_text()) for p in sorted(results_root.glob("*/*.json"))]
-    rows = [r for r in every if "suite" in r and r["suite"] != "converged"]  # converged runs: their own section
-    selection = [r for r in every if r.get("kind") == "selection"]
-    lines = [
-        "# slimexport benchmark results",
-        "",
-        "Generated by `make benchmark` (`benchmarks/run.py`) from `benchmarks/results/*/*.json`; each row "
-        "names the machine, date and command that produced it. Accuracies in %, measured by onnxruntime on the "
-        "whole test split. Latency: onnxruntime CPU, median ms; speed-up = baseline median ÷ model median, "
-        "measured in one interleaved run; MACs ratio = baseline MACs ÷ model MACs.",
-        "",
-    ]
-    lines += sections.converged(every) + sections.coverage(every) + sections.speed(every) + sections.deploy(every)
-    lines += [
-        "## Pipeline checks (one epoch per stage): not accuracy",
-        "",
-        "The tables below train each stage for one epoch on two CPU cores. They check that the pipeline works and show "
-        "how size and latency change; their accuracies say nothing about what the method keeps after full training.",
-        "",
-    ]
-    groups: dict[tuple, list] = {}
-    for r in rows:
-        groups.setdefault((r["arch"], r["dataset"]), []).append(r)
-    for (arch, dataset), rs in groups.items():
-        lines += [f"### {arch} on {dataset}", ""]
-        lines += [
-            "| percent | model | params | MACs | acc baseline / sparse / pruned / refined | ONNX KB | "
-            "b1 t1 median / p90 ms (×) | b1 tN | b32 t1 | b32 tN | MACs ratio | machine, date | command |",
-            "|---|---|---:|---:|---|---:|---|---|---|---|---:|---|---|",
-        ]
-        for r in rs:
-            for key, label in (
-                ("baseline", "baseline"),
-                ("slimexport", "slimexport"),
-                ("slimexport_dense", "slimexport, --selection dense"),
-                ("slimexport_auto", "slimexport, --selection auto"),
-                ("slimexport_matched", "slimexport at Torch-Pruning's MACs"),
-                ("slimexport_matched_stream", "slimexport --prune-stream at Torch-Pruning's MACs"),
-                ("torch_pruning", "Torch-Pruning"),
-            ):
-                m = r.get(key)
-                if m is None:
-                    continue
-                chosen = m.get("selection", {}).get("chosen")
-                if chosen and m["selection"].get("candidates"):
-                    label += f" (chose {chosen})"
-                if "macs_model" in m:
-                    label += f" (global {100 * m['prune']['percent']:.1f}%; model MACs {m['macs_model']:,})"
-                lat = {(x["batch"], x["threads"]): x for x in m["latency"]}
-                cells = []
-                for b in (1, 32):
-                    ts = sorted({t for (bb, t) in lat if bb == b})
-                    for t in (ts[0] if ts else None, ts[-1] if len(ts) > 1 else None):
-                        x = lat.get((b, t))
-                        cells.append(
-                            "–" if x is None else f"{x['median_ms']:.3f} / {x['p90_ms']:.3f} (×{x['speedup']:.2f})"
-                        )
-                if key == "baseline":
-                    acc = f"{_pct(m['accuracy'])}"
-                else:
-                    sparse = m.get("sparse_accuracy", r["slimexport"]["sparse_accuracy"])  # the peer shares it
-                    acc = (
-                        f"{_pct(r['baseline']['accuracy'])} / {_pct(sparse)}"
-                        f" / {_pct(m.get('accuracy_before_refine'))} / {_pct(m['accuracy'])}"
-                    )
-                lines.append(
-                    f"| {_setting(r)} | {label} | {m['params']:,} | {m['macs']:,} | {acc} | "
-                    f"{m['onnx_bytes'] / 1024:.0f} | "
-                    + " | ".join(cells)
-                    + f" | ×{r['baseline']['macs'] / m['macs']:.2f} | {r['machine_tag']}, {r['date'][:10]} | "
-                    f"`{r['command']}` |"
-                )
-        lines.append("")
-        lines += ["Training (wall time, images/s):", ""]
-        for r in rs:
-            st = r["stages"]
-            parts = [
-                f"{k} {st[k]['seconds']:.0f} s"
-                + (f" ({st[k]['images_per_s']:.0f} img/s)" if st[k].get("images_per_s") else "")
-                for k in ("baseline", "sparse", "refine")
-                if k in st
-            ]
-            lines.append(
-                f"- {_setting(r)}, {r['epochs']}+{r['epochs']}+{r['refine_epochs']} epochs "
-                f"({r['preset']}, {r['device']}, train subset {r.get('train_subset') or 'full'}): "
-                + ", ".join(parts)
-                + f"; whole pipeline {r['pipeline_seconds']:.0f} s"
-            )
-        lines.append("")
-    for s in selection:
-        o = s["step_overhead"]
-        lines += [
-            f"## Channel selection ({s['machine_tag']}, {s['date'][:10]}, `{s['command']}`)",
-            "",
-            f"Sparse-training step of preresnet164 (batch {o['batch']}, median of {o['steps']} interleaved steps): "
-            f"with selections {o['median_s']['with_selection']:.3f} s, "
-            f"without {o['median_s']['without_selection']:.3f} s, ratio ×{o['ratio']:.3f}.",
-            "",
-            "| arch | percent | round-to | --selection (exported as) | params after (published) "
-            "| MACs ratio (of the exported graph) | Gather / Slice nodes "
-            "| Gather+Slice time share b1: profiler (without) | speed-up b1 / b32 (1 thread) | data |",
-            "|---|---:|---:|---|---|---:|---|---:|---|---|",
-        ]
-        for r in s["pruned"]:
-            sel = r.get("selection", "gather")
-            sel += f" ({r['chosen']})" if r.get("chosen", sel) != sel else ""
-            exported = r.get("macs_exported", r["macs_after"])
-            cost = r.get("index_op_cost_b1")
-            unprofiled = f" ({100 * cost['share']:.2f}%)" if cost else ""
-            lines.append(
-                f"| {r['arch']} | {100 * r['percent']:.0f}% | {r.get('round_to', 1)} | {sel} "
-                f"| {r['params_after']:,} ({r['params_published_after'] / 1e6:.2f}M) "
-                f"| ×{r['macs_before'] / r['macs_after']:.2f} (×{r['macs_before'] / exported:.2f}) "
-                f"| {r['gather_nodes']} / {r['slice_nodes']} "
-                f"| {100 * r['gather_slice_share_b1']:.2f}%{unprofiled} "
-                f"| ×{r['speedup']['1']:.2f} / ×{r['speedup']['32']:.2f} "
-                f"| {r['data']} |"
-            )
-        lines.append("")
-        for r in s.get("rewrites", []):
-            lines.append(
-                f"- Export rewrite (transition pools folded into 2×2 stride-2 convs), {r['arch']} {r['model']}: "
-                f"{r['latency_ms_without_rewrite']['1']:.3f} → {r['latency_ms']['1']:.3f} ms at b1 "
-                f"(×{r['speedup']['1']:.2f}), ×{r['speedup']['32']:.2f} at b32; AveragePool was "
-                f"{100 * r['op_time_shares_without_rewrite'].get('AveragePool', 0):.1f}% of node time."
-            )
-        lines.append("")
-    seeds = [r for r in every if r.get("kind") == "peer_seeds"]
-    if seeds:
-        lines += [
-            "## Refine noise: slimexport at Torch-Pruning's MACs, several seeds (`benchmarks/peer_seeds.py`)",
-            "",
-            "The same sparse model and the same two pruned models, refined once per seed (paired seeds).",
-            "",
-            "| run | MACs slimexport / Torch-Pruning | seeds | slimexport % | Torch-Pruning % | difference, pt "
-            "| slimexport ≥ peer | machine, date | command |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in seeds:
-            m, d = r["macs"], r["difference"]
-            acc = [f"{100 * r[k]['mean']:.2f} ± {100 * r[k]['stdev']:.2f}" for k in ("slimexport", "torch_pruning")]
-            lines.append(
-                f"| {r['run']}{' (slimexport --prune-stream)' if r.get('prune_stream') else ''} "
-                f"| {m['slimexport']:,} / {m['torch_pruning']:,} | "
-                f"{', '.join(str(x['seed']) for x in r['runs'])} | {acc[0]} | {acc[1]} | "
-                f"{100 * d['mean']:+.2f} ± {100 * d['stdev']:.2f} | {d['wins']}/{len(r['runs'])} | "
-                f"{r['machine_tag']}, {r['date'][:10]} | `{r['command']}` |"
-            )
-        lines.append("")
-    return "\n".join(lines)
 
 
 def main() -> None:

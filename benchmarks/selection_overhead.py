@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from benchmarks.run import machine_tag
+from benchmarks.common import machine_tag
 from slimexport.bench import BenchConfig, bench, index_op_cost
 from slimexport.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from slimexport.data import from_arrays, load_dataset

@@ -27,8 +27,8 @@ import torch
 import torchvision
 from torch import nn
 
+from benchmarks.common import machine_tag
 from benchmarks.graph_coverage import randomize
-from benchmarks.run import machine_tag
 from slimexport.data import from_arrays
 from slimexport.export import ExportConfig, export_model
 from slimexport.fileio import write_json

@@ -3,7 +3,7 @@
 import json
 
 from benchmarks import sections
-from benchmarks.run import render_results
+from benchmarks.render import render_results
 
 
 def _lat(ms1, ms32=None, threads=(1, 2)):
