@@ -143,7 +143,7 @@ class GammaStats(TypedDict):
     channels: Annotated[int, "prunable BN channels"]
     quantiles: Annotated[dict[str, float], "|γ| at the 10/25/50/75/90% quantiles"]
     fraction_small: Annotated[float, "fraction of |γ| below 1e-2"]
-    l1_reach: Annotated[float, "s·Σlr: the most the L1 term alone moved any γ (γ starts at 1)"]
+    l1_reach: Annotated[float, "s·Σlr/(1−momentum): the most the L1 term alone moved any γ"]
 
 
 class Report(TypedDict):

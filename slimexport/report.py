@@ -201,8 +201,8 @@ def _gamma_line(g: dict[str, Any] | None) -> str:
     q = g["quantiles"]
     return (
         f"Sparse training: {100 * g['fraction_small']:.1f}% of |γ| below 1e-2; quantiles 10/50/90% "
-        f"{q['0.1']:.3g} / {q['0.5']:.3g} / {q['0.9']:.3g}; the L1 term could move a γ by at most s·Σlr = "
-        f"{g['l1_reach']:.3g} (γ starts at 1; weight decay shrinks it too)."
+        f"{q['0.1']:.3g} / {q['0.5']:.3g} / {q['0.9']:.3g}; the L1 term could move a γ by at most s·Σlr/(1−μ) = "
+        f"{g['l1_reach']:.3g} (γ starts at 1, 0.5 in the reference's models; weight decay shrinks it too)."
     )
 
 
