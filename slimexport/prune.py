@@ -273,6 +273,20 @@ def prune(
             "round_to_reason": round_why,
         }
     )
+    if record["floored_layers"]:
+        from rich.markup import escape
+
+        from slimexport.console import console
+
+        names = ", ".join(record["floored_layers"])
+        console.print(
+            "[bold yellow]warning:[/] "
+            + escape(
+                f"the threshold would have emptied {names}; each keeps its {min_channels} best channel(s), a "
+                "bottleneck refine may not recover from (vgg11_w25 at 70% with two one-channel layers stayed at "
+                "chance). Lower --percent or raise --min-channels."
+            )
+        )
     meta = {
         "stage": "pruned",
         "parent": ckpt["meta"].get("stage"),
