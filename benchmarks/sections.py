@@ -165,8 +165,9 @@ def converged(every: list[dict]) -> list[str]:
     lines = [
         "## Converged runs on two CPU cores: does pruning keep the accuracy?",
         "",
-        "Long enough schedules that the baseline's test accuracy stopped rising (its last evaluations are listed "
-        "below), sparse training strong enough to polarise |γ|, one global threshold, refine. Accuracy in % by "
+        "The largest schedules two CPU cores carry in about two hours: one-cycle schedules that anneal the "
+        "learning rate to zero (the last test evaluations are listed below, so you can see how far the accuracy "
+        "still moved), sparse training, one global threshold, refine. Accuracy in % by "
         "onnxruntime on the whole CIFAR-10 test split (10,000 images). Latency: onnxruntime CPU, one thread, median "
         "ms (× = baseline ÷ model, one interleaved run). *peer*: Torch-Pruning's BN-scale pruner on the same sparse "
         "model, and slimexport pruned to the peer's MACs (`prune --max-macs`), refined alike; with seeds where "
@@ -189,7 +190,11 @@ def converged(every: list[dict]) -> list[str]:
                 f"{100 * z['difference']['stdev']:.2f} pt)"
             )
         elif "torch_pruning" in r and "slimexport_matched" in r:
-            peer = f"{_pct(r['slimexport_matched']['accuracy'])} / {_pct(r['torch_pruning']['accuracy'])} (1 seed)"
+            t = r["torch_pruning"]
+            peer = (
+                f"{_pct(r['slimexport_matched']['accuracy'])} / {_pct(t['accuracy'])} at MACs "
+                f"×{b['macs'] / t['macs']:.2f} (1 seed)"
+            )
         subset = f", {r['train_subset']:,}-image train subset" if r.get("train_subset") else ""
         lines.append(
             f"| {r['arch']}{subset} | {100 * r['percent']:.0f}% | {s['params']:,} (×{b['params'] / s['params']:.2f}) "
@@ -224,9 +229,10 @@ def converged(every: list[dict]) -> list[str]:
             q = g["quantiles"]
             lines.append(
                 f"  - sparse |γ| over {g['channels']:,} channels: {100 * g['fraction_small']:.1f}% below 1e-2; "
-                f"quantiles 10/25/50/75/90% = {', '.join(f'{q[k]:.3g}' for k in q)}; L1 reach s·Σlr = "
-                f"{g['l1_reach']:.3g}"
-                + (f"; histogram: [{r['gamma_plot']}]({r['gamma_plot']})" if r.get("gamma_plot") else "")
+                f"quantiles 10/25/50/75/90% = {', '.join(f'{q[k]:.3g}' for k in q)}; the L1 term's reach "
+                f"s·Σlr/(1−μ) = {g['l1_reach']:.3g}"
             )
+            if r.get("gamma_plot"):
+                lines += ["", f"  ![|γ| after sparse training, {r['arch']}]({r['gamma_plot']})", ""]
     lines.append("")
     return lines
