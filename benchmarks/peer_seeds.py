@@ -46,7 +46,24 @@ def main() -> None:
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--prune-stream", action="store_true", help="slimexport also prunes the residual stream")
+    ap.add_argument(
+        "--seed0-from-run",
+        action="store_true",
+        help="take seed 0 from the run's own result (run.py refined both sides with seed 0 and recorded their "
+        "PyTorch accuracies) instead of refining it again",
+    )
     args = ap.parse_args()
+    earlier = ROOT / "results" / machine_tag() / f"{args.run_dir.name}.json"
+    seed0 = None
+    if args.seed0_from_run and 0 in args.seeds and not args.prune_stream and earlier.is_file():
+        r0 = json.loads(earlier.read_text())
+        if "slimexport_matched" in r0 and "torch_pruning" in r0:
+            seed0 = {
+                "seed": 0,
+                "slimexport": r0["slimexport_matched"]["torch_accuracy"],
+                "torch_pruning": r0["torch_pruning"]["torch_accuracy"],
+                "from": earlier.name,
+            }
     rep = json.loads((args.run_dir / "report.json").read_text())
     c = rep["config"]
     fields = {f.name for f in dataclasses.fields(PipelineConfig)}
@@ -69,6 +86,10 @@ def main() -> None:
             prune_stream=args.prune_stream,
         )
         for seed in args.seeds:
+            if seed == 0 and seed0 is not None:
+                runs.append(seed0)
+                print(f"seed 0: from {earlier.name}")
+                continue
             refine_cfg = dataclasses.replace(cfg.train_config("refine"), seed=seed)
             ours = train(Path(tmp) / f"refined-{seed}.pt", ds, refine_cfg, init=pruned, stage="refined")
             peer_model = torch_pruning_model(sparse, ds, cfg.percent)
