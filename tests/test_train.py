@@ -90,3 +90,20 @@ def test_a_few_steps_train_without_a_schedule_error(small_ds):
     m = create_model("vgg11_w12", 10, 1)
     r = fit(m, small_ds, TrainConfig(epochs=1, batch_size=150, device="cpu"))  # 600 images: 4 steps
     assert len(r["history"]) == 1 and r["history"][0]["loss"] > 0
+
+
+def test_channels_last_follows_the_cpu_and_the_checkpoint_stays_contiguous(tmp_path, small_ds, monkeypatch):
+    """Channels-last on CPUs with AVX-512 (measured faster there), not on AVX2-only ones; either way the saved
+    weights are in the default layout and the run records which it used."""
+    import slimexport.runtime as runtime
+    from slimexport.checkpoint import read_checkpoint
+    from slimexport.train import use_channels_last
+
+    for avx512, expected in ((True, True), (False, False)):
+        monkeypatch.setattr(runtime, "machine_facts", lambda a=avx512: {"avx512f": a})
+        assert use_channels_last(torch.device("cpu")) is expected
+        cfg = TrainConfig(epochs=1, batch_size=64, lr=0.05, eval_every=1)
+        meta = train(tmp_path / f"m{avx512}.pt", small_ds, cfg, arch="vgg11_w25")
+        assert meta["channels_last"] is expected
+        state = read_checkpoint(tmp_path / f"m{avx512}.pt")["state_dict"]  # as saved, strides included
+        assert all(t.is_contiguous() for t in state.values())
