@@ -51,8 +51,11 @@ def test_training_with_batchnorm_under_torchrun(tmp_path, small_npz):
                             capture_output=True, text=True, cwd=ROOT, timeout=300)  # fmt: skip
     assert single.returncode == 0, single.stderr[-2000:]
     one = read_checkpoint(tmp_path / "one.pt")
-    # the same inputs and updates; per-rank BatchNorm statistics are the one expected difference
-    assert abs(ck["meta"]["accuracy"] - one["meta"]["accuracy"]) <= 0.02 + 1e-9
+    # The same inputs and updates; per-rank BatchNorm statistics are the one expected difference. Compared by the
+    # training loss per epoch: after two epochs on 600 images the test accuracy is near chance (10–13%), where a
+    # change of float path (channels-last) flips a few of the 200 test images either way.
+    for a, b in zip(ck["meta"]["history"], one["meta"]["history"], strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 0.01, (a["loss"], b["loss"])
     assert ck["meta"]["history"][0]["images_per_s"] > 0
 
 
