@@ -218,6 +218,7 @@ def converged(every: list[dict]) -> list[str]:
             f"ms, b32 {_ms(b, 32).split(' ')[0]} ms. Training wall time: "
             + ", ".join(f"{k} {st[k]['seconds'] / 60:.0f} min" for k in ("baseline", "sparse") if k in st)
             + "."
+            + (f" {r['note']}" if r.get("note") else "")
         )
         for stage in ("baseline", "sparse"):
             curve = [c for c in r.get("curves", {}).get(stage, []) if c.get("accuracy") is not None]
