@@ -24,7 +24,7 @@ benchmark:  ## SUITE=quick (CPU, minutes), cpu (~1 h), full (reference architect
 DATA ?= $(HOME)/data
 benchmark-converged:  ## converged VGG (50%, 70%) and mobilenet_v2, the peer at equal MACs over three refine seeds
 	$(PYTHON) -m benchmarks.run --suite converged --data-dir $(DATA) --resume
-	$(PYTHON) -m benchmarks.peer_seeds benchmarks/work/converged-vgg11_w25-cifar10-p70
+	$(PYTHON) -m benchmarks.peer_seeds benchmarks/work/converged-vgg11_w25-cifar10-p50 --seed0-from-run
 	$(PYTHON) -m benchmarks.run --render-only
 
 benchmark-selection:  ## what channel selection costs (training step, Gather share, preresnet164/densenet40)

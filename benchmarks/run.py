@@ -104,10 +104,11 @@ SUITES: dict[str, list[dict]] = {
             train_subset=1000,
         ),  # fmt: skip
     ],
-    # Issue 15's converged runs on the CPU (not run yet: about two hours of both cores): a narrow VGG on all of
-    # CIFAR-10 with schedules long enough for the baseline to stop rising, and a sparsity whose L1 reach s·Σlr
-    # (~0.5 here, reported as gamma.l1_reach) polarises |γ|; 50% and 70% from one sparse model; then
-    # `python -m benchmarks.peer_seeds benchmarks/work/converged-vgg11_w25-cifar10-p70` for the seed spread.
+    # Issue 15's converged runs on the CPU (`make benchmark-converged`, about two hours of both cores): a narrow VGG
+    # on all of CIFAR-10 with one-cycle schedules that anneal to zero, and a sparsity whose L1 reach s·Σlr/(1−μ)
+    # (4.8 here, reported as gamma.l1_reach; γ starts at 0.5) polarises |γ|; 50%, 55% and 70% from one sparse
+    # model; then `python -m benchmarks.peer_seeds benchmarks/work/converged-vgg11_w25-cifar10-p50
+    # --seed0-from-run` for the equal-MACs comparison's seed spread.
     "converged": [
         dict(
             arch="vgg11_w25", dataset="cifar10", percent=0.5, epochs=30, refine_epochs=20, sparsity=8e-4, eval_every=2
