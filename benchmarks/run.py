@@ -118,9 +118,16 @@ SUITES: dict[str, list[dict]] = {
         ),  # fmt: skip
         # the largest percent whose narrowest layers keep more than one channel here (a scan of prune on the sparse
         # model: 57.5% floors features.23, 70% floors features.19 and .23 to one channel each, and refine stays at
-        # chance); run with --no-peer to save time: the equal-MACs comparison is in the 50% and 70% entries
+        # chance); without the peer, to save time: the equal-MACs comparison is in the 50% and 70% entries
         dict(
-            arch="vgg11_w25", dataset="cifar10", percent=0.55, epochs=30, refine_epochs=20, sparsity=8e-4, eval_every=2
+            arch="vgg11_w25",
+            dataset="cifar10",
+            percent=0.55,
+            epochs=30,
+            refine_epochs=20,
+            sparsity=8e-4,
+            eval_every=2,
+            peer=False,
         ),  # fmt: skip
         # torchvision's mobilenet_v2 (ImageNet stem, 32×32 input) trains at ~420 images/s on these two cores, so a
         # full-CIFAR schedule (80 epochs) would take 2.6 h alone: it trains on a 10k subset for 15+15+10 epochs
