@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -232,10 +233,9 @@ def training_curves(paths: dict[str, Path]) -> dict[str, list[dict]]:
     return out
 
 
-def enrich(result: dict, run_dir: Path, cfg: PipelineConfig, out_dir: Path, tag: str) -> dict:
-    """Add what the converged table needs: |γ| statistics, training curves, and the γ histogram kept beside the
-    result (the run directory under benchmarks/work is not committed)."""
-    rep = json.loads((run_dir / "report.json").read_text())
+def enrich(result: dict, rep: dict, run_dir: Path, cfg: PipelineConfig, out_dir: Path, tag: str) -> dict:
+    """Add what the converged table needs: |γ| statistics (from the pipeline's report ``rep``), training curves,
+    and the γ histogram kept beside the result (the run directory under benchmarks/work is not committed)."""
     result["gamma"] = rep.get("gamma")
     result["curves"] = training_curves(
         {
@@ -247,7 +247,8 @@ def enrich(result: dict, run_dir: Path, cfg: PipelineConfig, out_dir: Path, tag:
     hist = run_dir / "gamma_hist.png"
     if hist.is_file():
         dest = out_dir / f"{tag}-gamma_hist.png"
-        dest.write_bytes(hist.read_bytes())
+        with atomic_path(dest, suffix=".png") as tmp:
+            shutil.copyfile(hist, tmp)
         result["gamma_plot"] = str(dest.relative_to(ROOT))
     return result
 
@@ -418,7 +419,7 @@ def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path, trained:
         },
         "stages": rep["stages"],
     }
-    enrich(result, run_dir, cfg, out_dir, tag)
+    enrich(result, rep, run_dir, cfg, out_dir, tag)
     if "slimexport-auto" in models:
         result["slimexport_auto"] = result["slimexport"] | _variant(
             "slimexport-auto", load_checkpoint(run_dir / "refined.pt")[0], auto_export, b, ds, B["macs"], speedups
