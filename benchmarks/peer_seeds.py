@@ -8,7 +8,9 @@ seed run.py uses, so it repeats that run's figures. Reports per-seed test accura
 deviation, and the per-seed difference (paired: both sides see the same seed's data order and augmentation).
 
 With --prune-stream, slimexport's side also prunes the residual stream (`prune --prune-stream`, beyond the paper's
-rules), as Torch-Pruning does.
+rules), as Torch-Pruning does. With --peer-from an earlier seeds file of the same sparse model, Torch-Pruning's
+side is taken from it instead of refined again (it does not depend on slimexport's options, such as --normalize);
+the file must name the same model, data, percent, refine schedule and Torch-Pruning MACs.
 
 Writes benchmarks/results/<machine-tag>/seeds-<run-dir-name>[-stream].json.
 Usage: python -m benchmarks.peer_seeds benchmarks/work/cpu-preresnet20-cifar10-p40 [--seeds 0 1 2] [--prune-stream]
@@ -41,6 +43,16 @@ from slimexport.train import fit, train
 ROOT = Path(__file__).resolve().parent
 
 
+def _earlier_peer(path: Path, cfg: PipelineConfig, peer_macs: int) -> dict[int, float]:
+    """Torch-Pruning's accuracy per seed from an earlier seeds file, when it was measured on the same footing."""
+    e = json.loads(path.read_text())
+    want = (cfg.arch, cfg.dataset, cfg.percent, cfg.refine_epochs, cfg.preset, peer_macs)
+    got = (e["arch"], e["dataset"], e["percent"], e["refine_epochs"], e["preset"], e["macs"]["torch_pruning"])
+    if got != want:
+        raise SystemExit(f"--peer-from {path}: measured for {got}, not {want}")
+    return {r["seed"]: r["torch_pruning"] for r in e["runs"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path)
@@ -51,6 +63,11 @@ def main() -> None:
         action="store_true",
         help="take seed 0 from the run's own result (run.py refined both sides with seed 0 and recorded their "
         "PyTorch accuracies) instead of refining it again",
+    )
+    ap.add_argument(
+        "--peer-from",
+        type=Path,
+        help="an earlier seeds-*.json of the same sparse model: reuse its Torch-Pruning accuracies per seed",
     )
     args = ap.parse_args()
     earlier = ROOT / "results" / machine_tag() / f"{args.run_dir.name}.json"
@@ -73,6 +90,7 @@ def main() -> None:
     base_macs = count_macs(load_checkpoint(args.run_dir / "baseline.pt")[0], ds.in_channels, size)
     sparse = args.run_dir / "sparse.pt"
     peer_macs = count_macs(torch_pruning_model(sparse, ds, cfg.percent), ds.in_channels, size)
+    reused = _earlier_peer(args.peer_from, cfg, peer_macs) if args.peer_from else {}
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         pruned = Path(tmp) / "matched_pruned.pt"
@@ -84,6 +102,7 @@ def main() -> None:
             round_to=cfg.round_to,
             max_macs=peer_macs / base_macs,
             prune_stream=args.prune_stream,
+            normalize=cfg.normalize,
         )
         for seed in args.seeds:
             if seed == 0 and seed0 is not None:
@@ -92,9 +111,13 @@ def main() -> None:
                 continue
             refine_cfg = dataclasses.replace(cfg.train_config("refine"), seed=seed)
             ours = train(Path(tmp) / f"refined-{seed}.pt", ds, refine_cfg, init=pruned, stage="refined")
-            peer_model = torch_pruning_model(sparse, ds, cfg.percent)
-            peer = fit(peer_model, ds, refine_cfg, description=f"torch-pruning {seed}")
-            runs.append({"seed": seed, "slimexport": ours["accuracy"], "torch_pruning": peer["final_accuracy"]})
+            if seed in reused:
+                runs.append({"seed": seed, "slimexport": ours["accuracy"], "torch_pruning": reused[seed]})
+                runs[-1]["torch_pruning_from"] = args.peer_from.name
+            else:
+                peer_model = torch_pruning_model(sparse, ds, cfg.percent)
+                peer = fit(peer_model, ds, refine_cfg, description=f"torch-pruning {seed}")
+                runs.append({"seed": seed, "slimexport": ours["accuracy"], "torch_pruning": peer["final_accuracy"]})
             r = runs[-1]
             print(
                 f"seed {seed}: slimexport {100 * r['slimexport']:.2f}%, Torch-Pruning {100 * r['torch_pruning']:.2f}%"
@@ -113,6 +136,7 @@ def main() -> None:
         "dataset": cfg.dataset,
         "percent": cfg.percent,
         "prune_stream": args.prune_stream,
+        "normalize": cfg.normalize,
         "slimexport_percent": meta["prune"]["percent"],
         "refine_epochs": cfg.refine_epochs,
         "preset": cfg.preset,

@@ -130,10 +130,37 @@ SUITES: dict[str, list[dict]] = {
             eval_every=2,
             peer=False,
         ),  # fmt: skip
+        # The same sparse model with each layer's |γ| divided by its largest (`--normalize max`): a BN followed by
+        # ReLU and a conv can scale its γ freely, and the raw threshold above empties the last layers whose γ the L1
+        # term shrank as a whole. At 50% with the peer (the equal-MACs comparison; its seeds: `python -m
+        # benchmarks.peer_seeds benchmarks/work/converged-vgg11_w25-cifar10-p50-nmax --seed0-from-run --peer-from
+        # benchmarks/results/amd-epyc-2c/seeds-converged-vgg11_w25-cifar10-p50.json`), and at 70%.
+        dict(
+            arch="vgg11_w25",
+            dataset="cifar10",
+            percent=0.5,
+            epochs=30,
+            refine_epochs=20,
+            sparsity=8e-4,
+            eval_every=2,
+            normalize="max",
+        ),  # fmt: skip
+        dict(
+            arch="vgg11_w25",
+            dataset="cifar10",
+            percent=0.7,
+            epochs=30,
+            refine_epochs=20,
+            sparsity=8e-4,
+            eval_every=2,
+            normalize="max",
+            peer=False,
+        ),  # fmt: skip
         # torchvision's mobilenet_v2 (ImageNet stem, 32×32 input) trains at ~420 images/s on these two cores, so a
         # full-CIFAR schedule (80 epochs) would take 2.6 h alone: it trains on a 10k subset for 15+15+10 epochs
-        # instead (about 25 minutes), with s raised so that the L1 term's reach s·Σlr/(1−μ) (~3, γ starts at 1)
-        # still polarises |γ| over its ten times fewer steps.
+        # instead (about 25 minutes), with s raised so that the L1 term's reach s·Σlr/(1−μ) (~1.5, γ starts at 1)
+        # still polarises |γ| over its ten times fewer steps. Peak lr 0.05: at the preset's 0.1 its baseline's
+        # loss rose from 2.31 to 2.71 at the peak and ended at 32% (measured, then stopped).
         dict(
             arch="torchvision:mobilenet_v2",
             dataset="cifar10",
@@ -141,6 +168,7 @@ SUITES: dict[str, list[dict]] = {
             epochs=15,
             refine_epochs=10,
             sparsity=5e-3,
+            lr=0.05,
             train_subset=10000,
             eval_every=2,
         ),  # fmt: skip
@@ -255,14 +283,21 @@ def enrich(result: dict, rep: dict, run_dir: Path, cfg: PipelineConfig, out_dir:
 
 def _earlier_training(work: Path, key: tuple, args) -> Path | None:
     """A run directory left by an earlier invocation whose baseline and sparse models were trained exactly as
-    ``key`` asks (same arch, data, sparsity, epochs, preset and seed), for --reuse-trained."""
-    arch, dataset, sparsity, epochs = key
+    ``key`` asks (same arch, data, sparsity, epochs, lr, preset and seed), for --reuse-trained."""
+    arch, dataset, sparsity, epochs, lr = key
     for d in sorted(work.iterdir()):
         rep = d / "report.json"
         if not (rep.is_file() and (d / "baseline.pt").is_file() and (d / "sparse.pt").is_file()):
             continue
         c = json.loads(rep.read_text())["config"]
-        same = (c["arch"], c["dataset"], c["sparsity"], c["epochs"], c["seed"]) == (arch, dataset, sparsity, epochs, 0)
+        same = (c["arch"], c["dataset"], c["sparsity"], c["epochs"], c.get("lr"), c["seed"]) == (
+            arch,
+            dataset,
+            sparsity,
+            epochs,
+            lr,
+            0,
+        )
         if same and c["preset"] == args.preset:
             print(f"reusing the baseline and sparse models of {d}")
             return d
@@ -273,10 +308,12 @@ def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path, trained:
     round_to = entry.get("round_to", 1)
     tag = f"{suite}-{entry['arch'].replace(':', '-')}-{entry['dataset']}-p{int(round(100 * entry['percent']))}"
     tag += f"-r{round_to}" if round_to > 1 else ""
+    normalize = entry.get("normalize", "none")
+    tag += f"-n{normalize}" if normalize != "none" else ""
     run_dir = work / tag
     dataset, data_dir = dataset_source(entry, args.data_dir, work)
     # Entries that differ only in percent share one baseline and one sparse model, as a user sweeping would.
-    key = (entry["arch"], dataset, entry["sparsity"], args.epochs or entry["epochs"])
+    key = (entry["arch"], dataset, entry["sparsity"], args.epochs or entry["epochs"], entry.get("lr"))
     reuse = trained.get(key)
     if reuse is None and args.reuse_trained:
         reuse = _earlier_training(work, key, args)
@@ -299,9 +336,12 @@ def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path, trained:
         force=True,
         resume=args.resume and (work / f".{tag}.partial").is_dir(),
         eval_every=entry.get("eval_every"),
+        lr=entry.get("lr"),
+        refine_lr=entry.get("refine_lr"),
         preset=args.preset,
         bench=BenchConfig(batches=[1], threads=[1], seconds=0.2, accuracy=True, profile=False),
         round_to=round_to,
+        normalize=normalize,
         baseline=str(reuse / "baseline.pt") if reuse else None,
         sparse=str(reuse / "sparse.pt") if reuse else None,
     )
@@ -346,6 +386,7 @@ def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path, trained:
                 round_to=round_to,
                 max_macs=budget,
                 prune_stream=prune_stream,
+                normalize=normalize,
             )
             r_meta = train(
                 run_dir / f"{name}_refined.pt", ds, refine_cfg, init=run_dir / f"{name}_pruned.pt", stage="refined"
@@ -386,9 +427,12 @@ def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path, trained:
         "train_subset": entry.get("train_subset"),
         "percent": entry["percent"],
         "round_to": round_to,
+        "normalize": normalize,
         "sparsity": entry["sparsity"],
         "epochs": cfg.epochs,
         "refine_epochs": cfg.refine_epochs,
+        "lr": cfg.lr,
+        "refine_lr": cfg.refine_lr,
         "preset": cfg.preset,
         "device": rep["config"]["resolved_device"],
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -455,6 +499,7 @@ def main() -> None:
     ap.add_argument("--only", help="run only entries whose arch contains this text")
     ap.add_argument("--percent", type=float, help="run only entries with this percent")
     ap.add_argument("--round-to", type=int, help="run only entries with this --round-to (1: those without)")
+    ap.add_argument("--normalize", help="run only entries with this --normalize (none: those without)")
     ap.add_argument("--epochs", type=int, help="override the baseline/sparse epochs")
     ap.add_argument("--refine-epochs", type=int, help="override the refine epochs")
     ap.add_argument("--data-dir", help="where fashion-mnist / cifar10.npz live (default: ../shared for Fashion-MNIST)")
@@ -484,6 +529,7 @@ def main() -> None:
             if (not args.only or args.only in e["arch"])
             and (args.percent is None or abs(e["percent"] - args.percent) < 1e-9)
             and (args.round_to is None or e.get("round_to", 1) == args.round_to)
+            and (args.normalize is None or e.get("normalize", "none") == args.normalize)
         ]
         t0 = time.perf_counter()
         trained: dict = {}

@@ -147,6 +147,10 @@ def deploy(every: list[dict]) -> list[str]:
     return lines
 
 
+# how the table names a run's --normalize: the paper's raw |γ|, or each layer's |γ| ÷ its max / mean
+_NORM = {"none": "", "max": " (|γ| ÷ layer max)", "mean": " (|γ| ÷ layer mean)"}
+
+
 def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.2f}"
 
@@ -180,6 +184,8 @@ def converged(every: list[dict]) -> list[str]:
     for r in rows:
         b, s = r["baseline"], r["slimexport"]
         tag = f"{r['suite']}-{r['arch'].replace(':', '-')}-{r['dataset']}-p{int(round(100 * r['percent']))}"
+        norm = r.get("normalize", "none")
+        tag += f"-n{norm}" if norm != "none" else ""
         peer = "–"
         if tag in seeds:
             z = seeds[tag]
@@ -197,7 +203,8 @@ def converged(every: list[dict]) -> list[str]:
             )
         subset = f", {r['train_subset']:,}-image train subset" if r.get("train_subset") else ""
         lines.append(
-            f"| {r['arch']}{subset} | {100 * r['percent']:.0f}% | {s['params']:,} (×{b['params'] / s['params']:.2f}) "
+            f"| {r['arch']}{subset} | {100 * r['percent']:.0f}%{_NORM[norm]} "
+            f"| {s['params']:,} (×{b['params'] / s['params']:.2f}) "
             f"| {s['macs']:,} (×{b['macs'] / s['macs']:.2f}) | {_pct(b['accuracy'])} / {_pct(s['sparse_accuracy'])}"
             f" / {_pct(s['accuracy_before_refine'])} / {_pct(s['accuracy'])} "
             f"| {100 * (s['accuracy'] - b['accuracy']):+.2f} | {_ms(s, 1)} | {_ms(s, 32)} | {peer} |"

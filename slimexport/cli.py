@@ -144,6 +144,15 @@ StreamOpt = Annotated[
         "more MACs saved at the same threshold.",
     ),
 ]
+NormalizeOpt = Annotated[
+    str,
+    typer.Option(
+        "--normalize",
+        help="How |γ| are compared across layers: none, as they are (the paper's); max or mean: each layer's |γ| "
+        "divided by its largest or mean |γ|. A BN followed by ReLU and a conv can scale all its γ at no cost, so "
+        "raw |γ| may empty a layer whose channels are all small; max/mean make the threshold blind to that scale.",
+    ),
+]
 RoundOpt = Annotated[
     str,
     typer.Option(
@@ -388,6 +397,7 @@ def prune(
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Pruned checkpoint to write.")] = Path("pruned.pt"),
     min_channels: MinChOpt = 1,
+    normalize: NormalizeOpt = "none",
     round_to: RoundOpt = "auto",
     prune_stream: StreamOpt = False,
     dataset: Annotated[
@@ -401,7 +411,7 @@ def prune(
 ):
     """Prune with one global threshold on BN |γ| and write a physically smaller model."""
     from slimexport.data import load_dataset
-    from slimexport.prune import check_macs_fraction, check_percent, resolve_round_to
+    from slimexport.prune import check_macs_fraction, check_normalize, check_percent, resolve_round_to
     from slimexport.prune import prune as prune_fn
 
     if percent is None and max_macs is None:
@@ -410,6 +420,7 @@ def prune(
         check_percent(percent)
     if max_macs is not None:
         check_macs_fraction(max_macs)
+    check_normalize(normalize)
     _check_out(out, force)
     resolve_round_to(round_to)
     ds = load_dataset(dataset, data_dir) if dataset else None
@@ -423,6 +434,7 @@ def prune(
         round_to=round_to,
         max_macs=max_macs,
         prune_stream=prune_stream,
+        normalize=normalize,
     )
     r = meta["prune"]
     acc = f", accuracy before refine {meta['accuracy']:.4f}" if "accuracy" in meta else ""
@@ -434,9 +446,10 @@ def prune(
         else ""
     )
     rounded = f", round-to {r['round_to']} ({r['round_to_reason']})" if r["round_to"] > 1 else ""
+    scale = f" (|γ| ÷ each layer's {normalize})" if normalize != "none" else ""
     _say(
         f"pruned {r['channels_before'] - r['channels_after']}/{r['channels_before']} channels{budget}{rounded} at "
-        f"threshold {r['threshold']}: params {r['params_before']:,} -> {r['params_after']:,} "
+        f"threshold {r['threshold']}{scale}: params {r['params_before']:,} -> {r['params_after']:,} "
         f"(×{r['params_before'] / r['params_after']:.2f}), MACs ×{r['macs_before'] / r['macs_after']:.2f}"
         f"{stream}{acc} -> {out}"
     )
@@ -714,6 +727,7 @@ def pipeline(
     sparsity: SparsityOpt = 3e-3,
     percent: PercentOpt = 0.6,
     min_channels: MinChOpt = 1,
+    normalize: NormalizeOpt = "none",
     round_to: RoundOpt = "auto",
     prune_stream: StreamOpt = False,
     baseline: Annotated[

@@ -40,8 +40,11 @@ from slimexport.records import PruneRecord
 PRODUCERS = ("conv", "convT", "linear")
 
 
-def class_scores(model: nn.Module, g: ChannelGraph) -> dict[int, float]:
-    """Class root → max |γ| over the BN channels in it (only BNs with an affine scale count)."""
+def class_scores(model: nn.Module, g: ChannelGraph, normalize: str = "none") -> dict[int, float]:
+    """Class root → max |γ| over the BN channels in it (only BNs with an affine scale count); with ``normalize``
+    each BN's |γ| is first divided by that BN's max or mean (:func:`slimexport.prune.normalize_scores`)."""
+    from slimexport.prune import normalize_scores
+
     modules = dict(model.named_modules())
     scores: dict[int, float] = {}
     for use in g.uses.values():
@@ -50,7 +53,7 @@ def class_scores(model: nn.Module, g: ChannelGraph) -> dict[int, float]:
         bn = modules[use.name]
         if bn.weight is None:
             continue
-        gam = bn.weight.detach().abs().float().cpu().numpy()
+        gam = normalize_scores(bn.weight.detach().abs().float().cpu(), normalize).numpy()
         for cls, v in zip(g.classes(use.out).tolist(), gam.tolist()):
             if v > scores.get(cls, -1.0):
                 scores[cls] = v
@@ -73,8 +76,8 @@ class Importance:
         return {c: s for c, s in self.scores.items() if c in self.ok}
 
 
-def importance(model: nn.Module, g: ChannelGraph) -> Importance:
-    scores = class_scores(model, g)
+def importance(model: nn.Module, g: ChannelGraph, normalize: str = "none") -> Importance:
+    scores = class_scores(model, g, normalize)
     deps: dict[int, set[int]] = defaultdict(set)
     for use in g.uses.values():
         if use.kind == "bn" and use.select is not None:
@@ -306,18 +309,23 @@ def prune_graph(
     min_channels: int = 1,
     round_to: int = 1,
     max_macs: float | None = None,
+    normalize: str = "none",
 ) -> tuple[nn.Module, PruneRecord]:
     """Prune any CNN by network slimming; returns (a physically smaller copy, the record). ``model`` is unchanged.
 
     Either ``percent`` (of the prunable channel classes) or ``max_macs`` (the fraction of the unpruned MACs to
-    keep) sets the single global threshold. A model with no BatchNorm is a :class:`ConfigError`.
+    keep) sets the single global threshold, over |γ| as they are or, with ``normalize``, each BN's divided by its
+    max or mean. A model with no BatchNorm is a :class:`ConfigError`.
     """
     if (percent is None) == (max_macs is None):
         raise ConfigError("give either percent or max_macs, not both")
     if not any(isinstance(m, BN_TYPES) for m in model.modules()):
         raise ConfigError(f"{type(model).__name__} has no BatchNorm layer: network slimming scores channels by BN's γ")
+    from slimexport.prune import check_normalize
+
+    check_normalize(normalize)
     g = trace_channels(model, example_input)
-    imp = importance(model, g)
+    imp = importance(model, g, normalize)
     prunable = imp.prunable
     if not prunable:
         raise ConfigError(f"no channel of {type(model).__name__} can be pruned: {_why_none(g, imp.scores)}")
@@ -366,6 +374,7 @@ def prune_graph(
         "threshold": threshold if math.isfinite(threshold) else None,
         "min_channels": min_channels,
         "round_to": round_to,
+        "normalize": normalize,
         "channels_before": total,
         "channels_after": kept,
         "pruned_fraction": 1 - kept / total if total else 0.0,

@@ -36,7 +36,7 @@ from slimexport.errors import CheckpointError, ConfigError, OutputExistsError
 from slimexport.export import ExportConfig, export
 from slimexport.fileio import read_json, write_json
 from slimexport.models import create_model, default_config
-from slimexport.prune import bn_gammas, check_percent, check_prune_stream, prune, resolve_round_to
+from slimexport.prune import bn_gammas, check_normalize, check_percent, check_prune_stream, prune, resolve_round_to
 from slimexport.report import build_report, plot_channels, plot_gammas, plot_latency, plot_variants, write_report
 from slimexport.runtime import NCNN_HINT
 from slimexport.stats import count_macs, count_params
@@ -70,6 +70,7 @@ class PipelineConfig:
     sparsity: float = 3e-3
     percent: float = 0.6
     min_channels: int = 1
+    normalize: str = "none"  # |γ| as they are (the paper's), or each layer's ÷ its max or mean
     round_to: int | str = "auto"  # auto: onnxruntime's CPU channel block here (16 AVX-512, 8 AVX2); 1: exact
     prune_stream: bool = False  # residual networks: also prune the stream (beyond the paper's rules)
     eval_every: int | None = None  # None: only after the last epoch of each stage
@@ -96,6 +97,7 @@ class PipelineConfig:
 
     def validate(self) -> None:
         check_percent(self.percent)
+        check_normalize(self.normalize)
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown --preset {self.preset!r}: {', '.join(PRESETS)}")
         if self.epochs < 1 or self.refine_epochs < 1:
@@ -184,6 +186,7 @@ def _prune_stage(r: _Run) -> dict[str, Any]:
         round_to=cfg.round_to,
         prune_stream=cfg.prune_stream,
         device=str(r.device),
+        normalize=cfg.normalize,
     )
     return {"accuracy": meta["accuracy"], "record": meta["prune"]}
 

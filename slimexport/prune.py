@@ -52,9 +52,37 @@ def resolve_round_to(round_to: int | str) -> tuple[int, str]:
     return value, "exact channel counts (the paper's)" if value == 1 else f"given: multiples of {value}"
 
 
-def bn_gammas(model: nn.Module) -> dict[str, torch.Tensor]:
-    """|γ| of every prunable BN, by module name, in forward order."""
-    return {name: bn.weight.detach().abs().float().cpu() for name, bn in model.prunable_bns()}
+NORMALIZE = ("none", "max", "mean")
+
+
+def check_normalize(normalize: str) -> str:
+    if normalize not in NORMALIZE:
+        raise ConfigError(f"--normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
+    return normalize
+
+
+def normalize_scores(gam: torch.Tensor, normalize: str) -> torch.Tensor:
+    """One layer's |γ| as the global threshold compares them: as they are (``none``, the paper's), or divided by the
+    layer's largest (``max``) or mean (``mean``) |γ|.
+
+    Why: a BN whose output reaches the next BN only through ReLU, pooling and a conv can scale its γ and β by any
+    c > 0 without changing the network's function (the next BN divides c out again), and the L1 term pushes every
+    such layer's scale down as a whole. Raw |γ| then compares layers on scales that mean nothing, and one global
+    threshold can empty a layer whose channels are all alike but small (vgg11_w25 at 70%). Divided by its own
+    max or mean, each layer's scores are the same whatever that scale.
+    """
+    check_normalize(normalize)
+    if normalize == "none" or gam.numel() == 0:
+        return gam
+    ref = gam.max() if normalize == "max" else gam.mean()
+    return gam / ref.clamp_min(torch.finfo(gam.dtype).tiny)
+
+
+def bn_gammas(model: nn.Module, normalize: str = "none") -> dict[str, torch.Tensor]:
+    """|γ| of every prunable BN, by module name, in forward order; ``normalize``: see :func:`normalize_scores`."""
+    return {
+        name: normalize_scores(bn.weight.detach().abs().float().cpu(), normalize) for name, bn in model.prunable_bns()
+    }
 
 
 def global_threshold(gammas: dict[str, torch.Tensor], percent: float) -> float:
@@ -111,11 +139,13 @@ def prune_model(
     prune_stream: bool = False,
     example_input: torch.Tensor | None = None,
     max_macs: float | None = None,
+    normalize: str = "none",
 ) -> tuple[nn.Module, PruneRecord]:
     """Prune any CNN by network slimming; ``model`` is not modified. Returns (the smaller model, the record).
 
     ``percent`` (of the prunable BN channels) or ``max_macs`` (the fraction of the unpruned MACs to keep) sets one
-    global |γ| threshold; each layer keeps at least ``min_channels`` and, with ``round_to``, a multiple of it.
+    global |γ| threshold (over |γ| as they are, or each layer's divided by its max or mean: ``normalize``, see
+    :func:`normalize_scores`); each layer keeps at least ``min_channels`` and, with ``round_to``, a multiple of it.
     slimexport's own architectures use their hand-written rules; any other ``nn.Module`` goes through the graph
     engine (:mod:`slimexport.graph`), which needs ``example_input`` (one batch of the input it will see).
     """
@@ -123,20 +153,24 @@ def prune_model(
 
     if (percent is None) == (max_macs is None):
         raise ConfigError("give either percent or max_macs, not both")
+    check_normalize(normalize)
     if isinstance(model, GraphModel):
-        return model.pruned_by_graph(percent=percent, min_channels=min_channels, round_to=round_to, max_macs=max_macs)
+        return model.pruned_by_graph(
+            percent=percent, min_channels=min_channels, round_to=round_to, max_macs=max_macs, normalize=normalize
+        )
     if not isinstance(model, SlimModel):
         from slimexport.graph_prune import prune_graph
 
         if example_input is None:
             raise ConfigError(f"pruning a {type(model).__name__} traces it: pass example_input (a batch of inputs)")
-        return prune_graph(model, example_input, percent, min_channels, round_to, max_macs)
+        return prune_graph(model, example_input, percent, min_channels, round_to, max_macs, normalize=normalize)
     if max_macs is not None:
         size = tuple(example_input.shape[2:]) if example_input is not None else (32, 32)
-        return prune_to_macs(model, max_macs, size, min_channels, round_to, prune_stream)
+        return prune_to_macs(model, max_macs, size, min_channels, round_to, prune_stream, normalize)
     check_percent(percent)
-    gammas = bn_gammas(model)
-    return _prune_at(model, gammas, global_threshold(gammas, percent), percent, min_channels, round_to, prune_stream)
+    gammas = bn_gammas(model, normalize)
+    threshold = global_threshold(gammas, percent)
+    return _prune_at(model, gammas, threshold, percent, min_channels, round_to, prune_stream, normalize)
 
 
 def check_macs_fraction(fraction: float) -> float:
@@ -152,6 +186,7 @@ def prune_to_macs(
     min_channels: int = 1,
     round_to: int = 1,
     prune_stream: bool = False,
+    normalize: str = "none",
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Prune the fewest channels whose global |γ| threshold brings MACs to at most ``max_macs`` × the unpruned MACs.
 
@@ -160,7 +195,7 @@ def prune_to_macs(
     its per-layer floor of ``min_channels``, stays above the budget.
     """
     check_macs_fraction(max_macs)
-    gammas = bn_gammas(model)
+    gammas = bn_gammas(model, normalize)
     allg = torch.cat(list(gammas.values())).sort().values
     total = len(allg)
     full = count_macs(model, model.in_channels, image_size)
@@ -169,7 +204,7 @@ def prune_to_macs(
     def at(i: int) -> tuple[nn.Module, dict[str, Any], int]:
         # candidate i prunes the i smallest |γ| (and their ties): threshold -inf for i = 0, else the i-th smallest
         threshold = float("-inf") if i == 0 else float(allg[i - 1])
-        new, rec = _prune_at(model, gammas, threshold, i / total, min_channels, round_to, prune_stream)
+        new, rec = _prune_at(model, gammas, threshold, i / total, min_channels, round_to, prune_stream, normalize)
         return new, rec, count_macs(new, new.in_channels, image_size)
 
     lo, hi = 0, total  # find the smallest i whose MACs fit the budget
@@ -199,6 +234,7 @@ def _prune_at(
     min_channels: int,
     round_to: int,
     prune_stream: bool = False,
+    normalize: str = "none",
 ) -> tuple[nn.Module, dict[str, Any]]:
     keep, floored = select_channels(gammas, threshold, min_channels, round_to)
     check_prune_stream(model, prune_stream)
@@ -210,6 +246,7 @@ def _prune_at(
         "percent": percent,
         "threshold": threshold if math.isfinite(threshold) else None,
         "min_channels": min_channels,
+        "normalize": normalize,
         "round_to": round_to,
         "prune_stream": prune_stream,
         "channels_before": total,
@@ -235,6 +272,7 @@ def prune(
     round_to: int | str = "auto",
     max_macs: float | None = None,
     prune_stream: bool = False,
+    normalize: str = "none",
 ) -> dict[str, Any]:
     """Read a (sparse-trained) checkpoint, prune it, write the pruned checkpoint ``out``; returns its meta.
 
@@ -249,6 +287,7 @@ def prune(
         check_percent(percent)
     else:
         check_macs_fraction(max_macs)
+    check_normalize(normalize)
     round_to, round_why = resolve_round_to(round_to)
     model, ckpt = load_checkpoint(ckpt_path)
     size = tuple(ckpt["data"].get("image_size") or (32, 32))
@@ -257,12 +296,12 @@ def prune(
     if isinstance(model, GraphModel):
         check_prune_stream(model, prune_stream)
         new, record = model.pruned_by_graph(
-            percent=percent, min_channels=min_channels, round_to=round_to, max_macs=max_macs
+            percent=percent, min_channels=min_channels, round_to=round_to, max_macs=max_macs, normalize=normalize
         )
     elif percent is not None:
-        new, record = prune_model(model, percent, min_channels, round_to, prune_stream)
+        new, record = prune_model(model, percent, min_channels, round_to, prune_stream, normalize=normalize)
     else:
-        new, record = prune_to_macs(model, max_macs, size, min_channels, round_to, prune_stream)
+        new, record = prune_to_macs(model, max_macs, size, min_channels, round_to, prune_stream, normalize)
     record.update(
         {
             "params_before": count_params(model),
@@ -284,7 +323,7 @@ def prune(
             + escape(
                 f"the threshold would have emptied {names}; each keeps its {min_channels} best channel(s), a "
                 "bottleneck refine may not recover from (vgg11_w25 at 70% with two one-channel layers stayed at "
-                "chance). Lower --percent or raise --min-channels."
+                "chance). Lower --percent, raise --min-channels, or compare |γ| per layer with --normalize max."
             )
         )
     meta = {

@@ -68,6 +68,7 @@ class PruneRecord(TypedDict, total=False):
     percent: Annotated[float, "global fraction of channels pruned (the one asked for, or the one --max-macs found)"]
     threshold: Annotated[float | None, "|γ| above which channels survive"]
     min_channels: Annotated[int, "per-layer floor"]
+    normalize: Annotated[str, "|γ| compared as they are (none, the paper's) or per layer ÷ its max or mean"]
     round_to: Annotated[int, "channel counts in multiples of this"]
     round_to_reason: Annotated[str, "why that multiple (auto: the CPU's onnxruntime channel block)"]
     prune_stream: Annotated[bool, "residual networks: the stream was pruned too"]

@@ -233,7 +233,8 @@ def test_prune_warns_when_a_layer_is_kept_only_by_its_floor(tmp_path, ckpt):
     floored = read_checkpoint(tmp_path / "p.pt")["meta"]["prune"]["floored_layers"]
     text = " ".join(res.output.split())  # rich wraps lines at the terminal's width
     assert floored and "warning: the threshold would have emptied" in text
-    assert all(name in text for name in floored) and "Lower --percent or raise --min-channels" in text
+    assert all(name in text for name in floored) and "Lower --percent, raise --min-channels" in text
+    assert "--normalize max" in text
     res = runner.invoke(app, ["prune", str(ckpt), "-p", "0.1", "--round-to", "1", "--out", str(tmp_path / "q.pt")])
     assert res.exit_code == 0 and "warning" not in res.output
 
@@ -248,6 +249,18 @@ def test_prune_warns_when_a_layer_is_kept_only_by_its_floor(tmp_path, ckpt):
 )
 def test_bad_macs_budgets(tmp_path, ckpt, args, match):
     _fails_cleanly(["prune", str(ckpt), *args, "--out", str(tmp_path / "p.pt")], match, tmp_path)
+
+
+def test_normalize_through_the_cli(tmp_path, ckpt):
+    """--normalize reaches the pruner and its record; a value it does not know is a one-line error in prune and in
+    pipeline, before any data is read or anything trained."""
+    _fails_cleanly(["prune", str(ckpt), "--normalize", "median", "--out", str(tmp_path / "p.pt")], "--normalize")
+    _fails_cleanly(["pipeline", "--normalize", "l2", "--out", str(tmp_path / "run")], "--normalize", tmp_path)
+    out = tmp_path / "p.pt"
+    res = runner.invoke(app, ["prune", str(ckpt), "-p", "0.5", "--normalize", "max", "--round-to", "1", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "÷ each layer's max" in " ".join(res.output.split())
+    assert read_checkpoint(out)["meta"]["prune"]["normalize"] == "max"
 
 
 def test_prune_stream_through_the_cli(tmp_path, ckpt, make_model, small_ds):

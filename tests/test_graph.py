@@ -193,6 +193,30 @@ def test_hand_written_vgg19_and_the_engine_keep_the_same_channels(make_model):
     assert {la["name"]: la["kept"] for la in rec_graph["layers"]} == hand
 
 
+@pytest.mark.parametrize("normalize", ["max", "mean"])
+def test_the_engine_and_the_hand_written_rules_normalise_per_layer_alike(make_model, normalize):
+    """--normalize divides each BN's |γ| by its max or mean before the one global threshold, in both pruners; with a
+    middle layer's (γ, β) shrunk a hundredfold (the same function), the engine keeps the same channels as before,
+    while raw |γ| empties that layer."""
+    from slimexport.graph_prune import prune_graph
+
+    m = make_model("vgg19", in_channels=3)
+    x = torch.randn(1, 3, 32, 32)
+    _, rec_hand = prune_model(m, 0.6, normalize=normalize)
+    _, rec_graph = prune_graph(m, x, 0.6, normalize=normalize)
+    assert rec_graph["threshold"] == pytest.approx(rec_hand["threshold"]) and rec_graph["normalize"] == normalize
+    hand = {la["name"]: la["kept"] for la in rec_hand["layers"]}
+    assert {la["name"]: la["kept"] for la in rec_graph["layers"]} == hand
+    name, bn = m.prunable_bns()[5]
+    with torch.no_grad():
+        bn.weight.mul_(0.01)
+        bn.bias.mul_(0.01)
+    _, raw = prune_graph(m, x, 0.6)
+    assert next(la["after"] for la in raw["layers"] if la["name"] == name) == 1
+    _, scaled = prune_graph(m, x, 0.6, normalize=normalize)
+    assert {la["name"]: la["kept"] for la in scaled["layers"]} == hand
+
+
 @pytest.mark.parametrize("arch", ["preresnet164", "densenet40"])
 def test_selection_nets_the_engine_and_the_hand_written_rules_keep_the_same_channels(make_model, arch):
     """Pre-activation ResNet and DenseNet: each BN that reads a shared tensor (the stream, the concatenated

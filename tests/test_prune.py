@@ -120,3 +120,58 @@ def test_an_unreachable_macs_budget_is_a_clear_error(make_model):
         prune_to_macs(make_model(TINY_VGG), 1e-6, (28, 28))
     with pytest.raises(ConfigError, match="max-macs"):
         prune_to_macs(make_model(TINY_VGG), 0.0, (28, 28))
+
+
+def _scaled_layer_copy(m, index: int, c: float):
+    """A copy of ``m`` whose ``index``-th prunable BN has γ and β times ``c``: the same function, as long as that
+    BN reaches the next BN only through ReLU, pooling and a conv (checked in the test with batch statistics)."""
+    import copy
+
+    s = copy.deepcopy(m)
+    name, bn = s.prunable_bns()[index]
+    with torch.no_grad():
+        bn.weight.mul_(c)
+        bn.bias.mul_(c)
+    return s, name
+
+
+@pytest.mark.parametrize("normalize", ["max", "mean"])
+def test_normalize_makes_the_global_threshold_blind_to_a_layers_free_scale(make_model, normalize):
+    m = make_model(TINY_VGG)
+    s, name = _scaled_layer_copy(m, 2, 0.01)
+    x = torch.randn(16, 1, 28, 28)
+    import copy
+
+    def batch_stats(net):  # batch statistics and no ε, so that the next BN divides the 0.01 out exactly
+        net = copy.deepcopy(net).train()
+        for _, b in net.prunable_bns():
+            b.eps = 1e-20
+        return net
+
+    with torch.no_grad():  # the same network
+        a, b = batch_stats(m).double()(x.double()), batch_stats(s).double()(x.double())
+    assert torch.allclose(a, b, atol=1e-9 * float(a.abs().max())), float((a - b).abs().max())
+    _, raw_m = prune_model(m, 0.5)
+    _, raw_s = prune_model(s, 0.5)
+    after = {x["name"]: x["after"] for x in raw_s["layers"]}
+    assert after[name] == 1 and name in raw_s["floored_layers"]  # raw |γ| empties the rescaled layer
+    assert raw_m["layers"] != raw_s["layers"]
+    _, norm_m = prune_model(m, 0.5, normalize=normalize)
+    _, norm_s = prune_model(s, 0.5, normalize=normalize)
+    assert norm_m["normalize"] == normalize and not norm_s["floored_layers"]
+    assert [x["kept"] for x in norm_m["layers"]] == [x["kept"] for x in norm_s["layers"]]
+    # the MACs budget searches over the same normalised scores
+    _, bud_m = prune_model(m, max_macs=0.5, example_input=x[:1], normalize=normalize)
+    _, bud_s = prune_model(s, max_macs=0.5, example_input=x[:1], normalize=normalize)
+    assert [x["kept"] for x in bud_m["layers"]] == [x["kept"] for x in bud_s["layers"]]
+
+
+def test_normalize_scores_of_an_all_zero_layer_stay_finite():
+    from slimexport.prune import normalize_scores
+
+    for how in ("max", "mean"):
+        assert normalize_scores(torch.zeros(4), how).tolist() == [0.0] * 4
+    assert normalize_scores(torch.tensor([0.5, 2.0]), "max").tolist() == [0.25, 1.0]
+    assert normalize_scores(torch.tensor([0.5, 1.5]), "mean").tolist() == [0.5, 1.5]
+    with pytest.raises(ConfigError, match="--normalize must be one of none, max, mean"):
+        normalize_scores(torch.ones(2), "median")
