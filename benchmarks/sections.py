@@ -147,8 +147,8 @@ def deploy(every: list[dict]) -> list[str]:
     return lines
 
 
-# how the table names a run's --normalize: the paper's raw |γ|, or each layer's |γ| ÷ its max / mean
-_NORM = {"none": "", "max": " (|γ| ÷ layer max)", "mean": " (|γ| ÷ layer mean)"}
+# how the table names a run's --normalize (no "|": it would split the cell)
+_NORM = {"none": "", "max": ", --normalize max", "mean": ", --normalize mean"}
 
 
 def _pct(v: float | None) -> str:
@@ -165,6 +165,8 @@ def converged(every: list[dict]) -> list[str]:
     rows = [r for r in every if r.get("suite") == "converged"]
     if not rows:
         return []
+    # per model: the paper's raw |γ| rows first, then --normalize's, each by percent
+    rows.sort(key=lambda r: (r["arch"], r.get("train_subset") or 0, r.get("normalize", "none") != "none", r["percent"]))
     seeds = {r["run"]: r for r in every if r.get("kind") == "peer_seeds" and r["run"].startswith("converged-")}
     lines = [
         "## Converged runs on two CPU cores: does pruning keep the accuracy?",

@@ -77,7 +77,16 @@ def test_converged_section_leads_and_joins_the_seed_spread(tmp_path):
     d.mkdir(parents=True)
     (d / "converged-vgg11.json").write_text(json.dumps(run))
     (d / "seeds.json").write_text(json.dumps(seeds))
+    # the same run pruned with --normalize max: its own row, labelled, joined to its own seeds file only
+    nmax = run | {"normalize": "max", "slimexport": run["slimexport"] | {"accuracy": 0.901}}
+    (d / "converged-vgg11-nmax.json").write_text(json.dumps(nmax))
     text = render_results(tmp_path / "results")
+    vgg = [ln for ln in text.splitlines() if ln.startswith("| vgg11_w25 | 70%")]
+    assert len(vgg) == 2 and vgg[0].startswith("| vgg11_w25 | 70% | ")  # the paper's raw |γ| first
+    assert (
+        vgg[1].startswith("| vgg11_w25 | 70%, --normalize max | 100 (×10.00) |") and "85.00 / 90.10 | +0.10 |" in vgg[1]
+    )
+    assert "2 seeds" not in vgg[1]  # the seeds file above belongs to the raw-|γ| run
     assert text.index("## Converged runs") < text.index("Pipeline checks")  # it leads
     row = "| vgg11_w25 | 70% | 100 (×10.00) | 2,000 (×4.00) | 90.00 / 89.00 / 85.00 / 89.80 | -0.20 |"
     assert row in text
