@@ -411,7 +411,8 @@ def prune(
 ):
     """Prune with one global threshold on BN |γ| and write a physically smaller model."""
     from slimexport.data import load_dataset
-    from slimexport.prune import check_macs_fraction, check_normalize, check_percent, resolve_round_to
+    from slimexport.importance import check_normalize
+    from slimexport.prune import check_macs_fraction, check_percent, resolve_round_to
     from slimexport.prune import prune as prune_fn
 
     if percent is None and max_macs is None:

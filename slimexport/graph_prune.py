@@ -34,6 +34,7 @@ from torch import nn
 
 from slimexport.errors import ConfigError
 from slimexport.graph import BN_TYPES, ChannelGraph, trace_channels
+from slimexport.importance import check_normalize, normalize_scores
 from slimexport.models.common import set_bn_selection
 from slimexport.records import PruneRecord
 
@@ -42,8 +43,7 @@ PRODUCERS = ("conv", "convT", "linear")
 
 def class_scores(model: nn.Module, g: ChannelGraph, normalize: str = "none") -> dict[int, float]:
     """Class root → max |γ| over the BN channels in it (only BNs with an affine scale count); with ``normalize``
-    each BN's |γ| is first divided by that BN's max or mean (:func:`slimexport.prune.normalize_scores`)."""
-    from slimexport.prune import normalize_scores
+    each BN's |γ| is first divided by that BN's max or mean (:func:`slimexport.importance.normalize_scores`)."""
 
     modules = dict(model.named_modules())
     scores: dict[int, float] = {}
@@ -321,8 +321,6 @@ def prune_graph(
         raise ConfigError("give either percent or max_macs, not both")
     if not any(isinstance(m, BN_TYPES) for m in model.modules()):
         raise ConfigError(f"{type(model).__name__} has no BatchNorm layer: network slimming scores channels by BN's γ")
-    from slimexport.prune import check_normalize
-
     check_normalize(normalize)
     g = trace_channels(model, example_input)
     imp = importance(model, g, normalize)

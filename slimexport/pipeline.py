@@ -35,8 +35,9 @@ from slimexport.deploy import QuantizeConfig, convert, convert_ncnn, ncnn_availa
 from slimexport.errors import CheckpointError, ConfigError, OutputExistsError
 from slimexport.export import ExportConfig, export
 from slimexport.fileio import read_json, write_json
+from slimexport.importance import check_normalize
 from slimexport.models import create_model, default_config
-from slimexport.prune import bn_gammas, check_normalize, check_percent, check_prune_stream, prune, resolve_round_to
+from slimexport.prune import bn_gammas, check_percent, check_prune_stream, prune, resolve_round_to
 from slimexport.report import build_report, plot_channels, plot_gammas, plot_latency, plot_variants, write_report
 from slimexport.runtime import NCNN_HINT
 from slimexport.stats import count_macs, count_params

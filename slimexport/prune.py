@@ -19,6 +19,7 @@ from torch import nn
 from slimexport.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from slimexport.data import Dataset
 from slimexport.errors import ConfigError
+from slimexport.importance import check_normalize, normalize_scores
 from slimexport.models.common import SlimModel
 from slimexport.records import PruneRecord
 from slimexport.stats import count_macs, count_params
@@ -50,32 +51,6 @@ def resolve_round_to(round_to: int | str) -> tuple[int, str]:
     if value < 1 or str(value) != str(round_to).strip():
         raise ConfigError(f"--round-to must be a positive integer or auto, got {round_to!r}")
     return value, "exact channel counts (the paper's)" if value == 1 else f"given: multiples of {value}"
-
-
-NORMALIZE = ("none", "max", "mean")
-
-
-def check_normalize(normalize: str) -> str:
-    if normalize not in NORMALIZE:
-        raise ConfigError(f"--normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
-    return normalize
-
-
-def normalize_scores(gam: torch.Tensor, normalize: str) -> torch.Tensor:
-    """One layer's |γ| as the global threshold compares them: as they are (``none``, the paper's), or divided by the
-    layer's largest (``max``) or mean (``mean``) |γ|.
-
-    Why: a BN whose output reaches the next BN only through ReLU, pooling and a conv can scale its γ and β by any
-    c > 0 without changing the network's function (the next BN divides c out again), and the L1 term pushes every
-    such layer's scale down as a whole. Raw |γ| then compares layers on scales that mean nothing, and one global
-    threshold can empty a layer whose channels are all alike but small (vgg11_w25 at 70%). Divided by its own
-    max or mean, each layer's scores are the same whatever that scale.
-    """
-    check_normalize(normalize)
-    if normalize == "none" or gam.numel() == 0:
-        return gam
-    ref = gam.max() if normalize == "max" else gam.mean()
-    return gam / ref.clamp_min(torch.finfo(gam.dtype).tiny)
 
 
 def bn_gammas(model: nn.Module, normalize: str = "none") -> dict[str, torch.Tensor]:

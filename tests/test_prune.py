@@ -167,7 +167,7 @@ def test_normalize_makes_the_global_threshold_blind_to_a_layers_free_scale(make_
 
 
 def test_normalize_scores_of_an_all_zero_layer_stay_finite():
-    from slimexport.prune import normalize_scores
+    from slimexport.importance import normalize_scores
 
     for how in ("max", "mean"):
         assert normalize_scores(torch.zeros(4), how).tolist() == [0.0] * 4
