@@ -398,7 +398,8 @@ def _check_resumable(work: Path, config: dict[str, Any]) -> None:
         raise ConfigError(
             f"cannot resume: {work}/config.json is missing or unreadable; start over with --force"
         ) from None
-    a, b = _recipe(old), _recipe(config)
+    # an option the interrupted run's version did not have yet counts as its default (it had that behaviour)
+    a, b = _recipe({k: v for k, v in asdict(PipelineConfig()).items() if k not in old} | old), _recipe(config)
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     if diff:
         shown = ", ".join(f"{k} ({a.get(k)!r} then, {b.get(k)!r} now)" for k in diff[:3])

@@ -106,3 +106,19 @@ def test_a_failure_before_any_stage_leaves_nothing(tmp_path, small_npz, monkeypa
 def test_resume_without_an_interrupted_run(tmp_path, small_npz, flag):
     res = CliRunner().invoke(app, [*ARGS, "--dataset", small_npz, "--out", str(tmp_path / "run"), flag])
     assert res.exit_code == 2 and "nothing to resume" in res.stderr
+
+
+def test_a_run_interrupted_before_an_option_existed_resumes_as_its_default(tmp_path):
+    """config.json written by a version without, say, --normalize: the option counts as its default (none), so the
+    run resumes with the default and refuses another value."""
+    from dataclasses import asdict
+
+    from slimexport.errors import ConfigError
+    from slimexport.fileio import write_json
+    from slimexport.pipeline import PipelineConfig, _check_resumable
+
+    now = asdict(PipelineConfig(arch="vgg11_w25"))
+    write_json(tmp_path / "config.json", {k: v for k, v in now.items() if k != "normalize"})
+    _check_resumable(tmp_path, now)
+    with pytest.raises(ConfigError, match=r"normalize \('none' then, 'max' now\)"):
+        _check_resumable(tmp_path, now | {"normalize": "max"})
