@@ -48,6 +48,20 @@ from slimexport.train import train
 
 ROOT = Path(__file__).resolve().parent
 
+# the converged suite's shared settings (issue 15)
+_VGG = dict(arch="vgg11_w25", dataset="cifar10", epochs=30, refine_epochs=20, sparsity=8e-4, eval_every=2)
+_MOBILENET = dict(
+    arch="torchvision:mobilenet_v2",
+    dataset="cifar10",
+    percent=0.5,
+    epochs=15,
+    refine_epochs=10,
+    sparsity=5e-3,
+    lr=0.05,
+    train_subset=10000,
+    eval_every=2,
+)
+
 # Each entry: one pipeline run. Epoch counts are per stage (baseline and sparse each; refine separately).
 SUITES: dict[str, list[dict]] = {
     # CPU, minutes: small models on Fashion-MNIST (the full 60k/10k set when found, see --data-dir).
@@ -107,87 +121,32 @@ SUITES: dict[str, list[dict]] = {
     ],
     # Issue 15's converged runs on the CPU (`make benchmark-converged`, about two hours of both cores): a narrow VGG
     # on all of CIFAR-10 with one-cycle schedules that anneal to zero, and a sparsity whose L1 reach s·Σlr/(1−μ)
-    # (4.8 here, reported as gamma.l1_reach; γ starts at 0.5) polarises |γ|; 50%, 55% and 70% from one sparse
-    # model; then `python -m benchmarks.peer_seeds benchmarks/work/converged-vgg11_w25-cifar10-p50
-    # --seed0-from-run` for the equal-MACs comparison's seed spread.
+    # (4.8 here, reported as gamma.l1_reach; γ starts at 0.5) polarises |γ|; every VGG entry prunes one sparse
+    # model. Then `python -m benchmarks.peer_seeds` on the two 50% runs for the equal-MACs comparison's seed spread
+    # (the Makefile target has the commands).
     "converged": [
-        dict(
-            arch="vgg11_w25", dataset="cifar10", percent=0.5, epochs=30, refine_epochs=20, sparsity=8e-4, eval_every=2
-        ),  # fmt: skip
-        dict(
-            arch="vgg11_w25", dataset="cifar10", percent=0.7, epochs=30, refine_epochs=20, sparsity=8e-4, eval_every=2
-        ),  # fmt: skip
+        _VGG | dict(percent=0.5),
+        _VGG | dict(percent=0.7),
         # the largest percent whose narrowest layers keep more than one channel here (a scan of prune on the sparse
         # model: 57.5% floors features.23, 70% floors features.19 and .23 to one channel each, and refine stays at
         # chance), the first at ≥ 5× fewer parameters; refined 40 epochs (20 gave 85.91%, −0.96 pt: its training
         # loss was still falling); without the peer, to save time: the equal-MACs comparison is in the 50% entries
-        dict(
-            arch="vgg11_w25",
-            dataset="cifar10",
-            percent=0.55,
-            epochs=30,
-            refine_epochs=40,
-            sparsity=8e-4,
-            eval_every=2,
-            peer=False,
-        ),  # fmt: skip
+        _VGG | dict(percent=0.55, refine_epochs=40, peer=False),
         # The same sparse model with each layer's |γ| divided by its largest (`--normalize max`): a BN followed by
         # ReLU and a conv can scale its γ freely, and the raw threshold above empties the last layers whose γ the L1
-        # term shrank as a whole. At 50% with the peer (the equal-MACs comparison; its seeds: `python -m
-        # benchmarks.peer_seeds benchmarks/work/converged-vgg11_w25-cifar10-p50-nmax --seed0-from-run --peer-from
-        # benchmarks/results/amd-epyc-2c/seeds-converged-vgg11_w25-cifar10-p50.json`), and at 70%.
-        dict(
-            arch="vgg11_w25",
-            dataset="cifar10",
-            percent=0.5,
-            epochs=30,
-            refine_epochs=20,
-            sparsity=8e-4,
-            eval_every=2,
-            normalize="max",
-        ),  # fmt: skip
-        dict(
-            arch="vgg11_w25",
-            dataset="cifar10",
-            percent=0.7,
-            epochs=30,
-            refine_epochs=20,
-            sparsity=8e-4,
-            eval_every=2,
-            normalize="max",
-            peer=False,
-        ),  # fmt: skip
+        # term shrank as a whole. At 50% with the peer (the equal-MACs comparison), and at 70%.
+        _VGG | dict(percent=0.5, normalize="max"),
+        _VGG | dict(percent=0.7, normalize="max", peer=False),
         # torchvision's mobilenet_v2 (ImageNet stem, 32×32 input) trains at ~420 images/s on these two cores, so a
         # full-CIFAR schedule (80 epochs) would take 2.6 h alone: it trains on a 10k subset for 15+15+10 epochs
-        # instead (about 25 minutes), with s raised so that the L1 term's reach s·Σlr/(1−μ) (~1.5, γ starts at 1)
-        # still polarises |γ| over its ten times fewer steps. Peak lr 0.05: at the preset's 0.1 its baseline's
-        # loss rose from 2.31 to 2.71 at the peak and ended at 32% (measured, then stopped).
-        dict(
-            arch="torchvision:mobilenet_v2",
-            dataset="cifar10",
-            percent=0.5,
-            epochs=15,
-            refine_epochs=10,
-            sparsity=5e-3,
-            lr=0.05,
-            train_subset=10000,
-            eval_every=2,
-        ),  # fmt: skip
+        # instead, with s raised so that the L1 term's reach s·Σlr/(1−μ) (1.5, γ starts at 1) still polarises |γ|
+        # over its ten times fewer steps. Peak lr 0.05: at the preset's 0.1 its baseline's loss rose from 2.31 to
+        # 2.71 at the peak and ended at 32% (measured, then stopped).
+        _MOBILENET,
         # the same sparse model pruned to multiples of 16 channels (--round-to 16, what the pipeline's default `auto`
-        # picks with AVX-512; also a multiple of AVX2's 8): exact counts leave onnxruntime's blocked depthwise convs
-        # for its slow path, and the exactly pruned model above runs slower than its baseline
-        dict(
-            arch="torchvision:mobilenet_v2",
-            dataset="cifar10",
-            percent=0.5,
-            epochs=15,
-            refine_epochs=10,
-            sparsity=5e-3,
-            lr=0.05,
-            train_subset=10000,
-            eval_every=2,
-            round_to=16,
-        ),  # fmt: skip
+        # picks with AVX-512; also a multiple of AVX2's 8): exact counts leave onnxruntime's blocked convs for its
+        # slow path, and the exactly pruned model above runs slower than its baseline
+        _MOBILENET | dict(round_to=16),
     ],
     # The GPU path in one command (`make benchmark SUITE=gpu`): VGG-19 on CIFAR-10 at 70%, the whole pipeline on
     # CUDA with bf16, resident data and torch.compile; per-stage images/s, compile time and wall time in the result.
