@@ -147,8 +147,10 @@ def deploy(every: list[dict]) -> list[str]:
     return lines
 
 
-# how the table names a run's --normalize (no "|": it would split the cell)
-_NORM = {"none": "", "max": ", --normalize max", "mean": ", --normalize mean"}
+def _options(r: dict) -> str:
+    """The prune options a converged row used beyond the paper's (no "|": it would split the table's cell)."""
+    norm, rt = r.get("normalize", "none"), r.get("round_to", 1)
+    return (f", --normalize {norm}" if norm != "none" else "") + (f", --round-to {rt}" if rt > 1 else "")
 
 
 def _pct(v: float | None) -> str:
@@ -165,8 +167,17 @@ def converged(every: list[dict]) -> list[str]:
     rows = [r for r in every if r.get("suite") == "converged"]
     if not rows:
         return []
-    # per model: the paper's raw |γ| rows first, then --normalize's, each by percent
-    rows.sort(key=lambda r: (r["arch"], r.get("train_subset") or 0, r.get("normalize", "none") != "none", r["percent"]))
+    # per model: the paper's raw |γ| rows first, then --normalize's; exact counts before --round-to; by percent
+    rows.sort(
+        key=lambda r: (
+            ":" in r["arch"],  # slimexport's own architectures first, then torchvision's and others
+            r["arch"],
+            r.get("train_subset") or 0,
+            r.get("normalize", "none") != "none",
+            r.get("round_to", 1),
+            r["percent"],
+        )
+    )
     seeds = {r["run"]: r for r in every if r.get("kind") == "peer_seeds" and r["run"].startswith("converged-")}
     lines = [
         "## Converged runs on two CPU cores: does pruning keep the accuracy?",
@@ -186,8 +197,8 @@ def converged(every: list[dict]) -> list[str]:
     for r in rows:
         b, s = r["baseline"], r["slimexport"]
         tag = f"{r['suite']}-{r['arch'].replace(':', '-')}-{r['dataset']}-p{int(round(100 * r['percent']))}"
-        norm = r.get("normalize", "none")
-        tag += f"-n{norm}" if norm != "none" else ""
+        tag += f"-r{r['round_to']}" if r.get("round_to", 1) > 1 else ""  # as benchmarks/run.py names the run
+        tag += f"-n{r['normalize']}" if r.get("normalize", "none") != "none" else ""
         peer = "–"
         if tag in seeds:
             z = seeds[tag]
@@ -205,7 +216,7 @@ def converged(every: list[dict]) -> list[str]:
             )
         subset = f", {r['train_subset']:,}-image train subset" if r.get("train_subset") else ""
         lines.append(
-            f"| {r['arch']}{subset} | {100 * r['percent']:.0f}%{_NORM[norm]} "
+            f"| {r['arch']}{subset} | {100 * r['percent']:.0f}%{_options(r)} "
             f"| {s['params']:,} (×{b['params'] / s['params']:.2f}) "
             f"| {s['macs']:,} (×{b['macs'] / s['macs']:.2f}) | {_pct(b['accuracy'])} / {_pct(s['sparse_accuracy'])}"
             f" / {_pct(s['accuracy_before_refine'])} / {_pct(s['accuracy'])} "
@@ -220,9 +231,18 @@ def converged(every: list[dict]) -> list[str]:
         done.add(key)
         b = r["baseline"]
         st = r["stages"]
+        group = [o for o in rows if (o["arch"], o.get("train_subset")) == key]
+        usual = max((o["refine_epochs"] for o in group), key=[o["refine_epochs"] for o in group].count)
+        others = [
+            f"{o['refine_epochs']} for {100 * o['percent']:.0f}%{_options(o)}"
+            for o in group
+            if o["refine_epochs"] != usual
+        ]
+        refine = f"{usual} refine" + (f" ({', '.join(others)})" if others else "")
+        lr = f"peak lr {r['lr']:g}, " if r.get("lr") else ""
         lines.append(
             f"- **{r['arch']}** ({r['epochs']} epochs baseline, {r['epochs']} sparse at s = {r['sparsity']:g}, "
-            f"{r['refine_epochs']} refine; {r['preset']} preset; {r['machine_tag']}, {r['date'][:10]}; "
+            f"{refine}; {lr}{r['preset']} preset; {r['machine_tag']}, {r['date'][:10]}; "
             f"`{r['command']}`): baseline {b['params']:,} params, {b['macs']:,} MACs, b1 {_ms(b, 1).split(' ')[0]} "
             f"ms, b32 {_ms(b, 32).split(' ')[0]} ms. Training wall time: "
             + ", ".join(f"{k} {st[k]['seconds'] / 60:.0f} min" for k in ("baseline", "sparse") if k in st)

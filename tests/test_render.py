@@ -87,6 +87,10 @@ def test_converged_section_leads_and_joins_the_seed_spread(tmp_path):
         vgg[1].startswith("| vgg11_w25 | 70%, --normalize max | 100 (×10.00) |") and "85.00 / 90.10 | +0.10 |" in vgg[1]
     )
     assert "2 seeds" not in vgg[1]  # the seeds file above belongs to the raw-|γ| run
+    # a row refined longer is named in the model's paragraph
+    (d / "converged-vgg11-p55.json").write_text(json.dumps(run | {"percent": 0.55, "refine_epochs": 40}))
+    text = render_results(tmp_path / "results")
+    assert "20 refine (40 for 55%); fast preset" in text
     assert text.index("## Converged runs") < text.index("Pipeline checks")  # it leads
     row = "| vgg11_w25 | 70% | 100 (×10.00) | 2,000 (×4.00) | 90.00 / 89.00 / 85.00 / 89.80 | -0.20 |"
     assert row in text
