@@ -22,12 +22,8 @@ benchmark:  ## SUITE=quick (CPU, minutes), cpu (~1 h), full (reference architect
 # Issue 15's converged runs on all of CIFAR-10 (about two hours of two CPU cores; run it in the background).
 # DATA: a directory with cifar10.npz (python3 ../shared/tools/fetch_cifar10.py DIR builds it; nothing is downloaded).
 DATA ?= $(HOME)/data
-benchmark-converged:  ## converged VGG (50%, 70%; raw and per-layer |γ|) and mobilenet_v2, the peer over three seeds
-	$(PYTHON) -m benchmarks.run --suite converged --data-dir $(DATA) --resume --reuse-trained
-	$(PYTHON) -m benchmarks.peer_seeds benchmarks/work/converged-vgg11_w25-cifar10-p50 --seed0-from-run
-	$(PYTHON) -m benchmarks.peer_seeds benchmarks/work/converged-vgg11_w25-cifar10-p50-nmax --seed0-from-run \
-		--peer-from benchmarks/results/$$($(PYTHON) -c 'from benchmarks.common import machine_tag as t; print(t())')/seeds-converged-vgg11_w25-cifar10-p50.json
-	$(PYTHON) -m benchmarks.run --render-only
+benchmark-converged:  ## converged VGG (raw and per-layer |γ|) and mobilenet_v2, peers over three seeds, two streams
+	PYTHON=$(PYTHON) bash benchmarks/converged.sh $(DATA)
 
 benchmark-selection:  ## what channel selection costs (training step, Gather share, preresnet164/densenet40)
 	$(PYTHON) -m benchmarks.selection_overhead $(ARGS)

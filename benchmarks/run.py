@@ -119,11 +119,12 @@ SUITES: dict[str, list[dict]] = {
             train_subset=1000,
         ),  # fmt: skip
     ],
-    # Issue 15's converged runs on the CPU (`make benchmark-converged`, about two hours of both cores): a narrow VGG
+    # Issue 15's converged runs on the CPU (`make benchmark-converged`: benchmarks/converged.sh runs them in two
+    # one-thread streams, under two hours on two cores): a narrow VGG
     # on all of CIFAR-10 with one-cycle schedules that anneal to zero, and a sparsity whose L1 reach s·Σlr/(1−μ)
     # (4.8 here, reported as gamma.l1_reach; γ starts at 0.5) polarises |γ|; every VGG entry prunes one sparse
     # model. Then `python -m benchmarks.peer_seeds` on the two 50% runs for the equal-MACs comparison's seed spread
-    # (the Makefile target has the commands).
+    # (converged.sh has the commands).
     "converged": [
         _VGG | dict(percent=0.5),
         _VGG | dict(percent=0.7),
