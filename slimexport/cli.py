@@ -47,6 +47,12 @@ class Preset(str, Enum):
     paper = "paper"
 
 
+class Normalize(str, Enum):
+    none = "none"
+    max = "max"
+    mean = "mean"
+
+
 # Shared options, defined once.
 ArchOpt = Annotated[
     str | None,
@@ -145,7 +151,7 @@ StreamOpt = Annotated[
     ),
 ]
 NormalizeOpt = Annotated[
-    str,
+    Normalize,
     typer.Option(
         "--normalize",
         help="How |γ| are compared across layers: none, as they are (the paper's); max or mean: each layer's |γ| "
@@ -397,7 +403,7 @@ def prune(
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Pruned checkpoint to write.")] = Path("pruned.pt"),
     min_channels: MinChOpt = 1,
-    normalize: NormalizeOpt = "none",
+    normalize: NormalizeOpt = Normalize.none,
     round_to: RoundOpt = "auto",
     prune_stream: StreamOpt = False,
     dataset: Annotated[
@@ -411,7 +417,6 @@ def prune(
 ):
     """Prune with one global threshold on BN |γ| and write a physically smaller model."""
     from slimexport.data import load_dataset
-    from slimexport.importance import check_normalize
     from slimexport.prune import check_macs_fraction, check_percent, resolve_round_to
     from slimexport.prune import prune as prune_fn
 
@@ -421,7 +426,6 @@ def prune(
         check_percent(percent)
     if max_macs is not None:
         check_macs_fraction(max_macs)
-    check_normalize(normalize)
     _check_out(out, force)
     resolve_round_to(round_to)
     ds = load_dataset(dataset, data_dir) if dataset else None
@@ -435,7 +439,7 @@ def prune(
         round_to=round_to,
         max_macs=max_macs,
         prune_stream=prune_stream,
-        normalize=normalize,
+        normalize=normalize.value,
     )
     r = meta["prune"]
     acc = f", accuracy before refine {meta['accuracy']:.4f}" if "accuracy" in meta else ""
@@ -447,7 +451,7 @@ def prune(
         else ""
     )
     rounded = f", round-to {r['round_to']} ({r['round_to_reason']})" if r["round_to"] > 1 else ""
-    scale = f" (|γ| ÷ each layer's {normalize})" if normalize != "none" else ""
+    scale = f" (|γ| ÷ each layer's {normalize.value})" if normalize is not Normalize.none else ""
     _say(
         f"pruned {r['channels_before'] - r['channels_after']}/{r['channels_before']} channels{budget}{rounded} at "
         f"threshold {r['threshold']}{scale}: params {r['params_before']:,} -> {r['params_after']:,} "
@@ -728,7 +732,7 @@ def pipeline(
     sparsity: SparsityOpt = 3e-3,
     percent: PercentOpt = 0.6,
     min_channels: MinChOpt = 1,
-    normalize: NormalizeOpt = "none",
+    normalize: NormalizeOpt = Normalize.none,
     round_to: RoundOpt = "auto",
     prune_stream: StreamOpt = False,
     baseline: Annotated[
