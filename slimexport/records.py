@@ -207,5 +207,6 @@ def schema_table() -> str:
     hints = get_type_hints(Report, include_extras=True)
     for key, hint in hints.items():
         tp, doc = get_args(hint)[0], get_args(hint)[1]
+        doc = doc.replace("|", "\\|")  # a bare "|" (as in |γ|) would end the markdown cell
         rows.append(f"| `{key}` | {doc} | {_describe(tp)} |")
     return "\n".join(rows)

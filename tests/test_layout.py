@@ -65,3 +65,21 @@ def test_the_readme_documents_report_json_as_the_types_say():
 
     readme = (PKG.parent / "README.md").read_text()
     assert schema_table() in readme
+
+
+def test_every_readme_table_row_has_its_headers_cell_count():
+    """A bare "|" inside a cell (as in |γ|) silently shifts the rest of the row into the wrong columns."""
+    import re
+
+    def cells(line: str) -> int:
+        return len(re.split(r"(?<!\\)\|", line.strip().strip("|")))
+
+    table: list[str] = []
+    bad = []
+    for line in [*(PKG.parent / "README.md").read_text().splitlines(), ""]:
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        bad += [row for row in table[2:] if table and cells(row) != cells(table[0])]
+        table = []
+    assert not bad, bad
