@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -125,8 +126,6 @@ def test_an_unreachable_macs_budget_is_a_clear_error(make_model):
 def _scaled_layer_copy(m, index: int, c: float):
     """A copy of ``m`` whose ``index``-th prunable BN has γ and β times ``c``: the same function, as long as that
     BN reaches the next BN only through ReLU, pooling and a conv (checked in the test with batch statistics)."""
-    import copy
-
     s = copy.deepcopy(m)
     name, bn = s.prunable_bns()[index]
     with torch.no_grad():
@@ -140,7 +139,6 @@ def test_normalize_makes_the_global_threshold_blind_to_a_layers_free_scale(make_
     m = make_model(TINY_VGG)
     s, name = _scaled_layer_copy(m, 2, 0.01)
     x = torch.randn(16, 1, 28, 28)
-    import copy
 
     def batch_stats(net):  # batch statistics and no ε, so that the next BN divides the 0.01 out exactly
         net = copy.deepcopy(net).train()
