@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import machine_tag
+from benchmarks.common import machine_tag, run_name
 from benchmarks.peers import torch_pruning_peer
 from benchmarks.render import render_results
 from slimexport.bench import BenchConfig, bench, ort_accuracy
@@ -261,20 +261,12 @@ def enrich(result: dict, rep: dict, run_dir: Path, cfg: PipelineConfig, out_dir:
 def _earlier_training(work: Path, key: tuple, args) -> Path | None:
     """A run directory left by an earlier invocation whose baseline and sparse models were trained exactly as
     ``key`` asks (same arch, data, sparsity, epochs, lr, preset and seed), for --reuse-trained."""
-    arch, dataset, sparsity, epochs, lr = key
     for d in sorted(work.iterdir()):
         rep = d / "report.json"
         if not (rep.is_file() and (d / "baseline.pt").is_file() and (d / "sparse.pt").is_file()):
             continue
         c = json.loads(rep.read_text())["config"]
-        same = (c["arch"], c["dataset"], c["sparsity"], c["epochs"], c.get("lr"), c["seed"]) == (
-            arch,
-            dataset,
-            sparsity,
-            epochs,
-            lr,
-            0,
-        )
+        same = (c["arch"], c["dataset"], c["sparsity"], c["epochs"], c.get("lr"), c["seed"]) == (*key, 0)
         if same and c["preset"] == args.preset:
             print(f"reusing the baseline and sparse models of {d}")
             return d
@@ -283,10 +275,8 @@ def _earlier_training(work: Path, key: tuple, args) -> Path | None:
 
 def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path, trained: dict) -> Path:
     round_to = entry.get("round_to", 1)
-    tag = f"{suite}-{entry['arch'].replace(':', '-')}-{entry['dataset']}-p{int(round(100 * entry['percent']))}"
-    tag += f"-r{round_to}" if round_to > 1 else ""
     normalize = entry.get("normalize", "none")
-    tag += f"-n{normalize}" if normalize != "none" else ""
+    tag = run_name(suite, entry["arch"], entry["dataset"], entry["percent"], round_to, normalize)
     run_dir = work / tag
     dataset, data_dir = dataset_source(entry, args.data_dir, work)
     # Entries that differ only in percent share one baseline and one sparse model, as a user sweeping would.

@@ -3,6 +3,8 @@ default run's seeds (the pipeline suites' tables are rendered by benchmarks/run.
 
 from __future__ import annotations
 
+from benchmarks.common import run_name
+
 
 def _x(ratio: float | None) -> str:
     return "" if ratio is None else f"×{ratio:.2f}"
@@ -196,9 +198,8 @@ def converged(every: list[dict]) -> list[str]:
     ]
     for r in rows:
         b, s = r["baseline"], r["slimexport"]
-        tag = f"{r['suite']}-{r['arch'].replace(':', '-')}-{r['dataset']}-p{int(round(100 * r['percent']))}"
-        tag += f"-r{r['round_to']}" if r.get("round_to", 1) > 1 else ""  # as benchmarks/run.py names the run
-        tag += f"-n{r['normalize']}" if r.get("normalize", "none") != "none" else ""
+        opts = r.get("round_to", 1), r.get("normalize", "none")
+        tag = run_name(r["suite"], r["arch"], r["dataset"], r["percent"], *opts)
         peer = "–"
         if tag in seeds:
             z = seeds[tag]

@@ -44,7 +44,6 @@ PRODUCERS = ("conv", "convT", "linear")
 def class_scores(model: nn.Module, g: ChannelGraph, normalize: str = "none") -> dict[int, float]:
     """Class root → max |γ| over the BN channels in it (only BNs with an affine scale count); with ``normalize``
     each BN's |γ| is first divided by that BN's max or mean (:func:`slimexport.importance.normalize_scores`)."""
-
     modules = dict(model.named_modules())
     scores: dict[int, float] = {}
     for use in g.uses.values():
