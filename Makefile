@@ -19,7 +19,7 @@ lint:
 benchmark:  ## SUITE=quick (CPU, minutes), cpu (~1 h), full (reference architectures on CIFAR-10, for a GPU), smoke
 	$(PYTHON) -m benchmarks.run --suite $(SUITE) $(ARGS)
 
-# Issue 15's converged runs on all of CIFAR-10 (about two hours of two CPU cores; run it in the background).
+# Issue 15's converged runs on all of CIFAR-10 (~130 min of two CPU cores, estimated; run it in the background).
 # DATA: a directory with cifar10.npz (python3 ../shared/tools/fetch_cifar10.py DIR builds it; nothing is downloaded).
 DATA ?= $(HOME)/data
 benchmark-converged:  ## converged VGG (raw and per-layer |γ|) and mobilenet_v2, peers over three seeds, two streams

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Issue 15's converged suite in two streams of one thread each (`make benchmark-converged DATA=dir`).
 #
-# These models are small: vgg11_w25 trains at ~22 s an epoch on one thread and ~25 s on two, so two one-thread
-# runs side by side do about twice the work of one two-thread run. Phase 1 trains VGG's baseline and sparse model
+# These models are small, and one thread trains them nearly as fast as two: vgg11_w25's 30-epoch baseline took
+# 747 s alone on two threads, and two one-thread baselines side by side took 1076 s and 1109 s, ×1.35 the work
+# done. Estimated from those parts, the whole suite takes about 130 min here (phase 1 ~61, phase 2 ~57, phase 3
+# ~14); it has not been timed end to end. Phase 1 trains VGG's baseline and sparse model
 # (its 50% entry, with the peer) beside both mobilenet_v2 entries; phase 2 prunes that sparse model in the other
 # VGG entries (--reuse-trained) beside the raw-|γ| peer seeds; phase 3 runs the --normalize max peer seeds, which
 # reuse Torch-Pruning's seeds from phase 2. A failure in either stream fails the suite; --resume continues entries

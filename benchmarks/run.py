@@ -120,7 +120,7 @@ SUITES: dict[str, list[dict]] = {
         ),  # fmt: skip
     ],
     # Issue 15's converged runs on the CPU (`make benchmark-converged`: benchmarks/converged.sh runs them in two
-    # one-thread streams, under two hours on two cores): a narrow VGG
+    # one-thread streams, about 130 min on two cores by an estimate from measured parts): a narrow VGG
     # on all of CIFAR-10 with one-cycle schedules that anneal to zero, and a sparsity whose L1 reach s·Σlr/(1−μ)
     # (4.8 here, reported as gamma.l1_reach; γ starts at 0.5) polarises |γ|; every VGG entry prunes one sparse
     # model. Then `python -m benchmarks.peer_seeds` on the two 50% runs for the equal-MACs comparison's seed spread

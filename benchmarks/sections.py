@@ -184,7 +184,8 @@ def converged(every: list[dict]) -> list[str]:
     lines = [
         "## Converged runs on two CPU cores: does pruning keep the accuracy?",
         "",
-        "The largest schedules two CPU cores carry in about two hours: one-cycle schedules that anneal the "
+        "Schedules sized for about two hours of two CPU cores (`make benchmark-converged`: ~130 min, estimated "
+        "from its measured parts, not timed end to end): one-cycle schedules that anneal the "
         "learning rate to zero (the last test evaluations are listed below, so you can see how far the accuracy "
         "still moved), sparse training, one global threshold, refine. Accuracy in % by "
         "onnxruntime on the whole CIFAR-10 test split (10,000 images). Latency: onnxruntime CPU, one thread, median "
