@@ -19,7 +19,7 @@ import numpy as np
 
 from slimexport.console import make_progress
 from slimexport.data import Dataset, batches, conform
-from slimexport.errors import SlimExportError
+from slimexport.errors import ModelFileError, SlimExportError
 from slimexport.records import BenchResult
 from slimexport.runtime import (
     BenchConfig,
@@ -167,13 +167,21 @@ def bench(models: dict[str, str | os.PathLike], ds: Dataset, cfg: BenchConfig | 
     cfg.validate()
     provider_for(cfg.device)
     paths = {}
+    sizes: dict[str, list[int]] = {}  # the fixed input size of each model that has one
     for name, p in models.items():  # every file loads and fits the data before anything is timed
         paths[name] = check_model_file(p)
         if is_ncnn(p):
             predictor(p)  # loads, or a one-line error; ncnn records no input shape
             continue
         sess = ort_session(paths[name])
-        ds = conform(ds, static_image_size(sess), str(p))
+        size = static_image_size(sess)
+        if size is not None:
+            sizes[str(p)] = size
+            if len({tuple(v) for v in sizes.values()}) > 1:
+                shown = ", ".join(f"{k} {v[0]}×{v[1]}" for k, v in sizes.items())
+                raise ModelFileError(f"the models take images of different sizes ({shown}); bench compares models "
+                                     "on the same images: give it models of one input size")  # fmt: skip
+        ds = conform(ds, size, str(p))
         check_input_shape(sess, (ds.in_channels, *ds.image_size), str(p))
     image_shape = (ds.in_channels, *ds.image_size)
     out: BenchResult = {"models": {n: {"path": str(p), "onnx_bytes": p.stat().st_size} for n, p in paths.items()}}

@@ -8,13 +8,16 @@ A checkpoint is a dict::
      "data": {"name", "mean", "std", "image_size", "label_names"},   # how inputs were normalised
      "meta": {"stage", "epochs", "accuracy", "history", "args", "prune", ...}}
 
-Nothing but tensors and plain Python values is stored, so no arbitrary object is ever unpickled.
+Nothing but tensors and plain Python values is stored, so no arbitrary object is ever unpickled. A checkpoint
+of a model from the user's own code (a model file or module factory) names that code; loading it runs the code
+only where the user named it too (:func:`slimexport.models.external.trusted_code`), never because a file said so.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -22,9 +25,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimexport.errors import CheckpointError, ConfigError
+from slimexport.errors import (
+    CheckpointError,
+    ConfigError,
+    OutputError,
+    SlimExportError,
+    first_line,
+    system_refusal,
+)
 from slimexport.fileio import atomic_path
 from slimexport.models import create_model
+from slimexport.models.external import check_trusted, is_external, trusted_code
 
 FORMAT, VERSION = "slimexport", 1
 
@@ -46,7 +57,15 @@ def make_checkpoint(model: nn.Module, data: dict[str, Any], meta: dict[str, Any]
 def save_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike) -> None:
     """Atomic: written to a temporary file beside ``path`` and renamed."""
     with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(ckpt, tmp)
+        try:
+            torch.save(ckpt, tmp)
+        except OSError as e:
+            raise OutputError(system_refusal(e) or f"cannot write checkpoint {path}: {first_line(e)}") from None
+        except RuntimeError as e:  # torch's zip writer: "[enforce fail at inline_container.cc] ... file write failed"
+            free = shutil.disk_usage(Path(path).parent).free
+            raise OutputError(
+                f"cannot write checkpoint {path}: {first_line(e, 120)} ({free:,} bytes free on its disk)"
+            ) from None
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -66,13 +85,34 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model a checkpoint describes (pruned or not) from the checkpoint alone."""
+def load_checkpoint(path: str | os.PathLike, trust: tuple[str, ...] | bool = ()) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model a checkpoint describes (pruned or not) from the checkpoint alone. A model from the user's
+    own code is built only if ``trust`` (or an enclosing :func:`trusted_code`) names its source, or ``trust`` is
+    True; otherwise :class:`~slimexport.errors.UntrustedCodeError`, before anything is imported."""
     ckpt = read_checkpoint(path)
+    with trusted_code(*(() if isinstance(trust, bool) else trust), everything=trust is True):
+        check_checkpoint_source(ckpt, path)
+        return _build(ckpt, path)
+
+
+def check_checkpoint_source(ckpt: dict[str, Any], path: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose model would be built by code the user did not name (see :func:`load_checkpoint`)."""
+    arch = ckpt.get("arch")
+    if not isinstance(arch, str):
+        raise CheckpointError(f"{path} names no architecture")
+    if is_external(arch):
+        config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+        check_trusted(config.get("source"), config.get("kwargs"), f"checkpoint {path}")
+
+
+def _build(ckpt: dict[str, Any], path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     try:
         model = create_model(ckpt["arch"], ckpt["num_classes"], ckpt["in_channels"], ckpt["config"])
         model.load_state_dict(ckpt["state_dict"])
-    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+    except SlimExportError:
+        raise
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:  # a plan or config
+        # that does not fit the model it names: a corrupt or edited file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"{path}: weights do not match its {ckpt.get('arch')} architecture ({first[:160]})"

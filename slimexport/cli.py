@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 
 from slimexport.console import console
-from slimexport.errors import ConfigError, SlimExportError
+from slimexport.errors import ConfigError, SlimExportError, user_message
 
 app = typer.Typer(
     name="slimexport",
@@ -190,6 +190,23 @@ EvalEveryOpt = Annotated[
     typer.Option("--eval-every", min=1, help="Measure test accuracy every N epochs (always after the last)."),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")]
+TrustArchOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--arch",
+        "-a",
+        help="Only for a checkpoint of your own model code: the FILE.py:FACTORY or MODULE:FACTORY it was built "
+        "from. Loading it imports and calls that code, so it runs only when you name it here (see --trust-model-code).",
+    ),
+]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-model-code",
+        help="Let checkpoints run the model code (file or module factory) they name, whatever it is. Off by default: "
+        "a checkpoint is data, and slimexport imports no code that a file names and you did not.",
+    ),
+]
 ResumeOpt = Annotated[
     bool,
     typer.Option(
@@ -245,13 +262,14 @@ def _report_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except SlimExportError as e:
-            _error(f"[bold red]error:[/] {escape(_rank_prefix() + str(e))}")
-            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             _error(f"[bold red]interrupted[/]: {_rank_prefix()}files being written were discarded; finished ones kept")
             raise typer.Exit(130) from None
-        except Exception as e:  # a bug, not bad input: still one line unless asked for the traceback
+        except Exception as e:  # the user's or the system's error: one line, exit 2; a bug of ours: exit 3
+            message = user_message(e)
+            if message is not None:
+                _error(f"[bold red]error:[/] {escape(_rank_prefix() + ' '.join(message.split()))}")
+                raise typer.Exit(2) from None
             if os.environ.get("SLIMEXPORT_DEBUG"):
                 raise
             first = str(e).splitlines()[0] if str(e) else ""
@@ -326,15 +344,23 @@ def _fill(cls, options: dict, **nested):
     return cls(**{k: plain(v) for k, v in options.items() if k in names and k not in nested}, **nested)
 
 
-def _check_out(out: Path, force: bool, resume: bool = False) -> None:
-    """Refuse to overwrite ``out`` without --force; --resume may continue an unfinished run's ``out.resume``."""
-    from slimexport.fileio import check_writable
+def _check_out(out: Path, force: bool, resume: bool = False, kind: str = "file", ours=None) -> None:
+    """Refuse, before any work, an ``out`` that exists (without --force) or cannot be written; --resume may continue
+    an unfinished run's ``out.resume``."""
+    from slimexport.fileio import check_output
 
+    out = out if out.name else out.resolve()  # "." and ".." have no name to put a ".resume" beside
     pending = out.with_name(out.name + ".resume")
     if resume and not pending.exists():
         raise ConfigError(f"nothing to resume: {pending} does not exist")
-    if not (resume and pending.exists()):
-        check_writable(out, force)
+    check_output(out, force or (resume and pending.exists()), kind, ours)
+
+
+def _trusting(arch: str | None, trust_model_code: bool):
+    """The model code the user named on this command line, which loading a checkpoint may then run."""
+    from slimexport.models.external import trusted_code
+
+    return trusted_code(arch, everything=trust_model_code)
 
 
 @app.command()
@@ -413,6 +439,8 @@ def prune(
         ),
     ] = None,
     data_dir: DataDirOpt = None,
+    arch: TrustArchOpt = None,
+    trust_model_code: TrustOpt = False,
     force: ForceOpt = False,
 ):
     """Prune with one global threshold on BN |γ| and write a physically smaller model."""
@@ -429,18 +457,19 @@ def prune(
     _check_out(out, force)
     resolve_round_to(round_to)
     ds = load_dataset(dataset, data_dir) if dataset else None
-    meta = prune_fn(
-        checkpoint,
-        out,
-        percent,
-        min_channels,
-        ds=ds,
-        device="cpu",
-        round_to=round_to,
-        max_macs=max_macs,
-        prune_stream=prune_stream,
-        normalize=normalize.value,
-    )
+    with _trusting(arch, trust_model_code):
+        meta = prune_fn(
+            checkpoint,
+            out,
+            percent,
+            min_channels,
+            ds=ds,
+            device="cpu",
+            round_to=round_to,
+            max_macs=max_macs,
+            prune_stream=prune_stream,
+            normalize=normalize.value,
+        )
     r = meta["prune"]
     acc = f", accuracy before refine {meta['accuracy']:.4f}" if "accuracy" in meta else ""
     budget = f" (--max-macs {max_macs:g}: global percent {r['percent']:.4f})" if max_macs is not None else ""
@@ -480,6 +509,8 @@ def refine(
     compile: CompileOpt = False,
     sync_bn: SyncBnOpt = False,
     resume: ResumeOpt = False,
+    arch: TrustArchOpt = None,
+    trust_model_code: TrustOpt = False,
     force: ForceOpt = False,
 ):
     """Fine-tune a pruned checkpoint (the model is rebuilt from the checkpoint alone)."""
@@ -492,7 +523,8 @@ def refine(
     )
     cfg.validate()
     ds = load_dataset(dataset, data_dir)
-    meta = train_fn(out, ds, cfg, init=checkpoint, stage="refined", resume=resume)
+    with _trusting(arch, trust_model_code):
+        meta = train_fn(out, ds, cfg, init=checkpoint, stage="refined", resume=resume)
     _say(f"refined: accuracy {meta['accuracy']:.4f} after {epochs} epochs ({meta['train_seconds']:.0f} s) -> {out}")
 
 
@@ -514,6 +546,8 @@ def export_cmd(
     parity_images: Annotated[int, typer.Option("--parity-images", min=1, help="Real test images compared.")] = 512,
     simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help="Simplify with onnxsim.")] = True,
     selection: SelectionOpt = Selection.gather,
+    arch: TrustArchOpt = None,
+    trust_model_code: TrustOpt = False,
     force: ForceOpt = False,
 ):
     """Export to ONNX (dynamic batch), check, simplify, and verify against PyTorch on real test images."""
@@ -522,12 +556,15 @@ def export_cmd(
 
     _check_out(out, force)
     ds = load_dataset(dataset, data_dir)
-    r = export(
-        checkpoint,
-        out,
-        ds,
-        ExportConfig(opset=opset, simplify=simplify, atol=atol, parity_images=parity_images, selection=selection.value),
-    )
+    with _trusting(arch, trust_model_code):
+        r = export(
+            checkpoint,
+            out,
+            ds,
+            ExportConfig(
+                opset=opset, simplify=simplify, atol=atol, parity_images=parity_images, selection=selection.value
+            ),
+        )
     p = r["parity"]
     _say(
         f"exported {out} ({r['onnx_bytes']:,} bytes, {sum(r['op_counts'].values())} nodes): max |Δ| "
@@ -665,6 +702,11 @@ def quantize(
     )
 
 
+def _converted(folder: Path) -> bool:
+    """A directory ``convert`` wrote: an .ort model or an ncnn model in it."""
+    return any(f.suffix == ".ort" or f.name.endswith(".ncnn.param") for f in folder.iterdir())
+
+
 @app.command()
 @_handle_errors
 def convert(
@@ -692,7 +734,7 @@ def convert(
 
     if to not in ("ort", "ncnn"):
         raise ConfigError(f"--to {to!r} is not supported: ort or ncnn")
-    _check_out(out, force)
+    _check_out(out, force, kind="dir", ours=_converted)
     if to == "ncnn":
         from slimexport.deploy import convert_ncnn, ncnn_available
         from slimexport.runtime import NCNN_HINT
@@ -793,6 +835,7 @@ def pipeline(
             "stages are skipped, an interrupted training stage continues from its last epoch.",
         ),
     ] = False,
+    trust_model_code: TrustOpt = False,
     force: ForceOpt = False,
 ):
     """Baseline → sparse training → prune → refine → ONNX export of both [→ INT8, .ort] → onnxruntime bench → report."""
@@ -807,7 +850,8 @@ def pipeline(
         export=ExportConfig(selection=selection.value),
         bench=_bench_config(batch, threads, bench_device, seconds),
     )
-    r = run_pipeline(cfg, command=shlex.join(["slimexport", *sys.argv[1:]]))
+    with _trusting(None, trust_model_code):
+        r = run_pipeline(cfg, command=shlex.join(["slimexport", *sys.argv[1:]]))
     if not r:  # a rank other than 0 under torchrun: rank 0 wrote the run and reports it
         return
     b, p, q = r["baseline"], r["pruned"], r["ratios"]

@@ -149,23 +149,51 @@ def _load(name: str, data_dir: str | os.PathLike | None, image_size: int | None)
     )
 
 
+def _image_folder_class():
+    """torchvision's ImageFolder whose items never raise: an image that cannot be read (corrupt, truncated,
+    above PIL's decompression-bomb limit) comes back as (its path, the reason), plain strings that cross the
+    DataLoader's process boundary intact, so the main process can name the file in one line (an exception raised
+    in a worker would arrive as "Caught OSError in DataLoader worker process 0" and a traceback)."""
+    from torchvision import datasets
+
+    class SafeImageFolder(datasets.ImageFolder):
+        def __getitem__(self, index: int):
+            path, target = self.samples[index]
+            try:
+                return self.transform(self.loader(path)), target
+            except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, DecompressionBombError, ...
+                return str(path), f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e) else ''}"
+
+    return SafeImageFolder
+
+
+def _collate_or_unreadable(items):
+    """Collate a batch, or pass on the first unreadable image's (path, reason)."""
+    from torch.utils.data import default_collate
+
+    bad = next((item for item in items if isinstance(item[0], str)), None)
+    return bad if bad is not None else default_collate(items)
+
+
 def load_imagefolder(root: Path, size: int, workers: int | None = None) -> Dataset:
     """``root/train/<class>/*`` and ``root/val/<class>/*`` through torchvision's ImageFolder, decoded by a
     DataLoader with workers, resized (shorter side) and centre-cropped to ``size``, kept in memory as uint8.
-    Training then augments with pad-and-crop and flips, as for every data set."""
+    Training then augments with pad-and-crop and flips, as for every data set. An image that cannot be read is a
+    one-line :class:`DataError` naming the file."""
     from torch.utils.data import DataLoader
-    from torchvision import datasets, transforms
+    from torchvision import transforms
 
     if not root.is_dir():
         raise DataError(f"image folder {root} not found")
     tf = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
+    folder_cls = _image_folder_class()
     splits = {}
     for split in ("train", "val"):
         d = root / split
         if not d.is_dir():
             raise DataError(f"{root} needs {split}/<class>/<image> folders; {d} is missing")
         try:
-            splits[split] = datasets.ImageFolder(str(d), transform=tf)
+            splits[split] = folder_cls(str(d), transform=tf)
         except (FileNotFoundError, RuntimeError) as e:
             raise DataError(f"{d}: {str(e).splitlines()[0][:200]}") from None
     if splits["train"].classes != splits["val"].classes:
@@ -175,11 +203,13 @@ def load_imagefolder(root: Path, size: int, workers: int | None = None) -> Datas
     arrays = {}
     n_workers = min(4, os.cpu_count() or 1) if workers is None else workers
     for split, ds in splits.items():
-        loader = DataLoader(ds, batch_size=64, num_workers=n_workers, shuffle=False)
-        try:
-            xs, ys = zip(*[(x, y) for x, y in loader])
-        except (OSError, ValueError) as e:
-            raise DataError(f"cannot read an image under {root / split}: {str(e).splitlines()[0][:160]}") from None
+        loader = DataLoader(ds, batch_size=64, num_workers=n_workers, shuffle=False, collate_fn=_collate_or_unreadable)
+        xs, ys = [], []
+        for x, y in loader:
+            if isinstance(x, str):
+                raise DataError(f"cannot read image {x}: {y}")
+            xs.append(x)
+            ys.append(y)
         arrays[split] = (torch.cat(xs), torch.cat(ys))
     (xtr, ytr), (xva, yva) = arrays["train"], arrays["val"]
     return from_arrays(

@@ -142,6 +142,11 @@ def compare(reference: str | os.PathLike, candidate: str | os.PathLike, ds: Data
     }
 
 
+# Ops that only a quantized model holds.
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                 "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearMul"}  # fmt: skip
+
+
 def _open_onnx(model: str | os.PathLike, ds: Dataset, onnx_only: bool = False):
     """The model's session and the data fitted to its input (resized to its image size; channels must match); a
     missing or invalid file, or one that is not ``.onnx`` where ``onnx_only``, is a one-line error."""
@@ -170,6 +175,11 @@ def quantize(
     cfg = cfg or QuantizeConfig()
     cfg.validate()
     model, sess, ds = _open_onnx(model, ds)
+    quantized = sorted(set(_op_counts(model)) & QUANTIZED_OPS)
+    if quantized:
+        raise ModelFileError(
+            f"{model} is already quantized (it has {', '.join(quantized)} nodes): quantize its FP32 source instead"
+        )
     if len(ds.y_train) == 0:
         raise ConfigError("the calibration set is empty: the data set has no training images")
     input_name = io_names(sess)[0]
@@ -208,7 +218,7 @@ def quantize(
         except SlimExportError:
             raise
         except Exception as e:  # noqa: BLE001 - onnxruntime's quantizer raises many types
-            text = str(e).strip()
+            text = str(e).strip().replace(str(pre), str(model)).replace(str(dst), str(out))
             raise SlimExportError(
                 f"quantizing {model} failed: {type(e).__name__}: {(text.splitlines() or [''])[0][:200]}"
             ) from None

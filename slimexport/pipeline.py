@@ -28,15 +28,24 @@ from rich.markup import escape
 
 from slimexport import distributed
 from slimexport.bench import BenchConfig, bench, provider_for
-from slimexport.checkpoint import fit_data, load_checkpoint, make_checkpoint, read_checkpoint, save_checkpoint
+from slimexport.checkpoint import (
+    check_checkpoint_source,
+    fit_data,
+    load_checkpoint,
+    make_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from slimexport.console import console
 from slimexport.data import EMBEDDED, Dataset, load_dataset
 from slimexport.deploy import QuantizeConfig, convert, convert_ncnn, ncnn_available, quantize
 from slimexport.errors import CheckpointError, ConfigError, OutputExistsError
 from slimexport.export import ExportConfig, export
-from slimexport.fileio import read_json, write_json
+from slimexport.fileio import check_output, output_lock, read_json, write_json
+from slimexport.graph import BN_TYPES
 from slimexport.importance import check_normalize
 from slimexport.models import create_model, default_config
+from slimexport.models.external import canonical_source, is_external, trusted_code
 from slimexport.prune import bn_gammas, check_percent, check_prune_stream, prune, resolve_round_to
 from slimexport.report import build_report, plot_channels, plot_gammas, plot_latency, plot_variants, write_report
 from slimexport.runtime import NCNN_HINT
@@ -48,6 +57,7 @@ from slimexport.train import (
     evaluate,
     make_scheduler,
     preset_config,
+    probe_model,
     resolve_device,
     train,
 )
@@ -406,35 +416,63 @@ def _check_resumable(work: Path, config: dict[str, Any]) -> None:
         raise ConfigError(f"cannot resume {work}: options differ from the interrupted run's: {shown}")
 
 
+def _same_arch(a: str, b: str) -> bool:
+    """Two --arch values name the same model (a model file by its absolute path)."""
+    return a == b or (is_external(a) and is_external(b) and canonical_source(a) == canonical_source(b))
+
+
 def _resolve(cfg: PipelineConfig) -> None:
-    """Fill in the architecture (from --baseline/--sparse or the default) and check it, before any data or training."""
-    baseline_src = Path(cfg.baseline) if cfg.baseline else None
-    if baseline_src is not None:
-        ck = read_checkpoint(baseline_src)
-        if cfg.arch is not None and ck["arch"] != cfg.arch:
-            raise CheckpointError(f"--baseline {baseline_src} holds a {ck['arch']} model, not the requested {cfg.arch}")
-        cfg.arch = ck["arch"]
-    if cfg.sparse is not None:
-        ck = read_checkpoint(cfg.sparse)
-        if cfg.arch is not None and ck["arch"] != cfg.arch:
-            raise CheckpointError(
-                f"--sparse {cfg.sparse} holds a {ck['arch']} model, not the {cfg.arch} of the baseline"
-            )
-        cfg.arch = ck["arch"]
+    """Fill in the architecture (from --baseline/--sparse or the default) and check it, before any data or training:
+    a checkpoint's model code runs only where the user named it, and a model that network slimming cannot prune
+    (no BatchNorm) is refused now, not after two trainings."""
+    for option, src in (("--baseline", cfg.baseline), ("--sparse", cfg.sparse)):
+        if src is None:
+            continue
+        ck = read_checkpoint(src)
+        check_checkpoint_source(ck, src)
+        if cfg.arch is not None and not _same_arch(ck["arch"], cfg.arch):
+            what = "the requested" if option == "--baseline" else "the baseline's"
+            raise CheckpointError(f"{option} {src} holds a {ck['arch']} model, not {what} {cfg.arch}")
+        if cfg.arch is None:
+            cfg.arch = ck["config"]["source"] if is_external(ck["arch"]) else ck["arch"]
     cfg.arch = cfg.arch or DEFAULT_ARCH
-    try:  # fail now, not after loading data or training
-        default_config(cfg.arch)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    default_config(cfg.arch)  # fail now, not after loading data or training
+
+
+def _check_model(cfg: PipelineConfig, ds: Dataset) -> None:
+    """Build the model for this data once before any training: a factory or forward that fails, an output that is
+    not the data's class logits, or no BatchNorm to score (nothing network slimming can prune) is refused now, not
+    after two trainings."""
+    model = create_model(cfg.arch, ds.num_classes, ds.in_channels)
+    if not any(m.weight is not None for m in model.modules() if isinstance(m, BN_TYPES)):
+        raise ConfigError(
+            f"{cfg.arch} has no BatchNorm layer with a scale γ: network slimming scores channels by it, so there "
+            "is nothing to prune"
+        )
+    probe_model(model, ds, f"--arch {cfg.arch}")
     if cfg.prune_stream:
-        check_prune_stream(create_model(cfg.arch, 10, 3), True)
+        check_prune_stream(model, True)
+
+
+def _is_run_dir(folder: Path) -> bool:
+    """A run directory the pipeline wrote (one --force may replace)."""
+    return (folder / "report.json").is_file() or (folder / "config.json").is_file()
 
 
 def run_pipeline(cfg: PipelineConfig, command: str = "") -> dict[str, Any]:
     """Run every stage (or, with ``cfg.resume``, those an interrupted run did not finish); returns the report
-    (also written to ``cfg.out``/report.json)."""
+    (also written to ``cfg.out``/report.json). The model code ``cfg.arch`` names is the caller's to run; a
+    checkpoint given as ``cfg.baseline``/``cfg.sparse`` runs only code the caller named (see
+    :func:`~slimexport.models.external.trusted_code`). The run directory is locked while the run writes it."""
     cfg.validate()
     out = Path(cfg.out)
+    # writable, of the right kind, and if it exists a run directory (that --force or --resume may replace)
+    check_output(out, True, "dir", _is_run_dir)
+    with trusted_code(cfg.arch), output_lock(out):
+        return _run_locked(cfg, out, command)
+
+
+def _run_locked(cfg: PipelineConfig, out: Path, command: str) -> dict[str, Any]:
     work = partial_dir(out)
     device = distributed.setup(resolve_device(cfg.device))  # under torchrun: join the group first
     if cfg.resume and not work.is_dir():
@@ -453,6 +491,7 @@ def run_pipeline(cfg: PipelineConfig, command: str = "") -> dict[str, Any]:
         cfg.export.tune_device = cfg.bench.device  # `--selection auto` chooses for the device it is benched on
     _resolve(cfg)
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size)
+    _check_model(cfg, ds)
     config = asdict(cfg) | {"resolved_device": str(device), "data": ds.summary()}
     config["round_to_resolved"], config["round_to_reason"] = resolve_round_to(cfg.round_to)
     main = distributed.is_main()
@@ -487,9 +526,11 @@ def run_pipeline(cfg: PipelineConfig, command: str = "") -> dict[str, Any]:
             distributed.barrier()  # the next stage reads this one's files
             finished.append(st.name)
     except BaseException:
-        if main and finished:
+        epochs = sorted(p.name.removesuffix(".pt.resume") for p in work.glob("*.pt.resume"))
+        if main and (finished or epochs):
+            kept = [*finished, *(f"{name}'s finished epochs" for name in epochs)]
             console.print(
-                f"[bold]the finished stages ({', '.join(finished)}) are kept in {escape(str(work))}[/]; "
+                f"[bold]{escape(', '.join(kept))} kept in {escape(str(work))}[/]; "
                 "continue with the same command and --resume"
             )
         elif main:

@@ -11,6 +11,7 @@ load, and then silently runs on the CPU.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import defaultdict
@@ -51,6 +52,8 @@ class BenchConfig:
             raise ConfigError(f"--threads must be positive integers, got {self.threads}")
         if self.min_runs < 1 or self.max_runs < self.min_runs:
             raise ConfigError("--runs must be at least 1")
+        if not (self.seconds >= 0 and math.isfinite(self.seconds)):  # False for nan too
+            raise ConfigError(f"--seconds must be a finite number of seconds >= 0, got {self.seconds}")
         parse_device(self.device)
 
 

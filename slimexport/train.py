@@ -21,10 +21,12 @@ from slimexport import distributed
 from slimexport.checkpoint import fit_data, load_checkpoint, make_checkpoint, read_checkpoint, save_checkpoint
 from slimexport.console import console, make_progress
 from slimexport.data import Dataset, augment, batches
-from slimexport.errors import CheckpointError, ConfigError, DeviceError
+from slimexport.errors import CheckpointError, ConfigError, DeviceError, ModelCodeError, SlimExportError, first_line
+from slimexport.fileio import output_lock
 from slimexport.graph import BN_TYPES
 from slimexport.models import create_model
-from slimexport.models.common import restore_bn_selections
+from slimexport.models.common import SlimModel, restore_bn_selections
+from slimexport.models.external import is_external
 
 # Named schedules, the one home of their defaults. `fast` is a short one-cycle schedule; `paper` is the reference
 # recipe (Liu et al. 2017). Refine's learning rate is `refine_lr_factor` × the training lr unless given.
@@ -207,6 +209,12 @@ def fit(
     world, rank = distributed.world_size(), distributed.rank()
     if world > 1 and cfg.batch_size % world:
         raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) must divide by the {world} ranks")
+    if world > 1 and len(ds.y_train) < cfg.batch_size:  # one short batch, split by rank: some ranks get nothing
+        raise ConfigError(
+            f"the training split has {len(ds.y_train)} images, fewer than the global batch of {cfg.batch_size} "
+            f"that the {world} ranks share; every rank needs images: lower --batch-size or use fewer ranks"
+        )
+    user_code = not is_builtin(model)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)  # shuffling, and augmentation on the CPU
     # Augmentation runs where the data is: on CUDA with the run's own CUDA generator (saved for resume), never the
@@ -275,7 +283,8 @@ def fit(
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with _autocast(device):
-                    loss = F.cross_entropy(forward(x), yb)
+                    logits = _forward(forward, x, user_code, f"training epoch {epoch + 1}")
+                    loss = F.cross_entropy(logits, yb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()  # under DDP the gradients are averaged over ranks here
                 regularize(model, cfg.sparsity, bn_ws)  # after the all-reduce: the same term on every rank
@@ -338,6 +347,57 @@ def fit(
         "train_seconds": train_seconds,
         "images_per_s": n_images / train_seconds if train_seconds else 0.0,
     }
+
+
+def is_builtin(model: nn.Module) -> bool:
+    """One of slimexport's own architectures (its forward failing is a bug of ours, not the user's code)."""
+    return isinstance(model, SlimModel) and not is_external(getattr(model, "arch", ""))
+
+
+def _describe_output(out: object) -> str:
+    if isinstance(out, dict):
+        return f"a dict (keys {', '.join(map(str, list(out)[:4]))})"
+    return f"a {type(out).__name__}"
+
+
+def _forward(forward, x: torch.Tensor, user_code: bool, when: str) -> torch.Tensor:
+    """``forward(x)``, where the user's model code raising, or returning anything but one logits tensor, is a
+    one-line :class:`ModelCodeError` (for slimexport's own models a failure stays a bug, exit 3)."""
+    if not user_code:
+        return forward(x)
+    try:
+        out = forward(x)
+    except SlimExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's forward may raise anything
+        raise ModelCodeError(f"the model's forward raised {type(e).__name__} in {when}: {first_line(e, 160)}") from None
+    if not isinstance(out, torch.Tensor):
+        raise ModelCodeError(
+            f"the model's forward returns {_describe_output(out)} in {when}; slimexport trains and exports a model "
+            "whose forward returns the class logits as one tensor: wrap it so that it does"
+        )
+    return out
+
+
+@torch.no_grad()
+def probe_model(model: nn.Module, ds: Dataset, what: str) -> None:
+    """Run the user's model once on two test images (eval mode, so no statistics change) before any long work:
+    a forward that raises, returns a tuple or dict, or has another number of outputs than the data has classes
+    (a factory that ignores ``num_classes``) is a one-line :class:`ModelCodeError` naming ``what``."""
+    if is_builtin(model):
+        return
+    was = model.training
+    model.eval()
+    try:
+        out = _forward(model, ds.normalize(ds.x_test[:2].cpu()), True, f"a first check on 2 test images ({what})")
+    finally:
+        model.train(was)
+    want = (min(2, len(ds.y_test)), ds.num_classes)
+    if tuple(out.shape) != want:
+        raise ModelCodeError(
+            f"{what} gives outputs of shape {tuple(out.shape)} for {want[0]} images; the data set has "
+            f"{ds.num_classes} classes, so they must be {want} (does the model factory take num_classes?)"
+        )
 
 
 def _revert_sync_bn(module: nn.Module, kinds: dict[str, type], prefix: str = "") -> nn.Module:
@@ -444,26 +504,28 @@ def train(
 
             load_weights(model, weights)
     stage = stage or ("refined" if init is not None else ("sparse" if cfg.sparsity > 0 else "baseline"))
+    probe_model(model, ds, str(init) if init is not None else f"--arch {arch}")
     resume_path = out.with_name(out.name + ".resume")
-    result = fit(model, ds, cfg, resume_path=resume_path, resume=resume, description=stage)
-    model = result["model"]  # the same module (or, after --sync-bn, one with plain BatchNorms again)
-    meta = {
-        "stage": stage,
-        "train_config": asdict(cfg),
-        "accuracy": result["final_accuracy"],
-        "best_accuracy": result["best_accuracy"],
-        "history": result["history"],
-        "train_seconds": result["train_seconds"],
-        "images_per_s": result["images_per_s"],
-        "compile_seconds": result["compile_seconds"],
-        "channels_last": result["channels_last"],
-        "parent": prior_meta.get("stage"),
-    }
-    if "prune" in prior_meta:
-        meta["prune"] = prior_meta["prune"]
-    meta["world_size"] = result["world_size"]
-    if distributed.is_main():  # rank 0 alone writes; the others wait until the file is there
-        save_checkpoint(make_checkpoint(model, data_meta(ds), meta), out)
-        resume_path.unlink(missing_ok=True)
+    with output_lock(out):  # a second process writing the same checkpoint is refused, naming this one
+        result = fit(model, ds, cfg, resume_path=resume_path, resume=resume, description=stage)
+        model = result["model"]  # the same module (or, after --sync-bn, one with plain BatchNorms again)
+        meta = {
+            "stage": stage,
+            "train_config": asdict(cfg),
+            "accuracy": result["final_accuracy"],
+            "best_accuracy": result["best_accuracy"],
+            "history": result["history"],
+            "train_seconds": result["train_seconds"],
+            "images_per_s": result["images_per_s"],
+            "compile_seconds": result["compile_seconds"],
+            "channels_last": result["channels_last"],
+            "parent": prior_meta.get("stage"),
+        }
+        if "prune" in prior_meta:
+            meta["prune"] = prior_meta["prune"]
+        meta["world_size"] = result["world_size"]
+        if distributed.is_main():  # rank 0 alone writes; the others wait until the file is there
+            save_checkpoint(make_checkpoint(model, data_meta(ds), meta), out)
+            resume_path.unlink(missing_ok=True)
     distributed.barrier()
     return meta

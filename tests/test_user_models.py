@@ -25,7 +25,7 @@ def _check_run(out):
     for name in ("baseline.onnx", "pruned.onnx"):
         ops = {n.op_type for n in onnx.load(str(out / name)).graph.node}
         assert not ops & FORBIDDEN, ops
-    model, ck = load_checkpoint(out / "refined.pt")  # rebuilt from the checkpoint alone
+    model, ck = load_checkpoint(out / "refined.pt", trust=True)  # rebuilt from the checkpoint alone (our own code)
     assert ck["config"]["plan"]
     return r
 
@@ -55,8 +55,8 @@ def test_a_moved_model_file_is_a_clear_error(tmp_path, small_npz):
                               "--device", "cpu", "--out", str(ck)])  # fmt: skip
     assert res.exit_code == 0, res.output
     src.unlink()
-    _fails_cleanly(["export", str(ck), "--dataset", small_npz, "--out", str(tmp_path / "m.onnx")], "not found",
-                   tmp_path)  # fmt: skip
+    _fails_cleanly(["export", str(ck), "--dataset", small_npz, "--out", str(tmp_path / "m.onnx"), "--arch",
+                    f"{src}:build"], "not found", tmp_path)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -91,7 +91,7 @@ def test_weights_that_fit_are_the_starting_point(tmp_path, small_npz):
                               "--dataset", small_npz, "--out", str(out), "--epochs", "1", "--lr", "1e-9",
                               "--device", "cpu"])  # fmt: skip
     assert res.exit_code == 0, res.output
-    model, _ = load_checkpoint(out)
+    model, _ = load_checkpoint(out, trust=("tests/user_model.py:build",))
     got = model.net.state_dict()
     assert torch.allclose(got["stem.0.weight"], w["stem.0.weight"], atol=1e-6)  # lr ~ 0: still the given weights
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from slimexport.errors import ConfigError
 from slimexport.models.common import ChannelSelection
 from slimexport.models.densenet import DenseNet, densenet_config
 from slimexport.models.external import GraphModel, check_source, external_config, is_external
@@ -70,7 +71,18 @@ def _resolve(arch: str) -> tuple[Family, re.Match]:
         if m:
             return fam, m
     known = ", ".join(ex for fam in FAMILIES for ex in fam.examples)
-    raise ValueError(f"unknown architecture {arch!r}; known: {known} (any vggD[_wP], preresnet9n+2, densenet3n+4)")
+    raise ConfigError(f"unknown architecture {arch!r}; known: {known} (any vggD[_wP], preresnet9n+2, densenet3n+4)")
+
+
+def _family_config(fam: Family, m: re.Match, arch: str) -> dict[str, Any]:
+    """The family's unpruned config; a name the family's pattern takes but its builder refuses (vgg12,
+    preresnet15) is a one-line :class:`ConfigError` naming the architecture."""
+    try:
+        return fam.default_config(m)
+    except ConfigError:
+        raise
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"--arch {arch}: {e.args[0] if e.args else e}") from None
 
 
 def default_config(arch: str) -> dict[str, Any]:
@@ -79,7 +91,7 @@ def default_config(arch: str) -> dict[str, Any]:
         check_source(arch)
         return external_config(arch)
     fam, m = _resolve(arch)
-    return fam.default_config(m)
+    return _family_config(fam, m, arch)
 
 
 def create_model(arch: str, num_classes: int = 10, in_channels: int = 3, config: dict[str, Any] | None = None):
@@ -88,7 +100,7 @@ def create_model(arch: str, num_classes: int = 10, in_channels: int = 3, config:
     if is_external(arch):
         return GraphModel(arch, external_config(arch) if config is None else config, num_classes, in_channels)
     fam, m = _resolve(arch)
-    return fam.cls(arch, fam.default_config(m) if config is None else config, num_classes, in_channels)
+    return fam.cls(arch, _family_config(fam, m, arch) if config is None else config, num_classes, in_channels)
 
 
 def count_params(model: nn.Module) -> int:

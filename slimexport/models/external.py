@@ -6,6 +6,13 @@
   ``num_classes=K`` when it takes that argument. A file is stored by its absolute path and imported again from
   there (only while it is there) when a checkpoint is loaded.
 
+Trust: a checkpoint is data, and loading one never imports or calls what it names unless the user named it too.
+The registries (``torchvision:NAME``, ``timm:NAME``) are data: a name looked up in a list, built with no
+arguments from the file. A model file or module factory stored in a checkpoint is run only inside
+:func:`trusted_code` naming that source (the CLI's ``--arch SOURCE``), or with ``everything=True`` (the CLI's
+``--trust-model-code``); otherwise :func:`check_trusted` raises a one-line :class:`UntrustedCodeError` that says
+how to opt in.
+
 A :class:`GraphModel` wraps the user's network (``.net``) with the interface the pipeline uses (``arch``,
 ``num_classes``, ``in_channels``, ``config``, ``prunable_bns``). Its config is plain data: the source to build
 the original from (builder name and keyword arguments), the input size the graph was traced at, and the pruning
@@ -18,25 +25,73 @@ Grayscale data (one channel) fed to a three-channel network is repeated to three
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import importlib
 import importlib.util
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from slimexport.errors import ConfigError
+from slimexport.errors import ConfigError, ModelCodeError, UntrustedCodeError, first_line
 from slimexport.models.common import SlimModel
 
 PREFIXES = ("torchvision:", "timm:")
+# (trust every source, the canonical sources the user named): set by trusted_code for the current context.
+_TRUST: contextvars.ContextVar[tuple[bool, frozenset[str]]] = contextvars.ContextVar(
+    "slimexport_trusted_code", default=(False, frozenset())
+)
 
 
 def is_external(arch: str) -> bool:
     """``torchvision:NAME``, ``timm:NAME`` or an import string ``file.py:factory`` / ``pkg.module:factory``."""
     return ":" in arch
+
+
+def is_registry(arch: str) -> bool:
+    """``torchvision:NAME`` or ``timm:NAME``: a name looked up in a registry, not code named by a string."""
+    return arch.startswith(PREFIXES)
+
+
+@contextmanager
+def trusted_code(*sources: str | None, everything: bool = False) -> Iterator[None]:
+    """Within the block, a checkpoint whose model is built by one of ``sources`` (a model file or module factory,
+    as the user named it) may be loaded, which imports and calls that code; ``everything`` trusts whatever a
+    checkpoint names (the CLI's ``--trust-model-code``). Nests; registry names need no trust."""
+    all_before, known = _TRUST.get()
+    named = {canonical_source(s) for s in sources if s and is_external(s) and not is_registry(s)}
+    token = _TRUST.set((all_before or everything, known | named))
+    try:
+        yield
+    finally:
+        _TRUST.reset(token)
+
+
+def check_trusted(source: object, kwargs: object, where: str) -> None:
+    """Refuse (one line, before anything is imported) a model source read from ``where`` (a file) that would run
+    code the user did not name: a model file or module factory outside :func:`trusted_code`, or keyword arguments
+    (slimexport stores none) for any builder."""
+    everything, known = _TRUST.get()
+    if everything:
+        return
+    if not isinstance(source, str) or not is_external(source):
+        raise UntrustedCodeError(f"{where}: its model source {source!r} is not a model name slimexport knows")
+    if kwargs:
+        raise UntrustedCodeError(
+            f"{where} passes keyword arguments {sorted(kwargs) if isinstance(kwargs, dict) else kwargs!r} to the "
+            f"builder of {source} (slimexport writes none); if you trust this file, pass --trust-model-code"
+        )
+    if is_registry(source) or canonical_source(source) in known:
+        return
+    raise UntrustedCodeError(
+        f"{where} builds its model by importing and calling {source}, code named by the file, not by you; "
+        f"if you trust that code, name it: --arch {source} (or pass --trust-model-code)"
+    )
 
 
 def canonical_source(arch: str) -> str:
@@ -111,9 +166,15 @@ def build_source(source: str, num_classes: int, kwargs: dict[str, Any] | None = 
         params = {}
     if "num_classes" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
         kwargs.setdefault("num_classes", num_classes)
-    net = fn(**kwargs)
+    try:
+        net = fn(**kwargs)
+    except Exception as e:  # noqa: BLE001 - the user's factory may raise anything
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no arguments"
+        raise ModelCodeError(
+            f"the model factory {source} raised {type(e).__name__} when called with {given}: {first_line(e, 160)}"
+        ) from None
     if not isinstance(net, nn.Module):
-        raise ConfigError(f"{source} returned a {type(net).__name__}, not a torch.nn.Module")
+        raise ModelCodeError(f"{source} returned a {type(net).__name__}, not a torch.nn.Module")
     return net
 
 
