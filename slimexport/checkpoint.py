@@ -63,9 +63,8 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike) -> None:
             raise OutputError(system_refusal(e) or f"cannot write checkpoint {path}: {first_line(e)}") from None
         except RuntimeError as e:  # torch's zip writer: "[enforce fail at inline_container.cc] ... file write failed"
             free = shutil.disk_usage(Path(path).parent).free
-            raise OutputError(
-                f"cannot write checkpoint {path}: {first_line(e, 120)} ({free:,} bytes free on its disk)"
-            ) from None
+            why = "the disk is full" if free < 1 << 20 else first_line(e, 120)
+            raise OutputError(f"cannot write checkpoint {path}: {why} ({free:,} bytes free on its disk)") from None
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from slimexport.errors import LockedError, OutputError, OutputExistsError, system_refusal
+from slimexport.errors import LockedError, OutputError, OutputExistsError
 
 
 def _umask() -> int:
@@ -107,7 +107,10 @@ def check_output(
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise OutputError(system_refusal(e) or f"cannot write in {existing}: {e.strerror}") from None
+        from slimexport.errors import SYSTEM_REFUSALS
+
+        reason = SYSTEM_REFUSALS.get(e.errno, e.strerror)
+        raise OutputError(f"cannot write {path}: {reason} ({existing})") from None
     return path
 
 

@@ -81,17 +81,16 @@ def check_trusted(source: object, kwargs: object, where: str) -> None:
         return
     if not isinstance(source, str) or not is_external(source):
         raise UntrustedCodeError(f"{where}: its model source {source!r} is not a model name slimexport knows")
+    if not is_registry(source) and canonical_source(source) not in known:
+        raise UntrustedCodeError(
+            f"{where} builds its model by importing and calling {source}, code named by the file, not by you; "
+            f"if you trust that code, name it: --arch {source} (or pass --trust-model-code)"
+        )
     if kwargs:
         raise UntrustedCodeError(
             f"{where} passes keyword arguments {sorted(kwargs) if isinstance(kwargs, dict) else kwargs!r} to the "
             f"builder of {source} (slimexport writes none); if you trust this file, pass --trust-model-code"
         )
-    if is_registry(source) or canonical_source(source) in known:
-        return
-    raise UntrustedCodeError(
-        f"{where} builds its model by importing and calling {source}, code named by the file, not by you; "
-        f"if you trust that code, name it: --arch {source} (or pass --trust-model-code)"
-    )
 
 
 def canonical_source(arch: str) -> str:
