@@ -85,6 +85,23 @@ DataDirOpt = Annotated[
         "~/.cache/slimexport/data).",
     ),
 ]
+
+
+class DataCache(str, Enum):
+    auto = "auto"
+    ram = "ram"
+    off = "off"
+
+
+DataCacheOpt = Annotated[
+    DataCache,
+    typer.Option(
+        "--data-cache",
+        help="imagefolder data: ram (decode every image once, keep it in memory: fast for small data), off (decode "
+        "each batch from the files in DataLoader workers: memory bounded by batch and workers, any data size), or "
+        "auto (ram where the decoded images fit in a quarter of the memory available).",
+    ),
+]
 EpochsOpt = Annotated[int, typer.Option("--epochs", "-e", min=1, help="Training epochs.")]
 SparsityOpt = Annotated[
     float,
@@ -127,11 +144,12 @@ PresetOpt = Annotated[
 DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to train: auto (CUDA if available), cpu, cuda.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 WeightsOpt = Annotated[
-    Path | None,
+    str | None,
     typer.Option(
         "--weights",
-        help="Start from this state_dict (e.g. pretrained weights you saved; nothing is downloaded), loaded with "
-        "weights_only=True.",
+        help="Start from this state_dict (e.g. pretrained weights you saved), loaded with weights_only=True; or "
+        "torchvision:IMAGENET1K_V1 (any of the builder's weights) for --arch torchvision:NAME, read from the torch "
+        "hub cache (nothing is downloaded). A classifier for another number of classes starts afresh.",
     ),
 ]
 ImageSizeOpt = Annotated[
@@ -381,6 +399,7 @@ def train(
     compile: CompileOpt = False,
     weights: WeightsOpt = None,
     image_size: ImageSizeOpt = None,
+    data_cache: DataCacheOpt = DataCache.auto,
     sync_bn: SyncBnOpt = False,
     resume: ResumeOpt = False,
     force: ForceOpt = False,
@@ -397,7 +416,7 @@ def train(
         from slimexport.models import default_config
 
         default_config(arch)  # an unknown or unbuildable architecture fails before the data loads
-    ds = load_dataset(dataset, data_dir, image_size)
+    ds = load_dataset(dataset, data_dir, image_size, data_cache.value)
     meta = train_fn(out, ds, cfg, arch=arch or DEFAULT_ARCH, resume=resume, weights=weights)
     _say(
         f"{meta['stage']} {arch or DEFAULT_ARCH}: accuracy {meta['accuracy']:.4f} after {epochs} epochs "
@@ -508,6 +527,7 @@ def refine(
     eval_every: EvalEveryOpt = None,
     compile: CompileOpt = False,
     sync_bn: SyncBnOpt = False,
+    data_cache: DataCacheOpt = DataCache.auto,
     resume: ResumeOpt = False,
     arch: TrustArchOpt = None,
     trust_model_code: TrustOpt = False,
@@ -522,7 +542,7 @@ def refine(
         preset, epochs, 0.0, lr, batch_size, seed, device, eval_every, compile, refine=True, sync_bn=sync_bn
     )
     cfg.validate()
-    ds = load_dataset(dataset, data_dir)
+    ds = load_dataset(dataset, data_dir, cache=data_cache.value)
     with _trusting(arch, trust_model_code):
         meta = train_fn(out, ds, cfg, init=checkpoint, stage="refined", resume=resume)
     _say(f"refined: accuracy {meta['accuracy']:.4f} after {epochs} epochs ({meta['train_seconds']:.0f} s) -> {out}")
@@ -780,8 +800,19 @@ def pipeline(
     baseline: Annotated[
         Path | None, typer.Option("--baseline", help="Reuse this trained baseline checkpoint instead of training one.")
     ] = None,
+    baseline_epochs: Annotated[
+        int | None,
+        typer.Option(
+            "--baseline-epochs",
+            min=0,
+            help="Epochs of baseline training (default: --epochs). 0: the model given by --weights (a file, or "
+            "torchvision:IMAGENET1K_V1 from the torch hub cache) or --baseline IS the baseline: measured, exported "
+            "and benchmarked as it is, and sparse training fine-tunes it (at refine's lr unless --lr is given).",
+        ),
+    ] = None,
     weights: WeightsOpt = None,
     image_size: ImageSizeOpt = None,
+    data_cache: DataCacheOpt = DataCache.auto,
     sparse: Annotated[
         Path | None,
         typer.Option(

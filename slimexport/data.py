@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import gzip
+import math
 import os
 import zipfile
 from collections.abc import Iterator
@@ -55,9 +56,15 @@ class Dataset:
     y_test: torch.Tensor
     num_classes: int
     label_names: list[str] = field(default_factory=list)
+    augmentation: str = "pad-crop"  # training augmentation: pad-crop (small images) or resized-crop (image folders)
+    cache: str = "ram"  # ram: uint8 tensors in memory; off: an image folder decoded as batches are needed
+    cache_reason: str = ""
 
     def __post_init__(self) -> None:
-        x = self.x_train.float().div_(255)
+        x = self.x_train
+        if not isinstance(x, torch.Tensor):  # streamed: the statistics of (at most) 512 images spread over the split
+            x = x[torch.linspace(0, len(x) - 1, min(512, len(x))).long()]
+        x = x.float().div_(255)
         self.mean = x.mean(dim=(0, 2, 3)).tolist()
         self.std = x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
         self._norm: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -94,6 +101,11 @@ class Dataset:
         """A copy whose images are ``size`` × ``size`` (bilinear with antialiasing, once, in chunks)."""
         if self.image_size == (size, size):
             return self
+        if not isinstance(self.x_train, torch.Tensor):  # streamed: decoded at the new size from now on
+            new = copy.copy(self)
+            new.x_train, new.x_test = self.x_train.resized(size), self.x_test.resized(size)
+            new._norm = {}
+            return new
 
         def resize(x: torch.Tensor) -> torch.Tensor:
             out = [
@@ -104,7 +116,8 @@ class Dataset:
             return torch.cat(out)
 
         return Dataset(self.name, resize(self.x_train), self.y_train, resize(self.x_test), self.y_test,
-                       self.num_classes, list(self.label_names))  # fmt: skip
+                       self.num_classes, list(self.label_names), self.augmentation, self.cache,
+                       self.cache_reason)  # fmt: skip
 
     def summary(self) -> str:
         c, (h, w) = self.in_channels, self.image_size
@@ -118,19 +131,23 @@ def default_data_dir() -> Path:
 
 
 def load_dataset(
-    name: str = EMBEDDED, data_dir: str | os.PathLike | None = None, image_size: int | None = None
+    name: str = EMBEDDED,
+    data_dir: str | os.PathLike | None = None,
+    image_size: int | None = None,
+    cache: str = "auto",
 ) -> Dataset:
     """Load a data set by name, ``imagefolder:PATH`` or ``.npz`` path, at ``image_size`` × ``image_size`` when given
-    (resized once, in memory); raises :class:`DataError` with a one-line reason."""
+    (resized once, in memory); an image folder is kept in memory or streamed as ``cache`` (auto|ram|off) says.
+    Raises :class:`DataError` with a one-line reason."""
     if image_size is not None and image_size < 8:
         raise DataError(f"--image-size must be at least 8, got {image_size}")
-    ds = _load(name, data_dir, image_size)
+    ds = _load(name, data_dir, image_size, cache)
     return ds.resized(image_size) if image_size else ds
 
 
-def _load(name: str, data_dir: str | os.PathLike | None, image_size: int | None) -> Dataset:
+def _load(name: str, data_dir: str | os.PathLike | None, image_size: int | None, cache: str = "auto") -> Dataset:
     if name.startswith("imagefolder:"):
-        return load_imagefolder(Path(name.split(":", 1)[1]).expanduser(), image_size or 224)
+        return load_imagefolder(Path(name.split(":", 1)[1]).expanduser(), image_size or 224, cache)
     data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
     if name == EMBEDDED:
         with resources.as_file(resources.files("slimexport.assets") / "fashion_mnist_subset.npz") as p:
@@ -149,72 +166,24 @@ def _load(name: str, data_dir: str | os.PathLike | None, image_size: int | None)
     )
 
 
-def _image_folder_class():
-    """torchvision's ImageFolder whose items never raise: an image that cannot be read (corrupt, truncated,
-    above PIL's decompression-bomb limit) comes back as (its path, the reason), plain strings that cross the
-    DataLoader's process boundary intact, so the main process can name the file in one line (an exception raised
-    in a worker would arrive as "Caught OSError in DataLoader worker process 0" and a traceback)."""
-    from torchvision import datasets
+def load_imagefolder(root: Path, size: int, cache: str = "auto", workers: int | None = None) -> Dataset:
+    """``root/train/<class>/*`` and ``root/val/<class>/*`` at ``size`` × ``size``: decoded once into memory, or
+    streamed from the files, as ``cache`` (auto|ram|off) says (see :mod:`slimexport.stream`). Training augments
+    both with random-resized crops and flips. An image that cannot be read is a one-line :class:`DataError`
+    naming the file."""
+    from slimexport.console import console
+    from slimexport.stream import FolderImages, choose_cache, decode_all, folder_samples
 
-    class SafeImageFolder(datasets.ImageFolder):
-        def __getitem__(self, index: int):
-            path, target = self.samples[index]
-            try:
-                return self.transform(self.loader(path)), target
-            except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, DecompressionBombError, ...
-                return str(path), f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e) else ''}"
-
-    return SafeImageFolder
-
-
-def _collate_or_unreadable(items):
-    """Collate a batch, or pass on the first unreadable image's (path, reason)."""
-    from torch.utils.data import default_collate
-
-    bad = next((item for item in items if isinstance(item[0], str)), None)
-    return bad if bad is not None else default_collate(items)
-
-
-def load_imagefolder(root: Path, size: int, workers: int | None = None) -> Dataset:
-    """``root/train/<class>/*`` and ``root/val/<class>/*`` through torchvision's ImageFolder, decoded by a
-    DataLoader with workers, resized (shorter side) and centre-cropped to ``size``, kept in memory as uint8.
-    Training then augments with pad-and-crop and flips, as for every data set. An image that cannot be read is a
-    one-line :class:`DataError` naming the file."""
-    from torch.utils.data import DataLoader
-    from torchvision import transforms
-
-    if not root.is_dir():
-        raise DataError(f"image folder {root} not found")
-    tf = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
-    folder_cls = _image_folder_class()
-    splits = {}
-    for split in ("train", "val"):
-        d = root / split
-        if not d.is_dir():
-            raise DataError(f"{root} needs {split}/<class>/<image> folders; {d} is missing")
-        try:
-            splits[split] = folder_cls(str(d), transform=tf)
-        except (FileNotFoundError, RuntimeError) as e:
-            raise DataError(f"{d}: {str(e).splitlines()[0][:200]}") from None
-    if splits["train"].classes != splits["val"].classes:
-        a, b = set(splits["train"].classes), set(splits["val"].classes)
-        diff = sorted(a ^ b) or ["(same names, other order)"]
-        raise DataError(f"{root}: train/ and val/ have different classes ({', '.join(diff[:5])})")
-    arrays = {}
-    n_workers = min(4, os.cpu_count() or 1) if workers is None else workers
-    for split, ds in splits.items():
-        loader = DataLoader(ds, batch_size=64, num_workers=n_workers, shuffle=False, collate_fn=_collate_or_unreadable)
-        xs, ys = [], []
-        for x, y in loader:
-            if isinstance(x, str):
-                raise DataError(f"cannot read image {x}: {y}")
-            xs.append(x)
-            ys.append(y)
-        arrays[split] = (torch.cat(xs), torch.cat(ys))
-    (xtr, ytr), (xva, yva) = arrays["train"], arrays["val"]
-    return from_arrays(
-        f"imagefolder:{root.name}", xtr.numpy(), ytr.numpy(), xva.numpy(), yva.numpy(), splits["train"].classes
-    )
+    samples, classes = folder_samples(root)
+    choice = choose_cache(cache, sum(len(v) for v in samples.values()), size)
+    console.print(f"[dim]image folder {root}: data cache {choice.cache} ({choice.reason})[/]")
+    labels = {s: torch.tensor([t for _, t in v], dtype=torch.int64) for s, v in samples.items()}
+    if choice.cache == "ram":
+        x = {s: decode_all(v, size, workers) for s, v in samples.items()}
+    else:
+        x = {s: FolderImages(v, size, workers) for s, v in samples.items()}
+    return Dataset(f"imagefolder:{root.name}", x["train"], labels["train"], x["val"], labels["val"], len(classes),
+                   classes, augmentation="resized-crop", cache=choice.cache, cache_reason=choice.reason)  # fmt: skip
 
 
 def load_npz(path: Path, name: str | None = None) -> Dataset:
@@ -367,6 +336,28 @@ def augment(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator | 
         m = torch.rand(n, device=x.device, generator=generator) < 0.5
         x = torch.where(m[:, None, None, None], x.flip(3), x)
     return x
+
+
+def augment_resized_crop(
+    x: torch.Tensor, generator: torch.Generator | None = None, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+) -> torch.Tensor:
+    """The standard random-resized crop and horizontal flip on a batch (N, C, H, W) in memory, vectorised: each
+    image gets a crop of a random share of its area (``scale``) and aspect (``ratio``), resampled bilinearly to
+    (H, W) by ``roi_align`` (which averages 2×2 samples a pixel). Returns float images in 0..255."""
+    from torchvision.ops import roi_align
+
+    n, _, h, w = x.shape
+    dev = x.device
+    area = torch.empty(n, device=dev).uniform_(*scale, generator=generator) * h * w
+    log_r = torch.empty(n, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    cw = (area * log_r.exp()).sqrt().clamp(1, w)
+    ch = (area / log_r.exp()).sqrt().clamp(1, h)
+    x0 = torch.rand(n, device=dev, generator=generator) * (w - cw)
+    y0 = torch.rand(n, device=dev, generator=generator) * (h - ch)
+    boxes = torch.stack([torch.arange(n, device=dev, dtype=torch.float32), x0, y0, x0 + cw, y0 + ch], 1)
+    out = roi_align(x.float(), boxes, (h, w), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    flip = torch.rand(n, device=dev, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
 def batches(

@@ -45,7 +45,7 @@ from slimexport.fileio import check_output, output_lock, read_json, write_json
 from slimexport.graph import BN_TYPES
 from slimexport.importance import check_normalize
 from slimexport.models import create_model, default_config
-from slimexport.models.external import canonical_source, is_external, trusted_code
+from slimexport.models.external import canonical_source, is_external, torchvision_weights_file, trusted_code
 from slimexport.prune import bn_gammas, check_percent, check_prune_stream, prune, resolve_round_to
 from slimexport.report import build_report, plot_channels, plot_gammas, plot_latency, plot_variants, write_report
 from slimexport.runtime import NCNN_HINT
@@ -53,6 +53,7 @@ from slimexport.stats import count_macs, count_params
 from slimexport.train import (
     PRESETS,
     TrainConfig,
+    adopt,
     data_meta,
     evaluate,
     make_scheduler,
@@ -65,7 +66,7 @@ from slimexport.train import (
 DEFAULT_ARCH = "vgg11_w25"
 # Options that only say where or whether to write, or how often to measure: they may differ between an interrupted
 # run and its resume (training's own resume check ignores eval_every too: evaluating does not change the weights).
-RESUME_FREE = ("out", "force", "resume", "eval_every")
+RESUME_FREE = ("out", "force", "resume", "eval_every", "data_cache", "data_cache_resolved")
 # Under torchrun every rank runs these (with DDP); rank 0 alone runs the others while the rest wait.
 TRAINING_STAGES = ("baseline", "sparse", "refine")
 
@@ -89,8 +90,12 @@ class PipelineConfig:
     sync_bn: bool = False  # under torchrun on CUDA: SyncBatchNorm
     baseline: str | None = None
     sparse: str | None = None  # reuse a sparse-trained checkpoint (e.g. to sweep --percent)
-    weights: str | None = None  # a state_dict baseline and sparse training start from
+    weights: str | None = None  # a state_dict (or torchvision:WEIGHTS) baseline and sparse training start from
+    # None: baseline trains `epochs` like sparse; 0: the given model (--weights or --baseline) IS the baseline, and
+    # sparse training fine-tunes it (at refine's lr unless --lr is given)
+    baseline_epochs: int | None = None
     image_size: int | None = None  # resize the data's images to this (None: the data's own; imagefolder: 224)
+    data_cache: str = "auto"  # imagefolder: ram (decoded once, in memory), off (streamed from the files), auto
     preset: str = "fast"
     lr: float | None = None  # None: the preset's
     refine_lr: float | None = None  # None: the preset's lr × its refine_lr_factor
@@ -113,6 +118,13 @@ class PipelineConfig:
             raise ConfigError(f"unknown --preset {self.preset!r}: {', '.join(PRESETS)}")
         if self.epochs < 1 or self.refine_epochs < 1:
             raise ConfigError("--epochs and --refine-epochs must be at least 1")
+        if self.baseline_epochs is not None and self.baseline_epochs < 0:
+            raise ConfigError(f"--baseline-epochs must be 0 or more, got {self.baseline_epochs}")
+        if self.baseline_epochs == 0 and self.weights is None and self.baseline is None:
+            raise ConfigError(
+                "--baseline-epochs 0 takes a trained model as the baseline: give it with --weights FILE, "
+                "--weights torchvision:IMAGENET1K_V1 or --baseline CHECKPOINT"
+            )
         if self.sparsity <= 0:
             raise ConfigError(f"--sparsity must be positive for network slimming, got {self.sparsity}")
         resolve_round_to(self.round_to)
@@ -121,6 +133,11 @@ class PipelineConfig:
         self.bench.validate()
         self.quantize.validate()
 
+    @property
+    def from_trained(self) -> bool:
+        """The baseline is a trained model taken as it is; sparse training fine-tunes it."""
+        return self.baseline_epochs == 0
+
     def train_config(self, stage: str) -> TrainConfig:
         """The training options of ``stage`` (baseline, sparse or refine), from the preset where not given."""
         common = dict(batch_size=self.batch_size, seed=self.seed, device=self.device, compile=self.compile)
@@ -128,6 +145,12 @@ class PipelineConfig:
             cfg = preset_config(
                 self.preset, self.refine_epochs, 0.0, self.refine_lr, eval_every=self.eval_every, refine=True, **common
             )
+        elif stage == "sparse" and self.from_trained:  # fine-tuning a trained model: refine's gentler lr
+            cfg = preset_config(
+                self.preset, self.epochs, self.sparsity, self.lr, eval_every=self.eval_every, refine=True, **common
+            )
+        elif stage == "baseline" and self.baseline_epochs:
+            cfg = preset_config(self.preset, self.baseline_epochs, 0.0, self.lr, eval_every=self.eval_every, **common)
         else:
             sparsity = self.sparsity if stage == "sparse" else 0.0
             cfg = preset_config(self.preset, self.epochs, sparsity, self.lr, eval_every=self.eval_every, **common)
@@ -180,6 +203,11 @@ def _train_stage(name: str, reuse: str | None) -> Callable[[_Run], dict[str, Any
         out = r.path(f"{name}.pt")
         if reuse is not None:
             return _stage_facts(_reuse(Path(reuse), out, r.ds, r.device))
+        if name == "baseline" and r.cfg.from_trained:  # the given weights are the baseline: measured, not trained
+            return _stage_facts(adopt(out, r.ds, r.cfg.arch, r.cfg.weights, r.device))
+        if name == "sparse" and r.cfg.from_trained:  # fine-tune the trained baseline with the L1 term
+            meta = train(out, r.ds, r.cfg.train_config(name), init=r.path("baseline.pt"), stage="sparse", resume=True)
+            return _stage_facts(meta)
         meta = train(out, r.ds, r.cfg.train_config(name), arch=r.cfg.arch, resume=True, weights=r.cfg.weights)
         return _stage_facts(meta)
 
@@ -437,6 +465,10 @@ def _resolve(cfg: PipelineConfig) -> None:
             cfg.arch = ck["config"]["source"] if is_external(ck["arch"]) else ck["arch"]
     cfg.arch = cfg.arch or DEFAULT_ARCH
     default_config(cfg.arch)  # fail now, not after loading data or training
+    if cfg.weights is not None and str(cfg.weights).startswith("torchvision:"):
+        torchvision_weights_file(cfg.arch, str(cfg.weights))  # in the hub cache, or say where it goes
+    elif cfg.weights is not None and not Path(cfg.weights).is_file():
+        raise ConfigError(f"--weights {cfg.weights} not found")
 
 
 def _check_model(cfg: PipelineConfig, ds: Dataset) -> None:
@@ -490,9 +522,10 @@ def _run_locked(cfg: PipelineConfig, out: Path, command: str) -> dict[str, Any]:
         provider_for(cfg.bench.device)  # a real session on CUDA, before any training
         cfg.export.tune_device = cfg.bench.device  # `--selection auto` chooses for the device it is benched on
     _resolve(cfg)
-    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size)
+    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.data_cache)
     _check_model(cfg, ds)
     config = asdict(cfg) | {"resolved_device": str(device), "data": ds.summary()}
+    config["data_cache_resolved"] = {"cache": ds.cache, "reason": ds.cache_reason}
     config["round_to_resolved"], config["round_to_reason"] = resolve_round_to(cfg.round_to)
     main = distributed.is_main()
     if cfg.resume:

@@ -20,13 +20,14 @@ from torch.nn import functional as F
 from slimexport import distributed
 from slimexport.checkpoint import fit_data, load_checkpoint, make_checkpoint, read_checkpoint, save_checkpoint
 from slimexport.console import console, make_progress
-from slimexport.data import Dataset, augment, batches
+from slimexport.data import Dataset, augment, augment_resized_crop, batches
 from slimexport.errors import CheckpointError, ConfigError, DeviceError, ModelCodeError, SlimExportError, first_line
 from slimexport.fileio import output_lock
 from slimexport.graph import BN_TYPES
 from slimexport.models import create_model
 from slimexport.models.common import SlimModel, restore_bn_selections
 from slimexport.models.external import is_external
+from slimexport.stream import eval_loader, is_streamed, steps_per_epoch, train_loader
 
 # Named schedules, the one home of their defaults. `fast` is a short one-cycle schedule; `paper` is the reference
 # recipe (Liu et al. 2017). Refine's learning rate is `refine_lr_factor` × the training lr unless given.
@@ -165,12 +166,17 @@ def evaluate(
     model.eval().to(device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     task = progress.add_task("evaluate", total=len(ds.y_test), info="") if progress is not None else None
-    x_all, y_all = ds.x_test.to(device), ds.y_test.to(device)
     shard = shard and distributed.active()
-    if shard:  # each rank its shard; the counts are summed
-        r, w = distributed.rank(), distributed.world_size()
-        x_all, y_all = x_all[r::w], y_all[r::w]
-    for xb, yb in batches(x_all, y_all, batch_size, shuffle=False):
+    r, w = distributed.rank(), distributed.world_size()
+    if is_streamed(ds.x_test):  # decoded by DataLoader workers as the batches are needed
+        loader = eval_loader(ds.x_test, ds.y_test, batch_size, (r, w) if shard else None)
+        batch_iter = ((xb.to(device), yb.to(device)) for xb, yb in loader)
+    else:
+        x_all, y_all = ds.x_test.to(device), ds.y_test.to(device)
+        if shard:  # each rank its shard; the counts are summed
+            x_all, y_all = x_all[r::w], y_all[r::w]
+        batch_iter = batches(x_all, y_all, batch_size, shuffle=False)
+    for xb, yb in batch_iter:
         logits = model(ds.normalize(xb))
         correct += (logits.argmax(1) == yb).sum()
         if task is not None:
@@ -206,7 +212,7 @@ def fit(
     """
     cfg.validate()
     device = distributed.setup(resolve_device(cfg.device))
-    world, rank = distributed.world_size(), distributed.rank()
+    world = distributed.world_size()
     if world > 1 and cfg.batch_size % world:
         raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) must divide by the {world} ranks")
     if world > 1 and len(ds.y_train) < cfg.batch_size:  # one short batch, split by rank: some ranks get nothing
@@ -229,7 +235,10 @@ def fit(
     ds_dev = ds.to(device)  # a new Dataset on the device; the caller's stays where it was
     # torch.compile: static shapes (the last partial batch is dropped, so no second, dynamic-shape compile)
     drop_last = (cfg.compile or world > 1) and len(ds.y_train) >= cfg.batch_size
-    steps = len(ds.y_train) // cfg.batch_size if drop_last else math.ceil(len(ds.y_train) / cfg.batch_size)
+    if is_streamed(ds.x_train):
+        steps = steps_per_epoch(len(ds.y_train), cfg.batch_size // world, drop_last, world)
+    else:
+        steps = len(ds.y_train) // cfg.batch_size if drop_last else math.ceil(len(ds.y_train) / cfg.batch_size)
     opt = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
     )
@@ -263,7 +272,6 @@ def fit(
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     forward = torch.compile(forward) if cfg.compile else forward  # shares parameters with `model`
     share = cfg.batch_size // world
-    pad = max(1, ds.image_size[0] // 8) if cfg.augment else 0
     compile_seconds = _warm_up(model, forward, ds_dev, share, device, channels_last) if cfg.compile else 0.0
     with make_progress() as progress:
         task = progress.add_task(description, total=cfg.epochs * steps, completed=start_epoch * steps, info="")
@@ -272,13 +280,7 @@ def fit(
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             seen = 0
-            for xb, yb in batches(
-                ds_dev.x_train, ds_dev.y_train, cfg.batch_size, shuffle=True, generator=gen, drop_last=drop_last
-            ):
-                if cfg.augment:  # drawn for the whole global batch on every rank: the inputs of a single process
-                    xb = augment(xb, pad, flip=True, generator=aug_gen)
-                if world > 1:
-                    xb, yb = xb[rank * share : (rank + 1) * share], yb[rank * share : (rank + 1) * share]
+            for xb, yb in _epoch_batches(ds_dev, cfg, epoch, gen, aug_gen, drop_last, device):
                 x = ds.normalize(xb)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -347,6 +349,37 @@ def fit(
         "train_seconds": train_seconds,
         "images_per_s": n_images / train_seconds if train_seconds else 0.0,
     }
+
+
+def _epoch_batches(
+    ds: Dataset,
+    cfg: TrainConfig,
+    epoch: int,
+    gen: torch.Generator,
+    aug_gen: torch.Generator,
+    drop_last: bool,
+    device: torch.device,
+):
+    """This rank's training batches of one epoch, augmented, on ``device``: from memory (the global batch drawn
+    alike on every rank, each taking its share) or streamed from an image folder (a DistributedSampler shard)."""
+    world, rank = distributed.world_size(), distributed.rank()
+    share = cfg.batch_size // world
+    if is_streamed(ds.x_train):
+        cuda = device.type == "cuda"
+        for xb, yb in train_loader(ds.x_train, ds.y_train, share, cfg.seed, epoch, drop_last, world, rank,
+                                   augment=cfg.augment, pin_memory=cuda):  # fmt: skip
+            yield xb.to(device, non_blocking=cuda), yb.to(device, non_blocking=cuda)
+        return
+    pad = max(1, ds.image_size[0] // 8)
+    for xb, yb in batches(ds.x_train, ds.y_train, cfg.batch_size, shuffle=True, generator=gen, drop_last=drop_last):
+        if cfg.augment:  # drawn for the whole global batch on every rank: the inputs of a single process
+            if ds.augmentation == "resized-crop":
+                xb = augment_resized_crop(xb, generator=aug_gen)
+            else:
+                xb = augment(xb, pad, flip=True, generator=aug_gen)
+        if world > 1:
+            xb, yb = xb[rank * share : (rank + 1) * share], yb[rank * share : (rank + 1) * share]
+        yield xb, yb
 
 
 def is_builtin(model: nn.Module) -> bool:
@@ -467,6 +500,38 @@ def data_meta(ds: Dataset) -> dict[str, Any]:
         "image_size": list(ds.image_size),
         "label_names": ds.label_names,
     }
+
+
+def adopt(
+    out: str | os.PathLike,
+    ds: Dataset,
+    arch: str,
+    weights: str | os.PathLike,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Take a trained model as it is: ``arch`` with ``weights`` (a state_dict file or ``torchvision:WEIGHTS``),
+    measured on the test split and written as the checkpoint ``out``, without training. Returns its meta."""
+    out = Path(out)
+    model = create_model(arch, ds.num_classes, ds.in_channels)
+    if "image_size" in model.config:
+        model.config["image_size"] = list(ds.image_size)
+    from slimexport.models.external import load_weights
+
+    loaded = load_weights(model, weights)
+    probe_model(model, ds, f"--arch {arch}")
+    if loaded["reinitialised"]:
+        console.print(
+            f"[yellow]{arch}: the classifier ({', '.join(loaded['reinitialised'])}) is new for "
+            f"{ds.num_classes} classes; the baseline's accuracy is before any training of it[/]"
+        )
+    accuracy = evaluate(model, ds, device)
+    meta = {"stage": "baseline", "epochs": 0, "accuracy": accuracy, "weights": str(weights)} | loaded
+    meta |= {"history": [], "train_seconds": 0.0, "images_per_s": None, "world_size": distributed.world_size()}
+    with output_lock(out):
+        if distributed.is_main():
+            save_checkpoint(make_checkpoint(model.cpu(), data_meta(ds), meta), out)
+    distributed.barrier()
+    return meta
 
 
 def train(

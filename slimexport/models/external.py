@@ -263,13 +263,50 @@ def check_source(arch: str) -> None:
         _factory(canonical_source(arch))
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Start from a state_dict the user saved (``torch.load(weights_only=True)``); keys may or may not carry the
-    ``net.`` prefix of a GraphModel. A state_dict that does not fit is a one-line error naming the first
-    mismatched key."""
+def torchvision_weights_file(arch: str, spec: str) -> Path:
+    """The file in the torch hub cache that holds torchvision's pretrained weights ``spec`` for ``arch``
+    (``torchvision:IMAGENET1K_V1``, ``torchvision:DEFAULT`` or the builder's enum, ``ResNet18_Weights.IMAGENET1K_V1``),
+    looked up by torchvision's weights API. Nothing is downloaded: a file not in the cache is a one-line error naming
+    where to put it."""
+    import torch.hub
+    import torchvision
+
+    kind, _, name = arch.partition(":")
+    if kind != "torchvision":
+        raise ConfigError(
+            f"--weights {spec}: torchvision's pretrained weights go with --arch torchvision:NAME, not {arch}"
+        )
+    member = spec.partition(":")[2]
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError):
+        raise ConfigError(f"--weights {spec}: torchvision has no pretrained weights for {name}") from None
+    member = member.rpartition(".")[2] if member.startswith(enum.__name__ + ".") else member
+    if member not in enum.__members__:
+        raise ConfigError(f"--weights {spec}: {enum.__name__} has {', '.join(enum.__members__)}")
+    url = enum[member].url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    if not path.is_file():
+        raise ConfigError(
+            f"--weights {spec}: {path.name} is not in the torch hub cache ({path}); slimexport downloads nothing: "
+            f"fetch {url} where there is internet and put it there (or set TORCH_HOME)"
+        )
+    return path
+
+
+def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Start from a state_dict the user saved, or from torchvision's pretrained weights by name
+    (``torchvision:IMAGENET1K_V1``, from the torch hub cache), loaded with ``torch.load(weights_only=True)``; keys
+    may or may not carry the ``net.`` prefix of a GraphModel. The classifier whose outputs are the data's classes
+    (its weight and bias) is kept freshly initialised where the file's has another number of classes (ImageNet's
+    1000), as fine-tuning does; any other mismatch is a one-line error naming the first mismatched key. Returns
+    what was loaded: {"file", "reinitialised"}."""
     import pickle
     import zipfile
 
+    spec = str(path)
+    if spec.startswith("torchvision:"):
+        path = torchvision_weights_file(getattr(model, "arch", ""), spec)
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--weights {path} not found")
@@ -283,10 +320,13 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         raise ConfigError(f"--weights {path} does not hold a state_dict (a dict of tensors)")
     target = model.net if isinstance(model, GraphModel) and not any(k.startswith("net.") for k in sd) else model
     own = target.state_dict()
+    classes = getattr(model, "num_classes", None)
+    head = [k for k, v in own.items() if classes and k in sd and v.shape[:1] == (classes,) and v.shape != sd[k].shape]
+    head = head if head and all(k.rpartition(".")[0] == head[0].rpartition(".")[0] for k in head) else []
     for k, v in own.items():
         if k not in sd:
             raise ConfigError(f"--weights {path} does not fit the model: key {k!r} is missing")
-        if tuple(sd[k].shape) != tuple(v.shape):
+        if tuple(sd[k].shape) != tuple(v.shape) and k not in head:
             raise ConfigError(
                 f"--weights {path} does not fit the model: {k!r} has shape {tuple(sd[k].shape)}, the model's is "
                 f"{tuple(v.shape)}"
@@ -294,7 +334,8 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     extra = [k for k in sd if k not in own]
     if extra:
         raise ConfigError(f"--weights {path} does not fit the model: unexpected key {extra[0]!r}")
-    target.load_state_dict(sd)
+    target.load_state_dict({k: (own[k] if k in head else v) for k, v in sd.items()})
+    return {"file": str(path), "reinitialised": head}
 
 
 def torchvision_table(num_classes: int = 10, image_size: int = 32) -> list[dict[str, Any]]:
