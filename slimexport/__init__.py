@@ -12,17 +12,17 @@ Each stage is a function from an artifact on disk to a new artifact on disk:
 __version__ = "0.1.0"
 
 
+__all__ = ("regularize", "prune_model", "save_pruned", "load_pruned", "export_onnx", "quantize", "benchmark",
+       "sparsity_callback")  # fmt: skip
+
+
 def __getattr__(name: str):
-    """The Python API, imported on first use (so that ``slimexport --help`` stays light)::
+    """The Python API (:mod:`slimexport.api`), imported on first use (so that ``slimexport --help`` stays light)::
 
-    from slimexport import prune_model, regularize
+    from slimexport import regularize, prune_model, save_pruned, load_pruned, export_onnx, quantize, benchmark
     """
-    if name == "prune_model":
-        from slimexport.prune import prune_model
+    if name in __all__:
+        from slimexport import api
 
-        return prune_model
-    if name == "regularize":
-        from slimexport.train import regularize
-
-        return regularize
+        return getattr(api, name)
     raise AttributeError(f"module 'slimexport' has no attribute {name!r}")
