@@ -87,6 +87,24 @@ DataDirOpt = Annotated[
 ]
 
 
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    auto = "auto"
+
+
+PrecisionOpt = Annotated[
+    Precision | None,
+    typer.Option(
+        "--precision",
+        help="Training arithmetic: fp32, bf16 (autocast), or auto: bf16 on CUDA; on a CPU, bf16 only where it has "
+        "native bf16 instructions (AMX, AVX512-BF16) and a short timed probe shows it faster for this model. The "
+        "choice and why go into the checkpoint [default: auto, or $SLIMEXPORT_PRECISION].",
+        show_default=False,
+    ),
+]
+
+
 class DataCache(str, Enum):
     auto = "auto"
     ram = "ram"
@@ -338,6 +356,7 @@ def _train_config(
     compile: bool = False,
     refine: bool = False,
     sync_bn: bool = False,
+    precision: Precision | None = None,
 ):
     import dataclasses
 
@@ -346,7 +365,7 @@ def _train_config(
     cfg = preset_config(
         preset.value, epochs, sparsity, lr, batch_size, seed, device.value, eval_every, compile, refine=refine
     )
-    return dataclasses.replace(cfg, sync_bn=sync_bn)
+    return dataclasses.replace(cfg, sync_bn=sync_bn, precision=precision.value if precision else cfg.precision)
 
 
 def _fill(cls, options: dict, **nested):
@@ -400,6 +419,7 @@ def train(
     weights: WeightsOpt = None,
     image_size: ImageSizeOpt = None,
     data_cache: DataCacheOpt = DataCache.auto,
+    precision: PrecisionOpt = None,
     sync_bn: SyncBnOpt = False,
     resume: ResumeOpt = False,
     force: ForceOpt = False,
@@ -410,7 +430,19 @@ def train(
     from slimexport.train import train as train_fn
 
     _check_out(out, force, resume)
-    cfg = _train_config(preset, epochs, sparsity, lr, batch_size, seed, device, eval_every, compile, sync_bn=sync_bn)
+    cfg = _train_config(
+        preset,
+        epochs,
+        sparsity,
+        lr,
+        batch_size,
+        seed,
+        device,
+        eval_every,
+        compile,
+        sync_bn=sync_bn,
+        precision=precision,
+    )
     cfg.validate()
     if arch:
         from slimexport.models import default_config
@@ -528,6 +560,7 @@ def refine(
     compile: CompileOpt = False,
     sync_bn: SyncBnOpt = False,
     data_cache: DataCacheOpt = DataCache.auto,
+    precision: PrecisionOpt = None,
     resume: ResumeOpt = False,
     arch: TrustArchOpt = None,
     trust_model_code: TrustOpt = False,
@@ -539,7 +572,18 @@ def refine(
 
     _check_out(out, force, resume)
     cfg = _train_config(
-        preset, epochs, 0.0, lr, batch_size, seed, device, eval_every, compile, refine=True, sync_bn=sync_bn
+        preset,
+        epochs,
+        0.0,
+        lr,
+        batch_size,
+        seed,
+        device,
+        eval_every,
+        compile,
+        refine=True,
+        sync_bn=sync_bn,
+        precision=precision,
     )
     cfg.validate()
     ds = load_dataset(dataset, data_dir, cache=data_cache.value)
@@ -813,6 +857,7 @@ def pipeline(
     weights: WeightsOpt = None,
     image_size: ImageSizeOpt = None,
     data_cache: DataCacheOpt = DataCache.auto,
+    precision: PrecisionOpt = None,
     sparse: Annotated[
         Path | None,
         typer.Option(

@@ -96,6 +96,7 @@ class PipelineConfig:
     baseline_epochs: int | None = None
     image_size: int | None = None  # resize the data's images to this (None: the data's own; imagefolder: 224)
     data_cache: str = "auto"  # imagefolder: ram (decoded once, in memory), off (streamed from the files), auto
+    precision: str | None = None  # training: fp32, bf16 or auto (None: $SLIMEXPORT_PRECISION, else auto)
     preset: str = "fast"
     lr: float | None = None  # None: the preset's
     refine_lr: float | None = None  # None: the preset's lr × its refine_lr_factor
@@ -154,7 +155,7 @@ class PipelineConfig:
         else:
             sparsity = self.sparsity if stage == "sparse" else 0.0
             cfg = preset_config(self.preset, self.epochs, sparsity, self.lr, eval_every=self.eval_every, **common)
-        return dataclasses.replace(cfg, sync_bn=self.sync_bn)
+        return dataclasses.replace(cfg, sync_bn=self.sync_bn, precision=self.precision or cfg.precision)
 
 
 @dataclass

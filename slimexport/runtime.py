@@ -378,5 +378,6 @@ def machine_facts() -> dict[str, Any]:
         "avx2": "avx2" in flags,
         "avx512f": "avx512f" in flags,
         "vnni": bool({"avx512_vnni", "avx_vnni"} & flags),
+        "bf16": bool({"avx512_bf16", "amx_bf16"} & flags),  # native bf16 arithmetic (Intel AMX, Zen 4+)
         "flags_known": bool(flags),
     }

@@ -150,3 +150,44 @@ def test_a_trained_checkpoint_is_the_baseline_as_it_is(tmp_path, small_npz, smal
     assert read_checkpoint(out / "sparse.pt")["meta"]["parent"] == "baseline"  # fine-tuned from it
     _fails_cleanly(["pipeline", "--baseline-epochs", "0", "--dataset", small_npz, "--out", str(tmp_path / "r2")],
                    "--weights")  # fmt: skip
+
+
+def test_precision_auto_measures_before_it_chooses_bf16(monkeypatch, small_ds):
+    import slimexport.runtime as runtime
+    import slimexport.train as train_mod
+
+    facts = runtime.machine_facts()
+    model = create_model("vgg11_w12", 10, 1)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "machine_facts", lambda: facts | {"bf16": False})
+    assert train_mod.choose_precision("auto", model, small_ds, cpu, 64) == (
+        "fp32", "auto: this CPU has no native bf16 instructions (AMX, AVX512-BF16)")  # fmt: skip
+    monkeypatch.setattr(runtime, "machine_facts", lambda: facts | {"bf16": True})
+    for bf16, chosen in ((0.07, "bf16"), (0.095, "fp32"), (0.14, "fp32")):  # fp32 takes 0.1 s a step
+        monkeypatch.setattr(train_mod, "_probe_step_times", lambda *a, t=bf16: {"fp32": [0.1] * 3, "bf16": [t] * 3})
+        got, why = train_mod.choose_precision("auto", model, small_ds, cpu, 64)
+        assert got == chosen and f"{bf16 * 1e3:.0f} ms in bf16" in why
+    assert train_mod.choose_precision("fp32", model, small_ds, cpu, 64)[0] == "fp32"
+    assert train_mod.choose_precision("auto", model, small_ds, torch.device("cuda"), 64)[0] == "bf16"
+
+
+def test_the_precision_probe_leaves_the_model_as_it_was(small_ds):
+    from slimexport.train import _probe_step_times
+
+    torch.manual_seed(0)
+    model = create_model("vgg11_w12", 10, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    times = _probe_step_times(model, small_ds, torch.device("cpu"), 16, 2)
+    assert len(times["fp32"]) == len(times["bf16"]) == 2 and min(times["bf16"]) > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_bf16_training_is_recorded(tmp_path, small_npz):
+    out = tmp_path / "b.pt"
+    res = runner.invoke(app, ["train", "--arch", "vgg11_w12", "--dataset", small_npz, "--epochs", "1", "--device",
+                              "cpu", "--precision", "bf16", "--out", str(out)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    meta = read_checkpoint(out)["meta"]
+    assert meta["precision"] == "bf16" and meta["precision_reason"] == "--precision bf16"
+    assert 0 < meta["history"][0]["loss"] < 10 and meta["accuracy"] > 0  # trained, not NaN
