@@ -32,7 +32,8 @@ def render_results(results_root: Path) -> str:
         "measured in one interleaved run; MACs ratio = baseline MACs ÷ model MACs.",
         "",
     ]
-    lines += sections.converged(every) + sections.coverage(every) + sections.speed(every) + sections.deploy(every)
+    lines += sections.converged(every) + sections.imagefolder(every) + sections.coverage(every) + sections.speed(every)
+    lines += sections.deploy(every)
     lines += [
         "## Pipeline checks (one epoch per stage): not accuracy",
         "",

@@ -268,3 +268,59 @@ def converged(every: list[dict]) -> list[str]:
                 lines += ["", f"  ![|γ| after sparse training, {r['arch']}]({r['gamma_plot']})", ""]
     lines.append("")
     return lines
+
+
+def imagefolder(every: list[dict]) -> list[str]:
+    """Issue 25's figures: streaming against in-memory image folders, bf16 against fp32, a pipeline on JPEGs."""
+    res = [r for r in every if r.get("kind") == "imagefolder_scale"]
+    if not res:
+        return []
+    lines = ["## Image folders at realistic resolution: streamed from disk or decoded into memory", ""]
+    for r in res:
+        m = r["machine"]
+        isa = "AVX-512" if m.get("avx512f") else "AVX2 only"
+        lines += [f"Machine `{r['machine_tag']}` ({m.get('cpu', '?')}, {isa}, native bf16: "
+                  f"{'yes' if m.get('bf16') else 'no'}); CIFAR-10 upscaled (bicubic) and written as JPEG q90 by "
+                  "`benchmarks/imagefolder_scale.py write`.", ""]  # fmt: skip
+        runs = r["runs"]
+        for key, v in runs.items():
+            cmd = f"`{v['command']}` ({v['date'][:10]})"
+            if key.startswith(("memory", "throughput")):
+                what = "Peak memory" if key.startswith("memory") else "Training throughput"
+                n = v["images"]
+                lines += [f"**{what}**, `slimexport train --arch {v['arch']}` one epoch, {n['train']:,} train / "
+                          f"{n['val']:,} val images at {v['size']}×{v['size']}, batch {v['batch']}: {cmd}", "",
+                          "| --data-cache | main process peak RSS | DataLoader workers' PSS | images/s (training) | "
+                          "wall s |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+                for cache, row in v["rows"].items():
+                    lines.append(f"| {cache} | {row['main_peak_mib']:,.0f} MiB | {row['workers_peak_mib']:,.0f} MiB | "
+                                 f"{row['images_per_s']:.1f} | {row['wall_s']:.0f} |")  # fmt: skip
+                if "decoded_mib" in v:
+                    lines.append(f"\nThe splits decoded take {v['decoded_mib']:,.0f} MiB as uint8.")
+                if "off_over_ram" in v:
+                    lines.append(f"\nStreamed ÷ in-memory images/s: **{v['off_over_ram']:.2f}**.")
+                lines.append("")
+            elif key.startswith("precision"):
+                lines += [f"**bf16 against fp32**, one training step (forward + backward) at batch {v['batch']}, "
+                          f"{v['size']}×{v['size']}, median of {v['steps']}: {cmd}", "",
+                          "| model | fp32 ms | bf16 ms | fp32 ÷ bf16 | auto chose |",
+                          "|---|---:|---:|---:|---|"]  # fmt: skip
+                for arch, row in v["rows"].items():
+                    lines.append(f"| {arch} | {row['fp32_ms']:.0f} | {row['bf16_ms']:.0f} | ×{row['speedup']:.2f} | "
+                                 f"{row['auto']} ({row['auto_reason']}) |")  # fmt: skip
+                lines.append("")
+            elif key.startswith("pipeline"):
+                a, n = v["accuracy"], v["images"]
+                sp = ", ".join(f"{k.replace('_', ' ')} ×{x:.2f}" for k, x in v["speedup"].items())
+                lines += [f"**The pipeline from a trained baseline**, {v['arch']} on {n['train']:,} / {n['val']:,} "
+                          f"JPEGs at {v['size']}×{v['size']}, streamed (`--data-cache {v['cache']}`): a baseline "
+                          f"trained {v['baseline_epochs']} epochs by `slimexport train` "
+                          f"({v['baseline_train']['wall_s'] / 60:.0f} min), then `pipeline --baseline-epochs 0`: "
+                          f"{v['epochs']} sparse epochs fine-tuning it, {v['percent']:.0%} pruned, "
+                          f"{v['refine_epochs']} refine epochs ({v['pipeline']['wall_s'] / 60:.0f} min): {cmd}", "",
+                          f"- accuracy (onnxruntime, % of {n['val']:,}) baseline {100 * a['baseline']:.2f} → sparse "
+                          f"{100 * a['sparse']:.2f} → before refine {100 * a['before_refine']:.2f} → refined "
+                          f"{100 * a['refined']:.2f};",
+                          f"- params {v['params'][0]:,} → {v['params'][1]:,} (×{v['params'][0] / v['params'][1]:.2f}),"
+                          f" MACs ×{v['macs'][0] / v['macs'][1]:.2f}; onnxruntime speed-up {sp}.", ""]  # fmt: skip
+    return lines
