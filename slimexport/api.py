@@ -101,6 +101,9 @@ class _Inputs:
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def eval_batch(self, batch: int) -> int:
+        return batch
+
 
 def export_onnx(
     model: nn.Module,

@@ -44,6 +44,7 @@ def ort_accuracy(path: Path, ds: Dataset, device: str = "cpu", batch_size: int =
     provider, device_id = provider_for(device), parse_device(device)[1]
     shape = (ds.in_channels, *ds.image_size)
     predict = predictor(path, os.cpu_count() or 1, provider, shape, device_id)
+    batch_size = ds.eval_batch(batch_size)
     correct = 0
     task = progress.add_task(f"accuracy {Path(path).name}", total=len(ds.y_test), info="") if progress else None
     for xb, yb in batches(ds.x_test.cpu(), ds.y_test.cpu(), batch_size, shuffle=False):

@@ -121,6 +121,7 @@ def compare(reference: str | os.PathLike, candidate: str | os.PathLike, ds: Data
     ref = predictor(reference, threads, image_shape=shape)
     cand = predictor(candidate, threads, image_shape=shape)
     n = len(ds.y_test) if images is None else min(images, len(ds.y_test))
+    batch = ds.eval_batch(batch)
     agree = correct_ref = correct_cand = 0
     max_diff = 0.0
     for i in range(0, n, batch):

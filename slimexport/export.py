@@ -89,6 +89,7 @@ def parity(model: torch.nn.Module, onnx_path: Path, ds: Dataset, n_images: int, 
     sess = ort_session(onnx_path, threads=os.cpu_count() or 1)
     model.eval()
     n = min(n_images, len(ds.y_test))
+    batch = ds.eval_batch(batch)
     max_diff, agree = 0.0, 0
     for i in range(0, n, batch):
         x = ds.normalize(ds.x_test[i : min(i + batch, n)].cpu())

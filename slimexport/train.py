@@ -219,6 +219,7 @@ def evaluate(
     model.eval().to(device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     task = progress.add_task("evaluate", total=len(ds.y_test), info="") if progress is not None else None
+    batch_size = ds.eval_batch(batch_size)
     shard = shard and distributed.active()
     r, w = distributed.rank(), distributed.world_size()
     if is_streamed(ds.x_test):  # decoded by DataLoader workers as the batches are needed

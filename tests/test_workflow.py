@@ -191,3 +191,16 @@ def test_bf16_training_is_recorded(tmp_path, small_npz):
     meta = read_checkpoint(out)["meta"]
     assert meta["precision"] == "bf16" and meta["precision_reason"] == "--precision bf16"
     assert 0 < meta["history"][0]["loss"] < 10 and meta["accuracy"] > 0  # trained, not NaN
+
+
+def test_a_streamed_folder_trains_under_torchrun_each_rank_its_shard(folder, tmp_path):
+    from tests.test_distributed import torchrun
+
+    out = tmp_path / "ddp.pt"
+    res = torchrun("-m", "slimexport", "train", "--arch", "vgg11_w12", "--dataset", f"imagefolder:{folder}",
+                   "--image-size", "16", "--data-cache", "off", "--epochs", "2", "--batch-size", "8", "--device",
+                   "cpu", "--out", str(out))  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    meta = read_checkpoint(out)["meta"]
+    assert meta["world_size"] == 2 and len(meta["history"]) == 2  # the ranks' parameters ended identical
+    assert 0 < meta["history"][-1]["loss"] < 10 and meta["accuracy"] > 0
