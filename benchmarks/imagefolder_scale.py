@@ -5,6 +5,7 @@ against fp32 training steps, and the whole pipeline from a trained baseline on J
     python -m benchmarks.imagefolder_scale memory DIR --arch vgg11_w12        # peak RSS, img/s: --data-cache off, ram
     python -m benchmarks.imagefolder_scale throughput DIR --arch torchvision:resnet18
     python -m benchmarks.imagefolder_scale precision --size 224       # one training step, fp32 vs bf16, and auto
+    python -m benchmarks.imagefolder_scale precision-accuracy         # test accuracy fp32 vs bf16 over 3 seeds
     python -m benchmarks.imagefolder_scale pipeline DIR --arch torchvision:mobilenet_v2   # trained baseline → pipeline
 
 CIFAR-10 comes from DATA/cifar10.npz (``python3 ../shared/tools/fetch_cifar10.py DATA``), upscaled to the size
@@ -194,6 +195,32 @@ def precision(args) -> None:
                                      machine_facts()["bf16"], "rows": rows})  # fmt: skip
 
 
+def precision_accuracy(args) -> None:
+    """Test accuracy after training in fp32 and in bf16 autocast, over seeds (mean ± sd): is bf16 within noise?"""
+    import statistics
+
+    from slimexport.checkpoint import read_checkpoint
+
+    work = ROOT / "benchmarks" / "work" / "imagefolder"
+    work.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, dict] = {}
+    for precision in ("fp32", "bf16"):
+        accs, secs = [], []
+        for seed in range(args.seeds):
+            out = work / f"prec-{precision}-{seed}.pt"
+            _measured([sys.executable, "-m", "slimexport", "train", "--arch", args.arch, "--dataset", args.dataset,
+                       "--epochs", str(args.epochs), "--seed", str(seed), "--precision", precision, "--device", "cpu",
+                       "--out", str(out), "--force"])  # fmt: skip
+            meta = read_checkpoint(out)["meta"]
+            accs.append(100 * meta["accuracy"])
+            secs.append(meta["train_seconds"])
+        rows[precision] = {"accuracies": accs, "mean": statistics.mean(accs), "sd": statistics.stdev(accs),
+                           "train_seconds": statistics.median(secs)}  # fmt: skip
+        print(precision, rows[precision])
+    _save(f"precision-accuracy-{args.arch}", {"arch": args.arch, "dataset": args.dataset, "epochs": args.epochs,
+                                              "rows": rows})  # fmt: skip
+
+
 def pipeline(args) -> None:
     work = ROOT / "benchmarks" / "work" / "imagefolder"
     work.mkdir(parents=True, exist_ok=True)
@@ -250,10 +277,20 @@ def main() -> None:
     pr.add_argument("--batch", type=int, default=16)
     pr.add_argument("--steps", type=int, default=3)
     pr.add_argument("--models", default="torchvision:vgg11_bn,torchvision:resnet18,torchvision:mobilenet_v2")
+    pa = sub.add_parser("precision-accuracy")
+    pa.add_argument("--arch", default="vgg11_w25")
+    pa.add_argument("--dataset", default="embedded")
+    pa.add_argument("--epochs", type=int, default=3)
+    pa.add_argument("--seeds", type=int, default=3)
     args = p.parse_args()
-    {"write": write, "memory": memory, "throughput": throughput, "precision": precision, "pipeline": pipeline}[
-        args.cmd
-    ](args)
+    {
+        "precision-accuracy": precision_accuracy,
+        "write": write,
+        "memory": memory,
+        "throughput": throughput,
+        "precision": precision,
+        "pipeline": pipeline,
+    }[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -300,6 +300,13 @@ def imagefolder(every: list[dict]) -> list[str]:
                 if "off_over_ram" in v:
                     lines.append(f"\nStreamed ÷ in-memory images/s: **{v['off_over_ram']:.2f}**.")
                 lines.append("")
+            elif key.startswith("precision-accuracy"):
+                f, b = v["rows"]["fp32"], v["rows"]["bf16"]
+                lines += [f"**bf16 accuracy against fp32**, `slimexport train --arch {v['arch']}` on {v['dataset']}, "
+                          f"{v['epochs']} epochs, {len(f['accuracies'])} seeds: fp32 {f['mean']:.2f} ± {f['sd']:.2f}%, "
+                          f"bf16 {b['mean']:.2f} ± {b['sd']:.2f}% (difference {b['mean'] - f['mean']:+.2f} pt); "
+                          f"median training time fp32 {f['train_seconds']:.0f} s, bf16 {b['train_seconds']:.0f} s: "
+                          f"{cmd}", ""]  # fmt: skip
             elif key.startswith("precision"):
                 lines += [f"**bf16 against fp32**, one training step (forward + backward) at batch {v['batch']}, "
                           f"{v['size']}×{v['size']}, median of {v['steps']}: {cmd}", "",

@@ -101,3 +101,24 @@ def test_converged_section_leads_and_joins_the_seed_spread(tmp_path):
     )
     assert "60.0% below 1e-2" in text
     assert "### vgg11_w25 on cifar10" not in text  # not repeated among the one-epoch pipeline checks
+
+
+def test_imagefolder_section_shows_memory_speed_and_precision():
+    row = {"main_peak_mib": 1758.3, "workers_peak_mib": 687.1, "wall_s": 451.0, "images_per_s": 46.0}
+    res = {"kind": "imagefolder_scale", "machine_tag": "m", "machine": {"cpu": "EPYC", "avx512f": False, "bf16": False},
+           "runs": {
+               "memory-vgg11_w12-224": {"arch": "vgg11_w12", "size": 224, "batch": 64, "decoded_mib": 3014.6,
+                                        "images": {"train": 20000, "val": 1000}, "command": "c1", "date": "2026-12-01",
+                                        "rows": {"off": row, "ram": row | {"main_peak_mib": 4200.0}}},
+               "throughput-r18-224": {"arch": "r18", "size": 224, "batch": 32, "images": {"train": 1500, "val": 300},
+                                      "command": "c2", "date": "2026-12-01", "off_over_ram": 0.9,
+                                      "rows": {"ram": row | {"images_per_s": 8.1}, "off": row | {"images_per_s": 7.3}}},
+               "precision-224": {"size": 224, "batch": 8, "steps": 1, "command": "c3", "date": "2026-12-01",
+                                 "rows": {"r18": {"fp32_ms": 900.0, "bf16_ms": 3000.0, "speedup": 0.3, "auto": "fp32",
+                                                  "auto_reason": "auto: no bf16"}}},
+           }}  # fmt: skip
+    text = "\n".join(sections.imagefolder([res]))
+    assert "AVX2 only, native bf16: no" in text
+    assert "| off | 1,758 MiB | 687 MiB | 46.0 | 451 |" in text and "| ram | 4,200 MiB |" in text
+    assert "take 3,015 MiB as uint8" in text and "Streamed ÷ in-memory images/s: **0.90**" in text
+    assert "| r18 | 900 | 3000 | ×0.30 | fp32 (auto: no bf16) |" in text
