@@ -7,7 +7,7 @@ SUITE ?= quick
 install:  ## install slimexport with its test tools (editable)
 	$(PYTHON) -m pip install -e ".[dev,timm,ncnn]"
 
-test:  ## the whole test suite (a few minutes on two cores)
+test:  ## the whole test suite (about 10 minutes on two cores)
 	$(PYTHON) -m pytest tests
 
 test-gpu:  ## only the GPU tests (CUDA training, compile, resume, onnxruntime CUDA bench); skipped without CUDA

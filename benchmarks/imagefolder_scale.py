@@ -180,7 +180,8 @@ def precision(args) -> None:
     rng = np.random.default_rng(0)
     n = args.batch
     ds = from_arrays("random", rng.integers(0, 255, (n, args.size, args.size, 3), np.uint8), np.arange(n) % 10,
-                     rng.integers(0, 255, (10, args.size, args.size, 3), np.uint8), np.arange(10))  # fmt: skip
+                     rng.integers(0, 255, (10, args.size, args.size, 3), np.uint8),
+                     np.arange(10) % min(n, 10))  # fmt: skip
     rows = {}
     for arch in args.models.split(","):
         torch.manual_seed(0)
