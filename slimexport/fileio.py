@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from slimexport.errors import LockedError, OutputError, OutputExistsError
+from slimexport.errors import SYSTEM_REFUSALS, LockedError, OutputError, OutputExistsError
 
 
 def _umask() -> int:
@@ -66,14 +66,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def check_writable(path: str | os.PathLike, force: bool) -> Path:
-    """Refuse to overwrite an existing output unless ``force``."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} already exists; pass --force to overwrite it")
-    return path
-
-
 def check_output(
     path: str | os.PathLike, force: bool, kind: str = "file", ours: Callable[[Path], bool] | None = None
 ) -> Path:
@@ -107,8 +99,6 @@ def check_output(
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        from slimexport.errors import SYSTEM_REFUSALS
-
         reason = SYSTEM_REFUSALS.get(e.errno, e.strerror)
         raise OutputError(f"cannot write {path}: {reason} ({existing})") from None
     return path

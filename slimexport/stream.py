@@ -2,8 +2,8 @@
 
 ``--dataset imagefolder:PATH`` reads ``PATH/train/<class>/*`` and ``PATH/val/<class>/*``. ``--data-cache``:
 
-- ``ram``: every image is decoded once (resized on its shorter side and centre-cropped to the model's size) and
-  kept as uint8, ``3·S·S`` bytes an image (150 KB at 224 pixels): fastest for small data;
+- ``ram``: every image is decoded once with the eval transform below and kept as uint8, ``3·S·S`` bytes an
+  image (150 KB at 224 pixels): fastest for small data;
 - ``off``: images stay files; DataLoader workers decode each batch as it is needed, with the standard train
   transform at the model's size (random-resized crop, horizontal flip) and the standard eval transform (resize to
   S·256/224 on the shorter side, centre crop). Memory is bounded by batch size and workers, not by the data set;
@@ -89,9 +89,9 @@ def _collate(items):
     return bad if bad is not None else default_collate(items)
 
 
-def _checked(loader):
-    """A DataLoader's batches; an unreadable image is a one-line DataError naming it."""
-    for x, y in loader:
+def _checked(batches):
+    """Collated batches (x, labels); an unreadable image's (path, reason) is a one-line DataError naming it."""
+    for x, y in batches:
         if isinstance(x, str):
             raise DataError(f"cannot read image {x}: {y}")
         yield x, y
@@ -142,10 +142,7 @@ class FolderImages:
             items = list(pool.map(files.__getitem__, range(len(files))))
         if not items:
             return torch.empty(0, 3, self.size, self.size, dtype=torch.uint8)
-        x, _ = _collate(items)
-        if isinstance(x, str):
-            raise DataError(f"cannot read image {x}: {_}")
-        return x
+        return next(_checked([_collate(items)]))[0]
 
 
 def is_streamed(x: Any) -> bool:
@@ -222,7 +219,7 @@ def train_loader(
         sampler = RandomSampler(files, generator=gen)
     loader = DataLoader(files, batch_size=batch_size, sampler=sampler, num_workers=images.workers,
                         collate_fn=_collate, drop_last=drop_last, generator=gen, pin_memory=pin_memory,
-                        persistent_workers=False, prefetch_factor=4 if images.workers else None)  # fmt: skip
+                        prefetch_factor=4 if images.workers else None)  # fmt: skip
     return _checked(loader)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,24 +183,34 @@ def choose_precision(
     )
 
 
+@contextmanager
+def _left_as_it_was(model: nn.Module):
+    """Run trial forward and backward passes: afterwards the model's weights, BN statistics and gradients are put
+    back as they were."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        yield
+    finally:
+        model.load_state_dict(state)
+        model.zero_grad(set_to_none=True)
+
+
 def _probe_step_times(model: nn.Module, ds: Dataset, device: torch.device, batch: int, steps: int) -> dict:
     """Seconds of ``steps`` forward+backward passes in fp32 and in bf16 autocast, interleaved after one warm-up of
-    each; the model's weights, statistics and gradients are put back as they were."""
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    each; the model is left as it was."""
     x = ds.normalize(ds.x_train[:batch].cpu()).to(device)
     y = ds.y_train[:batch].to(device)
     times: dict[str, list[float]] = {"fp32": [], "bf16": []}
-    model.train()
-    for i in range(steps + 1):
-        for precision in ("fp32", "bf16"):
-            t0 = time.perf_counter()
-            with _autocast(device, precision):
-                loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            if i:
-                times[precision].append(time.perf_counter() - t0)
-    model.load_state_dict(state)
-    model.zero_grad(set_to_none=True)
+    with _left_as_it_was(model):
+        model.train()
+        for i in range(steps + 1):
+            for precision in ("fp32", "bf16"):
+                t0 = time.perf_counter()
+                with _autocast(device, precision):
+                    loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                if i:
+                    times[precision].append(time.perf_counter() - t0)
     return times
 
 
@@ -535,21 +546,19 @@ def _warm_up(
 ) -> float:
     """Compile ``forward`` (and its backward) outside the timed epochs: one forward and backward on a training-shaped
     batch, after which the model's weights, BN statistics and gradients are put back as they were. Returns seconds."""
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     x = ds.normalize(ds.x_train[:batch])  # the shape every training step has (this rank's share under DDP)
     y = ds.y_train[:batch]
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    t0 = time.perf_counter()
-    model.train()
-    with _autocast(device, precision):
-        loss = F.cross_entropy(forward(x), y)
-    loss.backward()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t0
-    model.load_state_dict(state)
-    model.zero_grad(set_to_none=True)
+    with _left_as_it_was(model):
+        t0 = time.perf_counter()
+        model.train()
+        with _autocast(device, precision):
+            loss = F.cross_entropy(forward(x), y)
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
     return seconds
 
 
