@@ -100,7 +100,7 @@ def _err(e: BaseException) -> str:
 def ours(m: nn.Module, x: torch.Tensor, with_onnx: bool) -> dict:
     t0 = time.perf_counter()
     try:
-        p, rec = prune_graph(m, x, 0.5)
+        p, rec = prune_graph(m, x, percent=0.5)
     except Exception as e:  # noqa: BLE001 - a refusal (ConfigError) or a crash: both are recorded
         kind = "refused" if type(e).__name__ == "ConfigError" else "crashed"
         return {"status": kind, "error": _err(e)}
@@ -157,7 +157,7 @@ def engine_speed() -> dict:
     ts_ours, ts_tp = [], []
     for _ in range(3):
         t0 = time.perf_counter()
-        prune_graph(m, x, 0.5)
+        prune_graph(m, x, percent=0.5)
         ts_ours.append(time.perf_counter() - t0)
         pm = copy.deepcopy(m)
         t0 = time.perf_counter()

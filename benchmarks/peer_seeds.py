@@ -35,7 +35,7 @@ from slimexport.checkpoint import load_checkpoint
 from slimexport.data import load_dataset
 from slimexport.fileio import write_json
 from slimexport.pipeline import PipelineConfig
-from slimexport.prune import prune
+from slimexport.prune import PruneConfig, prune
 from slimexport.report import machine, versions
 from slimexport.stats import count_macs
 from slimexport.train import fit, train
@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent
 def _earlier_peer(path: Path, cfg: PipelineConfig, peer_macs: int) -> dict[int, float]:
     """Torch-Pruning's accuracy per seed from an earlier seeds file, when it was measured on the same footing."""
     e = json.loads(path.read_text())
-    want = (cfg.arch, cfg.dataset, cfg.percent, cfg.refine_epochs, cfg.preset, peer_macs)
+    want = (cfg.arch, cfg.dataset, cfg.prune.percent, cfg.refine_epochs, cfg.preset, peer_macs)
     got = (e["arch"], e["dataset"], e["percent"], e["refine_epochs"], e["preset"], e["macs"]["torch_pruning"])
     if got != want:
         raise SystemExit(f"--peer-from {path}: measured for {got}, not {want}")
@@ -84,26 +84,23 @@ def main() -> None:
     rep = json.loads((args.run_dir / "report.json").read_text())
     c = rep["config"]
     fields = {f.name for f in dataclasses.fields(PipelineConfig)}
-    cfg = PipelineConfig(**{k: v for k, v in c.items() if k in fields and k not in ("bench", "export")})
+    flat = ("percent", "min_channels", "normalize", "round_to")  # a report written before PruneConfig was nested
+    pcfg = PruneConfig(**(c.get("prune") or {k: c[k] for k in flat if k in c}))
+    cfg = PipelineConfig(
+        **{k: v for k, v in c.items() if k in fields and k not in ("bench", "export", "quantize", "prune")},
+        prune=pcfg,
+    )
     ds = load_dataset(cfg.dataset, cfg.data_dir)
     size = ds.image_size
     base_macs = count_macs(load_checkpoint(args.run_dir / "baseline.pt")[0], ds.in_channels, size)
     sparse = args.run_dir / "sparse.pt"
-    peer_macs = count_macs(torch_pruning_model(sparse, ds, cfg.percent), ds.in_channels, size)
+    peer_macs = count_macs(torch_pruning_model(sparse, ds, cfg.prune.percent), ds.in_channels, size)
     reused = _earlier_peer(args.peer_from, cfg, peer_macs) if args.peer_from else {}
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         pruned = Path(tmp) / "matched_pruned.pt"
-        meta = prune(
-            sparse,
-            pruned,
-            None,
-            ds=ds,
-            round_to=cfg.round_to,
-            max_macs=peer_macs / base_macs,
-            prune_stream=args.prune_stream,
-            normalize=cfg.normalize,
-        )
+        budget = dataclasses.replace(pcfg, percent=None, max_macs=peer_macs / base_macs, prune_stream=args.prune_stream)
+        meta = prune(sparse, pruned, budget, ds=ds)
         for seed in args.seeds:
             if seed == 0 and seed0 is not None:
                 runs.append(seed0)
@@ -115,7 +112,7 @@ def main() -> None:
                 runs.append({"seed": seed, "slimexport": ours["accuracy"], "torch_pruning": reused[seed]})
                 runs[-1]["torch_pruning_from"] = args.peer_from.name
             else:
-                peer_model = torch_pruning_model(sparse, ds, cfg.percent)
+                peer_model = torch_pruning_model(sparse, ds, cfg.prune.percent)
                 peer = fit(peer_model, ds, refine_cfg, description=f"torch-pruning {seed}")
                 runs.append({"seed": seed, "slimexport": ours["accuracy"], "torch_pruning": peer["final_accuracy"]})
             r = runs[-1]
@@ -134,9 +131,9 @@ def main() -> None:
         "run": args.run_dir.name,
         "arch": cfg.arch,
         "dataset": cfg.dataset,
-        "percent": cfg.percent,
+        "percent": cfg.prune.percent,
         "prune_stream": args.prune_stream,
-        "normalize": cfg.normalize,
+        "normalize": cfg.prune.normalize,
         "slimexport_percent": meta["prune"]["percent"],
         "refine_epochs": cfg.refine_epochs,
         "preset": cfg.preset,

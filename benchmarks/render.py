@@ -111,13 +111,15 @@ def render_results(results_root: Path) -> str:
             )
         lines.append("")
     for s in selection:
-        o = s["step_overhead"]
+        o = s.get("step_overhead")
         lines += [
             f"## Channel selection ({s['machine_tag']}, {s['date'][:10]}, `{s['command']}`)",
             "",
             f"Sparse-training step of preresnet164 (batch {o['batch']}, median of {o['steps']} interleaved steps): "
             f"with selections {o['median_s']['with_selection']:.3f} s, "
-            f"without {o['median_s']['without_selection']:.3f} s, ratio ×{o['ratio']:.3f}.",
+            f"without {o['median_s']['without_selection']:.3f} s, ratio ×{o['ratio']:.3f}."
+            if o
+            else "An unpruned model has no selection modules (since 0.2); they appear only where pruning needs them.",
             "",
             "| arch | percent | round-to | --selection (exported as) | params after (published) "
             "| MACs ratio (of the exported graph) | Gather / Slice nodes "

@@ -21,6 +21,7 @@ Usage: python -m benchmarks.run --suite quick|cpu|full|smoke [--only ARCH] [--pe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import shutil
@@ -39,10 +40,10 @@ from slimexport.checkpoint import load_checkpoint, read_checkpoint
 from slimexport.data import find_fashion_mnist, load_dataset
 from slimexport.export import ExportConfig, export
 from slimexport.fileio import atomic_path, write_json, write_text
-from slimexport.models.common import absorb_selections
 from slimexport.pipeline import PipelineConfig, run_pipeline
-from slimexport.prune import prune
+from slimexport.prune import PruneConfig, prune
 from slimexport.report import machine, versions
+from slimexport.rewrite import absorb_selections
 from slimexport.stats import count_macs, count_params
 from slimexport.train import train
 
@@ -273,22 +274,16 @@ def _earlier_training(work: Path, key: tuple, args) -> Path | None:
     return None
 
 
-def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path, trained: dict) -> Path:
-    round_to = entry.get("round_to", 1)
-    normalize = entry.get("normalize", "none")
-    tag = run_name(suite, entry["arch"], entry["dataset"], entry["percent"], round_to, normalize)
-    run_dir = work / tag
+def _pipeline(entry: dict, args, work: Path, run_dir: Path, tag: str, trained: dict):
+    """Run the pipeline for ``entry``; entries that differ only in percent share one baseline and one sparse model,
+    as a user sweeping would. Returns (its config, its report, its wall time, the data)."""
+    round_to, normalize = entry.get("round_to", 1), entry.get("normalize", "none")
     dataset, data_dir = dataset_source(entry, args.data_dir, work)
-    # Entries that differ only in percent share one baseline and one sparse model, as a user sweeping would.
     key = (entry["arch"], dataset, entry["sparsity"], args.epochs or entry["epochs"], entry.get("lr"))
     reuse = trained.get(key)
     if reuse is None and args.reuse_trained:
         reuse = _earlier_training(work, key, args)
     first = json.loads((reuse / "report.json").read_text()) if reuse else None  # read before run_dir is replaced
-    # Each model is measured once: the pipeline's bench stage gives baseline's and slimexport's accuracy (it needs
-    # them for its report; its own latency is a 0.2 s formality); the interleaved run below times every model and
-    # profiles op shares, and measures accuracy only for the models the pipeline did not.
-    bcfg = BenchConfig(batches=[1, 32], seconds=args.seconds, accuracy=False)
     cfg = PipelineConfig(
         out=str(run_dir),
         arch=entry["arch"],
@@ -297,7 +292,7 @@ def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path, trained:
         epochs=args.epochs or entry["epochs"],
         refine_epochs=args.refine_epochs or entry["refine_epochs"],
         sparsity=entry["sparsity"],
-        percent=entry["percent"],
+        prune=PruneConfig(percent=entry["percent"], round_to=round_to, normalize=normalize),
         device=entry.get("device", args.device),
         compile=entry.get("compile", False),
         force=True,
@@ -306,9 +301,9 @@ def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path, trained:
         lr=entry.get("lr"),
         refine_lr=entry.get("refine_lr"),
         preset=args.preset,
+        # the pipeline's bench gives the accuracies its report needs; its latency is a 0.2 s formality (the
+        # interleaved run of _bench_all times every model)
         bench=BenchConfig(batches=[1], threads=[1], seconds=0.2, accuracy=True, profile=False),
-        round_to=round_to,
-        normalize=normalize,
         baseline=str(reuse / "baseline.pt") if reuse else None,
         sparse=str(reuse / "sparse.pt") if reuse else None,
     )
@@ -320,81 +315,71 @@ def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path, trained:
             rep["stages"][k] = first["stages"][k] | {"shared_with": first["stages"][k].get("shared_with", reuse.name)}
     else:
         trained[key] = run_dir
-    ds = load_dataset(dataset, data_dir)
-    models = {"baseline": run_dir / "baseline.onnx", "slimexport": run_dir / "pruned.onnx"}
-    peer = None
-    if not args.no_peer and entry.get("peer", True):
-        refine_cfg = cfg.train_config("refine")
-        try:
-            peer = torch_pruning_peer(run_dir, ds, entry["percent"], refine_cfg, run_dir / "torch_pruning.onnx")
-            models["torch-pruning"] = run_dir / "torch_pruning.onnx"
-        except ImportError:
-            print("torch-pruning is not installed (pip install -e '.[bench]'); skipping the peer comparison")
+    return cfg, rep, pipeline_s, load_dataset(dataset, data_dir)
+
+
+def _peer(entry: dict, args, run_dir: Path, ds, refine_cfg, models: dict) -> dict | None:
+    """Torch-Pruning on the same sparse model at the same percent, refined alike (None where it is not run)."""
+    if args.no_peer or not entry.get("peer", True):
+        return None
+    try:
+        peer = torch_pruning_peer(run_dir, ds, entry["percent"], refine_cfg, run_dir / "torch_pruning.onnx")
+    except ImportError:
+        print("torch-pruning is not installed (pip install -e '.[bench]'); skipping the peer comparison")
+        return None
+    models["torch-pruning"] = run_dir / "torch_pruning.onnx"
+    return peer
+
+
+def _variants(entry: dict, rep: dict, run_dir: Path, ds, cfg, refine_cfg, peer, models: dict):
+    """slimexport's other exports of the run: the same refined weights with ``--selection auto``, and (beside the
+    peer) the same sparse model pruned to the peer's MACs (``prune --max-macs``), refined with the same schedule
+    and seed; a residual network also with --prune-stream, which prunes the stream as Torch-Pruning does."""
     has_selections = any(sel in rep["pruned"]["op_counts"] for sel in ("Gather", "Slice"))
+    auto_export = None
     if has_selections and entry.get("auto_row", True):
-        # The same refined weights exported with `--selection auto` (gather, dense or a mix, timed and chosen here).
         auto_export = export(run_dir / "refined.pt", run_dir / "pruned_auto.onnx", ds, ExportConfig(selection="auto"))
         models["slimexport-auto"] = run_dir / "pruned_auto.onnx"
     matched = {}
-    if peer is not None:
-        # slimexport at Torch-Pruning's MACs: the same sparse model pruned to the peer's budget (`prune --max-macs`),
-        # refined with the same schedule and seed. Exported with --selection auto where it has selections. A
-        # residual network is also pruned with --prune-stream, which prunes the stream as Torch-Pruning does.
-        budget = peer["macs"] / rep["baseline"]["macs"]
+    if peer is None:
+        return auto_export, matched
+    budget = peer["macs"] / rep["baseline"]["macs"]
+    variants = [("", False)] + ([("_stream", True)] if entry["arch"].startswith("preresnet") else [])
+    for suffix, prune_stream in variants:
+        name = f"matched{suffix}"
+        pcfg = dataclasses.replace(cfg.prune, percent=None, max_macs=budget, prune_stream=prune_stream)
+        m_meta = prune(run_dir / "sparse.pt", run_dir / f"{name}_pruned.pt", pcfg, ds=ds)
+        refined = run_dir / f"{name}_refined.pt"
+        r_meta = train(refined, ds, refine_cfg, init=run_dir / f"{name}_pruned.pt", stage="refined")
         sel_mode = "auto" if has_selections else "gather"
-        variants = [("", False)] + ([("_stream", True)] if entry["arch"].startswith("preresnet") else [])
-        for suffix, prune_stream in variants:
-            name = f"matched{suffix}"
-            m_meta = prune(
-                run_dir / "sparse.pt",
-                run_dir / f"{name}_pruned.pt",
-                None,
-                ds=ds,
-                round_to=round_to,
-                max_macs=budget,
-                prune_stream=prune_stream,
-                normalize=normalize,
-            )
-            r_meta = train(
-                run_dir / f"{name}_refined.pt", ds, refine_cfg, init=run_dir / f"{name}_pruned.pt", stage="refined"
-            )
-            m_export = export(
-                run_dir / f"{name}_refined.pt", run_dir / f"{name}.onnx", ds, ExportConfig(selection=sel_mode)
-            )
-            models[f"slimexport-{name.replace('_', '-')}"] = run_dir / f"{name}.onnx"
-            matched[name] = (m_meta, r_meta, m_export)
-    # One interleaved latency run for all models, so that they share the machine's noise.
-    b = bench(models, ds, bcfg)
+        m_export = export(refined, run_dir / f"{name}.onnx", ds, ExportConfig(selection=sel_mode))
+        models[f"slimexport-{name.replace('_', '-')}"] = run_dir / f"{name}.onnx"
+        matched[name] = (m_meta, r_meta, m_export)
+    return auto_export, matched
+
+
+def _bench_all(models: dict, ds, rep: dict, seconds: float) -> dict:
+    """One interleaved latency run for all models, so that they share the machine's noise; accuracy in
+    onnxruntime for those the pipeline did not measure."""
+    b = bench(models, ds, BenchConfig(batches=[1, 32], seconds=seconds, accuracy=False))
     b["models"]["baseline"]["accuracy"] = rep["baseline"]["accuracy"]
     b["models"]["slimexport"]["accuracy"] = rep["pruned"]["accuracy"]
     for name, path in models.items():
         if "accuracy" not in b["models"][name]:
             b["models"][name]["accuracy"] = ort_accuracy(path, ds)
-    lat = {n: [r for r in b["latency"] if r["model"] == n] for n in models}
+    return b
 
-    def speedups(name, macs_ratio):
-        base = {(r["batch"], r["threads"]): r["median_ms"] for r in lat["baseline"]}
-        return [
-            {
-                "batch": r["batch"],
-                "threads": r["threads"],
-                "median_ms": r["median_ms"],
-                "p90_ms": r["p90_ms"],
-                "speedup": base[(r["batch"], r["threads"])] / r["median_ms"],
-                "macs_ratio": macs_ratio,
-            }
-            for r in lat[name]
-        ]
 
+def _result(suite: str, entry: dict, cfg, rep: dict, b: dict, pipeline_s: float, speedups) -> dict:
     B, P = rep["baseline"], rep["pruned"]
-    result = {
+    return {
         "suite": suite,
         "arch": entry["arch"],
         "dataset": entry["dataset"],
         "train_subset": entry.get("train_subset"),
         "percent": entry["percent"],
-        "round_to": round_to,
-        "normalize": normalize,
+        "round_to": cfg.prune.round_to,
+        "normalize": cfg.prune.normalize,
         "sparsity": entry["sparsity"],
         "epochs": cfg.epochs,
         "refine_epochs": cfg.refine_epochs,
@@ -430,7 +415,39 @@ def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path, trained:
         },
         "stages": rep["stages"],
     }
+
+
+def run_entry(suite: str, entry: dict, args, work: Path, out_dir: Path, trained: dict) -> Path:
+    """One suite entry: the pipeline (reusing a baseline and sparse model trained for the same settings), the peer
+    and slimexport's variants beside it, one interleaved timing of every model, and the result JSON."""
+    round_to, normalize = entry.get("round_to", 1), entry.get("normalize", "none")
+    tag = run_name(suite, entry["arch"], entry["dataset"], entry["percent"], round_to, normalize)
+    run_dir = work / tag
+    cfg, rep, pipeline_s, ds = _pipeline(entry, args, work, run_dir, tag, trained)
+    models = {"baseline": run_dir / "baseline.onnx", "slimexport": run_dir / "pruned.onnx"}
+    refine_cfg = cfg.train_config("refine")
+    peer = _peer(entry, args, run_dir, ds, refine_cfg, models)
+    auto_export, matched = _variants(entry, rep, run_dir, ds, cfg, refine_cfg, peer, models)
+    b = _bench_all(models, ds, rep, args.seconds)
+    lat = {n: [r for r in b["latency"] if r["model"] == n] for n in models}
+
+    def speedups(name, macs_ratio):
+        base = {(r["batch"], r["threads"]): r["median_ms"] for r in lat["baseline"]}
+        return [
+            {
+                "batch": r["batch"],
+                "threads": r["threads"],
+                "median_ms": r["median_ms"],
+                "p90_ms": r["p90_ms"],
+                "speedup": base[(r["batch"], r["threads"])] / r["median_ms"],
+                "macs_ratio": macs_ratio,
+            }
+            for r in lat[name]
+        ]
+
+    result = _result(suite, entry, cfg, rep, b, pipeline_s, speedups)
     enrich(result, rep, run_dir, cfg, out_dir, tag)
+    B = rep["baseline"]
     if "slimexport-auto" in models:
         result["slimexport_auto"] = result["slimexport"] | _variant(
             "slimexport-auto", load_checkpoint(run_dir / "refined.pt")[0], auto_export, b, ds, B["macs"], speedups

@@ -1,8 +1,7 @@
 #!/usr/bin/env python3
 """Issue-3 figures: what channel selection costs, in training and in onnxruntime.
 
-1. Training: a sparse-training step (forward, backward, L1 hook, SGD step) of `preresnet164` with its channel
-   selections against the identical network whose forward skips them; interleaved steps, median of each.
+1. Training: retired with the hand-written architectures (0.2): an unpruned model has no selection at all now.
 2. Inference: `preresnet164` and `densenet40` sparse-trained briefly, pruned at 40% and 60%, exported; the share
    of onnxruntime CPU node time spent in Gather/Slice at batch 1 (profiler, and without it: the latency added by
    doubling every index op, `slimexport.bench.index_op_cost`), the parameter and MACs cuts next
@@ -11,24 +10,19 @@
    timed in the same run.
 
 Writes benchmarks/results/<machine-tag>/selection.json; `python benchmarks/run.py --render-only` puts it into
-RESULTS.md. Usage: python -m benchmarks.selection_overhead [--steps 30] [--batch 64] [--train-images 3000]
+RESULTS.md. Usage: python -m benchmarks.selection_overhead [--train-images 3000]
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import shlex
 import sys
-import time
-import types
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from benchmarks.common import machine_tag
 from slimexport.bench import BenchConfig, bench, index_op_cost
@@ -38,11 +32,11 @@ from slimexport.errors import DataError
 from slimexport.export import ExportConfig, export
 from slimexport.fileio import write_json
 from slimexport.models import create_model
-from slimexport.models.common import absorb_selections
 from slimexport.prune import prune_model
 from slimexport.report import machine, versions
+from slimexport.rewrite import absorb_selections, for_export
 from slimexport.stats import count_macs, count_params
-from slimexport.train import TrainConfig, data_meta, fit, regularize
+from slimexport.train import TrainConfig, data_meta, fit
 
 ROOT = Path(__file__).resolve().parent
 
@@ -53,64 +47,6 @@ PUBLISHED = {  # CIFAR-10 parameters after pruning (Liu et al. 2017, Table 1)
     ("densenet40", 0.4): 0.69e6,
     ("densenet40", 0.6): 0.49e6,
 }
-
-
-def _no_selection(model):
-    """The same network, same weights, with every channel selection removed from the forward pass."""
-    m = copy.deepcopy(model)
-
-    def block_forward(self, x):
-        out = self.conv1(F.relu(self.bn1(x)))
-        out = self.conv2(F.relu(self.bn2(out)))
-        out = self.conv3(F.relu(self.bn3(out)))
-        return out + (x if self.downsample is None else self.downsample(x))
-
-    def net_forward(self, x):
-        x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
-        return self.fc(F.adaptive_avg_pool2d(F.relu(self.bn(x)), 1).flatten(1))
-
-    for blk in m.blocks():
-        del blk.select
-        blk.forward = types.MethodType(block_forward, blk)
-    del m.select
-    m.forward = types.MethodType(net_forward, m)
-    return m
-
-
-def step_overhead(steps: int, batch: int) -> dict:
-    torch.manual_seed(0)
-    with_sel = create_model("preresnet164", 10, 3)
-    without = _no_selection(with_sel)
-    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    runs = {}
-    for name, m in (("with_selection", with_sel), ("without_selection", without)):
-        m.train()
-        opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
-        runs[name] = (m, opt, [])
-
-    def step(m, opt):
-        loss = F.cross_entropy(m(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        regularize(m, 1e-5)
-        opt.step()
-
-    for m, opt, _ in runs.values():  # warm-up
-        step(m, opt)
-    for _ in range(steps):  # interleaved, so both see the same machine noise
-        for m, opt, ts in runs.values():
-            t0 = time.perf_counter()
-            step(m, opt)
-            ts.append(time.perf_counter() - t0)
-    med = {k: float(np.median(v[2])) for k, v in runs.items()}
-    return {
-        "arch": "preresnet164",
-        "batch": batch,
-        "steps": steps,
-        "median_s": med,
-        "ratio": med["with_selection"] / med["without_selection"],
-        "params_equal": count_params(with_sel) == count_params(without),
-    }
 
 
 def cifar_subset(n_train: int):
@@ -164,7 +100,7 @@ def inference_figures(n_train: int, work: Path, seconds: float, reuse: bool) -> 
                 models[name] = work / f"{arch}-{name}.onnx"
                 pruned[name] = (pct, round_to, selection, p, ex)
         unrewritten = {}
-        if hasattr(model, "for_export"):  # what the export rewrites gain: the same models exported without them
+        if for_export(model) is not model:  # what the export rewrites gain: the same models exported without them
             for name, ck in (("baseline", base_ck), ("p60-r1-gather", work / f"{arch}-p60-r1-gather.pt")):
                 path = work / f"{arch}-{name}-no-rewrite.onnx"
                 export(ck, path, ds, ExportConfig(parity_images=64, rewrite=False))
@@ -225,27 +161,13 @@ def inference_figures(n_train: int, work: Path, seconds: float, reuse: bool) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--train-images", type=int, default=3000)
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--reuse", action="store_true", help="reuse the sparse models of an earlier run when present")
-    ap.add_argument("--skip-steps", action="store_true", help="skip the training-step measurement")
     args = ap.parse_args()
     work = ROOT / "work" / "selection"
     work.mkdir(parents=True, exist_ok=True)
     out = ROOT / "results" / machine_tag() / "selection.json"
-    if args.skip_steps:
-        overhead = json.loads(out.read_text())["step_overhead"]
-        print("step overhead: kept from", out)
-    else:
-        overhead = step_overhead(args.steps, args.batch)
-    med = overhead["median_s"]
-    print(
-        f"sparse-training step, preresnet164 batch {overhead['batch']}: with selection {med['with_selection']:.3f} s, "
-        f"without {med['without_selection']:.3f} s, ratio {overhead['ratio']:.3f}",
-        flush=True,
-    )
     rows, rewrites = inference_figures(args.train_images, work, args.seconds, args.reuse)
     for r in rows:
         print(
@@ -271,7 +193,6 @@ def main() -> None:
             "machine": machine(),
             "versions": versions(),
             "command": "python -m benchmarks.selection_overhead " + shlex.join(sys.argv[1:]),
-            "step_overhead": overhead,
             "pruned": rows,
             "rewrites": rewrites,
         },

@@ -84,7 +84,7 @@ def main() -> None:
     for name in args.models:
         torch.manual_seed(0)
         base = randomize(torchvision.models.get_model(name, weights=None))
-        ours, rec = prune_graph(base, x, args.percent, round_to=round_to)
+        ours, rec = prune_graph(base, x, percent=args.percent, round_to=round_to)
         full, ours_macs = count_macs_on(base, x), count_macs_on(ours, x)
         peer, ratio = tp_at_macs(base, x, ours_macs)
         peer_macs = count_macs_on(peer, x)

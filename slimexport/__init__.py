@@ -9,11 +9,11 @@ Each stage is a function from an artifact on disk to a new artifact on disk:
 - :func:`slimexport.pipeline.run_pipeline` — all of the above into one run directory.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 __all__ = ("regularize", "prune_model", "save_pruned", "load_pruned", "export_onnx", "quantize", "benchmark",
-       "sparsity_callback")  # fmt: skip
+           "sparsity_callback", "register_module_rule", "PruneConfig")  # fmt: skip
 
 
 def __getattr__(name: str):

@@ -32,13 +32,15 @@ from slimexport.deploy import QuantizeConfig
 from slimexport.deploy import quantize as _quantize
 from slimexport.errors import ConfigError
 from slimexport.export import ExportConfig, export_model
-from slimexport.models.common import SlimModel
+from slimexport.models import is_builtin
 from slimexport.models.external import GraphModel, external_config, is_external, trusted_code
-from slimexport.prune import prune_model
+from slimexport.oprules import register_module_rule
+from slimexport.prune import PruneConfig, prune_model
 from slimexport.runtime import BenchConfig
 from slimexport.train import data_meta, regularize
 
-__all__ = ["benchmark", "export_onnx", "load_pruned", "prune_model", "quantize", "regularize", "save_pruned",
+__all__ = ["PruneConfig", "benchmark", "export_onnx", "load_pruned", "prune_model", "quantize", "register_module_rule",
+           "regularize", "save_pruned",
            "sparsity_callback"]  # fmt: skip
 
 
@@ -58,10 +60,10 @@ def save_pruned(
     ``example_input`` (a batch of the inputs it takes). ``data`` records the normalisation and labels (else the
     CLI measures on whatever data it is given)."""
     meta = {"stage": "pruned", "prune": dict(record)}
-    if isinstance(model, SlimModel):
+    if isinstance(model, GraphModel):
         ckpt_model = model
     else:
-        if source is None or not is_external(source) or example_input is None:
+        if source is None or not (is_external(source) or is_builtin(source)) or example_input is None:
             raise ConfigError(
                 "save_pruned of a plain nn.Module needs source= (how to build its unpruned original, e.g. "
                 "'torchvision:resnet18' or 'my_models.py:build') and example_input= (a batch of its inputs)"

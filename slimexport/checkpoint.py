@@ -37,7 +37,9 @@ from slimexport.fileio import atomic_path
 from slimexport.models import create_model
 from slimexport.models.external import check_trusted, is_external, trusted_code
 
-FORMAT, VERSION = "slimexport", 1
+FORMAT, VERSION = "slimexport", 2
+# Version 1 stored slimexport's own architectures in their hand-written form (config {"cfg"}, {"blocks", "select"},
+# ...; state-dict keys without "net."). Version 2 stores every model as its source plus the graph engine's plan.
 
 
 def make_checkpoint(model: nn.Module, data: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
@@ -79,9 +81,32 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({reason[:160]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a slimexport checkpoint")
+    if ckpt.get("version") == 1:
+        return _from_version_1(ckpt, path)
     if ckpt.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint version {ckpt.get('version')}, this slimexport reads {VERSION}")
     return ckpt
+
+
+def _from_version_1(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A version-1 checkpoint in today's form. A model pruned by the graph engine (torchvision, timm, your own
+    code) already is; an unpruned built-in architecture gets its source config and ``net.`` keys; a built-in one
+    pruned by the retired hand-written rules cannot be rebuilt, and the error says how to redo it."""
+    from slimexport.models import default_config, is_builtin
+
+    arch = ckpt.get("arch")
+    if not is_builtin(arch) or "source" in (ckpt.get("config") or {}):
+        return ckpt | {"version": VERSION}
+    meta = ckpt.get("meta") or {}
+    if meta.get("prune") or meta.get("stage") in ("pruned", "refined"):
+        source = (meta.get("prune") or {}).get("source", "the sparse checkpoint")
+        raise CheckpointError(
+            f"{path} is a {arch} pruned by slimexport's retired hand-written rules (checkpoint version 1): prune "
+            f"{source} again with this version (slimexport prune {source}) and refine that"
+        )
+    state = {f"net.{k}": v for k, v in ckpt.get("state_dict", {}).items()}
+    config = default_config(arch) | {"image_size": list(ckpt.get("data", {}).get("image_size") or (32, 32))}
+    return ckpt | {"version": VERSION, "config": config, "state_dict": state}
 
 
 def load_checkpoint(path: str | os.PathLike, trust: tuple[str, ...] | bool = ()) -> tuple[nn.Module, dict[str, Any]]:

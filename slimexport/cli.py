@@ -181,9 +181,18 @@ StreamOpt = Annotated[
     bool,
     typer.Option(
         "--prune-stream",
-        help="Residual networks: also remove a stream channel that every selection drops, though a downsampling "
-        "conv still reads it (its mean is carried on). Beyond the paper's rules, which keep the stream's width; "
-        "more MACs saved at the same threshold.",
+        help="Also remove channels a conv reads before any BatchNorm (a pre-activation ResNet's stream, read by "
+        "its downsampling convs) where a BatchNorm reading the same tensor drops them; the conv gets that BN's "
+        "running mean of the channel as a constant. Beyond the paper's rules; more MACs saved at the same "
+        "threshold, not exact.",
+    ),
+]
+FoldOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fold/--no-fold",
+        help="Fold what a removed channel still sends on (act(β) of its BN) into the bias or BN running mean of "
+        "the layers that read it. --no-fold only to measure what folding buys.",
     ),
 ]
 NormalizeOpt = Annotated[
@@ -483,6 +492,7 @@ def prune(
     normalize: NormalizeOpt = Normalize.none,
     round_to: RoundOpt = "auto",
     prune_stream: StreamOpt = False,
+    fold: FoldOpt = True,
     dataset: Annotated[
         str | None,
         typer.Option(
@@ -496,47 +506,28 @@ def prune(
 ):
     """Prune with one global threshold on BN |γ| and write a physically smaller model."""
     from slimexport.data import load_dataset
-    from slimexport.prune import check_macs_fraction, check_percent, resolve_round_to
+    from slimexport.prune import PruneConfig
     from slimexport.prune import prune as prune_fn
 
     if percent is None and max_macs is None:
         percent = 0.6
-    if percent is not None and max_macs is None:
-        check_percent(percent)
-    if max_macs is not None:
-        check_macs_fraction(max_macs)
+    cfg = _fill(PruneConfig, locals()).validate()
     _check_out(out, force)
-    resolve_round_to(round_to)
     ds = load_dataset(dataset, data_dir) if dataset else None
     with _trusting(arch, trust_model_code):
-        meta = prune_fn(
-            checkpoint,
-            out,
-            percent,
-            min_channels,
-            ds=ds,
-            device="cpu",
-            round_to=round_to,
-            max_macs=max_macs,
-            prune_stream=prune_stream,
-            normalize=normalize.value,
-        )
+        meta = prune_fn(checkpoint, out, cfg, ds=ds, device="cpu")
     r = meta["prune"]
     acc = f", accuracy before refine {meta['accuracy']:.4f}" if "accuracy" in meta else ""
     budget = f" (--max-macs {max_macs:g}: global percent {r['percent']:.4f})" if max_macs is not None else ""
-    st = r.get("stream")
-    stream = (
-        f", residual stream {'/'.join(map(str, st['before']))} -> {'/'.join(map(str, st['after']))}"
-        if st and st["before"] != st["after"]
-        else ""
-    )
+    stream = " (--prune-stream)" if r.get("prune_stream") else ""
+    folded = f", β folded into {len(r['folded'])} layers" if r.get("folded") else ""
     rounded = f", round-to {r['round_to']} ({r['round_to_reason']})" if r["round_to"] > 1 else ""
     scale = f" (|γ| ÷ each layer's {normalize.value})" if normalize is not Normalize.none else ""
     _say(
         f"pruned {r['channels_before'] - r['channels_after']}/{r['channels_before']} channels{budget}{rounded} at "
         f"threshold {r['threshold']}{scale}: params {r['params_before']:,} -> {r['params_after']:,} "
         f"(×{r['params_before'] / r['params_after']:.2f}), MACs ×{r['macs_before'] / r['macs_after']:.2f}"
-        f"{stream}{acc} -> {out}"
+        f"{stream}{folded}{acc} -> {out}"
     )
 
 
@@ -841,6 +832,7 @@ def pipeline(
     normalize: NormalizeOpt = Normalize.none,
     round_to: RoundOpt = "auto",
     prune_stream: StreamOpt = False,
+    fold: FoldOpt = True,
     baseline: Annotated[
         Path | None, typer.Option("--baseline", help="Reuse this trained baseline checkpoint instead of training one.")
     ] = None,
@@ -918,6 +910,7 @@ def pipeline(
     from slimexport.deploy import QuantizeConfig
     from slimexport.export import ExportConfig
     from slimexport.pipeline import PipelineConfig, run_pipeline
+    from slimexport.prune import PruneConfig
 
     cfg = _fill(
         PipelineConfig,
@@ -925,6 +918,7 @@ def pipeline(
         quantize=QuantizeConfig(calib_images=calib_images, calibrate=calibrate.value, types=types.value),
         export=ExportConfig(selection=selection.value),
         bench=_bench_config(batch, threads, bench_device, seconds),
+        prune=_fill(PruneConfig, locals()),
     )
     with _trusting(None, trust_model_code):
         r = run_pipeline(cfg, command=shlex.join(["slimexport", *sys.argv[1:]]))

@@ -23,8 +23,8 @@ from slimexport.checkpoint import fit_data, load_checkpoint
 from slimexport.data import Dataset
 from slimexport.errors import ConfigError, ParityError, SlimExportError
 from slimexport.fileio import atomic_path
-from slimexport.models.common import for_export
 from slimexport.records import ExportResult
+from slimexport.rewrite import absorb_selections, for_export
 from slimexport.runtime import INPUT_NAME, OUTPUT_NAME, BenchConfig, latency, ort_session, run_logits
 from slimexport.selection import candidates
 
@@ -49,8 +49,8 @@ class ExportConfig:
     tune_threads: int = 1
     tune_seconds: float = 1.0
     tune_device: str = "cpu"  # where `auto` times its candidates: the bench's device (cpu, cuda, cuda:N)
-    # Apply the model's exact export rewrites (``for_export``; DenseNet: each transition's conv1×1 → avg-pool 2 as
-    # one 2×2 stride-2 conv). Off only to measure what they gain.
+    # Apply the exact export rewrites (:func:`slimexport.rewrite.for_export`: a conv1×1 → avg-pool 2, as in
+    # DenseNet's transitions, as one 2×2 stride-2 conv). Off only to measure what they gain.
     rewrite: bool = True
 
 
@@ -120,7 +120,7 @@ def export(
     }
     if cfg.selection == "auto":
         return _export_fastest(model, out, ds, cfg, metadata)
-    exported = model.without_selections() if cfg.selection == "dense" else model
+    exported = absorb_selections(model) if cfg.selection == "dense" else model
     return export_model(exported, out, ds, cfg, metadata, reference=model)
 
 
@@ -151,7 +151,7 @@ def _export_fastest(
     res = results[chosen] | {"path": str(out)}
     res["selection"] = {
         "chosen": chosen,
-        "absorbed": cands[chosen][1],  # per selection unit, in the order of model.selection_units()
+        "absorbed": cands[chosen][1],  # per selection unit, in the order of rewrite.selection_units
         "batch": cfg.tune_batch,
         "threads": cfg.tune_threads,
         "tuned_on": cfg.tune_device,

@@ -21,7 +21,7 @@ keep (a static Gather or Slice in front of it); the input channel goes only when
 Anything the engine does not understand (view/reshape/permute touching the channel axis, channel shuffle, pixel
 shuffle, grouped convs, sizes written into ``forward``, parameters used outside modules, the model's inputs and
 outputs) *freezes* the classes it touches, with the reason recorded, and so does a conv or linear that reads
-channels before any BatchNorm normalises them (:meth:`_Builder.freeze_raw_reads`). A frozen class is never pruned.
+channels before any BatchNorm normalises them (:class:`_RawReads`). A frozen class is never pruned.
 
 A class's importance is the largest |γ| among the BatchNorms that normalise it (:mod:`slimexport.graph_prune`).
 """
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import operator
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,47 +39,10 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from slimexport.errors import ConfigError
+from slimexport.oprules import BN_TYPES, CONV_TYPES, function_rule, module_rule
 
-BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-# Modules that leave the channel axis as it is (and hold no per-channel parameters).
-PASS_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
-    nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-    nn.Dropout3d, nn.AlphaDropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
-    nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
-    nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
-)  # fmt: skip
-# Ops that map 0 to 0 channel by channel (so a channel a BN zeroes stays zero through them).
-ZERO_KEEPING_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish,
-    nn.Hardtanh, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.MaxPool1d,
-    nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample,
-    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
-)  # fmt: skip
-PASS_FUNCS = {
-    F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.leaky_relu, F.elu, F.selu,
-    F.mish, F.softplus, F.hardtanh, torch.relu, torch.sigmoid, torch.tanh, F.dropout, F.dropout2d, F.max_pool2d,
-    F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d,
-    F.interpolate, F.pad, torch.clone, torch.clamp, torch.nn.functional.hardtanh, operator.neg, torch.neg,
-    torch.exp, torch.abs, torch.square, torch.sqrt,
-}  # fmt: skip
-ZERO_KEEPING_METHODS = {
-    "relu", "relu_", "tanh", "contiguous", "clone", "float", "to", "type_as", "detach", "mean", "sum", "amax",
-    "hardtanh", "hardtanh_",
-}  # fmt: skip
-PASS_METHODS = {
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone", "float", "to", "type_as", "detach",
-    "clamp", "clamp_", "clamp_min", "abs", "exp", "neg", "square", "sqrt", "hardtanh", "hardtanh_",
-}  # fmt: skip
-ZERO_KEEPING_FUNCS = {
-    F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.tanh, F.leaky_relu, F.elu, F.selu, F.mish, F.hardtanh,
-    torch.relu, torch.tanh, F.dropout, F.dropout2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
-    F.adaptive_max_pool2d, F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.interpolate, torch.clone,
-    operator.neg, torch.neg, torch.abs, torch.square, torch.flatten, torch.mean, torch.sum,
-}  # fmt: skip
+__all__ = ["BN_TYPES", "CONV_TYPES", "ChannelGraph", "ModuleUse", "trace", "trace_channels"]
+
 BINARY = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
     operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum,
@@ -92,12 +55,15 @@ class ModuleUse:
     """How one module reads and writes channels: the atoms of its input and output channel axes."""
 
     name: str
-    kind: str  # conv | depthwise | linear | bn | prelu
+    kind: str  # conv | convT | depthwise | linear | bn | channelwise
     inp: np.ndarray | None = None
     out: np.ndarray | None = None
     # A *selecting* BN (its input is also read elsewhere): its channels are new atoms, channel k reading input
     # position select[k]; it can drop a channel its input keeps for the other readers (a static index op).
     select: list[int] | None = None
+    src: str | None = None  # the FX node it reads (its first call's), and its own node with its number of readers
+    node: str | None = None
+    readers: int = 0
 
     def reads(self) -> np.ndarray | None:
         """The input atoms this module's channels come from (a selecting BN's selected ones)."""
@@ -114,6 +80,10 @@ class ChannelGraph:
     frozen: dict[int, list[str]]  # class root → reasons it cannot be pruned
     uses: dict[str, ModuleUse]
     trace_seconds: float = 0.0
+    # with carry_raw: per conv/linear, the input positions it reads before any BatchNorm, left prunable; each maps
+    # to (a BN reading the same tensor, the index of that channel in it), whose running mean stands in for it
+    raw: dict[str, dict[int, tuple[str, int]]] = field(default_factory=dict)
+    graph: fx.Graph | None = None  # the traced graph, with tensor shapes (for the folding pass)
 
     def classes(self, atoms: np.ndarray) -> np.ndarray:
         """The class (union-find root) of every atom."""
@@ -128,16 +98,13 @@ def _find(parent: list[int], a: int) -> int:
     return a
 
 
-class _Builder:
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.modules = dict(model.named_modules())
+class _Atoms:
+    """Union-find over channel atoms: each class's root, and the reasons a class is frozen."""
+
+    def __init__(self) -> None:
         self.parent: list[int] = []
         self.frozen: dict[int, list[str]] = defaultdict(list)
-        self.uses: dict[str, ModuleUse] = {}
-        self.vec: dict[fx.Node, Any] = {}
 
-    # -- atoms and classes --------------------------------------------------------------------------------------
     def new(self, n: int, reason: str | None = None) -> np.ndarray:
         start = len(self.parent)
         self.parent.extend(range(start, start + n))
@@ -167,272 +134,13 @@ class _Builder:
             if reason not in self.frozen[a]:
                 self.frozen[a].append(reason)
 
-    # -- helpers ------------------------------------------------------------------------------------------------
-    @staticmethod
-    def shape(node: Any) -> tuple[int, ...] | None:
-        meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-
-    @staticmethod
-    def metas(node: fx.Node) -> list | None:
-        """The tensor metadata of a node returning several tensors (split, chunk), else None."""
-        meta = node.meta.get("tensor_meta")
-        if meta is None or hasattr(meta, "shape") or not isinstance(meta, (list, tuple)):
-            return None
-        return list(meta) if all(hasattr(m, "shape") for m in meta) else None
-
-    def tensor_args(self, node: fx.Node) -> list[fx.Node]:
-        out: list[fx.Node] = []
-        for a in node.all_input_nodes:
-            if isinstance(self.vec.get(a), np.ndarray):
-                out.append(a)
-        return out
-
-    def freeze_all(self, node: fx.Node, reason: str) -> Any:
-        """Freeze every tensor input's channels; the output gets new frozen atoms."""
-        for a in node.all_input_nodes:
-            v = self.vec.get(a)
-            if isinstance(v, np.ndarray):
-                self.freeze(v, reason)
-            elif isinstance(v, list):
-                for x in v:
-                    self.freeze(x, reason)
-        return self.fresh(node, reason)
-
-    def fresh(self, node: fx.Node, reason: str | None = None) -> Any:
-        metas = self.metas(node)
-        if metas is not None:
-            return [self.new(m.shape[1], reason) if len(m.shape) >= 2 else None for m in metas]
-        shape = self.shape(node)
-        return self.new(shape[1], reason) if shape is not None and len(shape) >= 2 else None
-
-    def where(self, node: fx.Node) -> str:
-        if node.op == "call_module":
-            return f"{node.target} ({type(self.modules[node.target]).__name__})"
-        name = getattr(node.target, "__name__", str(node.target))
-        return f"{name} at {node.name}"
-
-    # -- the walk -----------------------------------------------------------------------------------------------
-    def run(self, gm: fx.GraphModule) -> None:
-        for node in gm.graph.nodes:
-            try:
-                self.vec[node] = self.visit(node)
-            except (IndexError, ValueError, TypeError, KeyError) as e:  # an op in a form the rules do not cover
-                self.vec[node] = self.freeze_all(node, f"{self.where(node)}: not understood ({type(e).__name__})")
-        self.freeze_raw_reads(gm)
-
-    # -- channels read before their BatchNorm --------------------------------------------------------------------
-    def freeze_raw_reads(self, gm: fx.GraphModule) -> None:
-        """A BN scores the channels it normalises, but the same channels may also be read *before* it (a conv
-        reading the raw output of another conv that a BN elsewhere normalises: MaxViT's stem feeding both a BN and
-        a shortcut conv; a pre-activation ResNet's stream feeding the next stage's downsampling conv). Removing
-        such a channel changes what that reader computes whatever its γ, so it is frozen. A tensor counts as
-        normalised, channel by channel, when it is a BN's output or made from BN outputs by ops that keep zeros
-        at zero (ReLU-like activations, pooling, dropout, interpolation, sums of normalised tensors, products with
-        one normalised factor, cat/split/flatten)."""
-        memo: dict[fx.Node, Any] = {}
-        for node in gm.graph.nodes:
-            if node.op != "call_module":
-                continue
-            use = self.uses.get(node.target)
-            if use is None or use.kind not in ("conv", "convT", "linear") or not node.args:
-                continue
-            flags = self.normalised(node.args[0], memo)
-            if not isinstance(flags, np.ndarray) or len(flags) != len(use.inp):
-                continue
-            raw = use.inp[~flags]
-            if len(raw):
-                self.freeze(raw, f"{node.target}: reads these channels before any BatchNorm normalises them")
-
-    def normalised(self, node: Any, memo: dict) -> Any:
-        if not isinstance(node, fx.Node):
-            return None
-        if node in memo:
-            return memo[node]
-        memo[node] = None  # cycles cannot happen in an FX graph; this only guards re-entry
-        memo[node] = out = self._normalised(node, memo)
-        return out
-
-    def _normalised(self, node: fx.Node, memo: dict) -> Any:
-        v = self.vec.get(node)
-        if isinstance(v, list):
-            src = node.args[0] if node.args else None
-            flags = self.normalised(src, memo) if isinstance(src, fx.Node) else None
-            if not isinstance(flags, np.ndarray):
-                return [np.zeros(len(x), bool) if isinstance(x, np.ndarray) else None for x in v]
-            out, start = [], 0
-            for x in v:
-                n = len(x) if isinstance(x, np.ndarray) else 0
-                out.append(flags[start : start + n] if n and len(flags) >= start + n else np.zeros(n, bool))
-                start += n
-            return out
-        if not isinstance(v, np.ndarray):
-            return None
-        raw = np.zeros(len(v), bool)
-        first = node.args[0] if node.args else None
-        if node.op == "call_module":
-            m = self.modules[node.target]
-            if isinstance(m, BN_TYPES):
-                return np.ones(len(v), bool)
-            use = self.uses.get(node.target)
-            if use is not None and use.kind == "depthwise":
-                f = self.normalised(first, memo)
-                return f if isinstance(f, np.ndarray) and m.bias is None else raw
-            passes = type(m).__name__ == "StochasticDepth" or (isinstance(m, nn.Sequential) and len(m) == 0)
-            if passes or isinstance(m, ZERO_KEEPING_MODULES) or isinstance(m, nn.PReLU):
-                f = self.normalised(first, memo)
-                return f if isinstance(f, np.ndarray) and len(f) == len(v) else raw
-            if isinstance(m, nn.Flatten):
-                f = self.normalised(first, memo)
-                return np.repeat(f, len(v) // len(f)) if isinstance(f, np.ndarray) and len(f) else raw
-            return raw
-        if node.op not in ("call_function", "call_method"):
-            return raw
-        t = node.target
-        if t in BINARY or (node.op == "call_method" and t in BINARY):
-            parts = []
-            for a in node.args:
-                if not isinstance(a, fx.Node) or self.shape(a) is None:
-                    continue  # a python number: adds a constant (not zero-keeping for + and -)
-                f = self.normalised(a, memo)
-                parts.append(f if isinstance(f, np.ndarray) and len(f) == len(v) else None)
-            name = t if isinstance(t, str) else getattr(t, "__name__", "")
-            if "mul" in name:  # zero when any factor is
-                ok = [f for f in parts if f is not None]
-                return np.logical_or.reduce(ok) if ok else raw
-            if any(f is None for f in parts) or not parts:
-                return raw
-            if "div" in name:
-                return parts[0]
-            consts = [a for a in node.args if not isinstance(a, fx.Node)]
-            return np.logical_and.reduce(parts) if not any(c != 0 for c in consts) else raw
-        if t is operator.getitem:
-            src = self.normalised(node.args[0], memo)
-            if isinstance(src, list):
-                return src[node.args[1]]
-            if isinstance(src, np.ndarray):
-                idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-                if len(idx) >= 2 and isinstance(idx[1], slice):
-                    return src[idx[1]] if len(src[idx[1]]) == len(v) else raw
-                return src if len(src) == len(v) else raw
-            return raw
-        if t in (torch.cat, torch.concat) or t in ("cat", "concat"):
-            fs = [self.normalised(a, memo) for a in (node.args[0] if node.args else [])]
-            if all(isinstance(f, np.ndarray) for f in fs) and sum(len(f) for f in fs) == len(v):
-                return np.concatenate(fs)
-            return raw
-        f = self.normalised(first, memo) if isinstance(first, fx.Node) else None
-        vin = self.vec.get(first) if isinstance(first, fx.Node) else None
-        if not isinstance(f, np.ndarray) or not isinstance(vin, np.ndarray) or not len(vin) or len(v) % len(vin):
-            return raw
-        k = len(v) // len(vin)
-        if not np.array_equal(v, np.repeat(vin, k)):
-            return raw  # the channels moved (the forward pass froze them): nothing to carry
-        flatten = t in (torch.flatten, torch.reshape) or (
-            node.op == "call_method" and t in ("flatten", "view", "reshape")
-        )
-        keeps_zero = t in ZERO_KEEPING_FUNCS or (node.op == "call_method" and t in ZERO_KEEPING_METHODS)
-        return np.repeat(f, k) if flatten or keeps_zero else raw
-
-    def visit(self, node: fx.Node) -> Any:
-        if node.op == "placeholder":
-            return self.fresh(node, "model input")
-        if node.op == "get_attr":
-            return self.fresh(node, f"tensor {node.target} used outside a module")
-        if node.op == "output":
-            for a in node.all_input_nodes:
-                v = self.vec.get(a)
-                for x in v if isinstance(v, list) else [v]:
-                    self.freeze(x, "model output (classes are never pruned)")
-            return None
-        if node.op == "call_module":
-            return self.module(node, self.modules[node.target])
-        return self.function(node)
-
-    def module(self, node: fx.Node, m: nn.Module) -> Any:
-        name = node.target
-        x = node.args[0] if node.args else None
-        xin = self.vec.get(x) if isinstance(x, fx.Node) else None
-        shape_in = self.shape(x)
-        if isinstance(m, CONV_TYPES) or isinstance(m, nn.ConvTranspose2d):
-            if xin is None:
-                return self.freeze_all(node, f"{name}: input without channels")
-            transposed = isinstance(m, nn.ConvTranspose2d)
-            if m.groups == 1:
-                return self._use(name, "convT" if transposed else "conv", xin, m.out_channels)
-            if not transposed and m.groups == m.in_channels == m.out_channels:
-                return self._use(name, "depthwise", xin, None)
-            return self.freeze_all(node, f"{name}: grouped conv (groups={m.groups}) kept as it is")
-        if isinstance(m, BN_TYPES):
-            if xin is None or (shape_in and len(shape_in) < 2):
-                return self.freeze_all(node, f"{name}: BatchNorm without a channel axis")
-            earlier = getattr(m, "slim_selection", None)  # from an earlier pruning (graph_prune.apply_plan)
-            if earlier is not None or self.escapes(x, node, set()):
-                select = earlier.indices() if earlier is not None else list(range(len(xin)))
-                return self._use(name, "bn", xin, len(select), select)
-            return self._use(name, "bn", xin, None)
-        if isinstance(m, nn.Linear):
-            if xin is None or shape_in is None or len(shape_in) != 2:
-                return self.freeze_all(node, f"{name}: Linear on a tensor of rank {len(shape_in or ())}")
-            return self._use(name, "linear", xin, m.out_features)
-        if isinstance(m, nn.PReLU) and m.num_parameters > 1:
-            return self._use(name, "prelu", xin, None)
-        if isinstance(m, nn.Flatten):
-            return self.flatten(node, xin, m.start_dim, m.end_dim)
-        if isinstance(m, PASS_MODULES) or (isinstance(m, nn.PReLU) and m.num_parameters == 1):
-            return self.passthrough(node, xin)
-        if isinstance(m, nn.Sequential) and len(m) == 0:
-            return self.passthrough(node, xin)
-        if type(m).__name__ == "StochasticDepth":  # torchvision.ops: scales whole samples
-            return self.passthrough(node, xin)
-        return self.freeze_all(node, f"{name}: module {type(m).__name__} not understood")
-
-    def _use(
-        self, name: str, kind: str, xin: np.ndarray, n_out: int | None, select: list[int] | None = None
-    ) -> np.ndarray:
-        """A module reads ``xin`` and writes new atoms (conv, linear, selecting BN) or passes its input's (bn,
-        depthwise). A module called again (shared weights) reads and writes the same classes."""
-        use = self.uses.get(name)
-        if use is not None:
-            if use.inp is not None and len(use.inp) == len(xin):
-                self.union(use.inp, xin)
-            else:
-                self.freeze(xin, f"{name}: called on inputs of different widths")
-            return use.out
-        out = self.new(n_out) if n_out is not None else xin
-        self.uses[name] = ModuleUse(name, kind, xin, out, select)
-        return out
-
-    def escapes(self, node: Any, reader: fx.Node, seen: set) -> bool:
-        """Whether the channels ``reader`` gets from ``node`` are also read by something else: another user of
-        ``node``, or of a tensor ``node`` took its channels from (the inputs of a ``cat``, an activation's input,
-        both sides of a residual add). A BN reading such a tensor (pre-activation ResNets' streams, DenseNet's
-        concatenated features) gets its own channels, so it can drop one the other readers keep."""
-        if not isinstance(node, fx.Node) or node in seen:
-            return False
-        seen.add(node)
-        for u in node.users:
-            if u is not reader and (u.op == "output" or self.shape(u) is not None or self.metas(u) is not None):
-                return True  # (size() and dim() calls read no channel)
-        v = self.vec.get(node)
-        if not isinstance(v, np.ndarray):
-            return False
-        mine = set(self.classes(v))
-        for a in node.all_input_nodes:
-            va = self.vec.get(a)
-            parts = [p for p in (va if isinstance(va, list) else [va]) if isinstance(p, np.ndarray)]
-            if any(mine.intersection(self.classes(p)) for p in parts) and self.escapes(a, node, seen):
-                return True
-        return False
-
     def classes(self, atoms: np.ndarray) -> list[int]:
-        return [self.find(int(a)) for a in atoms]
+        return [self.find(int(x)) for x in atoms]
 
-    def passthrough(self, node: fx.Node, xin: Any) -> Any:
-        si, so = self.shape(node.args[0]) if node.args else None, self.shape(node)
-        if xin is None or si is None or so is None or len(so) < 2 or len(si) != len(so) or si[1] != so[1]:
-            return self.freeze_all(node, f"{self.where(node)}: changes the channel axis")
-        return xin
+
+class _StructureOps:
+    """The ops that move channels between tensors without weights (element-wise ops between tensors, cat, split,
+    indexing, flatten, reshape, transpose), for :class:`_Builder`."""
 
     def flatten(self, node: fx.Node, xin: Any, start: int = 1, end: int = -1) -> Any:
         si, so = self.shape(node.args[0]), self.shape(node)
@@ -457,52 +165,6 @@ class _Builder:
             return xin  # only the spatial axes change
         reason = "reshape with sizes written into forward" if is_flatten else "view/reshape across the channel axis"
         return self.freeze_all(node, f"{self.where(node)}: {reason}")
-
-    def function(self, node: fx.Node) -> Any:
-        t = node.target
-        name = t if isinstance(t, str) else getattr(t, "__name__", "")
-        args = node.args
-        first = args[0] if args else None
-        xin = self.vec.get(first) if isinstance(first, fx.Node) else None
-        if t in BINARY or (node.op == "call_method" and t in BINARY):
-            return self.binary(node)
-        if t is operator.getitem:
-            return self.getitem(node, xin)
-        if name in ("size", "dim") or t is getattr or (node.op == "call_method" and t in ("size", "dim")):
-            return None
-        so = self.shape(node)
-        if so is None and self.metas(node) is None:
-            return None  # not a tensor (a size, a shape, a python value)
-        if t in PASS_FUNCS or (node.op == "call_method" and t in PASS_METHODS):
-            return self.passthrough(node, xin)
-        if t in (torch.cat, torch.concat) or name in ("cat", "concat"):
-            return self.cat(node)
-        if t is torch.flatten or (node.op == "call_method" and t == "flatten"):
-            start = node.kwargs.get("start_dim", args[1] if len(args) > 1 else 0)
-            end = node.kwargs.get("end_dim", args[2] if len(args) > 2 else -1)
-            return self.flatten(node, xin, start, end)
-        if (node.op == "call_method" and t in ("view", "reshape")) or t is torch.reshape:
-            sizes = list(args[1:]) if node.op == "call_method" else list(args[1])
-            if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
-                sizes = list(sizes[0])
-            return self.reshape(node, xin, sizes)
-        if t in (torch.split, torch.chunk) or (node.op == "call_method" and t in ("split", "chunk")):
-            return self.split(node, xin)
-        if (node.op == "call_method" and t in ("mean", "sum", "amax")) or t in (torch.mean, torch.sum):
-            dims = node.kwargs.get("dim", args[1] if len(args) > 1 else None)
-            dims = [dims] if isinstance(dims, int) else list(dims or [])
-            si = self.shape(first)
-            if dims and si and all(d % len(si) >= 2 for d in dims) and so and len(so) >= 2:
-                return xin
-            return self.freeze_all(node, f"{self.where(node)}: reduction over the channel axis")
-        if (node.op == "call_method" and t in ("transpose", "permute")) or t in (torch.transpose, torch.permute):
-            si = self.shape(first)
-            if si and so and len(si) == len(so) and si[:2] == so[:2] and self._keeps_axes_01(node):
-                return xin
-            return self.freeze_all(node, f"{self.where(node)}: {name} moves the channel axis")
-        if t in (F.pixel_shuffle, F.pixel_unshuffle, F.channel_shuffle):
-            return self.freeze_all(node, f"{self.where(node)}: {name} mixes channels")
-        return self.freeze_all(node, f"{self.where(node)}: op {name or t} not understood")
 
     def _keeps_axes_01(self, node: fx.Node) -> bool:
         dims = [a for a in node.args[1:] if isinstance(a, int)]
@@ -589,6 +251,386 @@ class _Builder:
         return self.freeze_all(node, f"{self.where(node)}: indexing across the channel axis")
 
 
+class _Builder(_StructureOps, _Atoms):
+    """The walk over the traced graph: per node, the atoms of its channel axis (see the module doc)."""
+
+    def __init__(self, model: nn.Module, carry_raw: bool = False):
+        self.model = model
+        self.carry_raw = carry_raw
+        self.raw: dict[str, dict[int, tuple[str, int]]] = {}
+        self.modules = dict(model.named_modules())
+        super().__init__()
+        self.uses: dict[str, ModuleUse] = {}
+        self.vec: dict[fx.Node, Any] = {}
+
+    # -- helpers ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def shape(node: Any) -> tuple[int, ...] | None:
+        meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+    @staticmethod
+    def metas(node: fx.Node) -> list | None:
+        """The tensor metadata of a node returning several tensors (split, chunk), else None."""
+        meta = node.meta.get("tensor_meta")
+        if meta is None or hasattr(meta, "shape") or not isinstance(meta, (list, tuple)):
+            return None
+        return list(meta) if all(hasattr(m, "shape") for m in meta) else None
+
+    def tensor_args(self, node: fx.Node) -> list[fx.Node]:
+        out: list[fx.Node] = []
+        for a in node.all_input_nodes:
+            if isinstance(self.vec.get(a), np.ndarray):
+                out.append(a)
+        return out
+
+    def freeze_all(self, node: fx.Node, reason: str) -> Any:
+        """Freeze every tensor input's channels; the output gets new frozen atoms."""
+        for a in node.all_input_nodes:
+            v = self.vec.get(a)
+            if isinstance(v, np.ndarray):
+                self.freeze(v, reason)
+            elif isinstance(v, list):
+                for x in v:
+                    self.freeze(x, reason)
+        return self.fresh(node, reason)
+
+    def fresh(self, node: fx.Node, reason: str | None = None) -> Any:
+        """New atoms for a tensor whose channels come from no layer the engine follows (a parameter or a constant
+        reshaped, the model's input): frozen, so that nothing joined to them is pruned without its source."""
+        reason = reason or (
+            f"{self.where(node)}: channels of a tensor made from a parameter or constant (a module of your own? "
+            "slimexport.register_module_rule teaches the engine its channels)"
+        )
+        metas = self.metas(node)
+        if metas is not None:
+            return [self.new(m.shape[1], reason) if len(m.shape) >= 2 else None for m in metas]
+        shape = self.shape(node)
+        return self.new(shape[1], reason) if shape is not None and len(shape) >= 2 else None
+
+    def where(self, node: fx.Node) -> str:
+        if node.op == "call_module":
+            return f"{node.target} ({type(self.modules[node.target]).__name__})"
+        name = getattr(node.target, "__name__", str(node.target))
+        return f"{name} at {node.name}"
+
+    # -- the walk -----------------------------------------------------------------------------------------------
+    def run(self, gm: fx.GraphModule) -> None:
+        for node in gm.graph.nodes:
+            try:
+                self.vec[node] = self.visit(node)
+            except (IndexError, ValueError, TypeError, KeyError) as e:  # an op in a form the rules do not cover
+                self.vec[node] = self.freeze_all(node, f"{self.where(node)}: not understood ({type(e).__name__})")
+        _RawReads(self).run(gm)
+
+    # -- channels read before their BatchNorm --------------------------------------------------------------------
+    def visit(self, node: fx.Node) -> Any:
+        if node.op == "placeholder":
+            return self.fresh(node, "model input")
+        if node.op == "get_attr":
+            return self.fresh(
+                node,
+                f"tensor {node.target} used outside a module (a module of your own? slimexport.register_module_rule "
+                "teaches the engine its channels)",
+            )
+        if node.op == "output":
+            for a in node.all_input_nodes:
+                v = self.vec.get(a)
+                for x in v if isinstance(v, list) else [v]:
+                    self.freeze(x, "model output (classes are never pruned)")
+            return None
+        if node.op == "call_module":
+            out = self.module(node, self.modules[node.target])
+            use = self.uses.get(node.target)
+            if use is not None and use.node is None:
+                first = node.args[0] if node.args else None
+                use.src = first.name if isinstance(first, fx.Node) else None
+                use.node, use.readers = node.name, len(node.users)
+            return out
+        return self.function(node)
+
+    def module(self, node: fx.Node, m: nn.Module) -> Any:
+        name = node.target
+        x = node.args[0] if node.args else None
+        xin = self.vec.get(x) if isinstance(x, fx.Node) else None
+        shape_in = self.shape(x)
+        if isinstance(m, CONV_TYPES) or isinstance(m, nn.ConvTranspose2d):
+            if xin is None:
+                return self.freeze_all(node, f"{name}: input without channels")
+            transposed = isinstance(m, nn.ConvTranspose2d)
+            if m.groups == 1:
+                return self._use(name, "convT" if transposed else "conv", xin, m.out_channels)
+            if not transposed and m.groups == m.in_channels == m.out_channels:
+                return self._use(name, "depthwise", xin, None)
+            return self.freeze_all(node, f"{name}: grouped conv (groups={m.groups}) kept as it is")
+        if isinstance(m, BN_TYPES):
+            if xin is None or (shape_in and len(shape_in) < 2):
+                return self.freeze_all(node, f"{name}: BatchNorm without a channel axis")
+            earlier = getattr(m, "slim_selection", None)  # from an earlier pruning (graph_prune.apply_plan)
+            if earlier is not None or self.escapes(x, node, set()):
+                select = earlier.indices() if earlier is not None else list(range(len(xin)))
+                return self._use(name, "bn", xin, len(select), select)
+            return self._use(name, "bn", xin, None)
+        if isinstance(m, nn.Linear):
+            if xin is None or shape_in is None or len(shape_in) != 2:
+                return self.freeze_all(node, f"{name}: Linear on a tensor of rank {len(shape_in or ())}")
+            return self._use(name, "linear", xin, m.out_features)
+        if isinstance(m, nn.Flatten):
+            return self.flatten(node, xin, m.start_dim, m.end_dim)
+        rule = module_rule(m)
+        if rule is not None and rule.kind == "channelwise":  # parameters on the channel axis, sliced by its rule
+            if xin is None or self.passthrough(node, xin) is not xin:
+                return self.freeze_all(node, f"{name}: changes the channel axis")
+            return self._use(name, "channelwise", xin, None)
+        if rule is not None and rule.kind == "pass":
+            return self.passthrough(node, xin)
+        return self.freeze_all(
+            node, f"{name}: module {type(m).__name__} not understood (slimexport.register_module_rule teaches it)"
+        )
+
+    def _use(
+        self, name: str, kind: str, xin: np.ndarray, n_out: int | None, select: list[int] | None = None
+    ) -> np.ndarray:
+        """A module reads ``xin`` and writes new atoms (conv, linear, selecting BN) or passes its input's (bn,
+        depthwise). A module called again (shared weights) reads and writes the same classes."""
+        use = self.uses.get(name)
+        if use is not None:
+            if use.inp is not None and len(use.inp) == len(xin):
+                self.union(use.inp, xin)
+            else:
+                self.freeze(xin, f"{name}: called on inputs of different widths")
+            return use.out
+        out = self.new(n_out) if n_out is not None else xin
+        self.uses[name] = ModuleUse(name, kind, xin, out, select)
+        return out
+
+    def escapes(self, node: Any, reader: fx.Node, seen: set) -> bool:
+        """Whether the channels ``reader`` gets from ``node`` are also read by something else: another user of
+        ``node``, or of a tensor ``node`` took its channels from (the inputs of a ``cat``, an activation's input,
+        both sides of a residual add). A BN reading such a tensor (pre-activation ResNets' streams, DenseNet's
+        concatenated features) gets its own channels, so it can drop one the other readers keep."""
+        if not isinstance(node, fx.Node) or node in seen:
+            return False
+        seen.add(node)
+        for u in node.users:
+            if u is not reader and (u.op == "output" or self.shape(u) is not None or self.metas(u) is not None):
+                return True  # (size() and dim() calls read no channel)
+        v = self.vec.get(node)
+        if not isinstance(v, np.ndarray):
+            return False
+        mine = set(self.classes(v))
+        for a in node.all_input_nodes:
+            va = self.vec.get(a)
+            parts = [p for p in (va if isinstance(va, list) else [va]) if isinstance(p, np.ndarray)]
+            if any(mine.intersection(self.classes(p)) for p in parts) and self.escapes(a, node, seen):
+                return True
+        return False
+
+    def passthrough(self, node: fx.Node, xin: Any) -> Any:
+        si, so = self.shape(node.args[0]) if node.args else None, self.shape(node)
+        if xin is None or si is None or so is None or len(so) < 2 or len(si) != len(so) or si[1] != so[1]:
+            return self.freeze_all(node, f"{self.where(node)}: changes the channel axis")
+        return xin
+
+    def function(self, node: fx.Node) -> Any:
+        t = node.target
+        name = t if isinstance(t, str) else getattr(t, "__name__", "")
+        args = node.args
+        first = args[0] if args else None
+        xin = self.vec.get(first) if isinstance(first, fx.Node) else None
+        if t in BINARY or (node.op == "call_method" and t in BINARY):
+            return self.binary(node)
+        if t is operator.getitem:
+            return self.getitem(node, xin)
+        if name in ("size", "dim") or t is getattr or (node.op == "call_method" and t in ("size", "dim")):
+            return None
+        so = self.shape(node)
+        if so is None and self.metas(node) is None:
+            return None  # not a tensor (a size, a shape, a python value)
+        rule = function_rule(node.op, t)
+        if rule is not None and rule.kind == "pass":
+            return self.passthrough(node, xin)
+        if t in (torch.cat, torch.concat) or name in ("cat", "concat"):
+            return self.cat(node)
+        if t is torch.flatten or (node.op == "call_method" and t == "flatten"):
+            start = node.kwargs.get("start_dim", args[1] if len(args) > 1 else 0)
+            end = node.kwargs.get("end_dim", args[2] if len(args) > 2 else -1)
+            return self.flatten(node, xin, start, end)
+        if (node.op == "call_method" and t in ("view", "reshape")) or t is torch.reshape:
+            sizes = list(args[1:]) if node.op == "call_method" else list(args[1])
+            if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+                sizes = list(sizes[0])
+            return self.reshape(node, xin, sizes)
+        if t in (torch.split, torch.chunk) or (node.op == "call_method" and t in ("split", "chunk")):
+            return self.split(node, xin)
+        if (node.op == "call_method" and t in ("mean", "sum", "amax")) or t in (torch.mean, torch.sum):
+            dims = node.kwargs.get("dim", args[1] if len(args) > 1 else None)
+            dims = [dims] if isinstance(dims, int) else list(dims or [])
+            si = self.shape(first)
+            if dims and si and all(d % len(si) >= 2 for d in dims) and so and len(so) >= 2:
+                return xin
+            return self.freeze_all(node, f"{self.where(node)}: reduction over the channel axis")
+        if (node.op == "call_method" and t in ("transpose", "permute")) or t in (torch.transpose, torch.permute):
+            si = self.shape(first)
+            if si and so and len(si) == len(so) and si[:2] == so[:2] and self._keeps_axes_01(node):
+                return xin
+            return self.freeze_all(node, f"{self.where(node)}: {name} moves the channel axis")
+        if t in (F.pixel_shuffle, F.pixel_unshuffle, F.channel_shuffle):
+            return self.freeze_all(node, f"{self.where(node)}: {name} mixes channels")
+        return self.freeze_all(node, f"{self.where(node)}: op {name or t} not understood")
+
+
+class _RawReads:
+    """After the walk: which channels a conv or linear layer reads before any BatchNorm normalises them."""
+
+    def __init__(self, b: _Builder):
+        self.b = b
+
+    def run(self, gm: fx.GraphModule) -> None:
+        """A BN scores the channels it normalises, but the same channels may also be read *before* it (a conv
+        reading the raw output of another conv that a BN elsewhere normalises: MaxViT's stem feeding both a BN and
+        a shortcut conv; a pre-activation ResNet's stream feeding the next stage's downsampling conv). Removing
+        such a channel changes what that reader computes whatever its γ, so it is frozen. A tensor counts as
+        normalised, channel by channel, when it is a BN's output or made from BN outputs by ops that keep zeros
+        at zero (ReLU-like activations, pooling, dropout, interpolation, sums of normalised tensors, products with
+        one normalised factor, cat/split/flatten)."""
+        memo: dict[fx.Node, Any] = {}
+        bns_of: dict[str, list[ModuleUse]] = defaultdict(list)  # tensor (FX node) → the BNs reading it
+        for u in self.b.uses.values():
+            if u.kind == "bn" and u.src is not None and self.b.modules[u.name].running_mean is not None:
+                bns_of[u.src].append(u)
+        for node in gm.graph.nodes:
+            if node.op != "call_module":
+                continue
+            use = self.b.uses.get(node.target)
+            if use is None or use.kind not in ("conv", "convT", "linear") or not node.args:
+                continue
+            flags = self.normalised(node.args[0], memo)
+            if not isinstance(flags, np.ndarray) or len(flags) != len(use.inp):
+                continue
+            positions = np.flatnonzero(~flags).tolist()
+            if self.b.carry_raw and use.kind == "conv" and isinstance(node.args[0], fx.Node):
+                carried = self.mean_sources(positions, bns_of.get(node.args[0].name, []))
+                if carried:
+                    self.b.raw[node.target] = carried
+                    positions = [p for p in positions if p not in carried]
+            if positions:
+                self.b.freeze(
+                    use.inp[positions], f"{node.target}: reads these channels before any BatchNorm normalises them"
+                )
+
+    @staticmethod
+    def mean_sources(positions: list[int], bns: list[ModuleUse]) -> dict[int, tuple[str, int]]:
+        """``--prune-stream``: for each raw-read input position, a BN that reads the same tensor and whose running
+        mean of that channel stands in for it once it is removed."""
+        found: dict[int, tuple[str, int]] = {}
+        for bn in bns:
+            index = bn.select if bn.select is not None else list(range(len(bn.inp)))
+            where = {p: k for k, p in enumerate(index)}
+            for p in positions:
+                if p not in found and p in where:
+                    found[p] = (bn.name, where[p])
+        return found
+
+    def normalised(self, node: Any, memo: dict) -> Any:
+        if not isinstance(node, fx.Node):
+            return None
+        if node in memo:
+            return memo[node]
+        memo[node] = None  # cycles cannot happen in an FX graph; this only guards re-entry
+        memo[node] = out = self._normalised(node, memo)
+        return out
+
+    def _normalised(self, node: fx.Node, memo: dict) -> Any:
+        v = self.b.vec.get(node)
+        if isinstance(v, list):
+            src = node.args[0] if node.args else None
+            flags = self.normalised(src, memo) if isinstance(src, fx.Node) else None
+            if not isinstance(flags, np.ndarray):
+                return [np.zeros(len(x), bool) if isinstance(x, np.ndarray) else None for x in v]
+            out, start = [], 0
+            for x in v:
+                n = len(x) if isinstance(x, np.ndarray) else 0
+                out.append(flags[start : start + n] if n and len(flags) >= start + n else np.zeros(n, bool))
+                start += n
+            return out
+        if not isinstance(v, np.ndarray):
+            return None
+        if node.op == "call_module":
+            return self._module_flags(node, v, memo)
+        if node.op not in ("call_function", "call_method"):
+            return np.zeros(len(v), bool)
+        return self._function_flags(node, v, memo)
+
+    def _module_flags(self, node: fx.Node, v: np.ndarray, memo: dict) -> np.ndarray:
+        raw = np.zeros(len(v), bool)
+        first = node.args[0] if node.args else None
+        m = self.b.modules[node.target]
+        if isinstance(m, BN_TYPES):
+            return np.ones(len(v), bool)
+        use = self.b.uses.get(node.target)
+        if use is not None and use.kind == "depthwise":
+            f = self.normalised(first, memo)
+            return f if isinstance(f, np.ndarray) and m.bias is None else raw
+        rule = module_rule(m)
+        if rule is not None and rule.kind != "other" and rule.keeps_zero:
+            f = self.normalised(first, memo)
+            return f if isinstance(f, np.ndarray) and len(f) == len(v) else raw
+        if isinstance(m, nn.Flatten):
+            f = self.normalised(first, memo)
+            return np.repeat(f, len(v) // len(f)) if isinstance(f, np.ndarray) and len(f) else raw
+        return raw
+
+    def _function_flags(self, node: fx.Node, v: np.ndarray, memo: dict) -> np.ndarray:
+        raw = np.zeros(len(v), bool)
+        first = node.args[0] if node.args else None
+        t = node.target
+        if t in BINARY or (node.op == "call_method" and t in BINARY):
+            parts = []
+            for a in node.args:
+                if not isinstance(a, fx.Node) or self.b.shape(a) is None:
+                    continue  # a python number: adds a constant (not zero-keeping for + and -)
+                f = self.normalised(a, memo)
+                parts.append(f if isinstance(f, np.ndarray) and len(f) == len(v) else None)
+            name = t if isinstance(t, str) else getattr(t, "__name__", "")
+            if "mul" in name:  # zero when any factor is
+                ok = [f for f in parts if f is not None]
+                return np.logical_or.reduce(ok) if ok else raw
+            if any(f is None for f in parts) or not parts:
+                return raw
+            if "div" in name:
+                return parts[0]
+            consts = [a for a in node.args if not isinstance(a, fx.Node)]
+            return np.logical_and.reduce(parts) if not any(c != 0 for c in consts) else raw
+        if t is operator.getitem:
+            src = self.normalised(node.args[0], memo)
+            if isinstance(src, list):
+                return src[node.args[1]]
+            if isinstance(src, np.ndarray):
+                idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+                if len(idx) >= 2 and isinstance(idx[1], slice):
+                    return src[idx[1]] if len(src[idx[1]]) == len(v) else raw
+                return src if len(src) == len(v) else raw
+            return raw
+        if t in (torch.cat, torch.concat) or t in ("cat", "concat"):
+            fs = [self.normalised(a, memo) for a in (node.args[0] if node.args else [])]
+            if all(isinstance(f, np.ndarray) for f in fs) and sum(len(f) for f in fs) == len(v):
+                return np.concatenate(fs)
+            return raw
+        f = self.normalised(first, memo) if isinstance(first, fx.Node) else None
+        vin = self.b.vec.get(first) if isinstance(first, fx.Node) else None
+        if not isinstance(f, np.ndarray) or not isinstance(vin, np.ndarray) or not len(vin) or len(v) % len(vin):
+            return raw
+        k = len(v) // len(vin)
+        if not np.array_equal(v, np.repeat(vin, k)):
+            return raw  # the channels moved (the forward pass froze them): nothing to carry
+        flatten = t in (torch.flatten, torch.reshape) or (
+            node.op == "call_method" and t in ("flatten", "view", "reshape")
+        )
+        rule = function_rule(node.op, t)
+        return np.repeat(f, k) if flatten or (rule is not None and rule.keeps_zero) else raw
+
+
 class _Tracer(fx.Tracer):
     """Traces through every user module; torch.nn modules, subclasses of conv/BN/linear, and torchvision's
     StochasticDepth stay leaves."""
@@ -597,6 +639,8 @@ class _Tracer(fx.Tracer):
         # Subclasses of the layers the engine knows stay leaves too (timm's BatchNormAct2d: BN + activation;
         # Conv2dSame: conv with "same" padding): their channels behave as their base class's.
         if type(m).__name__ == "StochasticDepth" or isinstance(m, (*BN_TYPES, *CONV_TYPES, nn.Linear)):
+            return True
+        if module_rule(m) is not None:  # a module with a rule (the user's own, registered) is one op
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -614,8 +658,11 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 
 @torch.no_grad()
-def trace_channels(model: nn.Module, example_input: torch.Tensor) -> ChannelGraph:
-    """Trace ``model`` on ``example_input`` and find which channels must go together (see the module doc)."""
+def trace_channels(model: nn.Module, example_input: torch.Tensor, carry_raw: bool = False) -> ChannelGraph:
+    """Trace ``model`` on ``example_input`` and find which channels must go together (see the module doc). With
+    ``carry_raw`` (``--prune-stream``) a channel a conv reads before any BatchNorm stays prunable where a BN reads
+    the same tensor: the conv then gets that BN's running mean of the channel as a constant
+    (:attr:`ChannelGraph.raw`)."""
     import time
 
     from torch.fx.passes.shape_prop import ShapeProp
@@ -632,8 +679,8 @@ def trace_channels(model: nn.Module, example_input: torch.Tensor) -> ChannelGrap
             raise ConfigError(
                 f"the traced {type(model).__name__} does not run on the example input: {text[:160]}"
             ) from None
-        b = _Builder(model)
+        b = _Builder(model, carry_raw)
         b.run(gm)
     finally:
         model.train(was_training)
-    return ChannelGraph(b.parent, dict(b.frozen), b.uses, time.perf_counter() - t0)
+    return ChannelGraph(b.parent, dict(b.frozen), b.uses, time.perf_counter() - t0, b.raw, gm.graph)

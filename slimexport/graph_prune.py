@@ -23,19 +23,22 @@ Three steps, three functions:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import operator
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 
+from slimexport.channels import set_bn_selection
 from slimexport.errors import ConfigError
 from slimexport.graph import BN_TYPES, ChannelGraph, trace_channels
 from slimexport.importance import check_normalize, normalize_scores
-from slimexport.models.common import set_bn_selection
+from slimexport.oprules import function_rule, module_rule
 from slimexport.records import PruneRecord
 
 PRODUCERS = ("conv", "convT", "linear")
@@ -105,23 +108,10 @@ def importance(model: nn.Module, g: ChannelGraph, normalize: str = "none") -> Im
     return Importance(scores, dict(deps), eff, ok)
 
 
-def threshold_at(values: list[float], percent: float) -> float:
-    if not 0.0 <= percent < 1.0:
-        raise ConfigError(f"--percent must be in [0, 1), got {percent}")
-    if percent == 0.0 or not values:
-        return float("-inf")
-    allv = sorted(values)
-    return float(allv[int(len(allv) * percent)])
-
-
 def choose(
     g: ChannelGraph, imp: Importance, threshold: float, min_channels: int = 1, round_to: int = 1
 ) -> tuple[set[int], list[str]]:
     """The classes to remove, and the layers whose floor kicked in. A class goes only with all its dependents."""
-    if min_channels < 1:
-        raise ConfigError(f"--min-channels must be at least 1, got {min_channels}")
-    if round_to < 1:
-        raise ConfigError(f"--round-to must be at least 1, got {round_to}")
     removed = {c for c in imp.ok if imp.eff[c] <= threshold}
     producers = [(u.name, g.classes(u.out)) for u in g.uses.values() if u.kind in PRODUCERS]
     selecting = [(u.name, g.classes(u.out)) for u in g.uses.values() if u.kind == "bn" and u.select is not None]
@@ -193,6 +183,8 @@ def apply_plan(model: nn.Module, plan: dict[str, dict[str, Any]]) -> nn.Module:
         m, kind = modules[name], p["kind"]
         inp = torch.as_tensor(p["inp"], dtype=torch.long) if "inp" in p else None
         out = torch.as_tensor(p["out"], dtype=torch.long) if "out" in p else None
+        if p.get("bias") and getattr(m, "bias", 1) is None:  # folding gave it a bias (zero until weights load)
+            m.bias = nn.Parameter(torch.zeros(m.weight.shape[0], dtype=m.weight.dtype, device=m.weight.device))
         if kind in ("conv", "linear"):  # weight (out, in, ...): the same slicing, other attribute names
             out_attr, in_attr = ("out_channels", "in_channels") if kind == "conv" else ("out_features", "in_features")
             w = m.weight
@@ -225,9 +217,14 @@ def apply_plan(model: nn.Module, plan: dict[str, dict[str, Any]]) -> nn.Module:
             _select(name, m, p.get("inp"), p.get("out"))
         elif kind == "bn":
             _slice_bn(m, inp)
-        elif kind == "prelu":
-            m.weight = _param(m.weight[inp], m.weight)
-            m.num_parameters = len(inp)
+        elif kind in ("channelwise", "prelu"):  # (version-1 plans name PReLU's kind)
+            rule = module_rule(m)
+            if rule is None or rule.prune is None:
+                raise ConfigError(
+                    f"the pruning plan slices {name} ({type(m).__name__}) by a rule registered for it; register it "
+                    "again before loading (slimexport.register_module_rule, in the model's own file)"
+                )
+            rule.prune(m, inp)
         else:
             raise ConfigError(f"unknown module kind {kind!r} in the pruning plan")
     return model
@@ -301,77 +298,105 @@ def describe(model: nn.Module, g: ChannelGraph, imp: Importance, removed: set[in
     return {"groups": out, "layers": layers}
 
 
+@dataclass
+class PruneConfig:
+    """What a prune is asked to do, checked once (:meth:`validate`), nested in the pipeline's config.
+
+    ``percent``: the fraction of the prunable BN channel classes removed by one global |γ| threshold (the paper's
+    ``--percent``), or ``max_macs``: the fraction of the unpruned MACs to keep (the threshold is then found by
+    bisection); exactly one of them. Each producing layer keeps at least ``min_channels`` and, with ``round_to``,
+    a multiple of it (``"auto"`` is resolved by the stage, from the CPU). ``normalize`` compares |γ| as they are or
+    per layer ÷ its max or mean. ``fold`` carries a removed channel's constant output act(β) into what reads it;
+    ``prune_stream`` also prunes channels a conv reads before any BatchNorm (a pre-activation ResNet's stream),
+    carrying their running mean on as a constant.
+    """
+
+    percent: float | None = 0.5
+    max_macs: float | None = None
+    min_channels: int = 1
+    round_to: int | str = 1
+    normalize: str = "none"
+    fold: bool = True
+    prune_stream: bool = False
+
+    def validate(self) -> PruneConfig:
+        if (self.percent is None) == (self.max_macs is None):
+            raise ConfigError("give either --percent or --max-macs, not both")
+        if self.percent is not None:
+            p = self.percent
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0 <= p < 1:
+                raise ConfigError(f"--percent must be in [0, 1) (the fraction of BN channels to prune), got {p}")
+            self.percent = float(p)
+        if self.max_macs is not None:
+            f = self.max_macs
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or not 0 < f <= 1:
+                raise ConfigError(f"--max-macs must be in (0, 1] (the fraction of the unpruned MACs to keep), got {f}")
+            self.max_macs = float(f)
+        if not isinstance(self.min_channels, int) or self.min_channels < 1:
+            raise ConfigError(f"--min-channels must be at least 1, got {self.min_channels}")
+        r = self.round_to
+        if isinstance(r, str) and r.strip().lower() == "auto":
+            self.round_to = "auto"  # resolved from the CPU by the prune stage
+        elif isinstance(r, bool) or not isinstance(r, (int, str)) or not str(r).strip().isdigit() or int(r) < 1:
+            raise ConfigError(f"--round-to must be a positive integer or auto, got {r!r}")
+        else:
+            self.round_to = int(r)
+        check_normalize(self.normalize)
+        return self
+
+
 def prune_graph(
-    model: nn.Module,
-    example_input: torch.Tensor,
-    percent: float | None = 0.5,
-    min_channels: int = 1,
-    round_to: int = 1,
-    max_macs: float | None = None,
-    normalize: str = "none",
+    model: nn.Module, example_input: torch.Tensor, cfg: PruneConfig | None = None, **kw: Any
 ) -> tuple[nn.Module, PruneRecord]:
     """Prune any CNN by network slimming; returns (a physically smaller copy, the record). ``model`` is unchanged.
 
-    Either ``percent`` (of the prunable channel classes) or ``max_macs`` (the fraction of the unpruned MACs to
-    keep) sets the single global threshold, over |γ| as they are or, with ``normalize``, each BN's divided by its
-    max or mean. A model with no BatchNorm is a :class:`ConfigError`.
+    ``cfg`` (or its fields as keywords) says how much and how (:class:`PruneConfig`). A model with no BatchNorm
+    is a :class:`ConfigError`.
     """
-    if (percent is None) == (max_macs is None):
-        raise ConfigError("give either percent or max_macs, not both")
+    cfg = (PruneConfig(**kw) if cfg is None else dataclasses.replace(cfg, **kw)).validate()
+    if cfg.round_to == "auto":
+        raise ConfigError("round_to='auto' is resolved by the prune stage; the engine takes an integer")
     if not any(isinstance(m, BN_TYPES) for m in model.modules()):
         raise ConfigError(f"{type(model).__name__} has no BatchNorm layer: network slimming scores channels by BN's γ")
-    check_normalize(normalize)
-    g = trace_channels(model, example_input)
-    imp = importance(model, g, normalize)
+    g = trace_channels(model, example_input, carry_raw=cfg.prune_stream)
+    if cfg.prune_stream and not g.raw:
+        raise ConfigError(
+            f"--prune-stream: no conv of {type(model).__name__} reads channels before a BatchNorm that another "
+            "BatchNorm reads too (a pre-activation residual stream); there is nothing for it to prune"
+        )
+    imp = importance(model, g, cfg.normalize)
     prunable = imp.prunable
     if not prunable:
         raise ConfigError(f"no channel of {type(model).__name__} can be pruned: {_why_none(g, imp.scores)}")
-    values = list(prunable.values())
+    values = sorted(prunable.values())
 
     def at(threshold: float) -> tuple[nn.Module, set[int], list[str], dict[str, Any]]:
-        removed, floored = choose(g, imp, threshold, min_channels, round_to)
+        removed, floored = choose(g, imp, threshold, cfg.min_channels, cfg.round_to)
         plan = make_plan(g, removed)
-        new = apply_plan(copy.deepcopy(model), plan)
-        return new, removed, floored, plan
+        return apply_plan(copy.deepcopy(model), plan), removed, floored, plan
 
     extra: dict[str, Any] = {}
-    if max_macs is not None:
-        from slimexport.stats import count_macs_on
-
-        if not (0.0 < max_macs <= 1.0):
-            raise ConfigError(f"--max-macs must be in (0, 1], got {max_macs}")
-        full = count_macs_on(model, example_input[:1])
-        budget = max_macs * full
-        allv = sorted(values)
-        lo, hi = 0, len(allv)
-        best = at(allv[-1])
-        if count_macs_on(best[0], example_input[:1]) > budget:
-            raise ConfigError(f"--max-macs {max_macs:g} cannot be reached: the floors keep more MACs than that")
-        threshold = allv[-1]
-        while lo < hi:  # the smallest number of removed classes whose MACs fit the budget
-            mid = (lo + hi) // 2
-            thr = float("-inf") if mid == 0 else allv[mid - 1]
-            cand = at(thr)
-            if count_macs_on(cand[0], example_input[:1]) <= budget:
-                hi, best, threshold = mid, cand, thr
-            else:
-                lo = mid + 1
-        percent = hi / len(allv)
-        extra = {"max_macs": max_macs}
+    if cfg.max_macs is not None:
+        threshold, best = _bisect_macs(model, example_input[:1], cfg.max_macs, values, at)
+        percent = sum(v <= threshold for v in values) / len(values)
+        extra = {"max_macs": cfg.max_macs}
     else:
-        threshold = threshold_at(values, percent)
+        percent = cfg.percent
+        threshold = float("-inf") if percent == 0 else values[int(len(values) * percent)]
         best = at(threshold)
     new, removed, floored, plan = best
     info = describe(model, g, imp, removed)
+    folded = fold_dropped(model, new, g, plan, info["layers"], example_input) if cfg.fold else {}
     total = sum(x["before"] for x in info["layers"])
     kept = sum(x["after"] for x in info["layers"])
     record: PruneRecord = {
-        "engine": "graph",
         "percent": percent,
         "threshold": threshold if math.isfinite(threshold) else None,
-        "min_channels": min_channels,
-        "round_to": round_to,
-        "normalize": normalize,
+        "min_channels": cfg.min_channels,
+        "round_to": cfg.round_to,
+        "normalize": cfg.normalize,
+        "fold": cfg.fold,
+        "prune_stream": cfg.prune_stream,
         "channels_before": total,
         "channels_after": kept,
         "pruned_fraction": 1 - kept / total if total else 0.0,
@@ -388,10 +413,200 @@ def prune_graph(
             "prunable": len(prunable),
             "removed": len(removed),
         },  # fmt: skip
+        "folded": folded,
         "trace_seconds": g.trace_seconds,
         "plan": plan,
     } | extra
     return new, record
+
+
+def _bisect_macs(model, x1, max_macs, values, at):
+    """The lowest threshold (fewest removed classes) whose pruned model keeps at most ``max_macs`` of the MACs."""
+    from slimexport.stats import count_macs_on
+
+    budget = max_macs * count_macs_on(model, x1)
+    best = at(values[-1])
+    if count_macs_on(best[0], x1) > budget:
+        raise ConfigError(f"--max-macs {max_macs:g} cannot be reached: the floors keep more MACs than that")
+    lo, hi, threshold = 0, len(values), values[-1]
+    while lo < hi:  # the smallest number of removed classes whose MACs fit the budget
+        mid = (lo + hi) // 2
+        thr = float("-inf") if mid == 0 else values[mid - 1]
+        cand = at(thr)
+        if count_macs_on(cand[0], x1) <= budget:
+            hi, best, threshold = mid, cand, thr
+        else:
+            lo = mid + 1
+    return threshold, best
+
+
+@torch.no_grad()
+def fold_dropped(
+    model: nn.Module,
+    new: nn.Module,
+    g: ChannelGraph,
+    plan: dict[str, dict[str, Any]],
+    layers: list[dict[str, Any]],
+    example_input: torch.Tensor,
+) -> dict[str, Any]:
+    """β folding, in place on ``new`` (and ``plan``): what a removed channel still sent on goes into what read it.
+
+    A removed channel's BN has a small γ, so its output is nearly the constant β, and act(β) after the activation;
+    pruning without folding loses that signal. This pass finds the constants by running the original with only
+    the removed channels' γ set to 0 (β left) on a random input: every removed input channel of a conv or linear
+    layer that is constant there, whatever ops it came through (activations, pooling, residual adds, concatenation,
+    depthwise convs), is folded into the layer's output as ``W·c``: into its bias, or the running mean of the BN
+    that alone reads it, or a new bias. With ``prune_stream`` a channel read before any BN is not constant; the
+    running mean of a BN reading the same tensor stands in for it. Exact where the reader is a 1×1 conv or a
+    linear layer; a zero-padded k×k conv differs at the border. Returns {layer: channels folded}."""
+    zeroed = copy.deepcopy(model).eval()
+    mods = dict(zeroed.named_modules())
+    for layer in layers:
+        gone = sorted(set(range(layer["before"])) - set(layer["kept"]))
+        if gone and getattr(mods[layer["name"]], "weight", None) is not None:
+            mods[layer["name"]].weight[gone] = 0
+    readers = [u for u in g.uses.values() if u.kind in ("conv", "linear") and "inp" in plan.get(u.name, {})]
+    seen: dict[str, list[torch.Tensor]] = defaultdict(list)
+    hooks = [
+        mods[u.name].register_forward_pre_hook(lambda m, a, n=u.name: seen[n].append(a[0].detach().float()))
+        for u in readers
+    ]
+    try:
+        x = torch.randn(example_input.shape, generator=torch.Generator().manual_seed(1)).to(example_input)
+        zeroed(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    orig, out_mods = dict(model.named_modules()), dict(new.named_modules())
+    nodes = {n.name: n for n in g.graph.nodes}
+    kept_of = {layer["name"]: layer["kept"] for layer in layers}
+    folded: dict[str, int] = {}
+    for u in readers:
+        width = len(u.inp)
+        gone = sorted(set(range(width)) - set(plan[u.name]["inp"]))
+        const = torch.zeros(width)
+        done = []
+        for p in gone:
+            vals = [t[:, p] for t in seen[u.name]]
+            c = float(vals[0].mean()) if vals else 0.0
+            if vals and all(float((v - c).abs().max()) <= 1e-5 * (1 + abs(c)) for v in vals):
+                const[p] = c
+                done.append(p)
+            elif p in g.raw.get(u.name, {}):
+                bn_name, k = g.raw[u.name][p]
+                const[p] = float(orig[bn_name].running_mean[k])
+                done.append(p)
+        if not done or not bool(const.any()):
+            continue
+        w = orig[u.name].weight.detach().float()
+        shift = (w.flatten(2).sum(2) if w.dim() > 2 else w) @ const
+        m = out_mods[u.name]
+        if m.bias is not None:
+            m.bias += shift[_kept(plan, u.name, "out", len(shift))].to(m.bias)
+        else:
+            mask = torch.zeros(len(shift), dtype=torch.bool)
+            mask[_kept(plan, u.name, "out", len(shift))] = True
+            shift = shift * mask  # what a removed output channel would carry is folded where it is read
+            actions = _carry_shift(g, orig, nodes[u.node], shift)
+            if actions is None:  # it reaches something that is not linear in it: the layer gets a bias
+                m.bias = nn.Parameter(shift[_kept(plan, u.name, "out", len(shift))].to(m.weight).clone())
+                plan[u.name]["bias"] = True
+            for kind, name, vec in actions or []:
+                if kind == "bn":
+                    mean = out_mods[name].running_mean
+                    mean -= vec[torch.as_tensor(kept_of[name])].to(mean)
+                else:
+                    out_mods[name].bias += vec[_kept(plan, name, "out", len(vec))].to(out_mods[name].bias)
+        folded[u.name] = len(done)
+    return folded
+
+
+def _kept(plan: dict[str, dict[str, Any]], name: str, side: str, width: int) -> torch.Tensor:
+    return torch.as_tensor(plan.get(name, {}).get(side, range(width)), dtype=torch.long)
+
+
+_ADDS = {operator.add, operator.iadd, torch.add, "add", "add_", operator.sub, operator.isub, torch.sub, "sub", "sub_"}
+
+
+def _channels(node: fx.Node) -> int | None:
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return int(shape[1]) if shape is not None and len(shape) >= 2 else None
+
+
+def _carry_shift(
+    g: ChannelGraph, mods: dict[str, nn.Module], start: fx.Node, shift: torch.Tensor
+) -> list[tuple[str, str, torch.Tensor]] | None:
+    """Where a per-channel constant ``shift`` added to the tensor ``start`` goes, if only through ops linear in it
+    (adds, concatenation, pooling, flatten, convs and linear layers) until BatchNorms absorb it into their running
+    mean or layers with a bias into that bias: [("bn" | "bias", module, vector in its original coordinates)], or
+    None where it reaches anything else (an activation, a product, the output)."""
+    actions: list[tuple[str, str, torch.Tensor]] = []
+    stack, steps = [(start, shift)], 0
+    while stack:
+        node, vec = stack.pop()
+        steps += 1
+        if steps > 4 * len(g.uses) + 64:
+            return None
+        for user in node.users:
+            t = user.target
+            if user.op in ("call_function", "call_method") and (t in ("size", "dim") or t is getattr):
+                continue
+            if user.op == "call_module":
+                m, use = mods[t], g.uses.get(t)
+                if user.args[0] is not node or (use is not None and use.node != user.name):
+                    return None  # reads the shift other than as its input, or is called more than once
+                if isinstance(m, BN_TYPES):
+                    if m.running_mean is None or use is None:
+                        return None
+                    actions.append(("bn", t, vec if use.select is None else vec[torch.as_tensor(use.select)]))
+                    continue
+                rule = module_rule(m)
+                if rule is not None and rule.shifts:
+                    stack.append((user, vec))
+                    continue
+                if use is not None and use.kind in ("conv", "depthwise", "linear"):
+                    w = m.weight.detach().float()
+                    out = w.flatten(1).sum(1) * vec if use.kind == "depthwise" else w.flatten(2).sum(2) @ vec if (
+                        w.dim() > 2) else w @ vec  # fmt: skip
+                    if m.bias is not None:
+                        actions.append(("bias", t, out))
+                    else:
+                        stack.append((user, out))
+                    continue
+                return None
+            if user.op not in ("call_function", "call_method"):
+                return None
+            if t in _ADDS:
+                sign = (
+                    -1.0
+                    if (t in (operator.sub, operator.isub, torch.sub, "sub", "sub_") and user.args[0] is not node)
+                    else 1.0
+                )
+                if sum(a is node for a in user.args) != 1 or _channels(user) != len(vec):
+                    return None
+                stack.append((user, sign * vec))
+            elif (rule := function_rule(user.op, t)) is not None and rule.shifts:
+                if _channels(user) != len(vec):
+                    return None
+                stack.append((user, vec))
+            elif t in (torch.cat, torch.concat, "cat"):
+                parts = user.args[0]
+                dim = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else 0)
+                if dim not in (1, -3) or sum(a is node for a in parts) != 1:
+                    return None
+                offset = sum(_channels(a) or 0 for a in parts[: list(parts).index(node)])
+                wide = torch.zeros(_channels(user) or 0)
+                wide[offset : offset + len(vec)] = vec
+                stack.append((user, wide))
+            elif t in (torch.flatten, "flatten", "view", "reshape"):
+                width = _channels(user)
+                if width is None or width % len(vec) or len(user.meta["tensor_meta"].shape) != 2:
+                    return None
+                stack.append((user, vec.repeat_interleave(width // len(vec))))
+            else:
+                return None
+    return actions
 
 
 def _why_none(g: ChannelGraph, scores: dict[int, float]) -> str:
@@ -407,23 +622,48 @@ def _why_none(g: ChannelGraph, scores: dict[int, float]) -> str:
 
 @torch.no_grad()
 def exactness(model: nn.Module, example_input: torch.Tensor, percent: float = 0.5, **kw) -> dict[str, Any]:
-    """The grouping check that needs no knowledge of the groups: zero γ and β of the BN channels the engine
-    removes (those channels then emit exactly 0), prune that zeroed model again at the same setting (the zeroed
-    channels now score lowest, so the same ones go), and compare its output with the zeroed original's. A wrong
-    grouping shows up as a difference or a shape error. Returns {relative_error, same_channels, record}."""
-    _, rec = prune_graph(model, example_input, percent, **kw)
-    zeroed = copy.deepcopy(model).eval()
-    modules = dict(zeroed.named_modules())
-    for layer in rec["layers"]:
-        bn = modules[layer["name"]]
-        gone = sorted(set(range(layer["before"])) - set(layer["kept"]))
-        if gone and bn.weight is not None:
-            bn.weight[gone] = 0
-            bn.bias[gone] = 0
-    again, rec2 = prune_graph(zeroed, example_input, percent, **kw)
-    ref, out = zeroed(example_input), again.eval()(example_input)
-    if out.shape != ref.shape:
-        return {"relative_error": float("inf"), "same_channels": False, "record": rec}
-    rel = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+    """Two checks that need no knowledge of the groups.
+
+    Grouping: zero γ and β of the BN channels the engine removes (those channels then emit exactly 0), prune that
+    zeroed model again at the same setting (the zeroed channels now score lowest, so the same ones go), and
+    compare its output with the zeroed original's: a wrong grouping shows up as a difference or a shape error.
+
+    Folding: zero only γ of the removed channels (they then emit the constant β), prune again, and compare with
+    that original, with and without :func:`fold_dropped`: exact where the constants reach 1×1 convs, linear
+    layers, or BNs through pooling or adds; off at the borders where a zero-padded k×k conv reads them.
+
+    Returns {relative_error, same_channels, folded_error, unfolded_error, record}."""
+    kw.setdefault("fold", False)
+    _, rec = prune_graph(model, example_input, percent=percent, **kw)
+
+    def zeroed(beta: bool) -> nn.Module:
+        z = copy.deepcopy(model).eval()
+        modules = dict(z.named_modules())
+        for layer in rec["layers"]:
+            bn = modules[layer["name"]]
+            gone = sorted(set(range(layer["before"])) - set(layer["kept"]))
+            if gone and bn.weight is not None:
+                bn.weight[gone] = 0
+                if beta:
+                    bn.bias[gone] = 0
+        return z
+
+    def error(ref_model: nn.Module, fold: bool) -> tuple[float, dict]:
+        again, rec2 = prune_graph(ref_model, example_input, percent=percent, **(kw | {"fold": fold}))
+        ref, out = ref_model(example_input), again.eval()(example_input)
+        if out.shape != ref.shape:
+            return float("inf"), rec2
+        return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)), rec2
+
+    rel, rec2 = error(zeroed(beta=True), False)
     same = [x["kept"] for x in rec2["layers"]] == [x["kept"] for x in rec["layers"]]
-    return {"relative_error": rel, "same_channels": same, "record": rec}
+    with_beta = zeroed(beta=False)
+    folded, _ = error(with_beta, True)
+    unfolded, _ = error(with_beta, False)
+    return {
+        "relative_error": rel,
+        "same_channels": same,
+        "folded_error": folded,
+        "unfolded_error": unfolded,
+        "record": rec,
+    }

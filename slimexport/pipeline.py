@@ -43,10 +43,9 @@ from slimexport.errors import CheckpointError, ConfigError, OutputExistsError
 from slimexport.export import ExportConfig, export
 from slimexport.fileio import check_output, output_lock, read_json, write_json
 from slimexport.graph import BN_TYPES
-from slimexport.importance import check_normalize
 from slimexport.models import create_model, default_config
 from slimexport.models.external import canonical_source, is_external, torchvision_weights_file, trusted_code
-from slimexport.prune import bn_gammas, check_percent, check_prune_stream, prune, resolve_round_to
+from slimexport.prune import PruneConfig, bn_gammas, prune, prune_model, resolve_round_to
 from slimexport.report import build_report, plot_channels, plot_gammas, plot_latency, plot_variants, write_report
 from slimexport.runtime import NCNN_HINT
 from slimexport.stats import count_macs, count_params
@@ -80,11 +79,8 @@ class PipelineConfig:
     epochs: int = 10  # baseline and sparse training, each
     refine_epochs: int = 10
     sparsity: float = 3e-3
-    percent: float = 0.6
-    min_channels: int = 1
-    normalize: str = "none"  # |γ| as they are (the paper's), or each layer's ÷ its max or mean
-    round_to: int | str = "auto"  # auto: onnxruntime's CPU channel block here (16 AVX-512, 8 AVX2); 1: exact
-    prune_stream: bool = False  # residual networks: also prune the stream (beyond the paper's rules)
+    # percent 0.6 of the channels; round_to auto: onnxruntime's CPU channel block here (16 AVX-512, 8 AVX2)
+    prune: PruneConfig = field(default_factory=lambda: PruneConfig(percent=0.6, round_to="auto"))
     eval_every: int | None = None  # None: only after the last epoch of each stage
     compile: bool = False  # torch.compile the training forward
     sync_bn: bool = False  # under torchrun on CUDA: SyncBatchNorm
@@ -113,8 +109,9 @@ class PipelineConfig:
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
 
     def validate(self) -> None:
-        check_percent(self.percent)
-        check_normalize(self.normalize)
+        if self.prune.max_macs is not None:
+            raise ConfigError("the pipeline prunes by --percent; --max-macs is for `slimexport prune`")
+        self.prune.validate()
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown --preset {self.preset!r}: {', '.join(PRESETS)}")
         if self.epochs < 1 or self.refine_epochs < 1:
@@ -128,7 +125,7 @@ class PipelineConfig:
             )
         if self.sparsity <= 0:
             raise ConfigError(f"--sparsity must be positive for network slimming, got {self.sparsity}")
-        resolve_round_to(self.round_to)
+        resolve_round_to(self.prune.round_to)
         if self.ncnn and not ncnn_available():
             raise ConfigError(f"--ncnn: {NCNN_HINT}")
         self.bench.validate()
@@ -217,17 +214,7 @@ def _train_stage(name: str, reuse: str | None) -> Callable[[_Run], dict[str, Any
 
 def _prune_stage(r: _Run) -> dict[str, Any]:
     cfg = r.cfg
-    meta = prune(
-        r.path("sparse.pt"),
-        r.path("pruned.pt"),
-        cfg.percent,
-        cfg.min_channels,
-        ds=r.ds,
-        round_to=cfg.round_to,
-        prune_stream=cfg.prune_stream,
-        device=str(r.device),
-        normalize=cfg.normalize,
-    )
+    meta = prune(r.path("sparse.pt"), r.path("pruned.pt"), cfg.prune, ds=r.ds, device=str(r.device))
     return {"accuracy": meta["accuracy"], "record": meta["prune"]}
 
 
@@ -386,7 +373,7 @@ def _report_stage(r: _Run) -> dict[str, Any]:
     title = f"{cfg.arch}: BN |γ| after sparse training (s={cfg.sparsity:g})"
     plot_gammas(gam, record["threshold"], r.path("gamma_hist.png"), title)
     plot_channels(
-        record["layers"], r.path("channels.png"), f"{cfg.arch}: channels per BN layer, {cfg.percent:.0%} pruned"
+        record["layers"], r.path("channels.png"), f"{cfg.arch}: channels per BN layer, {cfg.prune.percent:.0%} pruned"
     )
     plot_latency(report, r.path("latency.png"))
     if len(report["variants"]) > 2:
@@ -426,8 +413,21 @@ def partial_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
+# config.json of version 0.1 had the prune options at the top level
+_FLAT_PRUNE = ("percent", "min_channels", "normalize", "round_to", "prune_stream")
+
+
 def _recipe(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in RESUME_FREE}
+    """The options that decide what a run computes, flat (``prune.percent``), for comparing two runs' configs."""
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        if k in RESUME_FREE:
+            continue
+        if isinstance(v, dict) and k in ("prune", "bench", "export", "quantize"):
+            out |= {f"{k}.{kk}": vv for kk, vv in v.items()}
+        else:
+            out[f"prune.{k}" if k in _FLAT_PRUNE else k] = v
+    return out
 
 
 def _check_resumable(work: Path, config: dict[str, Any]) -> None:
@@ -438,7 +438,7 @@ def _check_resumable(work: Path, config: dict[str, Any]) -> None:
             f"cannot resume: {work}/config.json is missing or unreadable; start over with --force"
         ) from None
     # an option the interrupted run's version did not have yet counts as its default (it had that behaviour)
-    a, b = _recipe({k: v for k, v in asdict(PipelineConfig()).items() if k not in old} | old), _recipe(config)
+    a, b = _recipe(asdict(PipelineConfig())) | _recipe(old), _recipe(config)
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     if diff:
         shown = ", ".join(f"{k} ({a.get(k)!r} then, {b.get(k)!r} now)" for k in diff[:3])
@@ -483,8 +483,9 @@ def _check_model(cfg: PipelineConfig, ds: Dataset) -> None:
             "is nothing to prune"
         )
     probe_model(model, ds, f"--arch {cfg.arch}")
-    if cfg.prune_stream:
-        check_prune_stream(model, True)
+    # the prune stage's own refusals (nothing prunable, --prune-stream with nothing to carry), before training;
+    # the threshold of an untrained model means nothing, only that pruning can run
+    prune_model(model, cfg=dataclasses.replace(cfg.prune, fold=False, round_to=1))
 
 
 def _is_run_dir(folder: Path) -> bool:
@@ -527,7 +528,7 @@ def _run_locked(cfg: PipelineConfig, out: Path, command: str) -> dict[str, Any]:
     _check_model(cfg, ds)
     config = asdict(cfg) | {"resolved_device": str(device), "data": ds.summary()}
     config["data_cache_resolved"] = {"cache": ds.cache, "reason": ds.cache_reason}
-    config["round_to_resolved"], config["round_to_reason"] = resolve_round_to(cfg.round_to)
+    config["round_to_resolved"], config["round_to_reason"] = resolve_round_to(cfg.prune.round_to)
     main = distributed.is_main()
     if cfg.resume:
         _check_resumable(work, config)

@@ -15,13 +15,20 @@ from slimexport.records import Report
 SCHEMA = "slimexport.report/1"
 
 
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("slimexport")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
+
+
 def versions() -> dict[str, str]:
     import onnx
     import onnxruntime
     import torch
     import torchvision
-
-    import slimexport
 
     try:
         import onnxsim
@@ -30,7 +37,7 @@ def versions() -> dict[str, str]:
     except ImportError:  # pragma: no cover - onnxsim is a dependency
         sim = "not installed"
     return {
-        "slimexport": slimexport.__version__,
+        "slimexport": _package_version(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
@@ -133,10 +140,10 @@ def render_markdown(r: dict[str, Any]) -> str:
             if r["prune"]["floored_layers"]
             else ""
         )
+        + ("; channels read before any BatchNorm pruned too (--prune-stream)" if r["prune"].get("prune_stream") else "")
         + (
-            f"; residual stream widths {'/'.join(map(str, st['before']))} -> {'/'.join(map(str, st['after']))}"
-            + (" (--prune-stream)" if r["prune"].get("prune_stream") else " (unread channels of the last stage)")
-            if (st := r["prune"].get("stream")) and st["before"] != st["after"]
+            f"; β folded into {len(r['prune']['folded'])} layers that read removed channels"
+            if r["prune"].get("folded")
             else ""
         )
         + ".",

@@ -5,7 +5,7 @@ export two ways that compute the same function:
 
 - ``gather``: one Gather (or Slice) picks the k kept channels of the C-channel input; BN, ReLU and the consumer
   then work on k channels. Fewest MACs.
-- ``dense``: the selection is absorbed into zero weights (:func:`slimexport.models.common.widen_selection`):
+- ``dense``: the selection is absorbed into zero weights (:func:`slimexport.rewrite.absorb_selections`):
   BN, ReLU and the consumer work on all C channels, no index op. More MACs, but on a CPU whose convolutions
   work on channel blocks (onnxruntime's NCHWc kernels) this can still be faster than the copy plus the layout
   changes a Gather forces.
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from slimexport.models.common import SlimModel, absorb_selections, for_export
+from slimexport.rewrite import absorb_selections, for_export, selection_units
 from slimexport.runtime import INPUT_NAME, OUTPUT_NAME, BenchConfig, latency
 
 
@@ -51,7 +51,7 @@ class UnitShape:
 
 def unit_shapes(model: nn.Module, image_shape: tuple[int, int, int]) -> list[UnitShape | None]:
     """The shape of every selection unit of ``model`` (None where the selection keeps every channel)."""
-    units = model.selection_units()
+    units = selection_units(model)
     seen: dict[int, tuple[int, ...]] = {}
     hooks = [
         sel.register_forward_hook(lambda m, args, out, i=i: seen.__setitem__(i, tuple(args[0].shape)))
@@ -174,7 +174,7 @@ def unit_costs(
     cache: dict[tuple, dict[str, float]] = {}
     costs: list[dict[str, Any] | None] = []
     model = for_export(model)  # the consumers as exported (DenseNet's transitions: a 2×2 stride-2 conv)
-    for (sel, _, _), shape in zip(model.selection_units(), unit_shapes(model, image_shape)):
+    for (sel, _, _), shape in zip(selection_units(model), unit_shapes(model, image_shape)):
         if shape is None:
             costs.append(None)
             continue
@@ -209,7 +209,7 @@ def candidates(
     layout, and a Gather breaks such a run, which no single-unit graph shows. A model without a channel-removing
     selection has just the one candidate. Also returns the per-unit timings.
     """
-    units = model.selection_units() if isinstance(model, SlimModel) else []
+    units = selection_units(model)
     active = [sel.mode != "identity" for sel, _, _ in units]
     if not any(active):
         return {"gather": (model, [False] * len(units))}, []

@@ -6,9 +6,12 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from slimexport.models import count_params
+__all__ = ["count_macs", "count_macs_on", "count_params"]
 
-__all__ = ["count_macs", "count_params"]
+
+def count_params(model: nn.Module) -> int:
+    """Trainable parameters (selections hold none)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from slimexport import distributed
+from slimexport.channels import restore_bn_selections
 from slimexport.checkpoint import fit_data, load_checkpoint, make_checkpoint, read_checkpoint, save_checkpoint
 from slimexport.console import console, make_progress
 from slimexport.data import Dataset, augment, augment_resized_crop, batches
@@ -26,8 +27,7 @@ from slimexport.errors import CheckpointError, ConfigError, DeviceError, ModelCo
 from slimexport.fileio import output_lock
 from slimexport.graph import BN_TYPES
 from slimexport.models import create_model
-from slimexport.models.common import SlimModel, restore_bn_selections
-from slimexport.models.external import is_external
+from slimexport.models import is_builtin as _builtin_source
 from slimexport.stream import eval_loader, is_streamed, steps_per_epoch, train_loader
 
 # Named schedules, the one home of their defaults. `fast` is a short one-cycle schedule; `paper` is the reference
@@ -459,7 +459,7 @@ def _epoch_batches(
 
 def is_builtin(model: nn.Module) -> bool:
     """One of slimexport's own architectures (its forward failing is a bug of ours, not the user's code)."""
-    return isinstance(model, SlimModel) and not is_external(getattr(model, "arch", ""))
+    return _builtin_source(getattr(model, "arch", None))
 
 
 def _describe_output(out: object) -> str:

@@ -2,11 +2,11 @@ import onnx
 import pytest
 import torch
 
+from slimexport.channels import ChannelSelection
 from slimexport.checkpoint import make_checkpoint, save_checkpoint
 from slimexport.errors import ConfigError, ParityError
 from slimexport.export import ExportConfig, export
-from slimexport.models import ChannelSelection
-from slimexport.prune import prune_model, select_channels
+from slimexport.prune import prune_model
 from slimexport.train import data_meta
 from tests.conftest import TINY_DENSENET, TINY_RESNET, TINY_VGG
 
@@ -29,7 +29,7 @@ def _nontrivial_selections(model):
 )
 def test_pruned_export_matches_pytorch_and_uses_only_static_index_ops(arch, stream, tmp_path, make_model, small_ds):
     p, _ = prune_model(make_model(arch), 0.5, prune_stream=stream)
-    assert not stream or p.stream_widths()[0] < 16
+    assert not stream or p.net.conv1.out_channels < 16
     r = export(_ckpt(tmp_path, p, small_ds), tmp_path / "p.onnx", small_ds, FAST)
     assert r["parity"]["max_abs_diff"] <= 1e-3 and r["parity"]["top1_agreement"] == 1.0
     proto = onnx.load(str(tmp_path / "p.onnx"))
@@ -52,10 +52,12 @@ def test_identity_selection_leaves_no_node(arch, tmp_path, make_model, small_ds)
 
 def test_contiguous_selection_exports_as_one_slice(tmp_path, make_model, small_ds):
     m = make_model(TINY_RESNET)
-    keep, _ = select_channels({n: bn.weight.detach().abs() for n, bn in m.prunable_bns()}, float("-inf"))
-    name = m.prunable_bns()[0][0]  # the first block's input BN: keep channels 2..9, a contiguous range
-    keep[name] = torch.arange(2, 10)
-    p = m.pruned(keep)
+    bns = [b for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+    for b in bns:
+        b.weight.data = 1 + torch.rand(b.num_features)
+    bns[0].weight.data[[0, 1, *range(10, 16)]] = 1e-3  # the first block's input BN keeps 2..9, a contiguous range
+    p, rec = prune_model(m, 7.5 / sum(b.num_features for b in bns), round_to=1)
+    assert rec["layers"][0]["kept"] == list(range(2, 10))
     assert [s.mode for s in _nontrivial_selections(p)] == ["slice"]
     r = export(_ckpt(tmp_path, p, small_ds), tmp_path / "s.onnx", small_ds, FAST)
     assert r["op_counts"].get("Slice") == 1 and "Gather" not in r["op_counts"]

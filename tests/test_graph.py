@@ -19,7 +19,7 @@ from slimexport.errors import ConfigError
 from slimexport.export import ExportConfig, export_model
 from slimexport.graph_prune import exactness
 from slimexport.models import create_model
-from slimexport.stats import count_macs_on
+from slimexport.stats import count_macs, count_macs_on, count_params
 
 FORBIDDEN_OPS = {"NonZero", "GatherND", "Where", "ScatterND"}
 
@@ -180,82 +180,70 @@ def test_regularize_reaches_every_kind_of_batchnorm():
         assert torch.allclose(bn.weight.grad - g, 0.5 * torch.sign(bn.weight))
 
 
-def test_hand_written_vgg19_and_the_engine_keep_the_same_channels(make_model):
-    """On a plain VGG every BN channel is its own class, so the engine (tracing the module as it would any
-    nn.Module) and the hand-written rules pick the same threshold and keep the same channels."""
-    from slimexport.graph_prune import prune_graph
-
-    m = make_model("vgg19", in_channels=3)
-    _, rec_hand = prune_model(m, 0.6)
-    _, rec_graph = prune_graph(m, torch.randn(1, 3, 32, 32), 0.6)
-    assert rec_graph["threshold"] == rec_hand["threshold"]
-    hand = {la["name"]: la["kept"] for la in rec_hand["layers"]}
-    assert {la["name"]: la["kept"] for la in rec_graph["layers"]} == hand
+# What the retired hand-written rules (commit 40e8dc1: VGG.pruned, PreResNet.pruned, DenseNet.pruned) kept, measured
+# with `_paper_model` below: (params, MACs at 32×32) at 40% and 60%. The one engine must keep the same.
+HAND_WRITTEN = {
+    ("vgg19", 0.4): (7188428, 144790014), ("vgg19", 0.6): (3202535, 66007278),
+    ("preresnet164", 0.4): (743472, 107801814), ("preresnet164", 0.6): (405797, 56716230),
+    ("densenet40", 0.4): (612741, 165815338), ("densenet40", 0.6): (370632, 100484950),
+}  # fmt: skip
 
 
-@pytest.mark.parametrize("normalize", ["max", "mean"])
-def test_the_engine_and_the_hand_written_rules_normalise_per_layer_alike(make_model, normalize):
-    """--normalize divides each BN's |γ| by its max or mean before the one global threshold, in both pruners; with a
-    middle layer's (γ, β) shrunk a hundredfold (the same function), the engine keeps the same channels as before,
-    while raw |γ| empties that layer."""
-    from slimexport.graph_prune import prune_graph
-
-    m = make_model("vgg19", in_channels=3)
-    x = torch.randn(1, 3, 32, 32)
-    _, rec_hand = prune_model(m, 0.6, normalize=normalize)
-    _, rec_graph = prune_graph(m, x, 0.6, normalize=normalize)
-    assert rec_graph["threshold"] == pytest.approx(rec_hand["threshold"]) and rec_graph["normalize"] == normalize
-    hand = {la["name"]: la["kept"] for la in rec_hand["layers"]}
-    assert {la["name"]: la["kept"] for la in rec_graph["layers"]} == hand
-    name, bn = m.prunable_bns()[5]
-    with torch.no_grad():
-        bn.weight.mul_(0.01)
-        bn.bias.mul_(0.01)
-    _, raw = prune_graph(m, x, 0.6)
-    assert next(la["after"] for la in raw["layers"] if la["name"] == name) == 1
-    _, scaled = prune_graph(m, x, 0.6, normalize=normalize)
-    assert {la["name"]: la["kept"] for la in scaled["layers"]} == hand
+def _paper_model(arch: str) -> nn.Module:
+    torch.manual_seed(0)
+    m = create_model(arch, 10, 3)
+    g = torch.Generator().manual_seed(1)
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.weight.data = torch.rand(mod.num_features, generator=g)
+            mod.bias.data = torch.randn(mod.num_features, generator=g) * 0.1
+            mod.running_mean.data = torch.randn(mod.num_features, generator=g) * 0.1
+            mod.running_var.data = torch.rand(mod.num_features, generator=g) + 0.5
+    return m
 
 
-@pytest.mark.parametrize("arch", ["preresnet164", "densenet40"])
-def test_selection_nets_the_engine_and_the_hand_written_rules_keep_the_same_channels(make_model, arch):
-    """Pre-activation ResNet and DenseNet: each BN that reads a shared tensor (the stream, the concatenated
-    features) drops channels through its own selection, in the hand-written rules and in the engine (a selecting
-    BN), so at the same threshold every BN keeps the same channels. The engine goes one step further and removes a
-    shared channel from its producer when every reader has dropped it; the test checks that too, and that the
-    frozen channels are exactly the image input and, in PreResNet, the stem's output and the first two stages'
-    streams (read before any BN by the next stage's downsampling conv, as the paper keeps them)."""
-    from slimexport.graph_prune import prune_graph
-
-    m = make_model(arch, in_channels=3)
-    randomize(m)
-    x = torch.randn(2, 3, 32, 32)
-    pruned_hand, rec_hand = prune_model(m, 0.5, round_to=1)
-    pruned, rec = prune_graph(m, x, 0.5)
-    assert rec["threshold"] == rec_hand["threshold"]
-    hand = {la["name"]: la["kept"] for la in rec_hand["layers"]}
-    assert {la["name"]: la["kept"] for la in rec["layers"]} == hand
-    selecting = [n for n, p in rec["plan"].items() if p.get("select")]
-    assert len(selecting) >= (54 if arch == "preresnet164" else 36)  # every block's bn1 / every layer's BN
+@pytest.mark.parametrize("arch", ["vgg19", "preresnet164", "densenet40"])
+def test_the_paper_architectures_prune_to_what_the_hand_written_rules_kept(arch):
+    """VGG, PreResNet and DenseNet are plain modules now, pruned by the engine like any other; at the same
+    threshold the pruned models have the parameters and MACs the hand-written rules gave, and the channels frozen
+    are exactly the image input and, in PreResNet, the stem's output and the first two stages' streams (read before
+    any BN by the next stage's downsampling conv, as the paper keeps them)."""
+    m = _paper_model(arch)
+    for pct in (0.4, 0.6):
+        p, rec = prune_model(m, pct)
+        assert (count_params(p), count_macs(p, 3, (32, 32))) == HAND_WRITTEN[arch, pct], (arch, pct)
+    selecting = [n for n, q in rec["plan"].items() if q.get("select")]
+    assert len(selecting) >= {"vgg19": 0, "preresnet164": 54, "densenet40": 36}[arch]
     frozen = sorted(r for u in rec["unprunable"] for r in u["reasons"] if "model" not in r)
     raw = "reads these channels before any BatchNorm normalises them"
     ds = [f"layer{i}.0.downsample.0: {raw}" for i in (1, 2, 3)] if arch == "preresnet164" else []
-    assert frozen == [f"conv1: {raw}"] + ds, frozen
-    # With the removed channels' γ and β zeroed (so the hand-written rules' folding of relu(β) into the next BN
-    # adds nothing), both pruned models compute what the zeroed original does; the engine's has no more MACs.
-    zeroed = m.eval()
-    modules = dict(zeroed.named_modules())
+    assert frozen == [f"{'features.0' if arch == 'vgg19' else 'conv1'}: {raw}"] + ds, frozen  # the image's channels
+
+
+@pytest.mark.parametrize("arch", ["vgg11_w25", "preresnet20", "densenet16"])
+def test_the_paper_architectures_prune_exactly(arch):
+    check_exact(_paper_model(arch).net, torch.randn(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize("normalize", ["max", "mean"])
+def test_normalize_makes_the_threshold_blind_to_a_layers_free_scale(normalize):
+    """--normalize divides each BN's |γ| by its max or mean before the one global threshold: with a middle
+    layer's (γ, β) shrunk a hundredfold (the same function), the engine keeps the same channels as before, while
+    raw |γ| empties that layer."""
+    from slimexport.graph_prune import prune_graph
+
+    m = _paper_model("vgg19").net
+    x = torch.randn(1, 3, 32, 32)
+    _, before = prune_graph(m, x, percent=0.6, normalize=normalize)
+    assert before["normalize"] == normalize
+    name, bn = [(n, b) for n, b in m.named_modules() if isinstance(b, nn.BatchNorm2d)][5]
     with torch.no_grad():
-        for la in rec["layers"]:
-            gone = sorted(set(range(la["before"])) - set(la["kept"]))
-            modules[la["name"]].weight[gone] = 0
-            modules[la["name"]].bias[gone] = 0
-    ref = zeroed(x)
-    pruned_hand, _ = prune_model(zeroed, 0.5, round_to=1)
-    pruned, _ = prune_graph(zeroed, x, 0.5)
-    torch.testing.assert_close(pruned.eval()(x), ref, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(pruned_hand.eval()(x), ref, rtol=1e-4, atol=1e-4)
-    assert count_macs_on(pruned, x[:1]) <= count_macs_on(pruned_hand, x[:1])
+        bn.weight.mul_(0.01)
+        bn.bias.mul_(0.01)
+    _, raw = prune_graph(m, x, percent=0.6)
+    assert next(la["after"] for la in raw["layers"] if la["name"] == name) == 1
+    _, scaled = prune_graph(m, x, percent=0.6, normalize=normalize)
+    assert {la["name"]: la["kept"] for la in scaled["layers"]} == {la["name"]: la["kept"] for la in before["layers"]}
 
 
 def test_selecting_bns_compose_when_a_pruned_model_is_pruned_again(tmp_path):
@@ -286,14 +274,14 @@ def test_selecting_bns_compose_when_a_pruned_model_is_pruned_again(tmp_path):
 
 def test_sync_batchnorm_conversion_keeps_the_selections():
     """--sync-bn rebuilds every BN as a SyncBatchNorm; a selecting BN must stay selecting."""
+    from slimexport.channels import restore_bn_selections
     from slimexport.graph_prune import prune_graph
-    from slimexport.models.common import restore_bn_selections
     from slimexport.train import _revert_sync_bn
 
     torch.manual_seed(0)
     m = create_model("preresnet20", 10, 3)
     randomize(m)
-    pruned, _ = prune_graph(m, torch.randn(1, 3, 32, 32), 0.5)
+    pruned, _ = prune_graph(m.net, torch.randn(1, 3, 32, 32), percent=0.5)
     x = torch.randn(2, 3, 32, 32)
     ref = pruned.eval()(x)
     kinds = {n: type(mm) for n, mm in pruned.named_modules() if isinstance(mm, nn.modules.batchnorm._BatchNorm)}
@@ -391,3 +379,57 @@ def test_a_batchnorm_after_a_depthwise_conv_of_a_shared_input_selects_exactly():
     assert rec["plan"]["bn"]["select"]
     kept = {la["name"]: la["after"] for la in rec["layers"]}
     assert kept["bn"] < 8 and pruned.bn.num_features == kept["bn"]
+
+
+class _Gain(nn.Module):
+    """A learnable per-channel gain: a module the engine has no rule for."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.g = nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        return x * self.g.view(1, -1, 1, 1)
+
+
+def _gain_net() -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), _Gain(16),
+        nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
+    )  # fmt: skip
+    return randomize(m).eval()
+
+
+def test_a_users_rule_for_their_own_module_prunes_it_exactly(monkeypatch):
+    """Without a rule, a module of the user's own freezes the channels it touches and says how to teach it; with
+    `register_module_rule` (slicing its per-channel parameter) those channels prune exactly, and the plan
+    rebuilds the model only while the rule is registered."""
+    import slimexport
+    from slimexport import oprules
+    from slimexport.graph_prune import apply_plan
+
+    monkeypatch.setattr(oprules, "MODULE_RULES", dict(oprules.MODULE_RULES))
+    x = torch.randn(2, 3, 8, 8)
+    _, rec = prune_model(_gain_net(), 0.5, example_input=x)
+    assert any(
+        "parameter or constant" in r and "register_module_rule" in r for u in rec["unprunable"] for r in u["reasons"]
+    )
+    assert rec["layers"][0]["after"] == 16
+
+    def prune_gain(m, keep):
+        m.g = nn.Parameter(m.g.detach()[keep].clone())
+
+    slimexport.register_module_rule(_Gain, keeps_zero=True, prune=prune_gain)
+    net = _gain_net()
+    pruned, rec = check_exact(net, x)
+    assert rec["layers"][0]["after"] < 16 and rec["plan"]["3"]["kind"] == "channelwise"
+    rebuilt = apply_plan(_gain_net(), rec["plan"])
+    rebuilt.load_state_dict(pruned.state_dict())
+    torch.testing.assert_close(rebuilt.eval()(x), pruned.eval()(x))
+    del oprules.MODULE_RULES[_Gain]
+    with pytest.raises(ConfigError, match="register"):
+        apply_plan(_gain_net(), rec["plan"])
+    with pytest.raises(TypeError):
+        slimexport.register_module_rule(len)

@@ -1,4 +1,5 @@
-"""The package's shape: no import cycles (module- or function-level), so each stage is one more module."""
+"""The package's shape: layers that show the architecture, and no import cycles (module- or function-level, out
+of ``__init__.py`` too), so each stage is one more module."""
 
 import ast
 from pathlib import Path
@@ -7,20 +8,46 @@ import slimexport
 
 PKG = Path(slimexport.__file__).parent
 
+# Bottom to top. A module imports only from its own layer or the layers below it (at module level or inside a
+# function: both run). Base pieces know nothing of models or stages; the engine prunes any nn.Module; the model
+# sources (built-ins, torchvision, timm, files) build what the engine prunes; the stages turn one artifact on disk
+# into the next; the pipeline, the Python API and the CLI chain them.
+LAYERS = {
+    "base": ["errors", "console", "fileio", "records", "channels", "stats", "importance", "runtime", "distributed",
+             "assets"],
+    "engine": ["graph", "graph_prune", "rewrite"],
+    "models": ["models", "models.builtin", "models.external"],
+    "stages": ["data", "stream", "checkpoint", "train", "prune", "selection", "export", "deploy", "bench", "report"],
+    "top": ["pipeline", "api", "cli", "", "__main__"],
+}  # fmt: skip
+LAYER_OF = {("slimexport." + m).rstrip("."): i for i, mods in enumerate(LAYERS.values()) for m in mods}
+
+
+def _modules() -> dict[str, Path]:
+    return {".".join(p.relative_to(PKG.parent).with_suffix("").parts).removesuffix(".__init__"): p
+            for p in PKG.rglob("*.py")}  # fmt: skip
+
 
 def _graph() -> dict[str, set[str]]:
-    mods = {".".join(p.relative_to(PKG.parent).with_suffix("").parts).removesuffix(".__init__"): p
-            for p in PKG.rglob("*.py")}  # fmt: skip
+    """Every import of a slimexport module by another, wherever it is written (also inside functions and in
+    ``__init__.py``). ``from pkg import sub`` is an edge to ``pkg.sub``; importing ``a.b.c`` also runs the package
+    ``a.b`` (but not the root package, whose ``__init__`` imports nothing)."""
+    mods = _modules()
     graph: dict[str, set[str]] = {m: set() for m in mods}
     for m, p in mods.items():
         for node in ast.walk(ast.parse(p.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                subs = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in mods]
+                targets = subs + ([node.module] if len(subs) < len(node.names) else [])
             elif isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             else:
                 continue
-            graph[m] |= {t for t in targets if t in mods and t != m and not (p.name == "__init__.py")}
+            for t in list(targets):
+                parts = t.split(".")
+                targets += [".".join(parts[:i]) for i in range(2, len(parts))]  # the packages on the way
+            targets = [t for t in targets if not m.startswith(t + ".")]  # (a module's own package is already running)
+            graph[m] |= {t for t in targets if t in mods and t != m}
     return graph
 
 
@@ -56,15 +83,43 @@ def test_the_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": set()}) is None
 
 
+def test_the_import_graph_sees_imports_inside_functions_and_init_files():
+    g = _graph()
+    assert "slimexport.api" in g["slimexport"]  # slimexport/__init__.py imports it inside __getattr__
+    assert "slimexport.graph_prune" in g["slimexport.models.external"]  # inside GraphModel.__init__
+    assert "slimexport.models" in g["slimexport.checkpoint"]
+
+
+def test_every_module_has_a_layer():
+    assert set(_modules()) == set(LAYER_OF), set(_modules()) ^ set(LAYER_OF)
+
+
+def test_modules_import_only_from_their_layer_or_below():
+    names = list(LAYERS)
+    up = sorted(
+        f"{m} ({names[LAYER_OF[m]]}) imports {t} ({names[LAYER_OF[t]]})"
+        for m, targets in _graph().items()
+        for t in targets
+        if LAYER_OF[t] > LAYER_OF[m]
+    )
+    assert not up, up
+
+
+def test_the_layer_check_catches_an_upward_import():
+    g = _graph()
+    g["slimexport.graph_prune"].add("slimexport.models.external")
+    assert any(LAYER_OF[t] > LAYER_OF[m] for m, ts in g.items() for t in ts)
+
+
 def test_runtime_is_a_leaf():
     assert _graph()["slimexport.runtime"] <= {"slimexport.errors"}
 
 
-def test_the_readme_documents_report_json_as_the_types_say():
+def test_the_reference_documents_report_json_as_the_types_say():
     from slimexport.records import schema_table
 
-    readme = (PKG.parent / "README.md").read_text()
-    assert schema_table() in readme
+    reference = (PKG.parent / "docs" / "reference.md").read_text()
+    assert schema_table() in reference
 
 
 def test_every_readme_table_row_has_its_headers_cell_count():
@@ -76,10 +131,20 @@ def test_every_readme_table_row_has_its_headers_cell_count():
 
     table: list[str] = []
     bad = []
-    for line in [*(PKG.parent / "README.md").read_text().splitlines(), ""]:
+    docs = [PKG.parent / "README.md", *sorted((PKG.parent / "docs").glob("*.md"))]
+    for line in [line for doc in docs for line in [*doc.read_text().splitlines(), ""]]:
         if line.startswith("|"):
             table.append(line)
             continue
         bad += [row for row in table[2:] if table and cells(row) != cells(table[0])]
         table = []
     assert not bad, bad
+
+
+def test_the_readme_is_a_front_door_that_links_every_doc():
+    readme = (PKG.parent / "README.md").read_text()
+    assert len(readme.splitlines()) < 150
+    for doc in sorted((PKG.parent / "docs").glob("*.md")):
+        assert f"docs/{doc.name}" in readme, doc.name
+    for target in __import__("re").findall(r"\]\(((?:docs|benchmarks)/[^)#]+)", readme):
+        assert (PKG.parent / target).exists(), target

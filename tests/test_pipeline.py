@@ -87,7 +87,7 @@ def test_report_figures_are_consistent(run_dir):
     assert all(s["seconds"] > 0 for s in r["stages"].values())
     assert {"torch", "onnx", "onnxruntime", "onnxsim"} <= set(r["versions"])
     assert r["machine"]["cores"] >= 1 and r["machine"]["cpu"]
-    assert r["config"]["percent"] == 0.5 and r["prune"]["channels_after"] < r["prune"]["channels_before"]
+    assert r["config"]["prune"]["percent"] == 0.5 and r["prune"]["channels_after"] < r["prune"]["channels_before"]
     md = (run_dir / "report.md").read_text()
     assert f"{b['params']:,}" in md and "gamma_hist.png" in md
 

@@ -1,38 +1,56 @@
 import copy
-import math
 
 import pytest
 import torch
+from torch import nn
 
+from slimexport.channels import ChannelSelection
 from slimexport.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from slimexport.errors import ConfigError
-from slimexport.models import ChannelSelection, count_params
-from slimexport.prune import bn_gammas, global_threshold, prune, prune_model, select_channels
+from slimexport.graph_prune import PruneConfig, prune_graph
+from slimexport.models import count_params
+from slimexport.prune import bn_gammas, prune, prune_model
 from tests.conftest import TINY_DENSENET, TINY_RESNET, TINY_VGG
 
 
+def _two_layers(ga: list[float], gb: list[float]) -> nn.Module:
+    m = nn.Sequential(
+        nn.Conv2d(1, len(ga), 3, padding=1, bias=False), nn.BatchNorm2d(len(ga)), nn.ReLU(),
+        nn.Conv2d(len(ga), len(gb), 3, padding=1, bias=False), nn.BatchNorm2d(len(gb)), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(len(gb), 3),
+    ).eval()  # fmt: skip
+    m[1].weight.data, m[4].weight.data = torch.tensor(ga), torch.tensor(gb)
+    return m
+
+
+X = torch.randn(2, 1, 8, 8)
+
+
 def test_global_threshold_is_the_reference_index():
-    g = {"a": torch.tensor([0.1, 0.5, 0.9]), "b": torch.tensor([0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 1.0])}
+    m = _two_layers([0.1, 0.5, 0.9], [0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 1.0])
     # ten values sorted: 0.1..1.0; index floor(10 * 0.35) = 3 -> 0.4; channels strictly above survive
-    assert global_threshold(g, 0.35) == pytest.approx(0.4)
-    keep, floored = select_channels(g, 0.4)
-    assert keep["a"].tolist() == [1, 2] and keep["b"].tolist() == [3, 4, 5, 6] and floored == []
-    assert global_threshold(g, 0.0) == -math.inf
+    _, rec = prune_graph(m, X, percent=0.35)
+    assert rec["threshold"] == pytest.approx(0.4) and rec["floored_layers"] == []
+    assert [la["kept"] for la in rec["layers"]] == [[1, 2], [3, 4, 5, 6]]
+    _, rec0 = prune_graph(m, X, percent=0.0)
+    assert rec0["threshold"] is None and rec0["channels_after"] == rec0["channels_before"]
 
 
-@pytest.mark.parametrize("percent", [-0.1, 1.0, 1.5, float("nan")])
-def test_percent_outside_unit_interval_is_rejected(percent):
-    with pytest.raises(ConfigError, match="percent"):
-        global_threshold({"a": torch.ones(3)}, percent)
+@pytest.mark.parametrize("percent", [-0.1, 1.0, 1.5, float("nan"), True])
+def test_percent_outside_unit_interval_is_rejected_in_one_place(percent):
+    with pytest.raises(ConfigError, match="--percent must be in"):
+        PruneConfig(percent=percent).validate()
+    with pytest.raises(ConfigError, match="--percent must be in"):
+        prune_graph(_two_layers([0.1, 0.5], [0.2, 0.3]), X, percent=percent)
 
 
 @pytest.mark.parametrize("arch", [TINY_VGG, TINY_RESNET, TINY_DENSENET])
 def test_a_layer_below_the_threshold_keeps_its_floor_instead_of_crashing(arch, make_model):
     m = make_model(arch)
-    name, bn = m.prunable_bns()[1]
-    bn.weight.data.fill_(1e-6)  # every γ of this layer is below any sensible threshold
+    name = list(bn_gammas(m))[1]
+    dict(m.named_modules())[name].weight.data.fill_(1e-6)  # every γ of this layer is below any sensible threshold
     p, rec = prune_model(m, 0.9, min_channels=2)
-    assert name in rec["floored_layers"]
+    assert rec["floored_layers"] and all(n.startswith("net.") for n in rec["floored_layers"])  # the producers
     layer = next(x for x in rec["layers"] if x["name"] == name)
     assert layer["after"] == 2
     assert all(x["after"] >= 2 for x in rec["layers"])
@@ -57,10 +75,10 @@ def test_prune_checkpoint_rebuilds_from_the_checkpoint_alone(tmp_path, make_mode
     m = make_model(TINY_RESNET)
     src = tmp_path / "sparse.pt"
     save_checkpoint(make_checkpoint(m, {"image_size": [28, 28]}, {"stage": "sparse", "accuracy": 0.5}), src)
-    meta = prune(src, tmp_path / "pruned.pt", 0.5, ds=small_ds, round_to=1)
+    meta = prune(src, tmp_path / "pruned.pt", PruneConfig(percent=0.5, round_to=1), ds=small_ds)
     assert 0.0 <= meta["accuracy"] <= 1.0 and meta["prune"]["params_after"] < meta["prune"]["params_before"]
     q, ck = load_checkpoint(tmp_path / "pruned.pt")
-    assert ck["meta"]["stage"] == "pruned" and ck["config"]["select"][0] is not None
+    assert ck["meta"]["stage"] == "pruned" and any(q.get("select") for q in ck["config"]["plan"].values())
     assert count_params(q) == meta["prune"]["params_after"]
     p, _ = prune_model(m, 0.5)
     x = torch.randn(2, 1, 28, 28)
@@ -75,59 +93,56 @@ def test_pruning_a_pruned_model_composes_selections(make_model):
     p2, _ = prune_model(p1, 0.3)
     # every BN of the twice-pruned model keeps a subset of the once-pruned one's channels (γ are distinct values;
     # selection indices are not compared: a DenseNet compacts its maps, so their coordinates change)
-    for (_, b1), (_, b2) in zip(p1.prunable_bns(), p2.prunable_bns()):
+    bns = [[b for b in p.modules() if isinstance(b, nn.BatchNorm2d)] for p in (p1, p2)]
+    for b1, b2 in zip(*bns):
         assert set(b2.weight.tolist()) <= set(b1.weight.tolist()) and b2.num_features <= b1.num_features
     x = torch.randn(2, 1, 28, 28)
     assert p2.eval()(x).shape == (2, 10)
 
 
 def test_round_to_keeps_multiples_and_only_adds_the_next_largest_gammas():
-    g = {"a": torch.tensor([0.9, 0.1, 0.8, 0.2, 0.7, 0.05, 0.6, 0.3, 0.01, 0.02]), "b": torch.tensor([0.5, 0.4])}
-    exact, _ = select_channels(g, 0.55)
-    assert exact["a"].tolist() == [0, 2, 4, 6] and exact["b"].tolist() == [0]  # b floored to its largest γ
-    keep, _ = select_channels(g, 0.55, round_to=8)
-    assert keep["a"].tolist() == sorted(torch.topk(g["a"], 8).indices.tolist())
-    assert set(exact["a"].tolist()) <= set(keep["a"].tolist())
-    assert keep["b"].tolist() == [0, 1]  # floored to one, rounded up to the layer's width (2 < 8)
+    ga, gb = [0.9, 0.1, 0.8, 0.2, 0.7, 0.05, 0.6, 0.3, 0.01, 0.02], [0.5, 0.4]
+    m = _two_layers(ga, gb)
+    pct = 7.5 / 12  # twelve values sorted: index floor(12 · pct) = 7 -> 0.5
+    _, exact = prune_graph(m, X, percent=pct)
+    assert exact["threshold"] == pytest.approx(0.5)
+    assert [la["kept"] for la in exact["layers"]] == [[0, 2, 4, 6], [0]]  # b floored to its largest γ
+    _, rounded = prune_graph(m, X, percent=pct, round_to=8)
+    a = rounded["layers"][0]["kept"]
+    assert a == sorted(torch.topk(torch.tensor(ga), 8).indices.tolist()) and set(exact["layers"][0]["kept"]) <= set(a)
+    assert rounded["layers"][1]["kept"] == [0, 1]  # floored to one, rounded up to the layer's width (2 < 8)
     with pytest.raises(ConfigError, match="round-to"):
-        select_channels(g, 0.5, round_to=0)
+        prune_graph(m, X, percent=0.5, round_to=0)
 
 
 @pytest.mark.parametrize("arch", [TINY_VGG, TINY_RESNET])
 def test_prune_to_a_macs_budget_finds_the_lowest_threshold_that_fits(arch, make_model):
-    from slimexport.prune import prune_to_macs
     from slimexport.stats import count_macs
 
     m = make_model(arch)
-    full = count_macs(m, 1, (28, 28))
-    p, rec = prune_to_macs(m, 0.5, (28, 28))
-    macs = count_macs(p, 1, (28, 28))
-    assert macs <= 0.5 * full and rec["macs_fraction"] == pytest.approx(macs / full)
-    # the next lower threshold (one |γ| value fewer pruned) would not fit: the search found the boundary
-    gammas = bn_gammas(m)
-    values = torch.cat(list(gammas.values())).unique()
-    below = values[values < rec["threshold"]]
-    lower_threshold = float(below.max()) if len(below) else float("-inf")
-    keep, _ = select_channels(gammas, lower_threshold)
-    assert count_macs(m.pruned(keep), 1, (28, 28)) > 0.5 * full
-    total = rec["channels_before"]
-    assert prune_to_macs(m, 1.0, (28, 28))[1]["channels_after"] == total  # the whole budget prunes nothing
+    full = count_macs(m, 1, (32, 32))
+    p, rec = prune_model(m, max_macs=0.5)
+    assert count_macs(p, 1, (32, 32)) <= 0.5 * full and rec["max_macs"] == 0.5
+    # one class fewer removed (the next lower threshold) would not fit: the search found the boundary
+    n, removed = rec["classes"]["prunable"], round(rec["percent"] * rec["classes"]["prunable"])
+    fewer, _ = prune_model(m, (removed - 2 + 0.5) / n)
+    assert count_macs(fewer, 1, (32, 32)) > 0.5 * full
+    assert prune_model(m, max_macs=1.0)[1]["channels_after"] == rec["channels_before"]  # the whole budget: nothing
 
 
 def test_an_unreachable_macs_budget_is_a_clear_error(make_model):
-    from slimexport.prune import prune_to_macs
-
     with pytest.raises(ConfigError, match="cannot be reached"):
-        prune_to_macs(make_model(TINY_VGG), 1e-6, (28, 28))
+        prune_model(make_model(TINY_VGG), max_macs=1e-6)
     with pytest.raises(ConfigError, match="max-macs"):
-        prune_to_macs(make_model(TINY_VGG), 0.0, (28, 28))
+        prune_model(make_model(TINY_VGG), max_macs=0.0)
 
 
 def _scaled_layer_copy(m, index: int, c: float):
     """A copy of ``m`` whose ``index``-th prunable BN has γ and β times ``c``: the same function, as long as that
     BN reaches the next BN only through ReLU, pooling and a conv (checked in the test with batch statistics)."""
     s = copy.deepcopy(m)
-    name, bn = s.prunable_bns()[index]
+    name = list(bn_gammas(s))[index]
+    bn = dict(s.named_modules())[name]
     with torch.no_grad():
         bn.weight.mul_(c)
         bn.bias.mul_(c)
@@ -142,8 +157,9 @@ def test_normalize_makes_the_global_threshold_blind_to_a_layers_free_scale(make_
 
     def batch_stats(net):  # batch statistics and no ε, so that the next BN divides the 0.01 out exactly
         net = copy.deepcopy(net).train()
-        for _, b in net.prunable_bns():
-            b.eps = 1e-20
+        for b in net.modules():
+            if isinstance(b, nn.BatchNorm2d):
+                b.eps = 1e-20
         return net
 
     with torch.no_grad():  # the same network
@@ -152,7 +168,7 @@ def test_normalize_makes_the_global_threshold_blind_to_a_layers_free_scale(make_
     _, raw_m = prune_model(m, 0.5)
     _, raw_s = prune_model(s, 0.5)
     after = {x["name"]: x["after"] for x in raw_s["layers"]}
-    assert after[name] == 1 and name in raw_s["floored_layers"]  # raw |γ| empties the rescaled layer
+    assert after[name] == 1 and raw_s["floored_layers"]  # raw |γ| empties the rescaled layer (floored producer)
     assert raw_m["layers"] != raw_s["layers"]
     _, norm_m = prune_model(m, 0.5, normalize=normalize)
     _, norm_s = prune_model(s, 0.5, normalize=normalize)

@@ -118,7 +118,13 @@ def test_a_run_interrupted_before_an_option_existed_resumes_as_its_default(tmp_p
     from slimexport.pipeline import PipelineConfig, _check_resumable
 
     now = asdict(PipelineConfig(arch="vgg11_w25"))
-    write_json(tmp_path / "config.json", {k: v for k, v in now.items() if k != "normalize"})
+    write_json(tmp_path / "config.json", now | {"prune": {k: v for k, v in now["prune"].items() if k != "normalize"}})
     _check_resumable(tmp_path, now)
-    with pytest.raises(ConfigError, match=r"normalize \('none' then, 'max' now\)"):
-        _check_resumable(tmp_path, now | {"normalize": "max"})
+    with pytest.raises(ConfigError, match=r"prune.normalize \('none' then, 'max' now\)"):
+        _check_resumable(tmp_path, now | {"prune": now["prune"] | {"normalize": "max"}})
+    # version 0.1 wrote the prune options at the top level
+    flat = {k: v for k, v in now.items() if k != "prune"} | {"percent": 0.6, "round_to": "auto", "normalize": "none"}
+    write_json(tmp_path / "config.json", flat)
+    _check_resumable(tmp_path, now)
+    with pytest.raises(ConfigError, match=r"prune.percent \(0.6 then, 0.5 now\)"):
+        _check_resumable(tmp_path, now | {"prune": now["prune"] | {"percent": 0.5}})

@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
+from slimexport.channels import ChannelSelection
 from slimexport.checkpoint import make_checkpoint, save_checkpoint
 from slimexport.export import INPUT_NAME, ExportConfig, export, ort_session
-from slimexport.models import ChannelSelection
-from slimexport.models.common import absorb_selections
 from slimexport.prune import prune_model
+from slimexport.rewrite import absorb_selections, selection_units
 from slimexport.selection import _unit_graph, candidates, mix, time_unit, unit_shapes
 from slimexport.train import data_meta
 from tests.conftest import TINY_DENSENET, TINY_RESNET, TINY_VGG
@@ -20,12 +20,12 @@ def _modes(model):
 def test_absorbing_some_selections_is_exact_and_leaves_the_others(arch, make_model):
     p, _ = prune_model(make_model(arch), 0.5)
     p.eval()
-    active = [i for i, (s, _, _) in enumerate(p.selection_units()) if s.mode != "identity"]
+    active = [i for i, (s, _, _) in enumerate(selection_units(p)) if s.mode != "identity"]
     assert len(active) >= 2
-    absorb = [i in active[::2] for i in range(len(p.selection_units()))]  # every other active unit
+    absorb = [i in active[::2] for i in range(len(selection_units(p)))]  # every other active unit
     mixed = absorb_selections(p, absorb).eval()
-    modes = [s.mode for s, _, _ in mixed.selection_units()]
-    for i, (s, _, _) in enumerate(p.selection_units()):
+    modes = [s.mode for s, _, _ in selection_units(mixed)]
+    for i, (s, _, _) in enumerate(selection_units(p)):
         assert modes[i] == ("identity" if absorb[i] else s.mode)
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
@@ -39,7 +39,7 @@ def test_unit_shapes_follow_the_forward_pass(make_model):
     # compacted (in preresnet11 the classifier's selection is its only reader and becomes the identity)
     p, _ = prune_model(make_model("preresnet20"), 0.5)
     shapes = unit_shapes(p, (1, 28, 28))
-    units = p.selection_units()
+    units = selection_units(p)
     assert len(shapes) == len(units)
     for (sel, _, consumer), sh in zip(units, shapes):
         if sel.mode == "identity":
@@ -113,11 +113,11 @@ def test_mixes_absorb_the_units_whose_dense_variant_is_within_tolerance():
 def test_candidates_are_distinct_and_their_flags_describe_them(make_model):
     p, _ = prune_model(make_model(TINY_DENSENET), 0.5)
     c, units = candidates(p, (1, 28, 28))
-    active = [s.mode != "identity" for s, _, _ in p.selection_units()]
+    active = [s.mode != "identity" for s, _, _ in selection_units(p)]
     assert len(units) == sum(active)
     keys = {tuple(f for f, on in zip(flags, active) if on) for _, flags in c.values()}
     assert len(keys) == len(c)  # no two candidates are the same graph
     for model, flags in c.values():
-        modes = [s.mode for s, _, _ in model.selection_units()]
+        modes = [s.mode for s, _, _ in selection_units(model)]
         for f, on, m in zip(flags, active, modes):
             assert (m == "identity") == (f or not on)

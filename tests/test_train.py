@@ -13,12 +13,12 @@ def test_regularize_adds_the_l1_subgradient_to_bn_scales_only():
     m = create_model(TINY_VGG, 10, 1)
     for p in m.parameters():
         p.grad = torch.zeros_like(p)
-    bn = m.features[1]
+    bn = m.net.features[1]
     bn.weight.data[:2] = torch.tensor([-0.3, 0.0])
     regularize(m, 0.01)
     expected = 0.01 * torch.sign(bn.weight.detach())
     assert torch.equal(bn.weight.grad, expected)
-    assert torch.all(bn.bias.grad == 0) and torch.all(m.features[0].weight.grad == 0)
+    assert torch.all(bn.bias.grad == 0) and torch.all(m.net.features[0].weight.grad == 0)
 
 
 def test_sparse_training_shrinks_gammas(tmp_path, small_ds):

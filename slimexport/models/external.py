@@ -1,5 +1,6 @@
-"""Models slimexport did not write, pruned by the graph engine. Sources (``--arch``):
+"""Where a network comes from (``--arch``), and the one model type every stage handles. Sources:
 
+- a built-in name (``vgg19``, ``preresnet164``, ``densenet40``: :mod:`slimexport.models.builtin`);
 - ``torchvision:NAME``: any torchvision classification builder (random weights; nothing downloads);
 - ``timm:NAME``: a timm model, where timm is installed (``pip install -e '.[timm]'``);
 - ``path/to/file.py:factory`` or ``package.module:factory``: the user's own code; ``factory`` gets
@@ -13,11 +14,11 @@ arguments from the file. A model file or module factory stored in a checkpoint i
 ``--trust-model-code``); otherwise :func:`check_trusted` raises a one-line :class:`UntrustedCodeError` that says
 how to opt in.
 
-A :class:`GraphModel` wraps the user's network (``.net``) with the interface the pipeline uses (``arch``,
-``num_classes``, ``in_channels``, ``config``, ``prunable_bns``). Its config is plain data: the source to build
-the original from (builder name and keyword arguments), the input size the graph was traced at, and the pruning
-plan (kept channel indices per module, relative to the original). A checkpoint rebuilds the model by building the
-original and re-applying the plan; no module is pickled.
+A :class:`GraphModel` wraps a network (``.net``) from any source (the built-in families too) with what slimexport
+needs to rebuild it (``arch``, ``num_classes``, ``in_channels``, ``config``). Its config is plain data: the source
+to build the original from (builder name and keyword arguments), the input size the graph is traced at, and the
+pruning plan (kept channel indices per module, relative to the original). A checkpoint rebuilds the model by
+building the original and re-applying the plan; no module is pickled.
 
 Grayscale data (one channel) fed to a three-channel network is repeated to three equal channels inside
 ``forward``, so the exported model takes the data's own images.
@@ -39,7 +40,7 @@ import torch
 from torch import nn
 
 from slimexport.errors import ConfigError, ModelCodeError, UntrustedCodeError, first_line
-from slimexport.models.common import SlimModel
+from slimexport.models.builtin import build_builtin, is_builtin
 
 PREFIXES = ("torchvision:", "timm:")
 # (trust every source, the canonical sources the user named): set by trusted_code for the current context.
@@ -78,6 +79,8 @@ def check_trusted(source: object, kwargs: object, where: str) -> None:
     (slimexport stores none) for any builder."""
     everything, known = _TRUST.get()
     if everything:
+        return
+    if is_builtin(source) and not kwargs:
         return
     if not isinstance(source, str) or not is_external(source):
         raise UntrustedCodeError(f"{where}: its model source {source!r} is not a model name slimexport knows")
@@ -136,8 +139,16 @@ def _net_in_channels(net: nn.Module) -> int:
     raise ConfigError(f"{type(net).__name__} has no convolution: slimexport prunes convolutional networks")
 
 
-def build_source(source: str, num_classes: int, kwargs: dict[str, Any] | None = None) -> nn.Module:
-    """The unpruned network named by ``source`` (``torchvision:NAME``), with random weights (nothing downloads)."""
+def build_source(
+    source: str, num_classes: int, kwargs: dict[str, Any] | None = None, in_channels: int = 3
+) -> nn.Module:
+    """The unpruned network named by ``source`` (a built-in name, ``torchvision:NAME``, ``timm:NAME``, the user's
+    ``FILE.py:FACTORY``), with random weights (nothing downloads). Only a built-in takes ``in_channels``; the
+    others take three-channel images (:class:`GraphModel` repeats a grayscale channel)."""
+    if not is_external(source):
+        if kwargs:
+            raise ConfigError(f"{source} takes no keyword arguments, got {sorted(kwargs)}")
+        return build_builtin(source, num_classes, in_channels)
     kind, _, name = source.partition(":")
     kwargs = dict(kwargs or {})
     if kind == "timm":
@@ -185,14 +196,18 @@ def compose_plans(first: dict[str, Any], second: dict[str, Any]) -> dict[str, An
         e = out.setdefault(name, {"kind": p["kind"]})
         if p.get("select"):  # a selecting BN: the sides compose as any module's; apply_plan rebuilds the index
             e["select"] = True
+        if p.get("bias"):  # folding gave a conv or linear layer a bias
+            e["bias"] = True
         for side in ("inp", "out"):
             if side in p:
                 e[side] = [e[side][i] for i in p[side]] if side in e else list(p[side])
     return out
 
 
-class GraphModel(SlimModel):
-    """A network from elsewhere, with slimexport's model interface."""
+class GraphModel(nn.Module):
+    """A network with the data slimexport needs to rebuild it: ``arch`` (its source), ``num_classes``,
+    ``in_channels`` and ``config`` (plain data: the source, the input size the graph is traced at, the pruning
+    plan). The network itself is ``.net``; every model slimexport trains, prunes and exports is one of these."""
 
     def __init__(self, arch: str, config: dict[str, Any], num_classes: int = 10, in_channels: int = 3):
         super().__init__()
@@ -200,7 +215,7 @@ class GraphModel(SlimModel):
 
         self.arch, self.num_classes, self.in_channels = arch, num_classes, in_channels
         self.config = copy.deepcopy(config)
-        self.net = build_source(config["source"], num_classes, config.get("kwargs"))
+        self.net = build_source(config["source"], num_classes, config.get("kwargs"), in_channels)
         self.net_channels = _net_in_channels(self.net)
         if in_channels not in (1, self.net_channels):
             raise ConfigError(f"{arch} takes {self.net_channels}-channel images; the data has {in_channels} channels")
@@ -212,30 +227,19 @@ class GraphModel(SlimModel):
             x = x.expand(-1, self.net_channels, -1, -1)  # grayscale as equal channels
         return self.net(x)
 
-    def prunable_bns(self) -> list[tuple[str, nn.Module]]:
-        from slimexport.graph import BN_TYPES
-
-        return [(n, m) for n, m in self.named_modules() if isinstance(m, BN_TYPES) and m.weight is not None]
-
     def example_input(self, image_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """An input of the size the graph is traced at (random, so that no channel looks constant by accident)."""
         size = tuple(image_size or self.config.get("image_size") or (224, 224))
-        return torch.zeros(1, self.net_channels, *size)
+        return torch.randn(2, self.net_channels, *size, generator=torch.Generator().manual_seed(0))
 
-    def pruned(self, keep: dict[str, torch.Tensor], round_to: int = 1, prune_stream: bool = False) -> GraphModel:
-        raise ConfigError(f"{self.arch} is pruned by the graph engine (pruned_by_graph), not by kept BN channels")
-
-    def pruned_by_graph(self, **kw) -> tuple[GraphModel, dict[str, Any]]:
-        """Prune by the graph engine; the new model's config holds the plan relative to the original."""
-        from slimexport.graph_prune import prune_graph
-
-        net, record = prune_graph(self.net, self.example_input(), **kw)
+    def with_plan(self, plan: dict[str, Any], net: nn.Module) -> GraphModel:
+        """A new model: this one's source with ``plan`` (relative to this model) composed onto its own, holding
+        the weights of ``net`` (this model's network with ``plan`` applied)."""
         cfg = copy.deepcopy(self.config)
-        cfg["plan"] = compose_plans(cfg.get("plan") or {}, record["plan"])
+        cfg["plan"] = compose_plans(cfg.get("plan") or {}, plan)
         new = GraphModel(self.arch, cfg, self.num_classes, self.in_channels)
         new.net.load_state_dict(net.state_dict())
-        for layer in record["layers"]:
-            layer["name"] = f"net.{layer['name']}"
-        return new, record
+        return new
 
 
 def external_config(arch: str, kwargs: dict[str, Any] | None = None, image_size=None) -> dict[str, Any]:

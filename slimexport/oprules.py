@@ -1,0 +1,126 @@
+"""How each op treats the channel axis: one table the graph engine reads, and a hook for the user's own modules.
+
+The walker (:mod:`slimexport.graph`) knows the ops that create or mix channels (conv, linear, BatchNorm, cat,
+split, view, element-wise ops between tensors) by their structure. Every other op is looked up here, by module
+class (its base classes too), function or method name. An op with no rule freezes the channels it touches, with
+the reason in the record: never a guess.
+
+Each rule says three things:
+
+- ``kind``: ``"pass"``: output channel c depends on input channel c alone and the op holds nothing per channel
+  (activations, pooling, dropout); ``"channelwise"``: the same, with parameters of its own on the channel axis
+  (PReLU, a learnable per-channel gain), which ``prune(module, keep)`` slices; ``"other"``: the walker handles its
+  channels (flatten, reductions); the rule only adds the two facts below;
+- ``keeps_zero``: a channel that is 0 everywhere stays 0 (ReLU: yes; sigmoid: no). A channel counts as
+  normalised by a BatchNorm only through such ops;
+- ``shifts``: a per-channel constant added to the input comes out unchanged (pooling, dropout, identity,
+  interpolation), so β folding can carry a removed channel's constant through it.
+
+Your own module: ``slimexport.register_module_rule(MyGain, prune=lambda m, keep: ...)`` (the slicing of its
+per-channel parameters), or ``register_module_rule(MyActivation, keeps_zero=True)`` for one with no parameters.
+A model file that registers its rules at import gets them wherever it is built, checkpoints included.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True)
+class OpRule:
+    kind: str = "pass"  # pass | channelwise | other
+    keeps_zero: bool = False
+    shifts: bool = False
+    prune: Callable[[nn.Module, torch.Tensor], None] | None = None  # channelwise: slice the module to `keep`
+
+
+def _table(keys, **kw) -> dict:
+    return {k: OpRule(**kw) for k in keys}
+
+
+def _prune_prelu(m: nn.Module, keep: torch.Tensor) -> None:
+    m.weight = nn.Parameter(m.weight.detach()[keep].clone(), requires_grad=m.weight.requires_grad)
+    m.num_parameters = len(keep)
+
+
+_KEEP_ZERO_ACT = (
+    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish,
+    nn.Hardtanh,
+)  # fmt: skip
+_SHIFTING = (
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.MaxPool1d, nn.MaxPool2d,
+    nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample,
+    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
+)  # fmt: skip
+MODULE_RULES: dict[type, OpRule] = {
+    **_table(_KEEP_ZERO_ACT, keeps_zero=True),
+    **_table((nn.Hardsigmoid, nn.Sigmoid, nn.Softplus, nn.ConstantPad2d)),
+    **_table(_SHIFTING, keeps_zero=True, shifts=True),
+    nn.ZeroPad2d: OpRule(keeps_zero=True),
+    nn.PReLU: OpRule("channelwise", keeps_zero=True, prune=_prune_prelu),
+    nn.Flatten: OpRule("other", keeps_zero=True),
+}
+FUNCTION_RULES: dict[Any, OpRule] = {
+    **_table((F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.tanh, F.leaky_relu, F.elu, F.selu, F.mish, F.hardtanh,
+              torch.relu, torch.tanh, operator.neg, torch.neg, torch.abs, torch.square), keeps_zero=True),
+    **_table((F.hardsigmoid, F.sigmoid, torch.sigmoid, F.softplus, torch.clamp, torch.exp, torch.sqrt, F.pad)),
+    **_table((F.dropout, F.dropout2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
+              F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.interpolate, torch.clone), keeps_zero=True,
+             shifts=True),
+    **_table((torch.flatten, torch.mean, torch.sum), kind="other", keeps_zero=True),
+}  # fmt: skip
+METHOD_RULES: dict[str, OpRule] = {
+    **_table(("relu", "relu_", "tanh", "hardtanh", "hardtanh_", "abs", "neg", "square"), keeps_zero=True),
+    **_table(("sigmoid", "sigmoid_", "clamp", "clamp_", "clamp_min", "exp", "sqrt")),
+    **_table(("contiguous", "clone", "float", "to", "type_as", "detach"), keeps_zero=True, shifts=True),
+    **_table(("mean", "sum", "amax", "flatten", "view", "reshape"), kind="other", keeps_zero=True),
+}  # fmt: skip
+
+
+def register_module_rule(
+    cls: type,
+    *,
+    keeps_zero: bool = False,
+    shifts: bool = False,
+    prune: Callable[[nn.Module, torch.Tensor], None] | None = None,
+) -> None:
+    """Teach the engine a module type of your own whose output channel c depends on input channel c alone. With
+    ``prune`` (called as ``prune(module, keep)``, ``keep`` the kept channel indices, a LongTensor) the module holds
+    per-channel parameters and ``prune`` slices them; without it the module holds none. ``keeps_zero``: it maps an
+    all-zero channel to zero; ``shifts``: a constant added to a channel comes out unchanged. Subclasses inherit it."""
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise TypeError(f"register_module_rule takes an nn.Module subclass, got {cls!r}")
+    MODULE_RULES[cls] = OpRule("channelwise" if prune else "pass", keeps_zero, shifts, prune)
+
+
+def module_rule(m: nn.Module) -> OpRule | None:
+    """The rule for module ``m``: registered for its class or the nearest base class; None if there is none."""
+    if type(m).__name__ == "StochasticDepth" or (isinstance(m, nn.Sequential) and len(m) == 0):
+        return OpRule(keeps_zero=True)  # torchvision.ops.StochasticDepth scales whole samples
+    if isinstance(m, nn.PReLU) and m.num_parameters == 1:
+        return OpRule(keeps_zero=True)
+    for cls in type(m).__mro__:
+        if cls in MODULE_RULES:
+            return MODULE_RULES[cls]
+    return None
+
+
+def function_rule(op: str, target: Any) -> OpRule | None:
+    """The rule for a call_function (``target`` the function) or call_method (``target`` the name)."""
+    if op == "call_method":
+        return METHOD_RULES.get(target)
+    try:
+        return FUNCTION_RULES.get(target)
+    except TypeError:  # an unhashable target
+        return None
