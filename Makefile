@@ -2,7 +2,7 @@
 PYTHON ?= python3
 SUITE ?= quick
 
-.PHONY: install test test-gpu lint benchmark benchmark-converged benchmark-selection demo clean
+.PHONY: install test test-gpu lint benchmark benchmark-converged benchmark-selection benchmark-engine demo clean
 
 install:  ## install slimexport with its test tools (editable)
 	$(PYTHON) -m pip install -e ".[dev,timm,ncnn]"
@@ -14,7 +14,8 @@ test-gpu:  ## only the GPU tests (CUDA training, compile, resume, onnxruntime CU
 	$(PYTHON) -m pytest tests -m cuda -rs
 
 lint:
-	$(PYTHON) -m ruff check slimexport tests benchmarks
+	$(PYTHON) -m ruff check slimexport tests benchmarks examples
+	$(PYTHON) -m ruff format --check slimexport tests benchmarks examples
 
 benchmark:  ## SUITE=quick (CPU, minutes), cpu (~1 h), full (reference architectures on CIFAR-10, for a GPU), smoke
 	$(PYTHON) -m benchmarks.run --suite $(SUITE) $(ARGS)
@@ -25,8 +26,13 @@ DATA ?= $(HOME)/data
 benchmark-converged:  ## converged VGG (raw and per-layer |γ|) and mobilenet_v2, peers over three seeds, two streams
 	PYTHON=$(PYTHON) bash benchmarks/converged.sh $(DATA)
 
-benchmark-selection:  ## what channel selection costs (training step, Gather share, preresnet164/densenet40)
+benchmark-selection:  ## what channel selection costs (Gather share, speed-ups, preresnet164/densenet40)
 	$(PYTHON) -m benchmarks.selection_overhead $(ARGS)
+	$(PYTHON) -m benchmarks.run --render-only
+
+benchmark-engine:  ## the one engine against the retired hand-written rules; densenet121/efficientnet_b0 selections
+	$(PYTHON) -m benchmarks.one_engine --data-dir $(DATA) $(ARGS)
+	$(PYTHON) -m benchmarks.fold_accuracy --data-dir $(DATA)
 	$(PYTHON) -m benchmarks.run --render-only
 
 demo:  ## the main job on the embedded data

@@ -117,6 +117,8 @@ def ours(m: nn.Module, x: torch.Tensor, with_onnx: bool) -> dict:
         ex = exactness(m, x, 0.5)
         out["exact_rel_error"] = ex["relative_error"]
         out["exact"] = ex["same_channels"] and ex["relative_error"] <= 1e-4
+        # β folding: the pruned model against the original with only the removed channels' γ zeroed
+        out["fold_error"] = {"folded": ex["folded_error"], "unfolded": ex["unfolded_error"]}
     except Exception as e:  # noqa: BLE001
         out["exact"], out["exact_error"] = False, _err(e)
     if with_onnx:

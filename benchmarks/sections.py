@@ -3,6 +3,8 @@ default run's seeds (the pipeline suites' tables are rendered by benchmarks/run.
 
 from __future__ import annotations
 
+import statistics
+
 from benchmarks.common import run_name
 
 
@@ -47,13 +49,15 @@ def coverage(every: list[dict]) -> list[str]:
             "",
         ]
     lines += [
-        "| model | input | slimexport | groups | unprunable | MACs ratio | exact (rel. error) | ONNX | Torch-Pruning "
-        "| TP MACs ratio | TP ONNX | what slimexport left, and why |",
-        "|---|---:|---|---:|---:|---:|---|---|---|---:|---|---|",
+        "| model | input | slimexport | groups | unprunable | MACs ratio | exact (rel. error) "
+        "| β folding: rel. error folded / not | ONNX | Torch-Pruning | TP MACs ratio | TP ONNX "
+        "| what slimexport left, and why |",
+        "|---|---:|---|---:|---:|---:|---|---|---|---|---:|---|---|",
     ]
     for m in r["models"]:
         if "skipped" in m or "build_error" in m:
-            lines.append(f"| {m['model']} | | skipped: {m.get('skipped') or m.get('build_error')} | | | | | | | | | |")
+            why = m.get("skipped") or m.get("build_error")
+            lines.append(f"| {m['model']} | | skipped: {why} | | | | | | | | | | |")
             continue
         o, t = m["slimexport"], m.get("torch_pruning", {})
         if not m.get("has_bn"):
@@ -63,6 +67,8 @@ def coverage(every: list[dict]) -> list[str]:
             if "exact" not in o
             else ("yes" if o["exact"] else "NO") + (f" ({o['exact_rel_error']:.1e})" if "exact_rel_error" in o else "")
         )
+        fe = o.get("fold_error")
+        fold = f"{fe['folded']:.1e} / {fe['unfolded']:.1e}" if fe else "–"
         onnx = o.get("onnx", {})
         tonnx = t.get("onnx", {})
         why = "; ".join(x for x in o.get("unprunable_reasons", []) if x not in ("model input",
@@ -71,7 +77,7 @@ def coverage(every: list[dict]) -> list[str]:
         tstatus = t.get("status", "–") if t.get("status") != "crashed" else f"crashed: {t.get('error', '')[:60]}"
         lines.append(
             f"| {m['model']} | {m['input']} | {status} | {o.get('groups', '')} | {o.get('unprunable_groups', '')} | "
-            f"{_x(o.get('macs_ratio'))} | {exact} | "
+            f"{_x(o.get('macs_ratio'))} | {exact} | {fold} | "
             f"{'yes' if onnx.get('ok') else ('NO' if onnx else '–')} | {tstatus} | "
             f"{_x(t.get('macs_ratio'))} | "
             f"{'yes' if tonnx.get('ok') else ('NO' if tonnx else '–')} | {why.replace('|', '/')} |"
@@ -330,4 +336,73 @@ def imagefolder(every: list[dict]) -> list[str]:
                           f"{100 * a['refined']:.2f};",
                           f"- params {v['params'][0]:,} → {v['params'][1]:,} (×{v['params'][0] / v['params'][1]:.2f}),"
                           f" MACs ×{v['macs'][0] / v['macs'][1]:.2f}; onnxruntime speed-up {sp}.", ""]  # fmt: skip
+    return lines
+
+
+def one_engine(every: list[dict]) -> list[str]:
+    """The one engine against the retired hand-written rules (benchmarks/one_engine.py), β folding's accuracy
+    before refine (benchmarks/fold_accuracy.py)."""
+    lines: list[str] = []
+    for r in [x for x in every if x.get("kind") == "one_engine"][-1:]:
+        lines += [
+            f"## One engine: the retired hand-written rules against the graph engine ({r['machine_tag']}, "
+            f"{r['date'][:10]})",
+            "",
+            f"`{r['command']}`. The same sparse weights (one epoch on a CIFAR-10 subset), pruned by this version and "
+            f"by commit {r['compare_with']}'s hand-written rules, exported alike, timed in one interleaved "
+            "onnxruntime run (batch 1, one thread, median); speed-up over the unpruned model.",
+            "",
+            "| model | percent | round-to | --selection | params: rules / engine | MACs: rules / engine "
+            "| speed-up: rules (chosen) | speed-up: engine (chosen) | engine ÷ rules |",
+            "|---|---:|---:|---|---|---|---|---|---:|",
+        ]
+        for x in r["selection"]:
+            o, n = x.get("old"), x["new"]
+            old = f"×{o['speedup']:.2f} ({o['chosen']})" if o else "–"
+            ratio = f"{o['median_ms'] / n['median_ms']:.2f}" if o else "–"
+            lines.append(
+                f"| {x['arch']} | {100 * x['percent']:.0f}% | {x['round_to']} | {x['selection']} "
+                f"| {o['params'] if o else '–':,} / {n['params']:,} | {o['macs'] if o else '–':,} / {n['macs']:,} "
+                f"| {old} | ×{n['speedup']:.2f} ({n['chosen']}) | {ratio} |"
+            )
+        if r.get("torchvision"):
+            lines += [
+                "",
+                "torchvision models with selecting BNs, random weights and BN statistics, pruned 50% with "
+                "`--round-to auto`, 224×224, batch 1, one thread, speed-up over the unpruned model:",
+                "",
+                "| model | round-to | selecting BNs | MACs ratio | `--selection gather` "
+                "| `--selection auto` (chosen) |",
+                "|---|---:|---:|---:|---:|---|",
+            ]
+            for t in r["torchvision"]:
+                lines.append(
+                    f"| {t['model']} | {t['round_to']} | {t['selecting_bns']} | ×{t['macs_ratio']:.2f} "
+                    f"| ×{t['speedup_gather']:.2f} | ×{t['speedup_auto']:.2f} ({t['auto_chosen']}) |"
+                )
+        lines.append("")
+    for r in [x for x in every if x.get("command", "").startswith("python -m benchmarks.fold_accuracy")][-1:]:
+        lines += [
+            f"## β folding: accuracy right after pruning ({r['machine_tag']})",
+            "",
+            f"`{r['command']}`: {r['arch']} sparse-trained {r['epochs']} epochs (s = {r['sparsity']:g}) on "
+            f"{r['train_subset']:,} CIFAR-10 training images, one sparse model per seed, pruned twice from it; test "
+            "accuracy (10,000 images) before any refine, and the relative output error against the original with "
+            "only the removed channels' γ zeroed.",
+            "",
+            "| percent | seeds | with folding, % | without, % | folding buys, pt (mean ± sd) "
+            "| output error folded / not |",
+            "|---:|---|---|---|---:|---|",
+        ]
+        for k, v in r["summary"].items():
+            errs = [x[f"{k}_error"] for x in r["runs"]]
+            fe = statistics.median(e["folded"] for e in errs)
+            ue = statistics.median(e["unfolded"] for e in errs)
+            lines.append(
+                f"| {k[1:]}% | {', '.join(str(x['seed']) for x in r['runs'])} "
+                f"| {', '.join(f'{100 * a:.2f}' for a in v['fold'])} "
+                f"| {', '.join(f'{100 * a:.2f}' for a in v['nofold'])} "
+                f"| {v['gain_pt_mean']:+.2f} ± {v['gain_pt_sd']:.2f} | {fe:.2g} / {ue:.2g} (median) |"
+            )
+        lines.append("")
     return lines

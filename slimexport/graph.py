@@ -354,6 +354,11 @@ class _Builder(_StructureOps, _Atoms):
         x = node.args[0] if node.args else None
         xin = self.vec.get(x) if isinstance(x, fx.Node) else None
         shape_in = self.shape(x)
+        extra = _unknown_state(m)
+        if extra:
+            return self.freeze_all(
+                node, f"{name}: {type(m).__name__} holds {', '.join(extra)} besides its weight and bias; kept as it is"
+            )
         if isinstance(m, CONV_TYPES) or isinstance(m, nn.ConvTranspose2d):
             if xin is None:
                 return self.freeze_all(node, f"{name}: input without channels")
@@ -629,6 +634,21 @@ class _RawReads:
         )
         rule = function_rule(node.op, t)
         return np.repeat(f, k) if flatten or (rule is not None and rule.keeps_zero) else raw
+
+
+_KNOWN_STATE = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+
+
+def _unknown_state(m: nn.Module) -> list[str]:
+    """Parameters and buffers of a conv, linear or BatchNorm (or a subclass) that the engine would not slice: a
+    parametrization (weight_norm), weight_g/weight_v, a per-channel gain a subclass adds. Such a layer is kept."""
+    if not isinstance(m, (*CONV_TYPES, nn.ConvTranspose2d, nn.Linear, *BN_TYPES)):
+        return []
+    if hasattr(m, "parametrizations"):
+        return [f"a parametrization of {', '.join(m.parametrizations.keys())}"]
+    names = [n for n, _ in m.named_parameters() if not n.startswith("slim_selection.")]
+    names += [n for n, _ in m.named_buffers() if not n.startswith("slim_selection.")]
+    return [n for n in names if n not in _KNOWN_STATE]
 
 
 class _Tracer(fx.Tracer):

@@ -79,6 +79,13 @@ class Importance:
 
 
 def importance(model: nn.Module, g: ChannelGraph, normalize: str = "none") -> Importance:
+    modules = dict(model.named_modules())
+    for use in g.uses.values():  # a BatchNorm with no γ still drives its channels, and nothing scores them
+        if use.kind == "bn" and modules[use.name].weight is None:
+            for c in set(g.classes(use.out).tolist()):
+                reason = f"{use.name}: normalised by a BatchNorm without γ (affine=False), which no score can rate"
+                if reason not in g.frozen.setdefault(c, []):
+                    g.frozen[c].append(reason)
     scores = class_scores(model, g, normalize)
     deps: dict[int, set[int]] = defaultdict(set)
     for use in g.uses.values():
@@ -386,6 +393,7 @@ def prune_graph(
         best = at(threshold)
     new, removed, floored, plan = best
     info = describe(model, g, imp, removed)
+    check_pruned(model, new, info["layers"], example_input)
     folded = fold_dropped(model, new, g, plan, info["layers"], example_input) if cfg.fold else {}
     total = sum(x["before"] for x in info["layers"])
     kept = sum(x["after"] for x in info["layers"])
@@ -441,6 +449,43 @@ def _bisect_macs(model, x1, max_macs, values, at):
 
 
 @torch.no_grad()
+def check_pruned(model: nn.Module, new: nn.Module, layers: list[dict[str, Any]], example_input: torch.Tensor) -> float:
+    """The engine's own guarantee, checked on every prune: with γ and β of the removed channels zeroed (they then
+    emit exactly 0), the original computes what the pruned model computes (before folding). A difference is a bug
+    of the engine: it raises rather than hand back a wrong model. Returns the relative error."""
+    from torch.utils._pytree import tree_flatten
+
+    zeroed = copy.deepcopy(model).eval()
+    mods = dict(zeroed.named_modules())
+    for layer in layers:
+        bn = mods[layer["name"]]
+        gone = sorted(set(range(layer["before"])) - set(layer["kept"]))
+        if gone and bn.weight is not None:
+            bn.weight[gone] = 0
+            bn.bias[gone] = 0
+    x = torch.randn(example_input.shape, generator=torch.Generator().manual_seed(2)).to(example_input)
+    ref, was, why = tree_flatten(zeroed(x))[0], new.training, ""
+    try:
+        out = tree_flatten(new.eval()(x))[0]
+    except Exception as e:  # noqa: BLE001 - a wrong plan shows as any error in the pruned forward
+        out, why = None, f"its forward raised {type(e).__name__}: {str(e).strip()[:120]}"
+    finally:
+        new.train(was)
+    if out is not None and [tuple(a.shape) for a in ref] != [tuple(b.shape) for b in out]:
+        why = "its outputs have other shapes"
+    err = float("inf") if why else max(
+        float((a - b).abs().max() / a.abs().max().clamp_min(1e-12)) for a, b in zip(ref, out)
+    )  # fmt: skip
+    if not err <= 1e-3:
+        why = why or f"it differs from the original with the removed channels zeroed (relative error {err:.2g})"
+        raise RuntimeError(
+            f"slimexport's own check failed on the pruned {type(model).__name__}: {why}; nothing was written. This "
+            "is a bug in the graph engine: please report it with the model"
+        )
+    return err
+
+
+@torch.no_grad()
 def fold_dropped(
     model: nn.Module,
     new: nn.Module,
@@ -455,10 +500,12 @@ def fold_dropped(
     pruning without folding loses that signal. This pass finds the constants by running the original with only
     the removed channels' γ set to 0 (β left) on a random input: every removed input channel of a conv or linear
     layer that is constant there, whatever ops it came through (activations, pooling, residual adds, concatenation,
-    depthwise convs), is folded into the layer's output as ``W·c``: into its bias, or the running mean of the BN
-    that alone reads it, or a new bias. With ``prune_stream`` a channel read before any BN is not constant; the
-    running mean of a BN reading the same tensor stands in for it. Exact where the reader is a 1×1 conv or a
-    linear layer; a zero-padded k×k conv differs at the border. Returns {layer: channels folded}."""
+    depthwise convs), is folded into the layer's output as ``W·c``: into its bias where it has one, else carried on
+    (:func:`_carry_shift`) through adds, concatenation, pooling and bias-free convs into the running mean of every
+    BN it reaches, so no parameter is added; only where it meets a nonlinearity first does the layer get a bias
+    (``bias`` in the plan). With ``prune_stream`` a channel read before any BN is not constant; the running mean
+    of a BN reading the same tensor stands in for it. Exact where the reader is a 1×1 conv or a linear layer; a
+    zero-padded k×k conv differs at the border. Returns {layer: channels folded}."""
     zeroed = copy.deepcopy(model).eval()
     mods = dict(zeroed.named_modules())
     for layer in layers:
@@ -466,11 +513,14 @@ def fold_dropped(
         if gone and getattr(mods[layer["name"]], "weight", None) is not None:
             mods[layer["name"]].weight[gone] = 0
     readers = [u for u in g.uses.values() if u.kind in ("conv", "linear") and "inp" in plan.get(u.name, {})]
-    seen: dict[str, list[torch.Tensor]] = defaultdict(list)
-    hooks = [
-        mods[u.name].register_forward_pre_hook(lambda m, a, n=u.name: seen[n].append(a[0].detach().float()))
-        for u in readers
-    ]
+    gone_of = {u.name: sorted(set(range(len(u.inp))) - set(plan[u.name]["inp"])) for u in readers}
+    seen: dict[str, list[torch.Tensor]] = defaultdict(list)  # per reader, its removed input channels, per call
+
+    def keep_removed(m: nn.Module, args: tuple, name: str) -> None:
+        seen[name].append(args[0].detach()[:, gone_of[name]].float().flatten(2) if args[0].dim() > 2 else
+                          args[0].detach()[:, gone_of[name]].float().unsqueeze(2))  # fmt: skip
+
+    hooks = [mods[u.name].register_forward_pre_hook(lambda m, a, n=u.name: keep_removed(m, a, n)) for u in readers]
     try:
         x = torch.randn(example_input.shape, generator=torch.Generator().manual_seed(1)).to(example_input)
         zeroed(x)
@@ -482,17 +532,17 @@ def fold_dropped(
     kept_of = {layer["name"]: layer["kept"] for layer in layers}
     folded: dict[str, int] = {}
     for u in readers:
-        width = len(u.inp)
-        gone = sorted(set(range(width)) - set(plan[u.name]["inp"]))
-        const = torch.zeros(width)
-        done = []
-        for p in gone:
-            vals = [t[:, p] for t in seen[u.name]]
-            c = float(vals[0].mean()) if vals else 0.0
-            if vals and all(float((v - c).abs().max()) <= 1e-5 * (1 + abs(c)) for v in vals):
-                const[p] = c
+        gone, const, done = gone_of[u.name], torch.zeros(len(u.inp)), []
+        if not seen[u.name]:
+            continue
+        vals = torch.cat([t.transpose(0, 1).flatten(1) for t in seen[u.name]], 1)  # (removed channels, values)
+        c = vals.mean(1)
+        constant = (vals - c[:, None]).abs().amax(1) <= 1e-5 * (1 + c.abs())
+        for i, p in enumerate(gone):
+            if constant[i]:
+                const[p] = c[i]
                 done.append(p)
-            elif p in g.raw.get(u.name, {}):
+            elif p in g.raw.get(u.name, {}):  # --prune-stream: read before any BN; its BN's running mean
                 bn_name, k = g.raw[u.name][p]
                 const[p] = float(orig[bn_name].running_mean[k])
                 done.append(p)

@@ -278,13 +278,7 @@ def fit(
     cfg.validate()
     device = distributed.setup(resolve_device(cfg.device))
     world = distributed.world_size()
-    if world > 1 and cfg.batch_size % world:
-        raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) must divide by the {world} ranks")
-    if world > 1 and len(ds.y_train) < cfg.batch_size:  # one short batch, split by rank: some ranks get nothing
-        raise ConfigError(
-            f"the training split has {len(ds.y_train)} images, fewer than the global batch of {cfg.batch_size} "
-            f"that the {world} ranks share; every rank needs images: lower --batch-size or use fewer ranks"
-        )
+    _check_ranks(cfg, ds, world)
     user_code = not is_builtin(model)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)  # shuffling, and augmentation on the CPU
@@ -298,16 +292,8 @@ def fit(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest algorithms once
     ds_dev = ds.to(device)  # a new Dataset on the device; the caller's stays where it was
-    precision, precision_why = choose_precision(cfg.precision, model, ds_dev, device, cfg.batch_size // world)
-    if world > 1 and cfg.precision == "auto":  # every rank takes rank 0's measured choice
-        flag = torch.tensor(float(precision == "bf16" and distributed.rank() == 0), device=device)
-        precision = "bf16" if float(distributed.all_sum(flag)) > 0 else "fp32"
-    # torch.compile: static shapes (the last partial batch is dropped, so no second, dynamic-shape compile)
-    drop_last = (cfg.compile or world > 1) and len(ds.y_train) >= cfg.batch_size
-    if is_streamed(ds.x_train):
-        steps = steps_per_epoch(len(ds.y_train), cfg.batch_size // world, drop_last, world)
-    else:
-        steps = len(ds.y_train) // cfg.batch_size if drop_last else math.ceil(len(ds.y_train) / cfg.batch_size)
+    precision, precision_why = _precision(cfg, model, ds_dev, device, world)
+    drop_last, steps = _steps(cfg, ds, world)
     opt = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
     )
@@ -315,33 +301,14 @@ def fit(
     history: list[dict[str, float]] = []
     start_epoch, train_seconds = 0, 0.0
     if resume and resume_path is not None and resume_path.exists():
-        state = read_checkpoint(resume_path)
-        if {"precision": "auto"} | state["meta"].get("train_config", {}) != _cfg_key(cfg):  # older: auto's behaviour
-            raise CheckpointError(
-                f"{resume_path} was written with other training options; rerun with the same ones "
-                "or delete it to start over"
-            )
-        model.load_state_dict(state["state_dict"])
-        opt.load_state_dict(state["meta"]["optimizer"])
-        sched.load_state_dict(state["meta"]["scheduler"])
-        gen.set_state(state["meta"]["rng"])
-        if aug_gen is not gen and "rng_device" in state["meta"]:
-            aug_gen.set_state(state["meta"]["rng_device"].cpu())
-        start_epoch, history = state["meta"]["epoch"], state["meta"]["history"]
-        train_seconds = state["meta"]["train_seconds"]
-        if "precision" in state["meta"]:  # the interrupted run's choice, not a new probe's
-            precision, precision_why = state["meta"]["precision"], state["meta"]["precision_reason"]
+        meta = _restore(resume_path, cfg, model, opt, sched, gen, aug_gen)
+        start_epoch, history, train_seconds = meta["epoch"], meta["history"], meta["train_seconds"]
+        if "precision" in meta:  # the interrupted run's choice, not a new probe's
+            precision, precision_why = meta["precision"], meta["precision_reason"]
         console.print(f"resuming {description} from epoch {start_epoch} ({resume_path})")
-    if cfg.sync_bn and world > 1:
-        bn_kinds = {n: type(m) for n, m in model.named_modules() if isinstance(m, BN_TYPES)}
-        model = restore_bn_selections(nn.SyncBatchNorm.convert_sync_batchnorm(model))
+    bn_kinds = {n: type(m) for n, m in model.named_modules() if isinstance(m, BN_TYPES)}
+    model, forward = _wrap(model, cfg, world, device)
     bn_ws = bn_weights(model)
-    forward = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    forward = torch.compile(forward) if cfg.compile else forward  # shares parameters with `model`
     share = cfg.batch_size // world
     compile_seconds = _warm_up(model, forward, ds_dev, share, device, channels_last, precision) if cfg.compile else 0.0
     with make_progress() as progress:
@@ -352,18 +319,9 @@ def fit(
             loss_sum = torch.zeros((), device=device)
             seen = 0
             for xb, yb in _epoch_batches(ds_dev, cfg, epoch, gen, aug_gen, drop_last, device):
-                x = ds.normalize(xb)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with _autocast(device, precision):
-                    logits = _forward(forward, x, user_code, f"training epoch {epoch + 1}")
-                    loss = F.cross_entropy(logits, yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()  # under DDP the gradients are averaged over ranks here
-                regularize(model, cfg.sparsity, bn_ws)  # after the all-reduce: the same term on every rank
-                opt.step()
-                sched.step()
-                loss_sum += loss.detach() * len(yb)
+                loss = _step(model, forward, opt, sched, ds.normalize(xb), yb, cfg, bn_ws, precision, channels_last,
+                             user_code, epoch)  # fmt: skip
+                loss_sum += loss * len(yb)
                 seen += len(yb)
                 progress.advance(task)
             if device.type == "cuda":
@@ -391,19 +349,9 @@ def fit(
             shown = "" if acc is None else f" acc {acc:.4f}"
             progress.update(task, info=f"epoch {epoch + 1}/{cfg.epochs} loss {history[-1]['loss']:.3f}{shown}")
             if resume_path is not None and distributed.is_main():
-                state_meta = {
-                    "train_config": _cfg_key(cfg),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "rng": gen.get_state(),
-                    **({"rng_device": aug_gen.get_state()} if aug_gen is not gen else {}),
-                    "epoch": epoch + 1,
-                    "precision": precision,
-                    "precision_reason": precision_why,
-                    "history": history,
-                    "train_seconds": train_seconds,
-                }
-                save_checkpoint(make_checkpoint(model, {}, state_meta), resume_path)
+                state = {"epoch": epoch + 1, "precision": precision, "precision_reason": precision_why,
+                         "history": history, "train_seconds": train_seconds}  # fmt: skip
+                _save_state(resume_path, model, cfg, opt, sched, gen, aug_gen, state)
     identical = distributed.same_on_every_rank(model)
     if not identical:
         raise RuntimeError("ranks ended training with different parameters")
@@ -424,6 +372,94 @@ def fit(
         "train_seconds": train_seconds,
         "images_per_s": n_images / train_seconds if train_seconds else 0.0,
     }
+
+
+def _precision(cfg: TrainConfig, model, ds_dev, device, world: int) -> tuple[str, str]:
+    """fp32 or bf16 (``auto`` measures both here); under torchrun every rank takes rank 0's measured choice."""
+    precision, why = choose_precision(cfg.precision, model, ds_dev, device, cfg.batch_size // world)
+    if world > 1 and cfg.precision == "auto":
+        flag = torch.tensor(float(precision == "bf16" and distributed.rank() == 0), device=device)
+        precision = "bf16" if float(distributed.all_sum(flag)) > 0 else "fp32"
+    return precision, why
+
+
+def _steps(cfg: TrainConfig, ds: Dataset, world: int) -> tuple[bool, int]:
+    """(drop the last partial batch, steps per epoch). torch.compile and DDP want static shapes, so they drop it."""
+    drop_last = (cfg.compile or world > 1) and len(ds.y_train) >= cfg.batch_size
+    if is_streamed(ds.x_train):
+        return drop_last, steps_per_epoch(len(ds.y_train), cfg.batch_size // world, drop_last, world)
+    n = len(ds.y_train)
+    return drop_last, n // cfg.batch_size if drop_last else math.ceil(n / cfg.batch_size)
+
+
+def _wrap(model: nn.Module, cfg: TrainConfig, world: int, device: torch.device) -> tuple[nn.Module, Any]:
+    """(the model, what to call forward on): SyncBatchNorm under --sync-bn, DDP under torchrun, torch.compile
+    under --compile; the forward shares its parameters with the model."""
+    if cfg.sync_bn and world > 1:
+        model = restore_bn_selections(nn.SyncBatchNorm.convert_sync_batchnorm(model))
+    forward = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, torch.compile(forward) if cfg.compile else forward
+
+
+def _save_state(path: Path, model, cfg: TrainConfig, opt, sched, gen, aug_gen, state: dict[str, Any]) -> None:
+    """Everything a resumed run needs to continue the same schedule and random streams, atomically."""
+    meta = {
+        "train_config": _cfg_key(cfg),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "rng": gen.get_state(),
+        **({"rng_device": aug_gen.get_state()} if aug_gen is not gen else {}),
+        **state,
+    }
+    save_checkpoint(make_checkpoint(model, {}, meta), path)
+
+
+def _check_ranks(cfg: TrainConfig, ds: Dataset, world: int) -> None:
+    """Under torchrun the global batch is split by rank: it must divide, and every rank needs images."""
+    if world > 1 and cfg.batch_size % world:
+        raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) must divide by the {world} ranks")
+    if world > 1 and len(ds.y_train) < cfg.batch_size:  # one short batch, split by rank: some ranks get nothing
+        raise ConfigError(
+            f"the training split has {len(ds.y_train)} images, fewer than the global batch of {cfg.batch_size} "
+            f"that the {world} ranks share; every rank needs images: lower --batch-size or use fewer ranks"
+        )
+
+
+def _restore(path: Path, cfg: TrainConfig, model, opt, sched, gen, aug_gen) -> dict[str, Any]:
+    """Load an interrupted run's state from ``path`` into the model, optimiser, schedule and generators; returns
+    its meta (epoch, history, train_seconds, precision)."""
+    state = read_checkpoint(path)
+    if {"precision": "auto"} | state["meta"].get("train_config", {}) != _cfg_key(cfg):  # older: auto's behaviour
+        raise CheckpointError(
+            f"{path} was written with other training options; rerun with the same ones or delete it to start over"
+        )
+    model.load_state_dict(state["state_dict"])
+    opt.load_state_dict(state["meta"]["optimizer"])
+    sched.load_state_dict(state["meta"]["scheduler"])
+    gen.set_state(state["meta"]["rng"])
+    if aug_gen is not gen and "rng_device" in state["meta"]:
+        aug_gen.set_state(state["meta"]["rng_device"].cpu())
+    return state["meta"]
+
+
+def _step(model, forward, opt, sched, x, yb, cfg: TrainConfig, bn_ws, precision, channels_last, user_code, epoch):
+    """One training step: forward (the user's model's failures as one line), loss, backward, the L1 term on every
+    BN γ (after DDP's all-reduce, so every rank adds the same), SGD step, schedule step. Returns the loss."""
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with _autocast(x.device, precision):
+        logits = _forward(forward, x, user_code, f"training epoch {epoch + 1}")
+        loss = F.cross_entropy(logits, yb)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()  # under DDP the gradients are averaged over ranks here
+    regularize(model, cfg.sparsity, bn_ws)
+    opt.step()
+    sched.step()
+    return loss.detach()
 
 
 def _epoch_batches(

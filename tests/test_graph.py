@@ -305,7 +305,8 @@ def test_sync_batchnorm_reverts_to_the_batchnorm_it_was():
 
 
 def test_the_exactness_check_catches_a_wrong_grouping(monkeypatch):
-    """Break one rule (residual adds no longer join their inputs' channels): the check must notice."""
+    """Break one rule (residual adds no longer join their inputs' channels): the engine's own check, run on every
+    prune, refuses to hand back the wrong model, and the exactness check sees it too."""
     import slimexport.graph as graph
 
     def no_join(self, node):
@@ -317,6 +318,11 @@ def test_the_exactness_check_catches_a_wrong_grouping(monkeypatch):
     monkeypatch.setattr(graph._Builder, "binary", no_join)
     torch.manual_seed(0)
     m = randomize(torchvision.models.get_model("resnet18", weights=None, num_classes=10))
+    with pytest.raises(RuntimeError, match="own check failed"):
+        prune_model(m, 0.5, example_input=torch.randn(2, 3, 64, 64))
+    import slimexport.graph_prune as gp
+
+    monkeypatch.setattr(gp, "check_pruned", lambda *a: 0.0)  # without it, exactness sees the wrong grouping
     try:
         res = exactness(m, torch.randn(2, 3, 64, 64), 0.5)
     except RuntimeError:  # a shape error is the other way a wrong grouping shows
@@ -433,3 +439,65 @@ def test_a_users_rule_for_their_own_module_prunes_it_exactly(monkeypatch):
         apply_plan(_gain_net(), rec["plan"])
     with pytest.raises(TypeError):
         slimexport.register_module_rule(len)
+
+
+def test_a_channel_a_batchnorm_without_gamma_drives_is_kept():
+    """A residual add of a normal BN's output and a BatchNorm2d(affine=False)'s: no γ scores the second, which still
+    drives the shared channels, so they stay (pruning them by the first BN alone changed the output by 0.37)."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+            self.c1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+            self.c2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8, affine=False)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            x = torch.relu(self.bn(self.stem(x)))
+            x = torch.relu(self.bn1(self.c1(x)) + self.bn2(self.c2(x)))
+            return self.fc(x.mean((2, 3)))
+
+    m = randomize(Block())
+    pruned, rec = check_exact(m, torch.randn(2, 3, 8, 8))
+    assert pruned.c1.out_channels == pruned.c2.out_channels == 8
+    assert any("affine=False" in r for u in rec["unprunable"] for r in u["reasons"])
+
+
+class _GainConv(nn.Conv2d):
+    """A Conv2d subclass with one more per-output-channel parameter (a learnable gain)."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.gain = nn.Parameter(torch.rand(self.out_channels) + 0.5)
+
+    def forward(self, x):
+        return super().forward(x) * self.gain.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "parametrized", "gain"])
+def test_layers_with_state_the_engine_does_not_slice_are_kept_never_crash(kind):
+    """weight_norm (old and parametrized) and a conv subclass with a per-channel gain: the engine keeps those
+    layers' channels, says why, and prunes the rest exactly (they used to crash apply_plan or the forward)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+    if kind == "weight_norm":
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            conv = nn.utils.weight_norm(conv)
+    elif kind == "parametrized":
+        conv = nn.utils.parametrizations.weight_norm(conv)
+    else:
+        conv = _GainConv(8, 8, 3, padding=1, bias=False)
+    m = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), conv, nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
+    )  # fmt: skip
+    m = randomize(m)
+    pruned, rec = check_exact(m, torch.randn(2, 3, 8, 8))
+    assert pruned[3].weight.shape[:2] == (8, 8)  # kept whole
+    assert any("besides its weight and bias" in r for u in rec["unprunable"] for r in u["reasons"])
+    assert rec["layers"][-1]["after"] < 16  # the rest is pruned

@@ -228,3 +228,37 @@ def test_folded_transition_pools_compute_the_same_function_with_the_same_macs(si
 def test_for_export_leaves_a_model_without_the_pattern_alone(make_model):
     m = make_model("vgg11_w12")
     assert for_export(m) is m
+
+
+def test_a_version_1_checkpoint_converts_or_says_how_to_redo_it(tmp_path, make_model):
+    """Checkpoints from before the one engine: an unpruned built-in model (its hand-written config, keys without
+    `net.`) loads as the same function; one pruned by the retired rules is a one-line error naming what to redo."""
+    from slimexport.checkpoint import load_checkpoint
+    from slimexport.errors import CheckpointError
+
+    m = make_model("vgg11_w12")
+    v1 = {
+        "format": "slimexport", "version": 1, "arch": "vgg11_w12", "num_classes": 10, "in_channels": 1,
+        "config": {"cfg": [8, "M", 15, "M", 31, 31, "M", 61, 61, "M", 61, 61]},
+        "state_dict": {k.removeprefix("net."): v for k, v in m.state_dict().items()},
+        "data": {"image_size": [28, 28]}, "meta": {"stage": "sparse"},
+    }  # fmt: skip
+    torch.save(v1, tmp_path / "old.pt")
+    back, ck = load_checkpoint(tmp_path / "old.pt")
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(x), m(x))
+    assert ck["version"] == 2 and ck["config"]["source"] == "vgg11_w12"
+    torch.save(v1 | {"meta": {"stage": "pruned", "prune": {"source": "runs/slim/sparse.pt"}}}, tmp_path / "p.pt")
+    with pytest.raises(CheckpointError, match=r"retired hand-written rules .* prune runs/slim/sparse.pt again"):
+        load_checkpoint(tmp_path / "p.pt")
+
+
+def test_the_folding_check_catches_a_broken_fold(monkeypatch):
+    """Break the pass (a shift carried to no BatchNorm): the γ-only zeroing check must see the difference."""
+    import slimexport.graph_prune as gp
+
+    m = _one_by_one_net()
+    assert exactness(m, torch.randn(2, 3, 16, 16), 0.4)["folded_error"] < 1e-5
+    monkeypatch.setattr(gp, "_carry_shift", lambda *a: [])
+    assert exactness(m, torch.randn(2, 3, 16, 16), 0.4)["folded_error"] > 1e-3

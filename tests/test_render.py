@@ -51,7 +51,9 @@ def test_coverage_section_counts_and_flags(tmp_path):
     text = render_results(tmp_path / "results")
     assert "**1 of 2 models with BatchNorm prune exactly** (50%)" in text
     assert "slimexport 1.00 s**, Torch-Pruning 2.00 s" in text
-    assert "| a | 64 | pruned | 5 | 1 | ×3.00 | yes (1.0e-07) | yes | pruned | ×2.00 | yes | x: grouped conv |" in text
+    assert (
+        "| a | 64 | pruned | 5 | 1 | ×3.00 | yes (1.0e-07) | – | yes | pruned | ×2.00 | yes | x: grouped conv |" in text
+    )
     assert "| b | 64 | crashed: boom |" in text and "| c |" not in text
     assert "Pipeline checks (one epoch per stage): not accuracy" in text
 
