@@ -62,6 +62,28 @@ def class_scores(model: nn.Module, g: ChannelGraph, normalize: str = "none") -> 
     return scores
 
 
+def class_weights(model: nn.Module, g: ChannelGraph) -> dict[int, int]:
+    """Class root → how many BN channels (γ values) it spans: a residual stream shared by 16 BNs weighs 16, so
+    ``--percent`` counts BN channels, as the paper's threshold does, not channel classes."""
+    modules = dict(model.named_modules())
+    weights: dict[int, int] = defaultdict(int)
+    for use in g.uses.values():
+        if use.kind == "bn" and modules[use.name].weight is not None:
+            for cls in g.classes(use.out).tolist():
+                weights[cls] += 1
+    return dict(weights)
+
+
+def threshold_at(prunable: dict[int, float], weights: dict[int, int], percent: float) -> float:
+    """The paper's threshold: the |γ| at position ⌊W·percent⌋ of all W prunable BN channels' scores sorted (a class
+    spanning k BNs counts k times); channels strictly above it survive. -inf at 0%."""
+    if percent == 0 or not prunable:
+        return float("-inf")
+    order = sorted(prunable, key=prunable.get)
+    cum = np.cumsum([max(1, weights.get(c, 1)) for c in order])
+    return float(prunable[order[int(np.searchsorted(cum, int(cum[-1] * percent), side="right"))]])
+
+
 @dataclass
 class Importance:
     """What :func:`choose` needs: per class its own score, its dependents (the selecting BNs' channels that read
@@ -385,11 +407,14 @@ def prune_graph(
     extra: dict[str, Any] = {}
     if cfg.max_macs is not None:
         threshold, best = _bisect_macs(model, example_input[:1], cfg.max_macs, values, at)
-        percent = sum(v <= threshold for v in values) / len(values)
+        w = class_weights(model, g)
+        percent = sum(max(1, w.get(c, 1)) for c, v in prunable.items() if v <= threshold) / sum(
+            max(1, w.get(c, 1)) for c in prunable
+        )
         extra = {"max_macs": cfg.max_macs}
     else:
         percent = cfg.percent
-        threshold = float("-inf") if percent == 0 else values[int(len(values) * percent)]
+        threshold = threshold_at(prunable, class_weights(model, g), percent)
         best = at(threshold)
     new, removed, floored, plan = best
     info = describe(model, g, imp, removed)

@@ -65,7 +65,7 @@ class PruneLayer(TypedDict):
 
 
 class PruneRecord(TypedDict, total=False):
-    percent: Annotated[float, "global fraction of channels pruned (the one asked for, or the one --max-macs found)"]
+    percent: Annotated[float, "fraction of the prunable BN channels (γ values) below the threshold: asked, or found"]
     threshold: Annotated[float | None, "|γ| above which channels survive"]
     min_channels: Annotated[int, "per-layer floor"]
     normalize: Annotated[str, "|γ| compared as they are (none, the paper's) or per layer ÷ its max or mean"]
@@ -89,7 +89,7 @@ class PruneRecord(TypedDict, total=False):
     groups: Annotated[list[dict[str, Any]], "channel groups, `{layers, channels, removed, reasons}`"]
     unprunable: Annotated[list[dict[str, Any]], "groups left as they are, with the reasons"]
     plan: Annotated[dict[str, Any], "kept input/output indices per module (and `bias` where folding added one)"]
-    classes: Annotated[dict[str, int], "channel classes in all, prunable, removed"]
+    classes: Annotated[dict[str, int], "channel classes (channels removed together) in all, prunable, removed"]
     trace_seconds: Annotated[float, "time to trace and group"]
 
 

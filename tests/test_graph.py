@@ -501,3 +501,15 @@ def test_layers_with_state_the_engine_does_not_slice_are_kept_never_crash(kind):
     assert pruned[3].weight.shape[:2] == (8, 8)  # kept whole
     assert any("besides its weight and bias" in r for u in rec["unprunable"] for r in u["reasons"])
     assert rec["layers"][-1]["after"] < 16  # the rest is pruned
+
+
+def test_percent_counts_bn_channels_as_the_paper_does():
+    """resnet50's residual streams are channel classes spanning up to 16 BNs; --percent 0.5 removes half of the BN
+    channels (γ values), not half of the classes (which removed 29% of the BN channels)."""
+    from slimexport.graph_prune import prune_graph
+
+    torch.manual_seed(0)
+    m = randomize(torchvision.models.get_model("resnet50", weights=None, num_classes=10))
+    _, rec = prune_graph(m, torch.randn(1, 3, 64, 64), percent=0.5, fold=False)
+    assert abs(rec["pruned_fraction"] - 0.5) < 0.01, rec["pruned_fraction"]
+    assert rec["classes"]["removed"] / rec["classes"]["prunable"] > 0.6  # a stream class counts as its 16 BNs

@@ -15,7 +15,7 @@ PKG = Path(slimexport.__file__).parent
 LAYERS = {
     "base": ["errors", "console", "fileio", "records", "channels", "stats", "importance", "runtime", "distributed",
              "assets"],
-    "engine": ["graph", "graph_prune", "rewrite"],
+    "engine": ["oprules", "graph", "graph_prune", "rewrite"],
     "models": ["models", "models.builtin", "models.external"],
     "stages": ["data", "stream", "checkpoint", "train", "prune", "selection", "export", "deploy", "bench", "report"],
     "top": ["pipeline", "api", "cli", "", "__main__"],
