@@ -41,7 +41,10 @@ from torch.nn import functional as F
 from slimexport.errors import ConfigError
 from slimexport.oprules import BN_TYPES, CONV_TYPES, function_rule, module_rule
 
-__all__ = ["BN_TYPES", "CONV_TYPES", "ChannelGraph", "ModuleUse", "trace", "trace_channels"]
+__all__ = [
+    "BN_TYPES", "CONV_TYPES", "ChannelGraph", "Inputs", "ModuleUse", "call", "first_sample", "random_like", "trace",
+    "trace_channels",
+]  # fmt: skip
 
 BINARY = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
@@ -651,6 +654,55 @@ def _unknown_state(m: nn.Module) -> list[str]:
     return [n for n in names if n not in _KNOWN_STATE]
 
 
+# A model's example input: one tensor, a tuple of them (several inputs), or a dict by forward's argument names.
+Inputs = torch.Tensor | tuple | list | dict
+
+
+def call(model: nn.Module, inputs: Inputs) -> Any:
+    """``model`` on ``inputs`` as forward takes them (a tensor, positional tensors, or keyword tensors)."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def random_like(inputs: Inputs, seed: int) -> Inputs:
+    """Random inputs of the same shapes, dtypes and devices (integer tensors, ids or masks, are kept)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def one(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            return t
+        return torch.randn(t.shape, generator=g).to(t)
+
+    if isinstance(inputs, dict):
+        return {k: one(v) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(one(v) for v in inputs)
+    return one(inputs)
+
+
+def first_sample(inputs: Inputs) -> Inputs:
+    """The first sample of every batched input (for counting MACs per sample)."""
+    if isinstance(inputs, dict):
+        return {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(v[:1] if isinstance(v, torch.Tensor) else v for v in inputs)
+    return inputs[:1]
+
+
+def _placeholder_args(gm: fx.GraphModule, inputs: Inputs) -> list:
+    """``inputs`` in the order of the traced graph's placeholders (a dict by their names)."""
+    if not isinstance(inputs, dict):
+        return list(inputs) if isinstance(inputs, (tuple, list)) else [inputs]
+    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    missing = [n for n in names if n not in inputs]
+    if missing:
+        raise ConfigError(f"the example inputs have no {', '.join(missing)} (forward takes {', '.join(names)})")
+    return [inputs[n] for n in names]
+
+
 class _Tracer(fx.Tracer):
     """Traces through every user module; torch.nn modules, subclasses of conv/BN/linear, and torchvision's
     StochasticDepth stay leaves."""
@@ -678,7 +730,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 
 @torch.no_grad()
-def trace_channels(model: nn.Module, example_input: torch.Tensor, carry_raw: bool = False) -> ChannelGraph:
+def trace_channels(model: nn.Module, example_input: Inputs, carry_raw: bool = False) -> ChannelGraph:
     """Trace ``model`` on ``example_input`` and find which channels must go together (see the module doc). With
     ``carry_raw`` (``--prune-stream``) a channel a conv reads before any BatchNorm stays prunable where a BN reads
     the same tensor: the conv then gets that BN's running mean of the channel as a constant
@@ -693,7 +745,7 @@ def trace_channels(model: nn.Module, example_input: torch.Tensor, carry_raw: boo
     try:
         gm = trace(model)
         try:
-            ShapeProp(gm).propagate(example_input)
+            ShapeProp(gm).propagate(*_placeholder_args(gm, example_input))
         except Exception as e:  # noqa: BLE001
             text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(

@@ -36,7 +36,7 @@ from torch import fx, nn
 
 from slimexport.channels import set_bn_selection
 from slimexport.errors import ConfigError
-from slimexport.graph import BN_TYPES, ChannelGraph, trace_channels
+from slimexport.graph import BN_TYPES, ChannelGraph, Inputs, call, first_sample, random_like, trace_channels
 from slimexport.importance import check_normalize, normalize_scores
 from slimexport.oprules import function_rule, module_rule
 from slimexport.records import PruneRecord
@@ -375,7 +375,7 @@ class PruneConfig:
 
 
 def prune_graph(
-    model: nn.Module, example_input: torch.Tensor, cfg: PruneConfig | None = None, **kw: Any
+    model: nn.Module, example_input: Inputs, cfg: PruneConfig | None = None, **kw: Any
 ) -> tuple[nn.Module, PruneRecord]:
     """Prune any CNN by network slimming; returns (a physically smaller copy, the record). ``model`` is unchanged.
 
@@ -406,7 +406,7 @@ def prune_graph(
 
     extra: dict[str, Any] = {}
     if cfg.max_macs is not None:
-        threshold, best = _bisect_macs(model, example_input[:1], cfg.max_macs, values, at)
+        threshold, best = _bisect_macs(model, first_sample(example_input), cfg.max_macs, values, at)
         w = class_weights(model, g)
         percent = sum(max(1, w.get(c, 1)) for c, v in prunable.items() if v <= threshold) / sum(
             max(1, w.get(c, 1)) for c in prunable
@@ -474,7 +474,7 @@ def _bisect_macs(model, x1, max_macs, values, at):
 
 
 @torch.no_grad()
-def check_pruned(model: nn.Module, new: nn.Module, layers: list[dict[str, Any]], example_input: torch.Tensor) -> float:
+def check_pruned(model: nn.Module, new: nn.Module, layers: list[dict[str, Any]], example_input: Inputs) -> float:
     """The engine's own guarantee, checked on every prune: with γ and β of the removed channels zeroed (they then
     emit exactly 0), the original computes what the pruned model computes (before folding). A difference is a bug
     of the engine: it raises rather than hand back a wrong model. Returns the relative error."""
@@ -488,10 +488,10 @@ def check_pruned(model: nn.Module, new: nn.Module, layers: list[dict[str, Any]],
         if gone and bn.weight is not None:
             bn.weight[gone] = 0
             bn.bias[gone] = 0
-    x = torch.randn(example_input.shape, generator=torch.Generator().manual_seed(2)).to(example_input)
-    ref, was, why = tree_flatten(zeroed(x))[0], new.training, ""
+    x = random_like(example_input, 2)
+    ref, was, why = tree_flatten(call(zeroed, x))[0], new.training, ""
     try:
-        out = tree_flatten(new.eval()(x))[0]
+        out = tree_flatten(call(new.eval(), x))[0]
     except Exception as e:  # noqa: BLE001 - a wrong plan shows as any error in the pruned forward
         out, why = None, f"its forward raised {type(e).__name__}: {str(e).strip()[:120]}"
     finally:
@@ -517,7 +517,7 @@ def fold_dropped(
     g: ChannelGraph,
     plan: dict[str, dict[str, Any]],
     layers: list[dict[str, Any]],
-    example_input: torch.Tensor,
+    example_input: Inputs,
 ) -> dict[str, Any]:
     """β folding, in place on ``new`` (and ``plan``): what a removed channel still sent on goes into what read it.
 
@@ -547,8 +547,7 @@ def fold_dropped(
 
     hooks = [mods[u.name].register_forward_pre_hook(lambda m, a, n=u.name: keep_removed(m, a, n)) for u in readers]
     try:
-        x = torch.randn(example_input.shape, generator=torch.Generator().manual_seed(1)).to(example_input)
-        zeroed(x)
+        call(zeroed, random_like(example_input, 1))
     finally:
         for h in hooks:
             h.remove()
@@ -696,7 +695,7 @@ def _why_none(g: ChannelGraph, scores: dict[int, float]) -> str:
 
 
 @torch.no_grad()
-def exactness(model: nn.Module, example_input: torch.Tensor, percent: float = 0.5, **kw) -> dict[str, Any]:
+def exactness(model: nn.Module, example_input: Inputs, percent: float = 0.5, **kw) -> dict[str, Any]:
     """Two checks that need no knowledge of the groups.
 
     Grouping: zero γ and β of the BN channels the engine removes (those channels then emit exactly 0), prune that
@@ -725,10 +724,12 @@ def exactness(model: nn.Module, example_input: torch.Tensor, percent: float = 0.
 
     def error(ref_model: nn.Module, fold: bool) -> tuple[float, dict]:
         again, rec2 = prune_graph(ref_model, example_input, percent=percent, **(kw | {"fold": fold}))
-        ref, out = ref_model(example_input), again.eval()(example_input)
-        if out.shape != ref.shape:
+        from torch.utils._pytree import tree_flatten
+
+        ref, out = tree_flatten(call(ref_model, example_input))[0], tree_flatten(call(again.eval(), example_input))[0]
+        if [a.shape for a in ref] != [b.shape for b in out]:
             return float("inf"), rec2
-        return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)), rec2
+        return max(float((b - a).abs().max() / a.abs().max().clamp_min(1e-12)) for a, b in zip(ref, out)), rec2
 
     rel, rec2 = error(zeroed(beta=True), False)
     same = [x["kept"] for x in rec2["layers"]] == [x["kept"] for x in rec["layers"]]

@@ -65,7 +65,9 @@ def prune_model(
 
     ``percent`` (or ``max_macs=``, and the other fields of :class:`PruneConfig` as keywords, or ``cfg``) says how
     much. A model slimexport built (``create_model``, a checkpoint) knows its input size; any other
-    ``nn.Module`` needs ``example_input`` (one batch of the input it will see) to be traced.
+    ``nn.Module`` needs ``example_input`` to be traced: one batch of what its forward takes (a tensor, a tuple of
+    tensors for several inputs, or a dict of them by argument name). Every output (a tensor, or the tensors of a
+    tuple, list or dict: detection and segmentation heads) keeps its channels.
     """
     if percent is not None:
         kw["percent"] = percent

@@ -27,11 +27,17 @@ def count_macs(model: nn.Module, in_channels: int, image_size: tuple[int, int]) 
 
 
 @torch.no_grad()
-def count_macs_on(model: nn.Module, example_input: torch.Tensor) -> int:
-    """MACs of one forward pass on ``example_input`` (convs and linears; FLOPs / 2)."""
+def count_macs_on(model: nn.Module, example_input) -> int:
+    """MACs of one forward pass on ``example_input`` (a tensor, a tuple of positional inputs or a dict of keyword
+    inputs; convs and linears; FLOPs / 2)."""
     was_training = model.training
     model.eval()
     with FlopCounterMode(display=False) as counter:
-        model(example_input)
+        if isinstance(example_input, dict):
+            model(**example_input)
+        elif isinstance(example_input, (tuple, list)):
+            model(*example_input)
+        else:
+            model(example_input)
     model.train(was_training)
     return counter.get_total_flops() // 2

@@ -513,3 +513,36 @@ def test_percent_counts_bn_channels_as_the_paper_does():
     _, rec = prune_graph(m, torch.randn(1, 3, 64, 64), percent=0.5, fold=False)
     assert abs(rec["pruned_fraction"] - 0.5) < 0.01, rec["pruned_fraction"]
     assert rec["classes"]["removed"] / rec["classes"]["prunable"] > 0.6  # a stream class counts as its 16 BNs
+
+
+class _TwoInOut(nn.Module):
+    """Two images in (an RGB and a depth map, say), a shared trunk, two heads out as a dict (class and box)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rgb = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.depth = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.trunk = nn.Sequential(nn.Conv2d(24, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.cls = nn.Conv2d(32, 5, 1)
+        self.box = nn.Conv2d(32, 4, 1)
+
+    def forward(self, image, depth):
+        x = self.trunk(torch.cat([self.rgb(image), self.depth(depth)], 1))
+        return {"cls": self.cls(x), "box": self.box(x)}
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_models_with_several_inputs_and_outputs_prune_exactly(as_dict):
+    """A tuple (or dict) of example inputs and a dict of outputs: every head keeps its output channels, the rest
+    prunes, and the check on every prune compares every output."""
+    m = randomize(_TwoInOut())
+    x = (torch.randn(2, 3, 16, 16), torch.randn(2, 1, 16, 16))
+    inputs = {"image": x[0], "depth": x[1]} if as_dict else x
+    res = exactness(m, inputs, 0.5)
+    assert res["same_channels"] and res["relative_error"] < 1e-5
+    pruned, rec = prune_model(m, 0.5, example_input=inputs)
+    out = pruned.eval()(*x)
+    assert out["cls"].shape == (2, 5, 16, 16) and out["box"].shape == (2, 4, 16, 16)
+    assert pruned.trunk[0].out_channels < 32 and pruned.rgb[0].out_channels < 16
+    _, budget = prune_model(m, max_macs=0.5, example_input=inputs)
+    assert budget["max_macs"] == 0.5
