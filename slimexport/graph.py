@@ -58,7 +58,7 @@ class ModuleUse:
     """How one module reads and writes channels: the atoms of its input and output channel axes."""
 
     name: str
-    kind: str  # conv | convT | depthwise | linear | bn | channelwise
+    kind: str  # conv | convT | depthwise | grouped | linear | bn | channelwise
     inp: np.ndarray | None = None
     out: np.ndarray | None = None
     # A *selecting* BN (its input is also read elsewhere): its channels are new atoms, channel k reading input
@@ -370,6 +370,8 @@ class _Builder(_StructureOps, _Atoms):
                 return self._use(name, "convT" if transposed else "conv", xin, m.out_channels)
             if not transposed and m.groups == m.in_channels == m.out_channels:
                 return self._use(name, "depthwise", xin, None)
+            if not transposed and len(xin) == m.in_channels:
+                return self.grouped(name, m, xin)
             return self.freeze_all(node, f"{name}: grouped conv (groups={m.groups}) kept as it is")
         if isinstance(m, BN_TYPES):
             if xin is None or (shape_in and len(shape_in) < 2):
@@ -395,6 +397,18 @@ class _Builder(_StructureOps, _Atoms):
         return self.freeze_all(
             node, f"{name}: module {type(m).__name__} not understood (slimexport.register_module_rule teaches it)"
         )
+
+    def grouped(self, name: str, m: nn.Module, xin: np.ndarray) -> np.ndarray:
+        """A grouped conv (ResNeXt, RegNet; a depthwise conv with a channel multiplier): output group g reads input
+        group g alone, so a group's input and output channels are one class and go as a whole group; the pruned
+        conv keeps its group width and has fewer groups."""
+        out = self._use(name, "grouped", xin, m.out_channels)
+        use = self.uses[name]
+        cin, cout = m.in_channels // m.groups, m.out_channels // m.groups
+        for g in range(m.groups):
+            members = np.concatenate([use.inp[g * cin : (g + 1) * cin], use.out[g * cout : (g + 1) * cout]])
+            self.union(np.full(len(members) - 1, members[0]), members[1:])
+        return out
 
     def _use(
         self, name: str, kind: str, xin: np.ndarray, n_out: int | None, select: list[int] | None = None
@@ -511,7 +525,7 @@ class _RawReads:
             if node.op != "call_module":
                 continue
             use = self.b.uses.get(node.target)
-            if use is None or use.kind not in ("conv", "convT", "linear") or not node.args:
+            if use is None or use.kind not in ("conv", "convT", "grouped", "linear") or not node.args:
                 continue
             flags = self.normalised(node.args[0], memo)
             if not isinstance(flags, np.ndarray) or len(flags) != len(use.inp):

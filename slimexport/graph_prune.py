@@ -41,7 +41,7 @@ from slimexport.importance import check_normalize, normalize_scores
 from slimexport.oprules import function_rule, module_rule
 from slimexport.records import PruneRecord
 
-PRODUCERS = ("conv", "convT", "linear")
+PRODUCERS = ("conv", "convT", "grouped", "linear")
 
 
 def class_scores(model: nn.Module, g: ChannelGraph, normalize: str = "none") -> dict[int, float]:
@@ -236,6 +236,18 @@ def apply_plan(model: nn.Module, plan: dict[str, dict[str, Any]]) -> nn.Module:
                 m.out_channels = len(out)
                 if m.bias is not None:
                     m.bias = _param(m.bias[out], m.bias)
+            m.weight = _param(w, m.weight)
+        elif kind == "grouped":  # whole groups: the group width stays, the number of groups falls
+            cout = m.out_channels // m.groups
+            w = m.weight
+            if out is not None:
+                w = w[out]
+                m.out_channels = len(out)
+                if m.bias is not None:
+                    m.bias = _param(m.bias[out], m.bias)
+            if inp is not None:
+                m.in_channels = len(inp)
+            m.groups = m.out_channels // cout
             m.weight = _param(w, m.weight)
         elif kind == "depthwise":
             m.weight = _param(m.weight[inp], m.weight)

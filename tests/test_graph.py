@@ -546,3 +546,22 @@ def test_models_with_several_inputs_and_outputs_prune_exactly(as_dict):
     assert pruned.trunk[0].out_channels < 32 and pruned.rgb[0].out_channels < 16
     _, budget = prune_model(m, max_macs=0.5, example_input=inputs)
     assert budget["max_macs"] == 0.5
+
+
+@pytest.mark.parametrize("groups, mult", [(4, 1), (8, 2)])  # ResNeXt-like groups; a depthwise conv with multiplier 2
+def test_grouped_convs_prune_whole_groups_exactly(groups, mult):
+    """A grouped conv's output group g reads input group g alone: whole groups go, the group width stays, and the
+    pruned conv has fewer groups (they used to be frozen: resnext50 kept 0.53 of its MACs at 50%)."""
+    torch.manual_seed(0)
+    c = 8 if mult == 2 else 16
+    m = randomize(nn.Sequential(
+        nn.Conv2d(3, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+        nn.Conv2d(c, c * mult, 3, padding=1, groups=groups, bias=False), nn.BatchNorm2d(c * mult), nn.ReLU(),
+        nn.Conv2d(c * mult, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+    ))  # fmt: skip
+    pruned, rec = check_exact(m, torch.randn(2, 3, 8, 8))
+    conv = pruned[3]
+    assert conv.groups < groups and conv.in_channels // conv.groups == c // groups  # the group width stays
+    assert conv.out_channels // conv.groups == c * mult // groups
+    assert not any("grouped conv" in r for u in rec["unprunable"] for r in u["reasons"])
