@@ -221,8 +221,17 @@ class _StructureOps:
             return self.freeze_all(node, f"{self.where(node)}: split not understood")
         if dim % len(si) != 1:
             return [xin for _ in meta]
-        # The pieces' sizes are written into forward (split(8), chunk(2)): after pruning they would cut elsewhere,
-        # so the channels they cut stay as they are.
+        sizes = [m.shape[1] for m in meta]
+        if node.target in (torch.chunk, "chunk") and len(set(sizes)) == 1 and sum(sizes) == len(xin):
+            # chunk(n) into equal pieces cuts a narrower tensor into equal pieces too: if channel k goes from every
+            # piece at once, each piece keeps what it had (YOLO's C2f: cv1(x).chunk(2, 1)). So position k of
+            # every piece is one class.
+            pieces = xin.reshape(len(sizes), sizes[0])
+            for other in pieces[1:]:
+                self.union(pieces[0], other)
+            return list(pieces)
+        # Sizes written into forward (split(8), split((c, c))): after pruning they would cut elsewhere, so the
+        # channels they cut stay as they are.
         self.freeze(xin, f"{self.where(node)}: channel split whose sizes are written into forward")
         out, start = [], 0
         for m in meta:
@@ -717,9 +726,37 @@ def _placeholder_args(gm: fx.GraphModule, inputs: Inputs) -> list:
     return [inputs[n] for n in names]
 
 
+class _PiecesProxy(fx.Proxy):
+    """A proxy that can be iterated where the number of pieces is in the graph: ``list(x.chunk(2, 1))`` (YOLO's
+    C2f), ``a, b = x.split([c, c], 1)``; torch.fx's own proxy refuses any iteration but unpacking."""
+
+    def __iter__(self):
+        n = _pieces(self.node)
+        return iter([self[i] for i in range(n)]) if n is not None else super().__iter__()
+
+    def __len__(self) -> int:  # list() asks for the length first
+        n = _pieces(self.node)
+        return n if n is not None else super().__len__()
+
+
+def _pieces(node: fx.Node) -> int | None:
+    if node.op not in ("call_method", "call_function"):
+        return None
+    if node.target in ("chunk", torch.chunk):
+        n = node.kwargs.get("chunks", node.args[1] if len(node.args) > 1 else None)
+        return n if isinstance(n, int) else None
+    if node.target in ("split", torch.split):
+        sizes = node.kwargs.get("split_size_or_sections", node.args[1] if len(node.args) > 1 else None)
+        return len(sizes) if isinstance(sizes, (list, tuple)) else None
+    return None
+
+
 class _Tracer(fx.Tracer):
     """Traces through every user module; torch.nn modules, subclasses of conv/BN/linear, and torchvision's
     StochasticDepth stay leaves."""
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _PiecesProxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # Subclasses of the layers the engine knows stay leaves too (timm's BatchNormAct2d: BN + activation;

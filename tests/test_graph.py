@@ -565,3 +565,37 @@ def test_grouped_convs_prune_whole_groups_exactly(groups, mult):
     assert conv.groups < groups and conv.in_channels // conv.groups == c // groups  # the group width stays
     assert conv.out_channels // conv.groups == c * mult // groups
     assert not any("grouped conv" in r for u in rec["unprunable"] for r in u["reasons"])
+
+
+class _ConvBnAct(nn.Sequential):
+    def __init__(self, cin, cout, k=1):
+        super().__init__(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.SiLU())
+
+
+class _C2f(nn.Module):
+    """Ultralytics' C2f block as its forward is written: list(chunk), then appending to the list."""
+
+    def __init__(self, c1, c2, n=2):
+        super().__init__()
+        self.c = c2 // 2
+        self.cv1 = _ConvBnAct(c1, 2 * self.c)
+        self.cv2 = _ConvBnAct((2 + n) * self.c, c2)
+        self.m = nn.ModuleList(nn.Sequential(_ConvBnAct(self.c, self.c, 3), _ConvBnAct(self.c, self.c, 3))
+                               for _ in range(n))  # fmt: skip
+
+    def forward(self, x):
+        y = list(self.cv1(x).chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+def test_yolos_c2f_block_traces_and_prunes_its_chunked_channels():
+    """torch.fx cannot iterate a proxy, so `list(x.chunk(2, 1))` used to refuse the model; and a chunk into equal
+    pieces stays exact when channel k goes from every piece at once."""
+    torch.manual_seed(0)
+    m = randomize(nn.Sequential(_ConvBnAct(3, 32, 3), _C2f(32, 32), _C2f(32, 64), nn.AdaptiveAvgPool2d(1),
+                                nn.Flatten(), nn.Linear(64, 5)))  # fmt: skip
+    pruned, rec = check_exact(m, torch.randn(2, 3, 16, 16))
+    cv1 = pruned[1].cv1[0]
+    assert cv1.out_channels < 32 and cv1.out_channels % 2 == 0  # both halves lose the same channels
+    assert not any("split" in r for u in rec["unprunable"] for r in u["reasons"])
