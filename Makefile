@@ -5,7 +5,7 @@ SUITE ?= quick
 .PHONY: install test test-gpu lint benchmark benchmark-converged benchmark-selection benchmark-engine demo clean
 
 install:  ## install slimexport with its test tools (editable)
-	$(PYTHON) -m pip install -e ".[dev,timm,ncnn]"
+	$(PYTHON) -m pip install -e ".[dev,timm,ncnn,yolo]"
 
 test:  ## the whole test suite (about 10 minutes on two cores)
 	$(PYTHON) -m pytest tests

@@ -406,3 +406,30 @@ def one_engine(every: list[dict]) -> list[str]:
             )
         lines.append("")
     return lines
+
+
+def yolo(every: list[dict]) -> list[str]:
+    """Ultralytics detectors through the Python API (benchmarks/yolo.py)."""
+    lines: list[str] = []
+    for r in [x for x in every if x.get("kind") == "yolo"][-1:]:
+        lines += [
+            f"## Ultralytics YOLO through the Python API ({r['machine_tag']}, {r['date'][:10]}, ultralytics "
+            f"{r['versions'].get('ultralytics')})",
+            "",
+            f"`{r['command']}`: built from their yaml (random weights and BN statistics), pruned with `prune_model`, "
+            "exported with `export_onnx` (parity on every output), timed beside the unpruned detector in "
+            "onnxruntime at 640×640, batch 1, one thread, interleaved.",
+            "",
+            "| model | percent | round-to | BN channels removed | params | MACs ratio | median ms | speed-up "
+            "| parity (max abs, px) |",
+            "|---|---:|---:|---:|---|---:|---|---:|---:|",
+        ]
+        for x in r["rows"]:
+            ms = x["median_ms"]
+            lines.append(
+                f"| {x['model']} | {100 * x['percent']:.0f}% | {x['round_to']} | {100 * x['bn_channels_removed']:.1f}% "
+                f"| {x['params'][0]:,} → {x['params'][1]:,} | ×{x['macs_ratio']:.2f} "
+                f"| {ms['baseline']:.1f} → {ms['pruned']:.1f} | ×{x['speedup']:.2f} | {x['parity_max_abs_diff']:.1e} |"
+            )
+        lines.append("")
+    return lines

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_flatten
 
 from slimexport.checkpoint import fit_data, load_checkpoint
 from slimexport.data import Dataset
@@ -25,7 +26,7 @@ from slimexport.errors import ConfigError, ParityError, SlimExportError
 from slimexport.fileio import atomic_path
 from slimexport.records import ExportResult
 from slimexport.rewrite import absorb_selections, for_export
-from slimexport.runtime import INPUT_NAME, OUTPUT_NAME, BenchConfig, latency, ort_session, run_logits
+from slimexport.runtime import INPUT_NAME, OUTPUT_NAME, BenchConfig, latency, ort_session
 from slimexport.selection import candidates
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAME", "ExportConfig", "export", "export_model", "ort_session", "parity"]
@@ -68,7 +69,7 @@ def _export_torch(model: torch.nn.Module, sample: torch.Tensor, path: Path, opse
                 opset_version=opset,
                 dynamic_shapes=({0: batch},),
                 input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
+                output_names=[OUTPUT_NAME] + [f"{OUTPUT_NAME}_{i}" for i in range(1, _n_outputs(model, sample))],
                 external_data=False,
                 verbose=False,
             )
@@ -77,6 +78,12 @@ def _export_torch(model: torch.nn.Module, sample: torch.Tensor, path: Path, opse
         raise SlimExportError(
             f"torch.onnx.export failed for {getattr(model, 'arch', type(model).__name__)}: {first[:200]}"
         ) from e
+
+
+@torch.no_grad()
+def _n_outputs(model: torch.nn.Module, sample: torch.Tensor) -> int:
+    """How many tensors the model returns (1 for a classifier; a detector's heads: several)."""
+    return len(tree_flatten(model.eval()(sample[:1]))[0])
 
 
 def op_counts(model_proto) -> dict[str, int]:
@@ -93,12 +100,13 @@ def parity(model: torch.nn.Module, onnx_path: Path, ds: Dataset, n_images: int, 
     max_diff, agree = 0.0, 0
     for i in range(0, n, batch):
         x = ds.normalize(ds.x_test[i : min(i + batch, n)].cpu())
-        ref = model(x).numpy()
-        got = run_logits(sess, x.numpy())
-        if got.shape != ref.shape:
-            raise ParityError(f"ONNX output shape {got.shape} differs from PyTorch's {ref.shape}")
-        max_diff = max(max_diff, float(np.abs(got - ref).max()))
-        agree += int((got.argmax(1) == ref.argmax(1)).sum())
+        refs = [t.numpy() for t in tree_flatten(model(x))[0]]  # several outputs (a detector's heads): all of them
+        gots = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+        if [g.shape for g in gots] != [r.shape for r in refs]:
+            shapes = [g.shape for g in gots], [r.shape for r in refs]
+            raise ParityError(f"ONNX output shapes {shapes[0]} differ from PyTorch's {shapes[1]}")
+        max_diff = max([max_diff] + [float(np.abs(g - r).max()) for g, r in zip(gots, refs)])
+        agree += int((gots[0].argmax(1) == refs[0].argmax(1)).all(axis=tuple(range(1, refs[0].ndim - 1))).sum())
     return {"max_abs_diff": max_diff, "top1_agreement": agree / n, "images": n}
 
 

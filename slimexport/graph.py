@@ -28,6 +28,7 @@ A class's importance is the largest |γ| among the BatchNorms that normalise it 
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -731,10 +732,19 @@ class _PiecesProxy(fx.Proxy):
     C2f), ``a, b = x.split([c, c], 1)``; torch.fx's own proxy refuses any iteration but unpacking."""
 
     def __iter__(self):
+        if self.node.op == "placeholder" and str(self.node.target).startswith("*"):
+            return iter(())  # forward(x, *args): traced with the example inputs alone, *args is empty
         n = _pieces(self.node)
         return iter([self[i] for i in range(n)]) if n is not None else super().__iter__()
 
-    def __len__(self) -> int:  # list() asks for the length first
+    def keys(self):  # forward(x, **kwargs) passing **kwargs on: empty
+        if self.node.op == "placeholder" and str(self.node.target).startswith("**"):
+            return []
+        return super().keys()
+
+    def __len__(self) -> int:  # list() and *args ask for the length first
+        if self.node.op == "placeholder" and str(self.node.target).startswith("*"):
+            return 0
         n = _pieces(self.node)
         return n if n is not None else super().__len__()
 
@@ -794,7 +804,15 @@ def trace_channels(model: nn.Module, example_input: Inputs, carry_raw: bool = Fa
     was_training = model.training
     model.eval()
     try:
-        gm = trace(model)
+        try:
+            gm = trace(model)
+        except ConfigError as first:
+            # An eval forward with shape-dependent control flow (YOLO's Detect decodes boxes only in eval) is traced
+            # in training mode, where the head returns its raw maps; on a copy, whose BN statistics may move.
+            try:
+                gm = trace(copy.deepcopy(model).train())
+            except ConfigError:
+                raise first from None
         try:
             ShapeProp(gm).propagate(*_placeholder_args(gm, example_input))
         except Exception as e:  # noqa: BLE001
