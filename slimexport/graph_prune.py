@@ -1,6 +1,5 @@
-"""Network slimming for any traced CNN: importance, one global threshold, and a physically smaller copy.
-
-Three steps, three functions:
+"""Network slimming for any traced CNN: importance, one global threshold, a physically smaller copy, and the
+passes over its plan. Every model slimexport prunes goes through here, its own architectures included.
 
 - :func:`class_scores`: a channel class's importance is the **largest** |γ| among the BatchNorms that normalise
   it. A class normalised by several BNs (a residual stream: every block's last BN and the shortcut's; DenseNet's
@@ -9,17 +8,18 @@ Three steps, three functions:
   large γ hide among small ones. A class no BN normalises has no score and is kept.
 - :func:`importance`: a selecting BN's channels (:mod:`slimexport.graph`) are classes of their own, scored by
   its γ alone; the input class they read is removed only when every one of them is (and nothing else needs it),
-  so its *effective* score is the largest of theirs. Each BN then keeps exactly what its own γ says, as the
-  hand-written pre-activation ResNet and DenseNet rules do.
-- :func:`choose`: one global threshold over all scored, prunable classes (by percent, like the hand-written
-  rules: the value at index ⌊n·percent⌋ of the sorted scores; classes strictly above it survive), then per
-  producing layer (a conv or linear) and selecting BN a floor of ``min_channels``, and per producing layer a
-  multiple of ``round_to``.
+  so its *effective* score is the largest of theirs. Each BN then keeps exactly what its own γ says.
+- :func:`threshold_at` / :func:`choose`: one global threshold, the paper's: the score at position ⌊W·percent⌋ of
+  the W prunable BN channels sorted (a class spanning k BNs counts k times); classes strictly above it survive.
+  Then per producing layer (conv, grouped conv, linear) and selecting BN a floor of ``min_channels``, and per
+  producing layer a multiple of ``round_to``. ``max_macs`` bisects for the lowest threshold within a budget.
 - :func:`make_plan` / :func:`apply_plan`: the plan is plain data (per module, the kept input and output channel
   indices; for a selecting BN also the channels it keeps, whose static selection ``apply_plan`` rebuilds), so
   a pruned model is rebuilt by constructing the original and re-applying the plan; no module is ever pickled.
+- :func:`check_pruned`: every prune checks itself against the original with the removed channels zeroed.
+- :func:`fold_dropped`: β folding (and ``--prune-stream``'s carried means), a pass over the plan.
+- :class:`PruneConfig`: what a prune is asked to do, validated in one place.
 """
-
 from __future__ import annotations
 
 import copy

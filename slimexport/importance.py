@@ -1,6 +1,6 @@
 """A channel's importance in network slimming: its BN's |γ|, compared across layers as it is (the paper's) or
-divided by its layer's max or mean (``--normalize``). Shared by the hand-written pruner (:mod:`slimexport.prune`)
-and the graph engine (:mod:`slimexport.graph_prune`)."""
+divided by its layer's max or mean (``--normalize``), as the graph engine (:mod:`slimexport.graph_prune`) scores
+every channel class."""
 
 from __future__ import annotations
 

@@ -483,9 +483,9 @@ def _check_model(cfg: PipelineConfig, ds: Dataset) -> None:
             "is nothing to prune"
         )
     probe_model(model, ds, f"--arch {cfg.arch}")
-    # the prune stage's own refusals (nothing prunable, --prune-stream with nothing to carry), before training;
-    # the threshold of an untrained model means nothing, only that pruning can run
-    prune_model(model, cfg=dataclasses.replace(cfg.prune, fold=False, round_to=1))
+    # the prune stage's own refusals (a model it cannot trace, nothing prunable, --prune-stream with nothing to
+    # carry), before training; at 0% (an untrained model's |γ| are all alike: its threshold means nothing)
+    prune_model(model, cfg=dataclasses.replace(cfg.prune, percent=0.0, fold=False, round_to=1))
 
 
 def _is_run_dir(folder: Path) -> bool:
