@@ -20,6 +20,7 @@ passes over its plan. Every model slimexport prunes goes through here, its own a
 - :func:`fold_dropped`: β folding (and ``--prune-stream``'s carried means), a pass over the plan.
 - :class:`PruneConfig`: what a prune is asked to do, validated in one place.
 """
+
 from __future__ import annotations
 
 import copy
