@@ -350,7 +350,8 @@ def one_engine(every: list[dict]) -> list[str]:
             "",
             f"`{r['command']}`. The same sparse weights (one epoch on a CIFAR-10 subset), pruned by this version and "
             f"by commit {r['compare_with']}'s hand-written rules, exported alike, timed in one interleaved "
-            "onnxruntime run (batch 1, one thread, median); speed-up over the unpruned model.",
+            "onnxruntime run (batch 1, one thread, median); speed-up over the unpruned model"
+            + (f" (timed again, alone, {r['retimed'][:16]})." if r.get("retimed") else "."),
             "",
             "| model | percent | round-to | --selection | params: rules / engine | MACs: rules / engine "
             "| speed-up: rules (chosen) | speed-up: engine (chosen) | engine ÷ rules |",

@@ -145,6 +145,10 @@ def choose(
     removed = {c for c in imp.ok if imp.eff[c] <= threshold}
     producers = [(u.name, g.classes(u.out)) for u in g.uses.values() if u.kind in PRODUCERS]
     selecting = [(u.name, g.classes(u.out)) for u in g.uses.values() if u.kind == "bn" and u.select is not None]
+    # --round-to rounds every BatchNorm's channels (a conv's outputs through the BN that normalises them; a selecting
+    # BN's, which are the next conv's inputs), as the paper's per-layer view has it; a producer no BN normalises
+    # alone (a DenseNet layer's 12 new channels) is not rounded up to 16 for nothing
+    bns = [(u.name, g.classes(u.out)) for u in g.uses.values() if u.kind == "bn"]
     floored: list[str] = []
 
     def restore(lst: list[int], target: int) -> bool:
@@ -169,7 +173,7 @@ def choose(
                 if name not in floored:
                     floored.append(name)
         if round_to > 1:
-            for _, cls in producers:
+            for _, cls in bns:
                 lst = cls.tolist()
                 kept = sum(1 for c in lst if c not in removed)
                 changed |= restore(lst, min(len(lst), math.ceil(kept / round_to) * round_to))
