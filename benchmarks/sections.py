@@ -387,9 +387,9 @@ def one_engine(every: list[dict]) -> list[str]:
             f"## β folding: accuracy right after pruning ({r['machine_tag']})",
             "",
             f"`{r['command']}`: {r['arch']} sparse-trained {r['epochs']} epochs (s = {r['sparsity']:g}) on "
-            f"{r['train_subset'] or 'all'} {r['dataset']} training images, one sparse model per seed, pruned twice from it; test "
-            "accuracy (the whole test split) before any refine, and the relative output error against the original with "
-            "only the removed channels' γ zeroed.",
+            f"{r['train_subset'] or 'all'} {r['dataset']} training images, one sparse model per seed, pruned twice "
+            "from it; test accuracy (the whole test split) before any refine, and the relative output error against "
+            "the original with only the removed channels' γ zeroed.",
             "",
             "| percent | seeds | with folding, % | without, % | folding buys, pt (mean ± sd) "
             "| output error folded / not |",
