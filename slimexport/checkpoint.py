@@ -35,7 +35,7 @@ from slimexport.errors import (
 )
 from slimexport.fileio import atomic_path
 from slimexport.models import create_model
-from slimexport.models.external import check_trusted, is_external, trusted_code
+from slimexport.models.external import check_trusted, trusted_code
 
 FORMAT, VERSION = "slimexport", 2
 # Version 1 stored slimexport's own architectures in their hand-written form (config {"cfg"}, {"blocks", "select"},
@@ -124,9 +124,10 @@ def check_checkpoint_source(ckpt: dict[str, Any], path: str | os.PathLike) -> No
     arch = ckpt.get("arch")
     if not isinstance(arch, str):
         raise CheckpointError(f"{path} names no architecture")
-    if is_external(arch):
-        config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
-        check_trusted(config.get("source"), config.get("kwargs"), f"checkpoint {path}")
+    # What builds the model is the config's source, whatever the arch says (a file naming a built-in arch and a
+    # model file as its source must not get the built-in's pass)
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    check_trusted(config.get("source", arch), config.get("kwargs"), f"checkpoint {path}")
 
 
 def _build(ckpt: dict[str, Any], path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:

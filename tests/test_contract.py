@@ -83,6 +83,21 @@ def test_a_crafted_checkpoint_runs_no_code(tmp_path, small_ds, small_npz, source
     assert not marker.exists()
 
 
+def test_a_checkpoint_that_names_a_built_in_arch_but_a_model_file_as_its_source_runs_no_code(tmp_path, small_ds):
+    """Every model is a source plus a plan now: what builds it is the config's source, so a file that says
+    arch "vgg11_w12" but names a model file as its source is refused like any other, before any import."""
+    marker = tmp_path / "owned"
+    evil = tmp_path / "evil.py"
+    evil.write_text(f"open({str(marker)!r}, 'w').write('owned')\ndef build(num_classes=10):\n    raise SystemExit\n")
+    bad = _crafted(tmp_path / "bad.pt", f"{evil}:build", {}, small_ds)
+    d = torch.load(bad, weights_only=True)
+    d["arch"] = "vgg11_w12"
+    torch.save(d, bad)
+    with pytest.raises(UntrustedCodeError, match="--trust-model-code"):
+        load_checkpoint(bad)
+    assert not marker.exists()
+
+
 def test_a_checkpoint_of_the_users_own_model_loads_when_they_name_its_code(tmp_path, small_npz):
     shutil.copy(ROOT / "tests" / "user_model.py", tmp_path / "mine.py")
     ck = tmp_path / "m.pt"
