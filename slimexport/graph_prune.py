@@ -435,7 +435,7 @@ def prune_graph(
         best = at(threshold)
     new, removed, floored, plan = best
     info = describe(model, g, imp, removed)
-    check_pruned(model, new, info["layers"], example_input)
+    check_pruned(model, new, info["layers"], example_input, _raw_removed(g, plan))
     folded = fold_dropped(model, new, g, plan, info["layers"], example_input) if cfg.fold else {}
     total = sum(x["before"] for x in info["layers"])
     kept = sum(x["after"] for x in info["layers"])
@@ -490,11 +490,29 @@ def _bisect_macs(model, x1, max_macs, values, at):
     return threshold, best
 
 
+def _raw_removed(g: ChannelGraph, plan: dict[str, dict[str, Any]]) -> dict[str, list[int]]:
+    """--prune-stream: per conv, the input channels it read before any BN that the plan removes."""
+    out = {}
+    for name, carried in g.raw.items():
+        kept = set(plan.get(name, {}).get("inp", range(len(g.uses[name].inp))))
+        gone = sorted(p for p in carried if p not in kept)
+        if gone:
+            out[name] = gone
+    return out
+
+
 @torch.no_grad()
-def check_pruned(model: nn.Module, new: nn.Module, layers: list[dict[str, Any]], example_input: Inputs) -> float:
+def check_pruned(
+    model: nn.Module,
+    new: nn.Module,
+    layers: list[dict[str, Any]],
+    example_input: Inputs,
+    raw_removed: dict[str, list[int]] | None = None,
+) -> float:
     """The engine's own guarantee, checked on every prune: with γ and β of the removed channels zeroed (they then
-    emit exactly 0), the original computes what the pruned model computes (before folding). A difference is a bug
-    of the engine: it raises rather than hand back a wrong model. Returns the relative error."""
+    emit exactly 0), the original computes what the pruned model computes (before folding). With --prune-stream a
+    removed channel a conv read before any BN is not 0: the reference's conv ignores it too (``raw_removed``). A
+    difference is a bug of the engine: it raises rather than hand back a wrong model. Returns the relative error."""
     from torch.utils._pytree import tree_flatten
 
     zeroed = copy.deepcopy(model).eval()
@@ -505,6 +523,8 @@ def check_pruned(model: nn.Module, new: nn.Module, layers: list[dict[str, Any]],
         if gone and bn.weight is not None:
             bn.weight[gone] = 0
             bn.bias[gone] = 0
+    for name, gone in (raw_removed or {}).items():
+        mods[name].weight[:, gone] = 0
     x = random_like(example_input, 2)
     ref, was, why = tree_flatten(call(zeroed, x))[0], new.training, ""
     try:
