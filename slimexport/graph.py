@@ -28,7 +28,10 @@ A class's importance is the largest |γ| among the BatchNorms that normalise it 
 
 from __future__ import annotations
 
+import bisect
 import copy
+import dis
+import inspect
 import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -735,7 +738,13 @@ class _PiecesProxy(fx.Proxy):
         if self.node.op == "placeholder" and str(self.node.target).startswith("*"):
             return iter(())  # forward(x, *args): traced with the example inputs alone, *args is empty
         n = _pieces(self.node)
-        return iter([self[i] for i in range(n)]) if n is not None else super().__iter__()
+        if n is None:  # torch.fx's own rule, `a, b = proxy`, read from the caller's bytecode (one frame up)
+            frame = inspect.currentframe().f_back
+            insts = list(dis.get_instructions(frame.f_code))
+            at = bisect.bisect_left(insts, frame.f_lasti, key=lambda i: i.offset)
+            if at < len(insts) and insts[at].opname == "UNPACK_SEQUENCE":
+                n = insts[at].argval
+        return iter([self[i] for i in range(n)]) if n is not None else self.tracer.iter(self)
 
     def keys(self):  # forward(x, **kwargs) passing **kwargs on: empty
         if self.node.op == "placeholder" and str(self.node.target).startswith("**"):

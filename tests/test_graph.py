@@ -148,8 +148,8 @@ def test_a_user_model_with_odd_patterns_prunes_exactly_and_says_what_it_left():
     assert pruned.out.out_features == 10  # classes are never pruned
     assert kept["bn_a"]["kept"] == kept["bn_b"]["kept"]  # the shared conv's calls agree
     reasons = " | ".join(r for u in rec["unprunable"] for r in u["reasons"])
+    assert "grouped conv" not in reasons  # pruned by whole groups now
     for why in (
-        "grouped conv",
         "split whose sizes are written into forward",
         "view/reshape across the channel axis",
         "pixel_shuffle mixes channels",
