@@ -293,13 +293,6 @@ class _Builder(_StructureOps, _Atoms):
             return None
         return list(meta) if all(hasattr(m, "shape") for m in meta) else None
 
-    def tensor_args(self, node: fx.Node) -> list[fx.Node]:
-        out: list[fx.Node] = []
-        for a in node.all_input_nodes:
-            if isinstance(self.vec.get(a), np.ndarray):
-                out.append(a)
-        return out
-
     def freeze_all(self, node: fx.Node, reason: str) -> Any:
         """Freeze every tensor input's channels; the output gets new frozen atoms."""
         for a in node.all_input_nodes:

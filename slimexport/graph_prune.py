@@ -490,6 +490,22 @@ def _bisect_macs(model, x1, max_macs, values, at):
     return threshold, best
 
 
+@torch.no_grad()
+def zero_removed(model: nn.Module, layers: list[dict[str, Any]], beta: bool) -> nn.Module:
+    """An eval copy of ``model`` whose removed BN channels (``layers`` of a record) have γ = 0, and β = 0 with
+    ``beta``: the reference the engine's checks compare a pruned model with."""
+    zeroed = copy.deepcopy(model).eval()
+    mods = dict(zeroed.named_modules())
+    for layer in layers:
+        bn = mods[layer["name"]]
+        gone = sorted(set(range(layer["before"])) - set(layer["kept"]))
+        if gone and bn.weight is not None:
+            bn.weight[gone] = 0
+            if beta:
+                bn.bias[gone] = 0
+    return zeroed
+
+
 def _raw_removed(g: ChannelGraph, plan: dict[str, dict[str, Any]]) -> dict[str, list[int]]:
     """--prune-stream: per conv, the input channels it read before any BN that the plan removes."""
     out = {}
@@ -515,14 +531,8 @@ def check_pruned(
     difference is a bug of the engine: it raises rather than hand back a wrong model. Returns the relative error."""
     from torch.utils._pytree import tree_flatten
 
-    zeroed = copy.deepcopy(model).eval()
+    zeroed = zero_removed(model, layers, beta=True)
     mods = dict(zeroed.named_modules())
-    for layer in layers:
-        bn = mods[layer["name"]]
-        gone = sorted(set(range(layer["before"])) - set(layer["kept"]))
-        if gone and bn.weight is not None:
-            bn.weight[gone] = 0
-            bn.bias[gone] = 0
     for name, gone in (raw_removed or {}).items():
         mods[name].weight[:, gone] = 0
     x = random_like(example_input, 2)
@@ -568,12 +578,8 @@ def fold_dropped(
     (``bias`` in the plan). With ``prune_stream`` a channel read before any BN is not constant; the running mean
     of a BN reading the same tensor stands in for it. Exact where the reader is a 1×1 conv or a linear layer; a
     zero-padded k×k conv differs at the border. Returns {layer: channels folded}."""
-    zeroed = copy.deepcopy(model).eval()
+    zeroed = zero_removed(model, layers, beta=False)
     mods = dict(zeroed.named_modules())
-    for layer in layers:
-        gone = sorted(set(range(layer["before"])) - set(layer["kept"]))
-        if gone and getattr(mods[layer["name"]], "weight", None) is not None:
-            mods[layer["name"]].weight[gone] = 0
     readers = [u for u in g.uses.values() if u.kind in ("conv", "linear") and "inp" in plan.get(u.name, {})]
     gone_of = {u.name: sorted(set(range(len(u.inp))) - set(plan[u.name]["inp"])) for u in readers}
     seen: dict[str, list[torch.Tensor]] = defaultdict(list)  # per reader, its removed input channels, per call
@@ -748,16 +754,7 @@ def exactness(model: nn.Module, example_input: Inputs, percent: float = 0.5, **k
     _, rec = prune_graph(model, example_input, percent=percent, **kw)
 
     def zeroed(beta: bool) -> nn.Module:
-        z = copy.deepcopy(model).eval()
-        modules = dict(z.named_modules())
-        for layer in rec["layers"]:
-            bn = modules[layer["name"]]
-            gone = sorted(set(range(layer["before"])) - set(layer["kept"]))
-            if gone and bn.weight is not None:
-                bn.weight[gone] = 0
-                if beta:
-                    bn.bias[gone] = 0
-        return z
+        return zero_removed(model, rec["layers"], beta)
 
     def error(ref_model: nn.Module, fold: bool) -> tuple[float, dict]:
         again, rec2 = prune_graph(ref_model, example_input, percent=percent, **(kw | {"fold": fold}))
