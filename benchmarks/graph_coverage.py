@@ -1,13 +1,17 @@
-"""Coverage of the graph engine: every torchvision classification model, pruned at 50% by slimexport and by
-Torch-Pruning 1.6.1 (BN-scale importance, global), side by side.
+"""Coverage of the graph engine: every torchvision classification model (``--zoo torchvision``) or 56 timm CNNs
+across families (``--zoo timm``), pruned at 50% by slimexport and by Torch-Pruning 1.6.1 (BN-scale importance,
+global), side by side.
 
 Per model: status (pruned / refused with the reason / crashed), channel groups and unprunable groups, MACs ratio,
+the fraction of BN channels removed (a model that is "exact" because everything froze is not a success),
 exactness (the zeroing check of slimexport.graph_prune.exactness), whether the pruned model exports to ONNX and
 matches torch in onnxruntime; the same for Torch-Pruning. Also the time to trace and prune resnet50 at 224×224.
 Random weights, random BN statistics (seeded), input 64×64 (larger where a model needs it).
 
-Usage (from the repository root): python -m benchmarks.graph_coverage [--only NAME ...] [--no-onnx] [--no-peer]
-Writes benchmarks/results/<machine-tag>/graph-coverage.json.
+Usage (from the repository root): python -m benchmarks.graph_coverage [--zoo torchvision|timm] [--only NAME ...]
+    [--no-onnx] [--no-peer]
+Writes benchmarks/results/<machine-tag>/graph-coverage.json (timm: graph-coverage-timm.json); finished rows are
+kept in benchmarks/work/ so that an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -42,6 +46,17 @@ from slimexport.stats import count_macs_on
 ROOT = Path(__file__).resolve().parent
 SIZES = (64, 96, 128, 224, 299)
 FORBIDDEN = {"NonZero", "GatherND", "Where", "ScatterND"}
+# timm CNNs with BatchNorm, across families: resnet/resnet-d and friends, se/eca/sk/gc/res2net/resnest,
+# efficientnet/mixnet/mnasnet/fbnet/tinynet/mobilenetv3/v4/lcnet, ghostnet, rexnet, regnet x/y/z, hrnet, dla, dpn,
+# cspnet/darknet, vovnet, selecsls, tresnet, repvgg, mobileone, gernet, densenet, inception, xception, vgg, and the
+# BN hybrids with attention (mobilevit, efficientvit, fastvit, bottleneck attention).
+TIMM_MODELS = """resnet18 resnet26t resnet50d resnetblur18 resnetaa50 seresnet50 seresnext26d_32x4d ecaresnet50d
+skresnet18 res2net50_26w_4s res2next50 resnest14d legacy_seresnet18 gcresnet33ts efficientnet_b0 efficientnet_lite0
+tinynet_a mixnet_s mnasnet_100 semnasnet_100 spnasnet_100 fbnetc_100 hardcorenas_a mobilenetv3_large_100
+mobilenetv4_conv_small lcnet_050 ghostnet_100 ghostnetv2_100 repghostnet_050 rexnet_100 regnetx_002 regnety_002
+regnetz_b16 hrnet_w18_small hrnet_w18_small_v2 dla34 dla46x_c dpn68 cspresnet50 cspdarknet53 cs3darknet_s darknet53
+ese_vovnet19b_dw selecsls42b tresnet_m repvgg_a0 mobileone_s0 gernet_s densenet121 inception_v3 xception41 vgg11_bn
+mobilevit_xxs efficientvit_b0 fastvit_t8 bat_resnext26ts""".split()
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -56,11 +71,16 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def build(name: str) -> tuple[nn.Module, torch.Tensor]:
+def build(name: str, zoo: str = "torchvision") -> tuple[nn.Module, torch.Tensor]:
     """The model (random weights, 10 classes) and the smallest input of SIZES it runs on."""
     torch.manual_seed(0)
-    kw = {"aux_logits": False, "init_weights": False} if name in ("inception_v3", "googlenet") else {}
-    m = randomize(torchvision.models.get_model(name, weights=None, num_classes=10, **kw))
+    if zoo == "timm":
+        import timm
+
+        m = randomize(timm.create_model(name, pretrained=False, num_classes=10))
+    else:
+        kw = {"aux_logits": False, "init_weights": False} if name in ("inception_v3", "googlenet") else {}
+        m = randomize(torchvision.models.get_model(name, weights=None, num_classes=10, **kw))
     for s in SIZES:
         x = torch.randn(2, 3, s, s)
         try:
@@ -93,6 +113,10 @@ def onnx_ok(model: nn.Module, size: int) -> dict:
     return {"ok": not bad, "max_abs_diff": r["parity"]["max_abs_diff"], "forbidden_ops": bad}
 
 
+def bn_channels(model: nn.Module) -> int:
+    return sum(m.num_features for m in model.modules() if isinstance(m, BN_TYPES))
+
+
 def _err(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
 
@@ -112,6 +136,7 @@ def ours(m: nn.Module, x: torch.Tensor, with_onnx: bool) -> dict:
         "unprunable_groups": len(rec["unprunable"]),
         "unprunable_reasons": sorted({r for u in rec["unprunable"] for r in u["reasons"]})[:12],
         "macs_ratio": count_macs_on(m, x[:1]) / count_macs_on(p, x[:1]),
+        "bn_removed": rec["pruned_fraction"],
     }
     try:
         ex = exactness(m, x, 0.5)
@@ -144,7 +169,8 @@ def peer(m: nn.Module, x: torch.Tensor, with_onnx: bool) -> dict:
             raise RuntimeError(f"output shape {tuple(y.shape)}")
     except Exception as e:  # noqa: BLE001
         return {"status": "crashed", "error": _err(e)}
-    out = {"status": "pruned", "seconds": seconds, "macs_ratio": count_macs_on(m, x[:1]) / count_macs_on(pm, x[:1])}
+    out = {"status": "pruned", "seconds": seconds, "macs_ratio": count_macs_on(m, x[:1]) / count_macs_on(pm, x[:1]),
+           "bn_removed": 1 - bn_channels(pm) / bn_channels(m)}  # fmt: skip
     if with_onnx:
         out["onnx"] = onnx_ok(pm, x.shape[-1])
     return out
@@ -170,6 +196,11 @@ def engine_speed() -> dict:
             "torch_pruning_s": float(np.median(ts_tp)), "runs": 3}  # fmt: skip
 
 
+def _mean_tp(rows: list[dict]) -> float | None:
+    v = [r["torch_pruning"]["bn_removed"] for r in rows if "bn_removed" in r.get("torch_pruning", {})]
+    return float(np.mean(v)) if v else None
+
+
 class _Timeout(BaseException):  # not an Exception: the per-step handlers must not swallow it
     pass
 
@@ -180,6 +211,7 @@ def _timeout(signum, frame):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--zoo", choices=("torchvision", "timm"), default="torchvision")
     ap.add_argument("--only", nargs="*", help="these models only")
     ap.add_argument("--no-onnx", action="store_true")
     ap.add_argument("--no-peer", action="store_true")
@@ -187,11 +219,13 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=300, help="seconds per model before it is recorded as timed out")
     ap.add_argument("--peer-rows", type=Path, help="reuse Torch-Pruning's results from an earlier run's rows (jsonl)")
     args = ap.parse_args()
-    names = args.only or torchvision.models.list_models(module=torchvision.models)
+    timm_zoo = args.zoo == "timm"
+    names = args.only or (TIMM_MODELS if timm_zoo else torchvision.models.list_models(module=torchvision.models))
     from slimexport.models.external import torchvision_table
 
-    sizes = {r["name"]: r["params"] for r in torchvision_table()}
-    cache = ROOT.parent / "benchmarks" / "work" / "graph-coverage-rows.jsonl"  # finished rows, so a rerun resumes
+    sizes = {} if timm_zoo else {r["name"]: r["params"] for r in torchvision_table()}
+    suffix = "-timm" if timm_zoo else ""
+    cache = ROOT / "work" / f"graph-coverage{suffix}-rows.jsonl"  # finished rows, so a rerun resumes
     cache.parent.mkdir(parents=True, exist_ok=True)
     done, peers = {}, {}
     if cache.exists() and not args.only:
@@ -213,7 +247,7 @@ def main() -> None:
             rows.append({"model": name, "skipped": f"{sizes[name] / 1e6:.0f}M parameters (over --max-params)"})
             continue
         try:
-            m, x = build(name)
+            m, x = build(name, args.zoo)
         except Exception as e:  # noqa: BLE001
             rows.append({"model": name, "build_error": _err(e)})
             continue
@@ -252,6 +286,7 @@ def main() -> None:
     ok = [r for r in with_bn if r["slimexport"]["status"] == "pruned" and r["slimexport"].get("exact")]
     result = {
         "kind": "graph_coverage",
+        "zoo": args.zoo,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m benchmarks.graph_coverage " + shlex.join(sys.argv[1:]),
         "machine_tag": machine_tag(),
@@ -265,11 +300,15 @@ def main() -> None:
             "timeout": sum(r["slimexport"]["status"] == "timeout" for r in with_bn),
             "crashed": sum(r["slimexport"]["status"] == "crashed" for r in with_bn),
             "torch_pruning_pruned": sum(r.get("torch_pruning", {}).get("status") == "pruned" for r in with_bn),
+            "inexact": sum(r["slimexport"]["status"] == "pruned" and not r["slimexport"].get("exact") for r in with_bn),
+            "onnx_failed": sum(r["slimexport"].get("onnx", {}).get("ok") is False for r in with_bn),
+            "bn_removed_mean": float(np.mean([r["slimexport"]["bn_removed"] for r in ok])) if ok else None,
+            "torch_pruning_bn_removed_mean": _mean_tp(with_bn),
         },
-        "engine_speed": None if args.no_peer else engine_speed(),
+        "engine_speed": None if args.no_peer or timm_zoo else engine_speed(),
         "models": rows,
     }
-    out = ROOT / "results" / machine_tag() / ("graph-coverage.json" if not args.only else "graph-coverage-only.json")
+    out = ROOT / "results" / machine_tag() / f"graph-coverage{suffix}{'-only' if args.only else ''}.json"
     write_json(out, result)
     print(result["summary"], result["engine_speed"])
     print(f"wrote {out}")

@@ -4,7 +4,9 @@
 whether a size came from ``x.size()`` or was written as a number) and which module object each call went to, so a
 module called twice is seen as one module. The autograd graph (Torch-Pruning's choice) loses those arguments and
 needs a backward-capable forward; ``torch.export`` decomposes into aten ops and takes seconds per model. torch.fx
-traces a torchvision ResNet-50 in about 0.1 s. Models that FX cannot trace (data-dependent control flow) get a
+traces a torchvision ResNet-50 in about 0.1 s. A submodule that FX cannot trace (data-dependent control flow:
+MobileViT's blocks) is traced as one opaque op whose channels are kept; an eval forward that branches only in
+its head (YOLO's Detect) is traced in training mode first; a model whose own forward cannot be traced gets a
 one-line error naming what failed, never a half-pruned model.
 
 **The model.** Every channel of every tensor is an *atom*. A conv or linear layer creates new atoms for its
@@ -259,6 +261,8 @@ class _StructureOps:
         if ch == slice(None) and len(so) == len(si):
             return xin
         if isinstance(ch, slice) and all(v is None or isinstance(v, int) for v in (ch.start, ch.stop, ch.step)):
+            if ch.start in (None, 0) and ch.step in (None, 1) and (ch.stop is None or ch.stop >= si[1]):
+                return xin  # x[:, :k] with k ≥ C takes every channel, and still does once C shrinks (GhostNet)
             if len(so) == len(si):  # bounds written into forward: the sliced tensor's channels stay
                 self.freeze(xin, f"{self.where(node)}: channel slice whose bounds are written into forward")
                 return xin[ch]
@@ -271,6 +275,7 @@ class _Builder(_StructureOps, _Atoms):
     """The walk over the traced graph: per node, the atoms of its channel axis (see the module doc)."""
 
     def __init__(self, model: nn.Module, carry_raw: bool = False):
+        self.opaque: dict[str, str] = {}  # modules traced as one op (graph.trace), name → why
         self.model = model
         self.carry_raw = carry_raw
         self.raw: dict[str, dict[int, tuple[str, int]]] = {}
@@ -325,6 +330,7 @@ class _Builder(_StructureOps, _Atoms):
 
     # -- the walk -----------------------------------------------------------------------------------------------
     def run(self, gm: fx.GraphModule) -> None:
+        self.opaque = gm.meta.get("slim_opaque", {})
         for node in gm.graph.nodes:
             try:
                 self.vec[node] = self.visit(node)
@@ -363,6 +369,10 @@ class _Builder(_StructureOps, _Atoms):
         x = node.args[0] if node.args else None
         xin = self.vec.get(x) if isinstance(x, fx.Node) else None
         shape_in = self.shape(x)
+        if name in self.opaque:
+            return self.freeze_all(
+                node, f"{name}: {type(m).__name__}'s forward cannot be traced ({self.opaque[name]}); kept whole"
+            )
         extra = _unknown_state(m)
         if extra:
             return self.freeze_all(
@@ -765,7 +775,13 @@ def _pieces(node: fx.Node) -> int | None:
 
 class _Tracer(fx.Tracer):
     """Traces through every user module; torch.nn modules, subclasses of conv/BN/linear, and torchvision's
-    StochasticDepth stay leaves."""
+    StochasticDepth stay leaves, and so do the ``opaque`` modules: those whose own forward cannot be traced."""
+
+    def __init__(self, opaque: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self.opaque = opaque or {}
+        self.stack: list[str] = []  # the modules being traced through, outermost first
+        self.failed_in: list[str] | None = None  # the stack where tracing failed
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _PiecesProxy(node, self)
@@ -773,23 +789,52 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # Subclasses of the layers the engine knows stay leaves too (timm's BatchNormAct2d: BN + activation;
         # Conv2dSame: conv with "same" padding): their channels behave as their base class's.
+        if qualname in self.opaque:
+            return True
         if type(m).__name__ == "StochasticDepth" or isinstance(m, (*BN_TYPES, *CONV_TYPES, nn.Linear)):
             return True
         if module_rule(m) is not None:  # a module with a rule (the user's own, registered) is one op
             return True
         return super().is_leaf_module(m, qualname)
 
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        self.stack.append(self.path_of_module(m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = list(self.stack)
+            raise
+        finally:
+            self.stack.pop()
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as e:  # noqa: BLE001 - FX raises TraceError, TypeError, NotImplementedError, ...
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(
-            f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {text[:160]}); the graph engine "
-            "needs a forward without data-dependent control flow"
-        ) from None
-    return fx.GraphModule(model, graph)
+
+OPAQUE_LIMIT = 64  # modules traced as one op before the model is refused
+
+
+def trace(model: nn.Module, allow_opaque: bool = True) -> fx.GraphModule:
+    """The model's graph. A submodule whose forward cannot be traced (data-dependent control flow: MobileViT's
+    ``if new_h != H``) becomes one opaque op, its channels kept (``gm.meta["slim_opaque"]``: name → why), so the
+    rest of the model still prunes; the model itself failing is a one-line error."""
+    opaque: dict[str, str] = {}
+    while True:
+        tracer = _Tracer(opaque)
+        try:
+            graph = tracer.trace(model)
+            break
+        except Exception as e:  # noqa: BLE001 - FX raises TraceError, TypeError, NotImplementedError, ...
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            where = [q for q in tracer.failed_in or [] if q and q not in opaque]
+            if allow_opaque and where and len(opaque) < OPAQUE_LIMIT:
+                opaque[where[-1]] = f"{type(e).__name__}: {text[:120]}"
+                continue
+            raise ConfigError(
+                f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {text[:160]}); the graph "
+                "engine needs a forward without data-dependent control flow"
+            ) from None
+    gm = fx.GraphModule(model, graph)
+    gm.meta["slim_opaque"] = opaque
+    return gm
 
 
 @torch.no_grad()
@@ -807,14 +852,15 @@ def trace_channels(model: nn.Module, example_input: Inputs, carry_raw: bool = Fa
     model.eval()
     try:
         try:
-            gm = trace(model)
-        except ConfigError as first:
+            gm = trace(model, allow_opaque=False)
+        except ConfigError:
             # An eval forward with shape-dependent control flow (YOLO's Detect decodes boxes only in eval) is traced
             # in training mode, where the head returns its raw maps; on a copy, whose BN statistics may move.
+            # Failing that, the modules that cannot be traced become opaque ops (MobileViT's blocks).
             try:
-                gm = trace(copy.deepcopy(model).train())
+                gm = trace(copy.deepcopy(model).train(), allow_opaque=False)
             except ConfigError:
-                raise first from None
+                gm = trace(model)
         try:
             ShapeProp(gm).propagate(*_placeholder_args(gm, example_input))
         except Exception as e:  # noqa: BLE001

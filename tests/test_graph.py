@@ -605,3 +605,52 @@ def test_yolos_c2f_block_traces_and_prunes_its_chunked_channels():
     cv1 = pruned[1].cv1[0]
     assert cv1.out_channels < 32 and cv1.out_channels % 2 == 0  # both halves lose the same channels
     assert not any("split" in r for u in rec["unprunable"] for r in u["reasons"])
+
+
+class _Ghost(nn.Module):
+    """GhostNet's module: half the channels from a conv, half from a cheap depthwise conv of those, then
+    ``out[:, :self.out_chs]`` with a bound written into forward that covers every channel."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.out_chs = cout
+        self.primary = _ConvBnAct(cin, cout // 2)
+        self.cheap = nn.Sequential(nn.Conv2d(cout // 2, cout // 2, 3, padding=1, groups=cout // 2, bias=False),
+                                   nn.BatchNorm2d(cout // 2), nn.ReLU())  # fmt: skip
+
+    def forward(self, x):
+        a = self.primary(x)
+        return torch.cat([a, self.cheap(a)], 1)[:, : self.out_chs, :, :]
+
+
+class _Shapey(nn.Module):
+    """A block whose forward branches on its input's size (MobileViT's `if new_h != H: interpolate`): torch.fx
+    cannot trace it."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.body = _ConvBnAct(c, c, 3)
+
+    def forward(self, x):
+        if x.shape[-1] % 2:
+            x = nn.functional.pad(x, (0, 1, 0, 1))
+        return self.body(x)
+
+
+def test_a_slice_over_every_channel_is_not_a_cut_and_ghost_modules_prune():
+    torch.manual_seed(0)
+    m = randomize(nn.Sequential(_ConvBnAct(3, 16, 3), _Ghost(16, 32), _Ghost(32, 32), nn.AdaptiveAvgPool2d(1),
+                                nn.Flatten(), nn.Linear(32, 5)))  # fmt: skip
+    pruned, rec = check_exact(m, torch.randn(2, 3, 12, 12))
+    assert pruned[1].primary[0].out_channels < 16 and pruned[2].primary[0].out_channels < 16
+    assert not any("slice" in r for u in rec["unprunable"] for r in u["reasons"])
+
+
+def test_a_block_torch_fx_cannot_trace_is_kept_whole_and_the_rest_prunes():
+    torch.manual_seed(0)
+    m = randomize(nn.Sequential(_ConvBnAct(3, 16, 3), _ConvBnAct(16, 32, 3), _Shapey(32), _ConvBnAct(32, 32, 3),
+                                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5)))  # fmt: skip
+    pruned, rec = check_exact(m, torch.randn(2, 3, 12, 12))
+    assert pruned[2].body[0].weight.shape[:2] == (32, 32)  # kept whole, and so are the channels around it
+    assert pruned[0][0].out_channels < 16
+    assert any("2: _Shapey's forward cannot be traced" in r for u in rec["unprunable"] for r in u["reasons"])
