@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import shlex
@@ -51,6 +52,16 @@ class Normalize(str, Enum):
     none = "none"
     max = "max"
     mean = "mean"
+
+
+class Regularizer(str, Enum):
+    l1 = "l1"
+    polar = "polar"
+
+
+class Teacher(str, Enum):
+    baseline = "baseline"
+    sparse = "sparse"
 
 
 # Shared options, defined once.
@@ -186,6 +197,27 @@ StreamOpt = Annotated[
         "running mean of the channel as a constant. Beyond the paper's rules; more MACs saved at the same "
         "threshold, not exact.",
     ),
+]
+RegularizerOpt = Annotated[
+    Regularizer,
+    typer.Option(
+        "--regularizer",
+        help="Sparsity term on every BN γ: l1, s·|γ| (the paper's); polar, the polarization regularizer "
+        "s·(t·|γ| − |γ − mean γ|) (Zhuang et al., NeurIPS 2020): γ below the mean are pulled t+1 times as hard as "
+        "those above, so |γ| splits into a group at 0 and one that stays, and the threshold falls in the gap.",
+    ),
+]
+PolarTOpt = Annotated[
+    float, typer.Option("--polar-t", help="polar's t (> 1: every γ is still pulled down, the low ones hardest).")
+]
+DistillWeightOpt = Annotated[
+    float,
+    typer.Option(
+        "--distill-weight", min=0.0, max=1.0, help="Weight of the teacher's KL term; the label loss gets 1 − it."
+    ),
+]
+DistillTempOpt = Annotated[
+    float, typer.Option("--distill-temperature", help="Temperature T softening both models' logits (KL × T²).")
 ]
 FoldOpt = Annotated[
     bool,
@@ -418,6 +450,8 @@ def train(
     data_dir: DataDirOpt = None,
     epochs: EpochsOpt = 10,
     sparsity: SparsityOpt = 0.0,
+    regularizer: RegularizerOpt = Regularizer.l1,
+    polar_t: PolarTOpt = 1.2,
     lr: LrOpt = None,
     batch_size: BatchOpt = None,
     preset: PresetOpt = Preset.fast,
@@ -452,6 +486,7 @@ def train(
         sync_bn=sync_bn,
         precision=precision,
     )
+    cfg = dataclasses.replace(cfg, regularizer=regularizer.value, polar_t=polar_t)
     cfg.validate()
     if arch:
         from slimexport.models import default_config
@@ -553,6 +588,16 @@ def refine(
     data_cache: DataCacheOpt = DataCache.auto,
     precision: PrecisionOpt = None,
     resume: ResumeOpt = False,
+    teacher: Annotated[
+        Path | None,
+        typer.Option(
+            "--teacher",
+            help="Distil from this checkpoint (the unpruned model, baseline or sparse): the loss adds the KL to its "
+            "softened logits; one more forward per batch.",
+        ),
+    ] = None,
+    distill_weight: DistillWeightOpt = 0.5,
+    distill_temperature: DistillTempOpt = 4.0,
     arch: TrustArchOpt = None,
     trust_model_code: TrustOpt = False,
     force: ForceOpt = False,
@@ -576,10 +621,12 @@ def refine(
         sync_bn=sync_bn,
         precision=precision,
     )
+    if teacher is not None:
+        cfg = dataclasses.replace(cfg, distill=distill_weight, temperature=distill_temperature)
     cfg.validate()
     ds = load_dataset(dataset, data_dir, cache=data_cache.value)
     with _trusting(arch, trust_model_code):
-        meta = train_fn(out, ds, cfg, init=checkpoint, stage="refined", resume=resume)
+        meta = train_fn(out, ds, cfg, init=checkpoint, stage="refined", resume=resume, teacher=teacher)
     _say(f"refined: accuracy {meta['accuracy']:.4f} after {epochs} epochs ({meta['train_seconds']:.0f} s) -> {out}")
 
 
@@ -826,7 +873,39 @@ def pipeline(
         int, typer.Option("--epochs", "-e", min=1, help="Epochs of baseline and of sparse training.")
     ] = 10,
     refine_epochs: Annotated[int, typer.Option("--refine-epochs", min=1, help="Epochs of refine.")] = 10,
-    sparsity: SparsityOpt = 3e-3,
+    sparsity: Annotated[
+        str,
+        typer.Option(
+            "--sparsity",
+            "-s",
+            help="Strength s of the sparsity term on every BN γ, or auto: chosen by a short probe from the "
+            "baseline, the smallest s predicted to send --percent of the γ to zero without collapsing the rest.",
+        ),
+    ] = "3e-3",
+    regularizer: RegularizerOpt = Regularizer.l1,
+    polar_t: PolarTOpt = 1.2,
+    distill: Annotated[
+        bool,
+        typer.Option(
+            "--distill/--no-distill",
+            help="Refine learns from the unpruned model's logits too (knowledge distillation: KL on softened logits "
+            "plus the label loss); one more forward per batch.",
+        ),
+    ] = False,
+    distill_weight: DistillWeightOpt = 0.5,
+    distill_temperature: DistillTempOpt = 4.0,
+    teacher: Annotated[
+        Teacher, typer.Option("--teacher", help="The unpruned model that teaches with --distill.")
+    ] = Teacher.baseline,
+    prune_steps: Annotated[
+        int,
+        typer.Option(
+            "--prune-steps",
+            min=1,
+            help="Reach --percent in N steps, each a global threshold over what is left followed by a short refine "
+            "(the --refine-epochs split among them), as the paper's iterative variant; 1: one shot.",
+        ),
+    ] = 1,
     percent: PercentOpt = 0.6,
     min_channels: MinChOpt = 1,
     normalize: NormalizeOpt = Normalize.none,
@@ -912,6 +991,7 @@ def pipeline(
     from slimexport.pipeline import PipelineConfig, run_pipeline
     from slimexport.prune import PruneConfig
 
+    sparsity = _sparsity_value(sparsity)
     cfg = _fill(
         PipelineConfig,
         locals(),
@@ -936,6 +1016,18 @@ def pipeline(
     )
     if len(r.get("variants", [])) > 2:
         _say(_variants_line(r["variants"]))
+
+
+def _sparsity_value(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"--sparsity must be a positive number or auto, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"--sparsity must be a positive number or auto, got {text!r}")
+    return value
 
 
 def _variants_line(rows: list[dict]) -> str:

@@ -55,6 +55,7 @@ from slimexport.train import (
     adopt,
     data_meta,
     evaluate,
+    initial_model,
     make_scheduler,
     preset_config,
     probe_model,
@@ -78,7 +79,14 @@ class PipelineConfig:
     data_dir: str | None = None
     epochs: int = 10  # baseline and sparse training, each
     refine_epochs: int = 10
-    sparsity: float = 3e-3
+    sparsity: float | str = 3e-3  # or "auto": chosen by a probe from the baseline (slimexport.sparsity)
+    regularizer: str = "l1"  # l1 (the paper) or polar (Zhuang et al. 2020)
+    polar_t: float = 1.2
+    distill: bool = False  # refine learns from the unpruned model's logits too
+    distill_weight: float = 0.5
+    distill_temperature: float = 4.0
+    teacher: str = "baseline"  # the unpruned model that teaches: baseline or sparse
+    prune_steps: int = 1  # reach --percent in this many prune → refine steps (the refine epochs split among them)
     # percent 0.6 of the channels; round_to auto: onnxruntime's CPU channel block here (16 AVX-512, 8 AVX2)
     prune: PruneConfig = field(default_factory=lambda: PruneConfig(percent=0.6, round_to="auto"))
     eval_every: int | None = None  # None: only after the last epoch of each stage
@@ -123,8 +131,20 @@ class PipelineConfig:
                 "--baseline-epochs 0 takes a trained model as the baseline: give it with --weights FILE, "
                 "--weights torchvision:IMAGENET1K_V1 or --baseline CHECKPOINT"
             )
-        if self.sparsity <= 0:
+        if isinstance(self.sparsity, str):
+            if self.sparsity != "auto":
+                raise ConfigError(f"--sparsity must be a positive number or auto, got {self.sparsity!r}")
+        elif not self.sparsity > 0:
             raise ConfigError(f"--sparsity must be positive for network slimming, got {self.sparsity}")
+        if self.teacher not in ("baseline", "sparse"):
+            raise ConfigError(f"--teacher must be baseline or sparse, got {self.teacher!r}")
+        if self.prune_steps < 1 or self.prune_steps > self.refine_epochs:
+            raise ConfigError(
+                f"--prune-steps {self.prune_steps}: between 1 and --refine-epochs ({self.refine_epochs}); each step "
+                "refines at least one epoch"
+            )
+        self.train_config("refine").validate()  # distillation's weight and temperature
+        self.train_config("sparse").validate()  # the regularizer and its t
         resolve_round_to(self.prune.round_to)
         if self.ncnn and not ncnn_available():
             raise ConfigError(f"--ncnn: {NCNN_HINT}")
@@ -136,23 +156,32 @@ class PipelineConfig:
         """The baseline is a trained model taken as it is; sparse training fine-tunes it."""
         return self.baseline_epochs == 0
 
-    def train_config(self, stage: str) -> TrainConfig:
-        """The training options of ``stage`` (baseline, sparse or refine), from the preset where not given."""
+    def train_config(self, stage: str, sparsity: float | None = None, epochs: int | None = None) -> TrainConfig:
+        """The training options of ``stage`` (baseline, sparse or refine), from the preset where not given;
+        ``sparsity`` is the resolved s (``--sparsity auto``), ``epochs`` a refine step's share (``--prune-steps``)."""
         common = dict(batch_size=self.batch_size, seed=self.seed, device=self.device, compile=self.compile)
+        s = sparsity if sparsity is not None else (0.0 if isinstance(self.sparsity, str) else float(self.sparsity))
+        extra: dict[str, Any] = {}
         if stage == "refine":
-            cfg = preset_config(
-                self.preset, self.refine_epochs, 0.0, self.refine_lr, eval_every=self.eval_every, refine=True, **common
-            )
+            cfg = preset_config(self.preset, epochs or self.refine_epochs, 0.0, self.refine_lr,
+                                eval_every=self.eval_every, refine=True, **common)  # fmt: skip
+            if self.distill:
+                extra = {"distill": self.distill_weight, "temperature": self.distill_temperature}
         elif stage == "sparse" and self.from_trained:  # fine-tuning a trained model: refine's gentler lr
-            cfg = preset_config(
-                self.preset, self.epochs, self.sparsity, self.lr, eval_every=self.eval_every, refine=True, **common
-            )
+            cfg = preset_config(self.preset, self.epochs, s, self.lr, eval_every=self.eval_every, refine=True, **common)
         elif stage == "baseline" and self.baseline_epochs:
             cfg = preset_config(self.preset, self.baseline_epochs, 0.0, self.lr, eval_every=self.eval_every, **common)
         else:
-            sparsity = self.sparsity if stage == "sparse" else 0.0
-            cfg = preset_config(self.preset, self.epochs, sparsity, self.lr, eval_every=self.eval_every, **common)
-        return dataclasses.replace(cfg, sync_bn=self.sync_bn, precision=self.precision or cfg.precision)
+            cfg = preset_config(self.preset, self.epochs, s if stage == "sparse" else 0.0, self.lr,
+                                eval_every=self.eval_every, **common)  # fmt: skip
+        if stage == "sparse":
+            extra = {"regularizer": self.regularizer, "polar_t": self.polar_t}
+        return dataclasses.replace(cfg, sync_bn=self.sync_bn, precision=self.precision or cfg.precision, **extra)
+
+    def refine_epochs_per_step(self) -> list[int]:
+        """Refine's epochs split among the --prune-steps steps (the last takes the remainder)."""
+        each = self.refine_epochs // self.prune_steps
+        return [each] * (self.prune_steps - 1) + [self.refine_epochs - each * (self.prune_steps - 1)]
 
 
 @dataclass
@@ -196,6 +225,29 @@ def _stage_facts(meta: dict[str, Any]) -> dict[str, Any]:
     return facts | ({"reused": meta["reused"]} if "reused" in meta else {})
 
 
+def _sparsity(r: _Run) -> tuple[float, dict[str, Any]]:
+    """The sparse stage's s: the given one, or with ``--sparsity auto`` the probe's choice (kept in sparsity.json,
+    so that a resumed run trains with the same s)."""
+    if r.cfg.sparsity != "auto":
+        return float(r.cfg.sparsity), {}
+    f = r.path("sparsity.json")
+    if f.is_file():
+        rec = read_json(f)
+        return rec["sparsity"], rec
+    from slimexport.sparsity import choose_sparsity
+
+    if r.cfg.from_trained:  # sparse training fine-tunes the baseline: the probe starts from it too
+        model, ck = load_checkpoint(r.path("baseline.pt"))
+        ds = fit_data(ck, r.path("baseline.pt"), r.ds)
+    else:  # from the initialisation sparse training starts from
+        model, ds = initial_model(r.cfg.arch, r.ds, r.cfg.seed, r.cfg.weights), r.ds
+    s, rec = choose_sparsity(model, ds, r.cfg.train_config("sparse"), r.cfg.prune.percent)
+    console.print(f"--sparsity auto: s = {s:g} ({escape(rec['reason'])})")
+    if distributed.is_main():
+        write_json(f, rec)
+    return s, rec
+
+
 def _train_stage(name: str, reuse: str | None) -> Callable[[_Run], dict[str, Any]]:
     def run(r: _Run) -> dict[str, Any]:
         out = r.path(f"{name}.pt")
@@ -203,26 +255,91 @@ def _train_stage(name: str, reuse: str | None) -> Callable[[_Run], dict[str, Any
             return _stage_facts(_reuse(Path(reuse), out, r.ds, r.device))
         if name == "baseline" and r.cfg.from_trained:  # the given weights are the baseline: measured, not trained
             return _stage_facts(adopt(out, r.ds, r.cfg.arch, r.cfg.weights, r.device))
-        if name == "sparse" and r.cfg.from_trained:  # fine-tune the trained baseline with the L1 term
-            meta = train(out, r.ds, r.cfg.train_config(name), init=r.path("baseline.pt"), stage="sparse", resume=True)
-            return _stage_facts(meta)
-        meta = train(out, r.ds, r.cfg.train_config(name), arch=r.cfg.arch, resume=True, weights=r.cfg.weights)
-        return _stage_facts(meta)
+        extra: dict[str, Any] = {}
+        s = None
+        if name == "sparse":
+            s, probe = _sparsity(r)
+            extra = {"sparsity": s, "regularizer": r.cfg.regularizer} | ({"sparsity_probe": probe} if probe else {})
+        cfg = r.cfg.train_config(name, sparsity=s)
+        if name == "sparse" and r.cfg.from_trained:  # fine-tune the trained baseline with the sparsity term
+            meta = train(out, r.ds, cfg, init=r.path("baseline.pt"), stage="sparse", resume=True)
+            return _stage_facts(meta) | extra
+        meta = train(out, r.ds, cfg, arch=r.cfg.arch, resume=True, weights=r.cfg.weights)
+        return _stage_facts(meta) | extra
 
     return run
 
 
+def _teacher(r: _Run) -> Path | None:
+    return r.path(f"{r.cfg.teacher}.pt") if r.cfg.distill else None
+
+
 def _prune_stage(r: _Run) -> dict[str, Any]:
+    """One global threshold (the paper's one-shot prune), or with ``--prune-steps N`` the target reached in N
+    steps: each prunes, by one global threshold over what is left, its share of the BN channels to remove (of the
+    sparse model's count: step i ends at i/N of --percent), and all but the last are followed by a short refine
+    (refine's epochs split among the steps; the refine stage runs the last share)."""
     cfg = r.cfg
-    meta = prune(r.path("sparse.pt"), r.path("pruned.pt"), cfg.prune, ds=r.ds, device=str(r.device))
-    return {"accuracy": meta["accuracy"], "record": meta["prune"]}
+    if cfg.prune_steps == 1:
+        meta = prune(r.path("sparse.pt"), r.path("pruned.pt"), cfg.prune, ds=r.ds, device=str(r.device))
+        return {"accuracy": meta["accuracy"], "record": meta["prune"]}
+    src, steps, first, total = r.path("sparse.pt"), [], None, 0
+    epochs = cfg.refine_epochs_per_step()
+    for i in range(1, cfg.prune_steps + 1):
+        model, _ = load_checkpoint(src)
+        now = sum(len(g) for g in bn_gammas(model).values())
+        total = total or now
+        goal = round(total * cfg.prune.percent * i / cfg.prune_steps)  # BN channels removed after this step
+        share = min(max(0.0, (goal - (total - now)) / now), 0.99)
+        out = r.path("pruned.pt") if i == cfg.prune_steps else r.path(f"pruned.step{i}.pt")
+        meta = prune(src, out, dataclasses.replace(cfg.prune, percent=share), ds=r.ds, device=str(r.device))
+        rec = meta["prune"]
+        first = first or rec
+        step = {"step": i, "percent_of_rest": share, "channels_after": rec["channels_after"],
+                "accuracy_pruned": meta["accuracy"]}  # fmt: skip
+        if i < cfg.prune_steps:
+            src = r.path(f"refined.step{i}.pt")
+            tm = train(src, r.ds, cfg.train_config("refine", epochs=epochs[i - 1]), init=out, stage="refined",
+                       resume=True, teacher=_teacher(r))  # fmt: skip
+            step |= {"refine_epochs": epochs[i - 1], "accuracy_refined": tm["accuracy"]}
+        steps.append(step)
+    record = _compose(first, rec, steps, cfg.prune.percent)
+    ck = read_checkpoint(r.path("pruned.pt"))
+    ck["meta"]["prune"] = record
+    save_checkpoint(ck, r.path("pruned.pt"))
+    return {"accuracy": meta["accuracy"], "record": record}
+
+
+def _compose(first: dict[str, Any], last: dict[str, Any], steps: list[dict[str, Any]], percent: float) -> dict:
+    """The record of a prune in steps, as one prune from the sparse model: the first step's "before" figures, the
+    last step's "after" figures and threshold, each layer's channels from the first to the last, and the steps."""
+    before = {x["name"]: x["before"] for x in first["layers"]}
+    layers = [x | {"before": before.get(x["name"], x["before"])} for x in last["layers"]]
+    kept = sum(x["after"] for x in layers)
+    total = first["channels_before"]
+    return last | {
+        "percent": percent,
+        "layers": layers,
+        "channels_before": total,
+        "channels_after": kept,
+        "pruned_fraction": 1 - kept / total if total else 0.0,
+        "params_before": first["params_before"],
+        "macs_before": first["macs_before"],
+        "source": first["source"],
+        "floored_layers": sorted({n for rec in (first, last) for n in rec["floored_layers"]}),
+        "steps": steps,
+    }
 
 
 def _refine_stage(r: _Run) -> dict[str, Any]:
-    meta = train(
-        r.path("refined.pt"), r.ds, r.cfg.train_config("refine"), init=r.path("pruned.pt"), stage="refined", resume=True
-    )
-    return _stage_facts(meta)
+    cfg = r.cfg.train_config("refine", epochs=r.cfg.refine_epochs_per_step()[-1])
+    meta = train(r.path("refined.pt"), r.ds, cfg, init=r.path("pruned.pt"), stage="refined", resume=True,
+                 teacher=_teacher(r))  # fmt: skip
+    facts = _stage_facts(meta)
+    if r.cfg.distill:
+        facts["distill"] = {"teacher": r.cfg.teacher, "teacher_accuracy": meta.get("teacher_accuracy"),
+                            "weight": r.cfg.distill_weight, "temperature": r.cfg.distill_temperature}  # fmt: skip
+    return facts
 
 
 def _export_stage(name: str, ckpt: str) -> Callable[[_Run], dict[str, Any]]:
@@ -369,8 +486,9 @@ def _report_stage(r: _Run) -> dict[str, Any]:
     report["variants"] = _variant_rows(r, res)
     sparse_model, _ = load_checkpoint(r.path("sparse.pt"))
     gam = torch.cat(list(bn_gammas(sparse_model).values())).tolist()
-    report["gamma"] = gamma_stats(gam, r.cfg.train_config("sparse"), len(r.ds.y_train))
-    title = f"{cfg.arch}: BN |γ| after sparse training (s={cfg.sparsity:g})"
+    s = recs["sparse"].get("sparsity", 0.0 if cfg.sparsity == "auto" else cfg.sparsity)  # auto: the probe's
+    report["gamma"] = gamma_stats(gam, r.cfg.train_config("sparse", sparsity=float(s)), len(r.ds.y_train))
+    title = f"{cfg.arch}: BN |γ| after sparse training ({cfg.regularizer}, s={float(s):g})"
     plot_gammas(gam, record["threshold"], r.path("gamma_hist.png"), title)
     plot_channels(
         record["layers"], r.path("channels.png"), f"{cfg.arch}: channels per BN layer, {cfg.prune.percent:.0%} pruned"
@@ -523,6 +641,9 @@ def _run_locked(cfg: PipelineConfig, out: Path, command: str) -> dict[str, Any]:
     if cfg.bench.device != "cpu":
         provider_for(cfg.bench.device)  # a real session on CUDA, before any training
         cfg.export.tune_device = cfg.bench.device  # `--selection auto` chooses for the device it is benched on
+    if cfg.prune_steps > 1 and distributed.world_size() > 1:
+        raise ConfigError("--prune-steps above 1 runs its short refines in the prune stage, on one process: not under "
+                          "torchrun")  # fmt: skip
     _resolve(cfg)
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.data_cache)
     _check_model(cfg, ds)

@@ -1,7 +1,9 @@
 """Training: plain, sparse (L1 on every BN γ), and refine of a pruned model — one loop, one artifact out.
 
 The sparsity penalty is a hook, :func:`regularize`, called between ``backward()`` and ``step()``; it adds the
-network-slimming subgradient s·sign(γ) to every ``BatchNorm2d`` weight gradient.
+network-slimming subgradient s·sign(γ) to every BatchNorm weight gradient, or with ``regularizer="polar"`` the
+polarization regularizer's (Zhuang et al., NeurIPS 2020). Refine can learn from a teacher (``teacher=``: the
+unpruned model; knowledge distillation, Hinton et al. 2015): KL on softened logits plus the label loss.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def preset_config(
 
 
 PRECISIONS = ("fp32", "bf16", "auto")
+REGULARIZERS = ("l1", "polar")
 
 
 @dataclass
@@ -94,6 +97,10 @@ class TrainConfig:
     # fp32, bf16 (autocast), or auto: bf16 on CUDA, on a CPU where it is measured faster. $SLIMEXPORT_PRECISION sets
     # the default (the test suite pins fp32, so that its figures do not depend on a probe's timing)
     precision: str = field(default_factory=lambda: os.environ.get("SLIMEXPORT_PRECISION", "auto"))
+    regularizer: str = "l1"  # l1: s·|γ| (the paper); polar: s·(t·|γ| − |γ − mean γ|) (Zhuang et al. 2020)
+    polar_t: float = 1.2  # polar's t: > 1 still pulls every γ down, those below the mean t+1 times as hard
+    distill: float = 0.0  # weight of the teacher's KL term in refine (0: labels alone); needs a teacher
+    temperature: float = 4.0  # softens both models' logits for the KL term (scaled back by T²)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -117,6 +124,14 @@ class TrainConfig:
             raise ConfigError(f"--precision {self.precision!r}: {', '.join(PRECISIONS)}")
         if self.schedule not in ("onecycle", "multistep", "constant"):
             raise ConfigError(f"unknown schedule {self.schedule!r}: onecycle, multistep or constant")
+        if self.regularizer not in REGULARIZERS:
+            raise ConfigError(f"--regularizer {self.regularizer!r}: {' or '.join(REGULARIZERS)}")
+        if not (self.polar_t > 0 and math.isfinite(self.polar_t)):
+            raise ConfigError(f"--polar-t must be positive, got {self.polar_t}")
+        if not 0 <= self.distill <= 1:
+            raise ConfigError(f"--distill-weight must be in [0, 1], got {self.distill}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"--distill-temperature must be positive, got {self.temperature}")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -136,8 +151,18 @@ def bn_weights(model: nn.Module) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def regularize(model: nn.Module, sparsity: float, weights: list[torch.Tensor] | None = None) -> None:
-    """Add the L1 subgradient ``sparsity·sign(γ)`` to the gradient of every BN scale γ of any model.
+def regularize(
+    model: nn.Module,
+    sparsity: float,
+    weights: list[torch.Tensor] | None = None,
+    regularizer: str = "l1",
+    t: float = 1.2,
+) -> None:
+    """Add the sparsity subgradient to the gradient of every BN scale γ of any model: ``sparsity·sign(γ)`` (L1,
+    the paper's), or with ``regularizer="polar"`` the polarization regularizer's (Zhuang et al., NeurIPS 2020),
+    ``sparsity·(t·|γ|₁ − |γ − γ̄|₁)`` over all the model's γ with γ̄ their mean: it pulls every γ down (t > 1) but
+    those below the mean t+1 times as hard as those above it (t−1), so |γ| splits into a group at 0 and a group
+    that stays, with an empty gap between them where one global threshold falls.
 
     Call it after ``backward()`` and before ``step()`` (under DDP after backward, i.e. after the all-reduce, so
     every rank adds the same term; with a GradScaler after ``scaler.unscale_(optimizer)``)::
@@ -150,7 +175,21 @@ def regularize(model: nn.Module, sparsity: float, weights: list[torch.Tensor] | 
         return
     ws = [w for w in (weights if weights is not None else bn_weights(model)) if w.grad is not None]
     if ws:
-        torch._foreach_add_([w.grad for w in ws], [torch.sign(w) for w in ws], alpha=sparsity)
+        torch._foreach_add_([w.grad for w in ws], penalty_grads(ws, regularizer, t), alpha=sparsity)
+
+
+@torch.no_grad()
+def penalty_grads(ws: list[torch.Tensor], regularizer: str = "l1", t: float = 1.2) -> list[torch.Tensor]:
+    """The sparsity penalty's subgradient (for s = 1) at the γ tensors ``ws``: see :func:`regularize`."""
+    if regularizer == "l1":
+        return [torch.sign(w) for w in ws]
+    if regularizer != "polar":
+        raise ConfigError(f"unknown regularizer {regularizer!r}: {' or '.join(REGULARIZERS)}")
+    mean = torch.cat([w.reshape(-1) for w in ws]).mean()
+    above = [torch.sign(w - mean) for w in ws]
+    # d/dγ_i of −Σ_j |γ_j − γ̄| = −sign(γ_i − γ̄) + mean_j sign(γ_j − γ̄)  (γ̄ depends on every γ)
+    pull = torch.cat([a.reshape(-1) for a in above]).mean()
+    return [t * torch.sign(w) - a + pull for w, a in zip(ws, above)]
 
 
 def _autocast(device: torch.device, precision: str = "bf16"):
@@ -269,11 +308,13 @@ def fit(
     resume_path: Path | None = None,
     resume: bool = False,
     description: str = "train",
+    teacher: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place; returns {history, best_accuracy, final_accuracy, seconds, images_per_s}.
 
     With ``resume_path``, the full training state is saved there (atomically) after every epoch, and with
-    ``resume`` an existing state there is continued from instead of starting over.
+    ``resume`` an existing state there is continued from instead of starting over. With ``teacher`` (and
+    ``cfg.distill`` > 0) the loss is :func:`distill_loss` against the teacher's logits (the teacher in eval mode).
     """
     cfg.validate()
     device = distributed.setup(resolve_device(cfg.device))
@@ -289,6 +330,12 @@ def fit(
     channels_last = use_channels_last(device) and ds.x_train.dim() == 4  # image batches (N, C, H, W) only
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if teacher is not None and cfg.distill > 0:
+        teacher = teacher.to(device).eval().requires_grad_(False)
+        if channels_last:
+            teacher.to(memory_format=torch.channels_last)
+    else:
+        teacher = None
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest algorithms once
     ds_dev = ds.to(device)  # a new Dataset on the device; the caller's stays where it was
@@ -320,7 +367,7 @@ def fit(
             seen = 0
             for xb, yb in _epoch_batches(ds_dev, cfg, epoch, gen, aug_gen, drop_last, device):
                 loss = _step(model, forward, opt, sched, ds.normalize(xb), yb, cfg, bn_ws, precision, channels_last,
-                             user_code, epoch)  # fmt: skip
+                             user_code, epoch, teacher)  # fmt: skip
                 loss_sum += loss * len(yb)
                 seen += len(yb)
                 progress.advance(task)
@@ -433,7 +480,9 @@ def _restore(path: Path, cfg: TrainConfig, model, opt, sched, gen, aug_gen) -> d
     """Load an interrupted run's state from ``path`` into the model, optimiser, schedule and generators; returns
     its meta (epoch, history, train_seconds, precision)."""
     state = read_checkpoint(path)
-    if {"precision": "auto"} | state["meta"].get("train_config", {}) != _cfg_key(cfg):  # older: auto's behaviour
+    # an option an older version did not have counts as its default (that version's behaviour)
+    older = {"precision": "auto", "regularizer": "l1", "polar_t": 1.2, "distill": 0.0, "temperature": 4.0}
+    if older | state["meta"].get("train_config", {}) != _cfg_key(cfg):
         raise CheckpointError(
             f"{path} was written with other training options; rerun with the same ones or delete it to start over"
         )
@@ -446,17 +495,34 @@ def _restore(path: Path, cfg: TrainConfig, model, opt, sched, gen, aug_gen) -> d
     return state["meta"]
 
 
-def _step(model, forward, opt, sched, x, yb, cfg: TrainConfig, bn_ws, precision, channels_last, user_code, epoch):
-    """One training step: forward (the user's model's failures as one line), loss, backward, the L1 term on every
-    BN γ (after DDP's all-reduce, so every rank adds the same), SGD step, schedule step. Returns the loss."""
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, weight: float, temperature: float):
+    """(1 − weight)·cross-entropy(labels) + weight·T²·KL(teacher ‖ student) on logits softened by T (Hinton et
+    al. 2015; T² keeps the KL term's gradients at the scale of the label loss's)."""
+    t = temperature
+    kl = F.kl_div(F.log_softmax(student.float() / t, 1), F.log_softmax(teacher.float() / t, 1), reduction="batchmean",
+                  log_target=True)  # fmt: skip
+    return (1 - weight) * F.cross_entropy(student, labels) + weight * t * t * kl
+
+
+def _step(
+    model, forward, opt, sched, x, yb, cfg: TrainConfig, bn_ws, precision, channels_last, user_code, epoch, teacher
+):
+    """One training step: forward (the user's model's failures as one line), loss (with the teacher's KL term when
+    distilling), backward, the sparsity term on every BN γ (after DDP's all-reduce, so every rank adds the same),
+    SGD step, schedule step. Returns the loss."""
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with _autocast(x.device, precision):
         logits = _forward(forward, x, user_code, f"training epoch {epoch + 1}")
-        loss = F.cross_entropy(logits, yb)
+        if teacher is not None:
+            with torch.no_grad():
+                target = teacher(x)
+            loss = distill_loss(logits, target, yb, cfg.distill, cfg.temperature)
+        else:
+            loss = F.cross_entropy(logits, yb)
     opt.zero_grad(set_to_none=True)
     loss.backward()  # under DDP the gradients are averaged over ranks here
-    regularize(model, cfg.sparsity, bn_ws)
+    regularize(model, cfg.sparsity, bn_ws, cfg.regularizer, cfg.polar_t)
     opt.step()
     sched.step()
     return loss.detach()
@@ -649,6 +715,22 @@ def adopt(
     return meta
 
 
+def initial_model(arch: str, ds: Dataset, seed: int, weights: str | os.PathLike | None = None) -> nn.Module:
+    """The model training from scratch starts from: ``arch`` for ``ds``, initialised from ``seed`` (or ``weights``)."""
+    torch.manual_seed(seed)  # the initial weights too are a function of the seed
+    try:
+        model = create_model(arch, ds.num_classes, ds.in_channels)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if "image_size" in model.config:  # a traced model prunes at the data's image size
+        model.config["image_size"] = list(ds.image_size)
+    if weights is not None:
+        from slimexport.models.external import load_weights
+
+        load_weights(model, weights)
+    return model
+
+
 def train(
     out: str | os.PathLike,
     ds: Dataset,
@@ -658,36 +740,35 @@ def train(
     stage: str | None = None,
     resume: bool = False,
     weights: str | os.PathLike | None = None,
+    teacher: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Train ``arch`` from scratch, or continue from checkpoint ``init`` (refine); write the checkpoint ``out``.
+    With ``teacher`` (a checkpoint: the unpruned model) and ``cfg.distill`` > 0, refine learns from its logits too.
 
     Returns the checkpoint's ``meta``. Training state is kept in ``out.resume`` until the run completes.
     """
     out = Path(out)
     if (arch is None) == (init is None):
         raise ConfigError("give exactly one of an architecture (train) or an initial checkpoint (refine)")
+    if (teacher is not None) != (cfg.distill > 0):
+        raise ConfigError("distillation needs both a teacher checkpoint and a --distill-weight above 0")
+    teacher_model, teacher_meta = None, {}
+    if teacher is not None:
+        teacher_model, tck = load_checkpoint(teacher)
+        ds = fit_data(tck, teacher, ds)
+        teacher_meta = {"teacher": str(teacher), "teacher_accuracy": tck["meta"].get("accuracy")}
     prior_meta: dict[str, Any] = {}
     if init is not None:
         model, ckpt = load_checkpoint(init)
         ds = fit_data(ckpt, init, ds)
         prior_meta = ckpt["meta"]
     else:
-        torch.manual_seed(cfg.seed)  # the initial weights too are a function of the seed
-        try:
-            model = create_model(arch, ds.num_classes, ds.in_channels)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if "image_size" in model.config:  # a traced model prunes at the data's image size
-            model.config["image_size"] = list(ds.image_size)
-        if weights is not None:
-            from slimexport.models.external import load_weights
-
-            load_weights(model, weights)
+        model = initial_model(arch, ds, cfg.seed, weights)
     stage = stage or ("refined" if init is not None else ("sparse" if cfg.sparsity > 0 else "baseline"))
     probe_model(model, ds, str(init) if init is not None else f"--arch {arch}")
     resume_path = out.with_name(out.name + ".resume")
     with output_lock(out):  # a second process writing the same checkpoint is refused, naming this one
-        result = fit(model, ds, cfg, resume_path=resume_path, resume=resume, description=stage)
+        result = fit(model, ds, cfg, resume_path=resume_path, resume=resume, description=stage, teacher=teacher_model)
         model = result["model"]  # the same module (or, after --sync-bn, one with plain BatchNorms again)
         meta = {
             "stage": stage,
@@ -702,7 +783,7 @@ def train(
             "precision": result["precision"],
             "precision_reason": result["precision_reason"],
             "parent": prior_meta.get("stage"),
-        }
+        } | teacher_meta
         if "prune" in prior_meta:
             meta["prune"] = prior_meta["prune"]
         meta["world_size"] = result["world_size"]

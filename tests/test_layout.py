@@ -17,7 +17,8 @@ LAYERS = {
              "assets"],
     "engine": ["oprules", "graph", "graph_prune", "rewrite"],
     "models": ["models", "models.builtin", "models.external"],
-    "stages": ["data", "stream", "checkpoint", "train", "prune", "selection", "export", "deploy", "bench", "report"],
+    "stages": ["data", "stream", "checkpoint", "train", "sparsity", "prune", "selection", "export", "deploy", "bench",
+               "report"],
     "top": ["pipeline", "api", "cli", "", "__main__"],
 }  # fmt: skip
 LAYER_OF = {("slimexport." + m).rstrip("."): i for i, mods in enumerate(LAYERS.values()) for m in mods}
