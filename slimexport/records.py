@@ -91,6 +91,11 @@ class PruneRecord(TypedDict, total=False):
     plan: Annotated[dict[str, Any], "kept input/output indices per module (and `bias` where folding added one)"]
     classes: Annotated[dict[str, int], "channel classes (channels removed together) in all, prunable, removed"]
     trace_seconds: Annotated[float, "time to trace and group"]
+    steps: Annotated[
+        list[dict[str, Any]],
+        "--prune-steps: per step `{step, percent_of_rest, channels_after, accuracy_pruned, refine_epochs, "
+        "accuracy_refined}`",
+    ]
 
 
 class StageRecord(TypedDict, total=False):
@@ -98,6 +103,11 @@ class StageRecord(TypedDict, total=False):
     accuracy: Annotated[float, "the stage's model's test accuracy"]
     images_per_s: Annotated[float, "training throughput (compile time excluded)"]
     compile_seconds: Annotated[float, "--compile: compilation, outside the timed epochs"]
+    reused: Annotated[str, "--baseline/--sparse: the checkpoint taken instead of training"]
+    sparsity: Annotated[float, "sparse: the s it trained with (--sparsity auto: the probe's choice)"]
+    regularizer: Annotated[str, "sparse: l1 or polar"]
+    sparsity_probe: Annotated[dict[str, Any], "--sparsity auto: `{sparsity, reason, target, table, ...}`"]
+    distill: Annotated[dict[str, Any], "refine with --distill: `{teacher, teacher_accuracy, weight, temperature}`"]
 
 
 class VariantRow(TypedDict, total=False):
