@@ -2,7 +2,7 @@
 PYTHON ?= python3
 SUITE ?= quick
 
-.PHONY: install test test-gpu lint benchmark benchmark-converged benchmark-selection benchmark-engine demo clean
+.PHONY: install test test-gpu lint benchmark benchmark-converged benchmark-selection benchmark-engine benchmark-reach benchmark-techniques demo clean
 
 install:  ## install slimexport with its test tools (editable)
 	$(PYTHON) -m pip install -e ".[dev,timm,ncnn,yolo]"
@@ -33,6 +33,16 @@ benchmark-selection:  ## what channel selection costs (Gather share, speed-ups, 
 benchmark-engine:  ## the one engine against the retired hand-written rules; densenet121/efficientnet_b0 selections
 	$(PYTHON) -m benchmarks.one_engine --data-dir $(DATA) $(ARGS)
 	$(PYTHON) -m benchmarks.fold_accuracy --data-dir $(DATA)
+	$(PYTHON) -m benchmarks.run --render-only
+
+benchmark-reach:  ## engine reach (issue 24): torchvision and 56 timm CNNs with the peer; 13 torchvision models' speed
+	$(PYTHON) -m benchmarks.graph_coverage $(ARGS)
+	$(PYTHON) -m benchmarks.graph_coverage --zoo timm --timeout 120 $(ARGS)
+	$(PYTHON) -m benchmarks.torchvision_speed
+	$(PYTHON) -m benchmarks.run --render-only
+
+benchmark-techniques:  ## none / distill / steps / polar / auto / all, three seeds (embedded data, ~45 min)
+	$(PYTHON) -m benchmarks.techniques $(ARGS)
 	$(PYTHON) -m benchmarks.run --render-only
 
 demo:  ## the main job on the embedded data

@@ -33,7 +33,7 @@ def render_results(results_root: Path) -> str:
         "",
     ]
     lines += sections.converged(every) + sections.imagefolder(every) + sections.coverage(every) + sections.speed(every)
-    lines += sections.deploy(every) + sections.one_engine(every) + sections.yolo(every)
+    lines += sections.deploy(every) + sections.one_engine(every) + sections.yolo(every) + sections.techniques(every)
     lines += [
         "## Pipeline checks (one epoch per stage): not accuracy",
         "",

@@ -16,31 +16,41 @@ def _lat(v: dict, batch: int, threads: int) -> float | None:
     return next((x["median_ms"] for x in v["latency"] if x["batch"] == batch and x["threads"] == threads), None)
 
 
-def coverage(every: list[dict]) -> list[str]:
-    res = [r for r in every if r.get("kind") == "graph_coverage"]
-    if not res:
-        return []
-    r = res[-1]
+def _coverage_one(r: dict) -> list[str]:
     s = r["summary"]
+    timm = r.get("zoo") == "timm"
     no_bn = [m["model"] for m in r["models"] if m.get("has_bn") is False]
     skipped = [m["model"] for m in r["models"] if "skipped" in m]
+    title = (
+        f"## Any CNN: the graph engine on {len(r['models'])} timm CNNs across families"
+        if timm
+        else "## Any CNN: the graph engine on every torchvision classification model"
+    )
+    bn = ""
+    if s.get("bn_removed_mean") is not None:
+        tp = s.get("torch_pruning_bn_removed_mean")
+        bn = f" Mean fraction of BN channels removed: slimexport {100 * s['bn_removed_mean']:.0f}%" + (
+            f", Torch-Pruning {100 * tp:.0f}% (over the models it pruned)." if tp is not None else "."
+        )
     lines = [
-        "## Any CNN: the graph engine on every torchvision classification model",
+        title,
         "",
         f"`{r['command']}` ({r['machine_tag']}, {r['date'][:10]}; Torch-Pruning {r['versions'].get('torch_pruning')}). "
         "Random weights, random BN statistics, 50% global, input 64×64 (larger where a model needs it). "
         "*exact*: the zeroing check (zero γ, β of the removed channels, prune again, compare outputs; relative "
         "error ≤ 1e-4). *ONNX*: the default exporter, checker, onnxsim, onnxruntime parity (≤ 1e-3), and no "
-        "NonZero/GatherND/Where/ScatterND.",
+        "NonZero/GatherND/Where/ScatterND. *BN removed*: the fraction of BatchNorm channels each pruner removed "
+        "(a model that is exact because everything froze is not a success).",
         "",
         f"**{s['pruned_exactly']} of {s['with_bn']} models with BatchNorm prune exactly** "
-        f"({100 * s['pruned_exactly'] / max(1, s['with_bn']):.0f}%); {s['refused']} refused, {s['crashed']} crashed; "
-        f"Torch-Pruning pruned {s['torch_pruning_pruned']} of {s['with_bn']} without an error. "
-        f"Without BatchNorm, refused in one line (network slimming scores channels by BN's γ): {', '.join(no_bn)}. "
-        f"Not run (over the --max-params limit: several copies each on a 24 GB, two-core machine): "
-        f"{', '.join(skipped) or 'none'}.",
+        f"({100 * s['pruned_exactly'] / max(1, s['with_bn']):.0f}%); {s.get('inexact', 0)} inexact, {s['refused']} "
+        f"refused, {s['crashed']} crashed, {s.get('timeout', 0)} timed out; "
+        f"Torch-Pruning pruned {s['torch_pruning_pruned']} of {s['with_bn']} without an error.{bn} "
+        + (f"Without BatchNorm, refused in one line (network slimming scores channels by BN's γ): {', '.join(no_bn)}. "
+           if no_bn else "")
+        + f"Not run (over the --max-params limit): {', '.join(skipped) or 'none'}.",
         "",
-    ]
+    ]  # fmt: skip
     if r.get("engine_speed"):
         e = r["engine_speed"]
         lines += [
@@ -49,15 +59,15 @@ def coverage(every: list[dict]) -> list[str]:
             "",
         ]
     lines += [
-        "| model | input | slimexport | groups | unprunable | MACs ratio | exact (rel. error) "
-        "| β folding: rel. error folded / not | ONNX | Torch-Pruning | TP MACs ratio | TP ONNX "
+        "| model | input | slimexport | groups | unprunable | MACs ratio | BN removed | exact (rel. error) "
+        "| β folding: rel. error folded / not | ONNX | Torch-Pruning | TP MACs ratio | TP BN removed | TP ONNX "
         "| what slimexport left, and why |",
-        "|---|---:|---|---:|---:|---:|---|---|---|---|---:|---|---|",
+        "|---|---:|---|---:|---:|---:|---:|---|---|---|---|---:|---:|---|---|",
     ]
     for m in r["models"]:
         if "skipped" in m or "build_error" in m:
             why = m.get("skipped") or m.get("build_error")
-            lines.append(f"| {m['model']} | | skipped: {why} | | | | | | | | | | |")
+            lines.append(f"| {m['model']} | | skipped: {why} | | | | | | | | | | | | |")
             continue
         o, t = m["slimexport"], m.get("torch_pruning", {})
         if not m.get("has_bn"):
@@ -77,43 +87,105 @@ def coverage(every: list[dict]) -> list[str]:
         tstatus = t.get("status", "–") if t.get("status") != "crashed" else f"crashed: {t.get('error', '')[:60]}"
         lines.append(
             f"| {m['model']} | {m['input']} | {status} | {o.get('groups', '')} | {o.get('unprunable_groups', '')} | "
-            f"{_x(o.get('macs_ratio'))} | {exact} | {fold} | "
-            f"{'yes' if onnx.get('ok') else ('NO' if onnx else '–')} | {tstatus} | "
-            f"{_x(t.get('macs_ratio'))} | "
+            f"{_x(o.get('macs_ratio'))} | {_share(o.get('bn_removed'))} | {exact} | {fold} | "
+            f"{'yes' if onnx.get('ok') else ('NO' if onnx else '–')} | {tstatus.replace('|', '/')} | "
+            f"{_x(t.get('macs_ratio'))} | {_share(t.get('bn_removed'))} | "
             f"{'yes' if tonnx.get('ok') else ('NO' if tonnx else '–')} | {why.replace('|', '/')} |"
         )
     return lines + [""]
 
 
+def _share(v: float | None) -> str:
+    return "" if v is None else f"{100 * v:.0f}%"
+
+
+def coverage(every: list[dict]) -> list[str]:
+    res = [r for r in every if r.get("kind") == "graph_coverage"]
+    out: list[str] = []
+    for zoo in ("torchvision", "timm"):
+        mine = [r for r in res if r.get("zoo", "torchvision") == zoo]
+        if mine:
+            out += _coverage_one(mine[-1])
+    return out
+
+
 def speed(every: list[dict]) -> list[str]:
     res = [r for r in every if r.get("kind") == "torchvision_speed"]
-    if not res:
+    if not res or "speedup_t1" in res[-1]["rows"][0].get("slimexport", {}):  # none, or the earlier layout
         return []
     r = res[-1]
-    lines = [
+    batches = r.get("batches", [1])
+    cols = " | ".join(f"b{b} ms | b{b} speed-up | b{b} fraction" for b in batches)
+    table = [
+        f"| model | pruner | BN removed | MACs ratio | {cols} | where the time went (below 0.8) |",
+        "|---|---|---:|---:|" + "---:|---:|---:|" * len(batches) + "---|",
+    ]
+    fr: dict[str, list[float]] = {"slimexport": [], "torch-pruning": []}
+    for row in r["rows"]:
+        ms = {(x["model"], x["batch"]): x["median_ms"] for x in row["latency"]}
+        cells = " | ".join(f"{ms[('baseline', b)]:.2f} | |" for b in batches)
+        table.append(f"| {row['model']} | baseline | | ×1.00 | {cells} | |")
+        for tag in ("slimexport", "torch-pruning"):
+            v = row.get(tag)
+            if v is None:
+                empty = " | ".join("| |" for _ in batches)
+                table.append(f"| | {tag} | | | {empty} | {row.get('tp_error', '')[:80]} |")
+                continue
+            fr[tag].append(min(v[f"fraction_b{b}"] for b in batches))
+            cells = " | ".join(
+                f"{ms[(tag, b)]:.2f} | ×{v[f'speedup_b{b}']:.2f} | **{v[f'fraction_b{b}']:.2f}**" for b in batches
+            )
+            bn = _share(row.get("bn_removed")) if tag == "slimexport" else ""
+            table.append(f"| | {tag} | {bn} | ×{v['macs_ratio']:.2f} | {cells} | {v.get('why', '')} |")
+    summary = " ".join(
+        f"**{tag}**: speed-up ÷ MACs ratio (the lower of batch {' and '.join(map(str, batches))}) median "
+        f"{statistics.median(v):.2f} over {len(v)} models, lowest {min(v):.2f}; {sum(x >= 0.8 for x in v)} of "
+        f"{len(v)} at 0.8 or more."
+        for tag, v in fr.items()
+        if v
+    )
+    return [
         "## torchvision models: onnxruntime speed-up against the MACs ratio",
         "",
         f"`{r['command']}` ({r['machine_tag']}, {r['date'][:10]}); {r['round_to_reason']}. Random weights and BN "
-        "statistics; Torch-Pruning's BN-scale pruner at the ratio that reaches slimexport's MACs. One interleaved "
-        "onnxruntime run, batch 1, median.",
+        "statistics, 224×224, one thread; Torch-Pruning's BN-scale pruner (same round-to) at the ratio that "
+        "reaches slimexport's MACs. One interleaved onnxruntime run per model, median. *fraction*: speed-up ÷ "
+        "MACs ratio (1.0: every saved MAC turned into time). Below 0.8, onnxruntime's profiler names the kind of "
+        "node that holds the pruned model back (batch 1).",
         "",
-        "| model | pruner | MACs | MACs ratio | b1 t1 ms | speed-up t1 | speed-up / MACs ratio | b1 t2 ms "
-        "| speed-up t2 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        summary,
+        "",
+        *table,
+        "",
     ]
-    for row in r["rows"]:
-        ms = {(x["model"], x["threads"]): x["median_ms"] for x in row["latency"]}
-        lines.append(f"| {row['model']} {row['input']}×{row['input']} | baseline | {row['macs']['baseline']:,} | "
-                     f"×1.00 | {ms[('baseline', 1)]:.2f} | ×1.00 | | {ms[('baseline', 2)]:.2f} | ×1.00 |")  # fmt: skip
-        rt = f" (round-to {row['round_to']})"
-        for tag in ("slimexport", "torch-pruning"):
-            v = row[tag]
-            lines.append(
-                f"| | {tag}{rt if tag == 'slimexport' else ''} | "
-                f"{row['macs'][tag]:,} | ×{v['macs_ratio']:.2f} | {ms[(tag, 1)]:.2f} | ×{v['speedup_t1']:.2f} | "
-                f"**{v['fraction_of_macs_ratio_t1']:.2f}** | {ms[(tag, 2)]:.2f} | ×{v['speedup_t2']:.2f} |"
+
+
+def techniques(every: list[dict]) -> list[str]:
+    res = [r for r in every if r.get("kind") == "techniques"]
+    out: list[str] = []
+    for r in res:
+        out += [
+            f"## What each technique buys: {r['arch']} on {r['dataset']} at {100 * r['max_macs']:.0f}% of the MACs, "
+            f"{len(r['seeds'])} seeds",
+            "",
+            f"`{r['command']}` ({r['machine_tag']}, {r['date'][:10]}); {r['epochs']} epochs of baseline and of "
+            f"sparse training, {r['refine_epochs']} of refine, fast preset, seeds {r['seeds']}; every row pruned to "
+            "the same MACs budget (`--max-macs`). Same baseline per seed; distill and steps prune the same sparse "
+            "model as none. Accuracy in onnxruntime, mean ± sd; Δ "
+            "against the baseline; refine time is the refine stage (with --prune-steps, the prune stage's short "
+            "refines too), median, on a shared two-core machine.",
+            "",
+            "| technique | accuracy | Δ vs baseline | MACs ratio | params ratio | refine s | sparse s |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, s in r["summary"].items():
+            out.append(
+                f"| {name} | {100 * s['accuracy_mean']:.2f} ± {100 * s['accuracy_sd']:.2f} | "
+                f"{100 * s['drop_mean']:+.2f} ± {100 * s['drop_sd']:.2f} | ×{s['macs_ratio_mean']:.2f} | "
+                f"×{s['params_ratio_mean']:.2f} | {s['refine_seconds_median']:.0f} | {s['sparse_seconds_median']:.0f} |"
             )
-    return lines + [""]
+        out.append("")
+    return out
 
 
 def deploy(every: list[dict]) -> list[str]:

@@ -907,6 +907,14 @@ def pipeline(
         ),
     ] = 1,
     percent: PercentOpt = 0.6,
+    max_macs: Annotated[
+        float | None,
+        typer.Option(
+            "--max-macs",
+            help="Instead of --percent: the fraction of the unpruned (sparse) model's MACs to keep, in (0, 1]; the "
+            "lowest global threshold that fits it (with --prune-steps, each step's share of the way).",
+        ),
+    ] = None,
     min_channels: MinChOpt = 1,
     normalize: NormalizeOpt = Normalize.none,
     round_to: RoundOpt = "auto",
@@ -992,6 +1000,8 @@ def pipeline(
     from slimexport.prune import PruneConfig
 
     sparsity = _sparsity_value(sparsity)
+    if max_macs is not None:
+        percent = None  # the budget decides the threshold
     cfg = _fill(
         PipelineConfig,
         locals(),

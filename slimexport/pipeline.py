@@ -117,8 +117,6 @@ class PipelineConfig:
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
 
     def validate(self) -> None:
-        if self.prune.max_macs is not None:
-            raise ConfigError("the pipeline prunes by --percent; --max-macs is for `slimexport prune`")
         self.prune.validate()
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown --preset {self.preset!r}: {', '.join(PRESETS)}")
@@ -177,6 +175,12 @@ class PipelineConfig:
         if stage == "sparse":
             extra = {"regularizer": self.regularizer, "polar_t": self.polar_t}
         return dataclasses.replace(cfg, sync_bn=self.sync_bn, precision=self.precision or cfg.precision, **extra)
+
+    def channels_to_remove(self) -> float:
+        """The fraction of BN channels the prune is to remove: --percent, or for --max-macs F about 1 − √F (keeping
+        a fraction k of every layer's channels keeps about k² of the MACs)."""
+        p = self.prune
+        return p.percent if p.percent is not None else 1 - p.max_macs**0.5
 
     def refine_epochs_per_step(self) -> list[int]:
         """Refine's epochs split among the --prune-steps steps (the last takes the remainder)."""
@@ -241,7 +245,7 @@ def _sparsity(r: _Run) -> tuple[float, dict[str, Any]]:
         ds = fit_data(ck, r.path("baseline.pt"), r.ds)
     else:  # from the initialisation sparse training starts from
         model, ds = initial_model(r.cfg.arch, r.ds, r.cfg.seed, r.cfg.weights), r.ds
-    s, rec = choose_sparsity(model, ds, r.cfg.train_config("sparse"), r.cfg.prune.percent)
+    s, rec = choose_sparsity(model, ds, r.cfg.train_config("sparse"), r.cfg.channels_to_remove())
     console.print(f"--sparsity auto: s = {s:g} ({escape(rec['reason'])})")
     if distributed.is_main():
         write_json(f, rec)
@@ -277,58 +281,70 @@ def _teacher(r: _Run) -> Path | None:
 def _prune_stage(r: _Run) -> dict[str, Any]:
     """One global threshold (the paper's one-shot prune), or with ``--prune-steps N`` the target reached in N
     steps: each prunes, by one global threshold over what is left, its share of the BN channels to remove (of the
-    sparse model's count: step i ends at i/N of --percent), and all but the last are followed by a short refine
-    (refine's epochs split among the steps; the refine stage runs the last share)."""
+    sparse model's count: step i ends at i/N of --percent; with --max-macs F, at 1 − (1 − F)·i/N of its MACs),
+    and all but the last are followed by a short refine (refine's epochs split among the steps; the refine stage
+    runs the last share)."""
     cfg = r.cfg
     if cfg.prune_steps == 1:
         meta = prune(r.path("sparse.pt"), r.path("pruned.pt"), cfg.prune, ds=r.ds, device=str(r.device))
         return {"accuracy": meta["accuracy"], "record": meta["prune"]}
-    src, steps, first, total = r.path("sparse.pt"), [], None, 0
+    src, steps, first, total, n = r.path("sparse.pt"), [], None, 0, cfg.prune_steps
     epochs = cfg.refine_epochs_per_step()
-    for i in range(1, cfg.prune_steps + 1):
+    for i in range(1, n + 1):
         model, _ = load_checkpoint(src)
         now = sum(len(g) for g in bn_gammas(model).values())
         total = total or now
-        goal = round(total * cfg.prune.percent * i / cfg.prune_steps)  # BN channels removed after this step
-        share = min(max(0.0, (goal - (total - now)) / now), 0.99)
-        out = r.path("pruned.pt") if i == cfg.prune_steps else r.path(f"pruned.step{i}.pt")
-        meta = prune(src, out, dataclasses.replace(cfg.prune, percent=share), ds=r.ds, device=str(r.device))
+        if cfg.prune.max_macs is None:
+            goal = round(total * cfg.prune.percent * i / n)  # BN channels removed after this step
+            step_cfg = dataclasses.replace(cfg.prune, percent=min(max(0.0, (goal - (total - now)) / now), 0.99))
+        else:  # the MACs this step ends at, as a fraction of the current model's
+            keep = 1 - (1 - cfg.prune.max_macs) * i / n
+            if first:  # of the sparse model's MACs → of the current model's
+                keep *= first["macs_before"] / steps[-1]["macs_after"]
+            step_cfg = dataclasses.replace(cfg.prune, max_macs=min(keep, 1.0))
+        out = r.path("pruned.pt") if i == n else r.path(f"pruned.step{i}.pt")
+        meta = prune(src, out, step_cfg, ds=r.ds, device=str(r.device))
         rec = meta["prune"]
         first = first or rec
-        step = {"step": i, "percent_of_rest": share, "channels_after": rec["channels_after"],
-                "accuracy_pruned": meta["accuracy"]}  # fmt: skip
+        step = {"step": i, "percent_of_rest": rec["percent"], "channels_after": rec["channels_after"],
+                "macs_after": rec["macs_after"], "accuracy_pruned": meta["accuracy"]}  # fmt: skip
         if i < cfg.prune_steps:
             src = r.path(f"refined.step{i}.pt")
             tm = train(src, r.ds, cfg.train_config("refine", epochs=epochs[i - 1]), init=out, stage="refined",
                        resume=True, teacher=_teacher(r))  # fmt: skip
             step |= {"refine_epochs": epochs[i - 1], "accuracy_refined": tm["accuracy"]}
         steps.append(step)
-    record = _compose(first, rec, steps, cfg.prune.percent)
+    record = _compose(first, rec, steps, cfg.prune)
     ck = read_checkpoint(r.path("pruned.pt"))
     ck["meta"]["prune"] = record
     save_checkpoint(ck, r.path("pruned.pt"))
     return {"accuracy": meta["accuracy"], "record": record}
 
 
-def _compose(first: dict[str, Any], last: dict[str, Any], steps: list[dict[str, Any]], percent: float) -> dict:
+def _compose(first: dict[str, Any], last: dict[str, Any], steps: list[dict[str, Any]], asked: PruneConfig) -> dict:
     """The record of a prune in steps, as one prune from the sparse model: the first step's "before" figures, the
     last step's "after" figures and threshold, each layer's channels from the first to the last, and the steps."""
     before = {x["name"]: x["before"] for x in first["layers"]}
     layers = [x | {"before": before.get(x["name"], x["before"])} for x in last["layers"]]
     kept = sum(x["after"] for x in layers)
     total = first["channels_before"]
-    return last | {
-        "percent": percent,
-        "layers": layers,
-        "channels_before": total,
-        "channels_after": kept,
-        "pruned_fraction": 1 - kept / total if total else 0.0,
-        "params_before": first["params_before"],
-        "macs_before": first["macs_before"],
-        "source": first["source"],
-        "floored_layers": sorted({n for rec in (first, last) for n in rec["floored_layers"]}),
-        "steps": steps,
-    }
+    budget = {"max_macs": asked.max_macs, "macs_fraction": last["macs_after"] / first["macs_before"]}
+    return (
+        last
+        | (budget if asked.max_macs is not None else {})
+        | {
+            "percent": asked.percent if asked.percent is not None else 1 - kept / total,
+            "layers": layers,
+            "channels_before": total,
+            "channels_after": kept,
+            "pruned_fraction": 1 - kept / total if total else 0.0,
+            "params_before": first["params_before"],
+            "macs_before": first["macs_before"],
+            "source": first["source"],
+            "floored_layers": sorted({n for rec in (first, last) for n in rec["floored_layers"]}),
+            "steps": steps,
+        }
+    )
 
 
 def _refine_stage(r: _Run) -> dict[str, Any]:
@@ -491,7 +507,9 @@ def _report_stage(r: _Run) -> dict[str, Any]:
     title = f"{cfg.arch}: BN |γ| after sparse training ({cfg.regularizer}, s={float(s):g})"
     plot_gammas(gam, record["threshold"], r.path("gamma_hist.png"), title)
     plot_channels(
-        record["layers"], r.path("channels.png"), f"{cfg.arch}: channels per BN layer, {cfg.prune.percent:.0%} pruned"
+        record["layers"],
+        r.path("channels.png"),
+        f"{cfg.arch}: channels per BN layer, {record['pruned_fraction']:.0%} pruned",
     )
     plot_latency(report, r.path("latency.png"))
     if len(report["variants"]) > 2:
@@ -603,7 +621,7 @@ def _check_model(cfg: PipelineConfig, ds: Dataset) -> None:
     probe_model(model, ds, f"--arch {cfg.arch}")
     # the prune stage's own refusals (a model it cannot trace, nothing prunable, --prune-stream with nothing to
     # carry), before training; at 0% (an untrained model's |γ| are all alike: its threshold means nothing)
-    prune_model(model, cfg=dataclasses.replace(cfg.prune, percent=0.0, fold=False, round_to=1))
+    prune_model(model, cfg=dataclasses.replace(cfg.prune, percent=0.0, max_macs=None, fold=False, round_to=1))
 
 
 def _is_run_dir(folder: Path) -> bool:

@@ -181,3 +181,19 @@ def test_bad_technique_options_are_one_line_errors(args, message, tmp_path):
     assert res.exit_code == 2, res.output
     assert message in res.output and "Traceback" not in res.output
     assert not (tmp_path / "r").exists()
+
+
+def test_the_pipeline_prunes_to_a_macs_budget_in_steps(tmp_path, small_npz):
+    """--max-macs in the pipeline (equal-MACs comparisons): with --prune-steps each step goes its share of the way
+    to the budget, measured on the sparse model's MACs."""
+    out = tmp_path / "run"
+    args = ["pipeline", "--arch", TINY_VGG, "--dataset", small_npz, "--out", str(out), "--epochs", "1",
+            "--refine-epochs", "2", "--sparsity", "0.02", "--max-macs", "0.3", "--prune-steps", "2", "--batch", "1",
+            "--threads", "1", "--seconds", "0.05", "--device", "cpu"]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    p = json.loads((out / "report.json").read_text())["prune"]
+    before = p["macs_before"]
+    first, last = (s["macs_after"] / before for s in p["steps"])
+    assert 0.3 < first <= 0.65 + 1e-9 and last <= 0.3 and p["macs_fraction"] == last and p["max_macs"] == 0.3
+    assert p["macs_after"] == p["steps"][-1]["macs_after"]
