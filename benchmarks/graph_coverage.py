@@ -148,6 +148,8 @@ def ours(m: nn.Module, x: torch.Tensor, with_onnx: bool) -> dict:
         out["exact"], out["exact_error"] = False, _err(e)
     if with_onnx:
         out["onnx"] = onnx_ok(p, x.shape[-1])
+        if not out["onnx"]["ok"]:  # the unpruned model's export too: does pruning cause it, or the model?
+            out["onnx_unpruned"] = onnx_ok(m, x.shape[-1])
     return out
 
 
@@ -302,6 +304,9 @@ def main() -> None:
             "torch_pruning_pruned": sum(r.get("torch_pruning", {}).get("status") == "pruned" for r in with_bn),
             "inexact": sum(r["slimexport"]["status"] == "pruned" and not r["slimexport"].get("exact") for r in with_bn),
             "onnx_failed": sum(r["slimexport"].get("onnx", {}).get("ok") is False for r in with_bn),
+            "onnx_failed_unpruned_too": sum(
+                r["slimexport"].get("onnx_unpruned", {}).get("ok") is False for r in with_bn
+            ),  # fmt: skip
             "bn_removed_mean": float(np.mean([r["slimexport"]["bn_removed"] for r in ok])) if ok else None,
             "torch_pruning_bn_removed_mean": _mean_tp(with_bn),
         },

@@ -45,7 +45,9 @@ def _coverage_one(r: dict) -> list[str]:
         f"**{s['pruned_exactly']} of {s['with_bn']} models with BatchNorm prune exactly** "
         f"({100 * s['pruned_exactly'] / max(1, s['with_bn']):.0f}%); {s.get('inexact', 0)} inexact, {s['refused']} "
         f"refused, {s['crashed']} crashed, {s.get('timeout', 0)} timed out; "
-        f"Torch-Pruning pruned {s['torch_pruning_pruned']} of {s['with_bn']} without an error.{bn} "
+        + (f"{s['onnx_failed']} pruned models fail the ONNX check, {s.get('onnx_failed_unpruned_too', 0)} of them "
+           "because the unpruned model fails it too; " if s.get("onnx_failed") else "")  # fmt: skip
+        + f"Torch-Pruning pruned {s['torch_pruning_pruned']} of {s['with_bn']} without an error.{bn} "
         + (f"Without BatchNorm, refused in one line (network slimming scores channels by BN's γ): {', '.join(no_bn)}. "
            if no_bn else "")
         + f"Not run (over the --max-params limit): {', '.join(skipped) or 'none'}.",
@@ -81,6 +83,9 @@ def _coverage_one(r: dict) -> list[str]:
         fold = f"{fe['folded']:.1e} / {fe['unfolded']:.1e}" if fe else "–"
         onnx = o.get("onnx", {})
         tonnx = t.get("onnx", {})
+        onnx_cell = "yes" if onnx.get("ok") else ("NO" if onnx else "–")
+        if o.get("onnx_unpruned", {}).get("ok") is False:
+            onnx_cell = "NO, nor the unpruned model"
         why = "; ".join(x for x in o.get("unprunable_reasons", []) if x not in ("model input",
                         "model output (classes are never pruned)"))[:160]  # fmt: skip
         status = o["status"] if o["status"] == "pruned" else f"{o['status']}: {o.get('error', '')[:80]}"
@@ -88,7 +93,7 @@ def _coverage_one(r: dict) -> list[str]:
         lines.append(
             f"| {m['model']} | {m['input']} | {status} | {o.get('groups', '')} | {o.get('unprunable_groups', '')} | "
             f"{_x(o.get('macs_ratio'))} | {_share(o.get('bn_removed'))} | {exact} | {fold} | "
-            f"{'yes' if onnx.get('ok') else ('NO' if onnx else '–')} | {tstatus.replace('|', '/')} | "
+            f"{onnx_cell} | {tstatus.replace('|', '/')} | "
             f"{_x(t.get('macs_ratio'))} | {_share(t.get('bn_removed'))} | "
             f"{'yes' if tonnx.get('ok') else ('NO' if tonnx else '–')} | {why.replace('|', '/')} |"
         )

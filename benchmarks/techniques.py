@@ -42,7 +42,7 @@ def _config(args, seed: int, name: str, work: Path) -> PipelineConfig:
     cfg = PipelineConfig(
         out=str(work / name), arch=args.arch, dataset=args.dataset, epochs=args.epochs,
         refine_epochs=args.refine_epochs, seed=seed, device="cpu", precision="fp32",
-        prune=PruneConfig(max_macs=args.max_macs, round_to=1),
+        prune=PruneConfig(percent=None, max_macs=args.max_macs, round_to=1),
         bench=BenchConfig(batches=[1], threads=[1], seconds=0.2, accuracy=True, profile=False), force=True,
     )  # fmt: skip
     if name == "none":

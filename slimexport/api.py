@@ -139,8 +139,9 @@ def benchmark(models: dict[str, str | os.PathLike], data: Dataset, **options: An
     return _bench(models, data, BenchConfig(**options))
 
 
-def sparsity_callback(sparsity: float):
-    """A Lightning callback that adds the L1 term on every BN γ before each optimizer step (after AMP's unscale)::
+def sparsity_callback(sparsity: float, regularizer: str = "l1", t: float = 1.2):
+    """A Lightning callback that adds the sparsity term (L1, or ``regularizer="polar"``) on every BN γ before each
+    optimizer step (after AMP's unscale)::
 
     trainer = lightning.Trainer(callbacks=[slimexport.sparsity_callback(1e-4)])
     """
@@ -154,6 +155,6 @@ def sparsity_callback(sparsity: float):
 
     class SparsityCallback(Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            regularize(pl_module, sparsity)
+            regularize(pl_module, sparsity, regularizer=regularizer, t=t)
 
     return SparsityCallback()
