@@ -38,9 +38,9 @@ def test_coverage_section_counts_and_flags(tmp_path):
                             "torch_pruning_s": 2.0, "runs": 3},
            "models": [
                {"model": "a", "input": 64, "has_bn": True, "slimexport": {"status": "pruned", "groups": 5,
-                "unprunable_groups": 1, "macs_ratio": 3.0, "exact": True, "exact_rel_error": 1e-7,
+                "unprunable_groups": 1, "macs_ratio": 3.0, "bn_removed": 0.5, "exact": True, "exact_rel_error": 1e-7,
                 "onnx": {"ok": True}, "unprunable_reasons": ["x: grouped conv"]},
-                "torch_pruning": {"status": "pruned", "macs_ratio": 2.0, "onnx": {"ok": True}}},
+                "torch_pruning": {"status": "pruned", "macs_ratio": 2.0, "bn_removed": 0.25, "onnx": {"ok": True}}},
                {"model": "b", "input": 64, "has_bn": True, "slimexport": {"status": "crashed", "error": "boom"},
                 "torch_pruning": {"status": "crashed", "error": "ZeroDivisionError"}},
                {"model": "c", "has_bn": False, "slimexport": {"status": "refused", "error": "no BatchNorm"}},
@@ -52,7 +52,8 @@ def test_coverage_section_counts_and_flags(tmp_path):
     assert "**1 of 2 models with BatchNorm prune exactly** (50%)" in text
     assert "slimexport 1.00 s**, Torch-Pruning 2.00 s" in text
     assert (
-        "| a | 64 | pruned | 5 | 1 | ×3.00 | yes (1.0e-07) | – | yes | pruned | ×2.00 | yes | x: grouped conv |" in text
+        "| a | 64 | pruned | 5 | 1 | ×3.00 | 50% | yes (1.0e-07) | – | yes | pruned | ×2.00 | 25% | yes "
+        "| x: grouped conv |" in text
     )
     assert "| b | 64 | crashed: boom |" in text and "| c |" not in text
     assert "Pipeline checks (one epoch per stage): not accuracy" in text
