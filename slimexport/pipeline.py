@@ -56,10 +56,10 @@ from slimexport.train import (
     data_meta,
     evaluate,
     initial_model,
-    make_scheduler,
     preset_config,
     probe_model,
     resolve_device,
+    schedule_lrs,
     train,
 )
 
@@ -288,7 +288,7 @@ def _prune_stage(r: _Run) -> dict[str, Any]:
     if cfg.prune_steps == 1:
         meta = prune(r.path("sparse.pt"), r.path("pruned.pt"), cfg.prune, ds=r.ds, device=str(r.device))
         return {"accuracy": meta["accuracy"], "record": meta["prune"]}
-    src, steps, first, total, n = r.path("sparse.pt"), [], None, 0, cfg.prune_steps
+    src, steps, recs, first, total, n = r.path("sparse.pt"), [], [], None, 0, cfg.prune_steps
     epochs = cfg.refine_epochs_per_step()
     for i in range(1, n + 1):
         model, _ = load_checkpoint(src)
@@ -305,6 +305,7 @@ def _prune_stage(r: _Run) -> dict[str, Any]:
         out = r.path("pruned.pt") if i == n else r.path(f"pruned.step{i}.pt")
         meta = prune(src, out, step_cfg, ds=r.ds, device=str(r.device))
         rec = meta["prune"]
+        recs.append(rec)
         first = first or rec
         step = {"step": i, "percent_of_rest": rec["percent"], "channels_after": rec["channels_after"],
                 "macs_after": rec["macs_after"], "accuracy_pruned": meta["accuracy"]}  # fmt: skip
@@ -314,18 +315,26 @@ def _prune_stage(r: _Run) -> dict[str, Any]:
                        resume=True, teacher=_teacher(r))  # fmt: skip
             step |= {"refine_epochs": epochs[i - 1], "accuracy_refined": tm["accuracy"]}
         steps.append(step)
-    record = _compose(first, rec, steps, cfg.prune)
+    record = _compose(recs, steps, cfg.prune)
     ck = read_checkpoint(r.path("pruned.pt"))
     ck["meta"]["prune"] = record
     save_checkpoint(ck, r.path("pruned.pt"))
     return {"accuracy": meta["accuracy"], "record": record}
 
 
-def _compose(first: dict[str, Any], last: dict[str, Any], steps: list[dict[str, Any]], asked: PruneConfig) -> dict:
+def _compose(recs: list[dict[str, Any]], steps: list[dict[str, Any]], asked: PruneConfig) -> dict:
     """The record of a prune in steps, as one prune from the sparse model: the first step's "before" figures, the
-    last step's "after" figures and threshold, each layer's channels from the first to the last, and the steps."""
+    last step's "after" figures and threshold, each layer's channels from the first to the last (its kept indices
+    into the sparse model's channels, through every step), and the steps."""
+    first, last = recs[0], recs[-1]
+    kept_of = {x["name"]: list(x["kept"]) for x in first["layers"]}
+    for rec in recs[1:]:
+        for x in rec["layers"]:
+            if x["name"] in kept_of:
+                kept_of[x["name"]] = [kept_of[x["name"]][i] for i in x["kept"]]
     before = {x["name"]: x["before"] for x in first["layers"]}
-    layers = [x | {"before": before.get(x["name"], x["before"])} for x in last["layers"]]
+    layers = [x | {"before": before.get(x["name"], x["before"]), "kept": kept_of.get(x["name"], x["kept"])}
+              for x in last["layers"]]  # fmt: skip
     kept = sum(x["after"] for x in layers)
     total = first["channels_before"]
     budget = {"max_macs": asked.max_macs, "macs_fraction": last["macs_after"] / first["macs_before"]}
@@ -462,14 +471,7 @@ def gamma_stats(gammas: list[float], cfg: TrainConfig, n_train: int) -> dict[str
     torchvision's BNs, 0.5 for the reference's); weight decay pulls γ towards 0 as well."""
     g = torch.tensor(gammas)
     qs = (0.1, 0.25, 0.5, 0.75, 0.9)
-    steps = cfg.epochs * -(-n_train // cfg.batch_size)
-    lrs = []
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    sched = make_scheduler(opt, cfg, steps // max(cfg.epochs, 1))
-    for _ in range(steps):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs = schedule_lrs(cfg, n_train)
     return {
         "channels": len(gammas),
         "quantiles": {str(q): float(g.quantile(q)) for q in qs},

@@ -27,8 +27,8 @@ from torch.nn import functional as F
 
 from slimexport.console import make_progress
 from slimexport.data import Dataset, augment, augment_resized_crop, batches
-from slimexport.stream import is_streamed, steps_per_epoch, train_loader
-from slimexport.train import TrainConfig, bn_weights, make_scheduler, penalty_grads, resolve_device
+from slimexport.stream import is_streamed, train_loader
+from slimexport.train import TrainConfig, bn_weights, make_scheduler, penalty_grads, resolve_device, schedule_lrs
 
 CANDIDATES = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 SMALL = 1e-2  # a γ below this counts as sent to zero (the report's fraction_small)
@@ -53,22 +53,6 @@ def _batches(ds: Dataset, cfg: TrainConfig, gen: torch.Generator, device: torch.
         epoch += 1
 
 
-def _lrs(cfg: TrainConfig, per_epoch: int) -> list[float]:
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    sched = make_scheduler(opt, cfg, per_epoch)
-    lrs = []
-    for _ in range(cfg.epochs * per_epoch):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    return lrs
-
-
-def schedule_lrs(cfg: TrainConfig, n_train: int) -> list[float]:
-    """The learning rate of every step of ``cfg``'s schedule on ``n_train`` images."""
-    return _lrs(cfg, steps_per_epoch(n_train, cfg.batch_size, False, 1))
-
-
 def probe(model: nn.Module, ds: Dataset, cfg: TrainConfig, s: float, steps: int, device: torch.device) -> float:
     """The fraction of ``model``'s |γ| below :data:`SMALL` after ``cfg``'s schedule compressed into ``steps``
     steps, with the sparsity scaled up so that the term moves γ as far as the whole schedule would (equal
@@ -81,7 +65,12 @@ def probe(model: nn.Module, ds: Dataset, cfg: TrainConfig, s: float, steps: int,
     ws = bn_weights(m)
     short = dataclasses.replace(cfg, epochs=1)
     # the whole schedule's s·Σlr, and SGD's momentum, which carries a constant push 1/(1 − μ) times as far
-    scaled = s * sum(schedule_lrs(cfg, len(ds.y_train))) / sum(_lrs(short, steps)) / (1 - cfg.momentum)
+    scaled = (
+        s
+        * sum(schedule_lrs(cfg, len(ds.y_train)))
+        / sum(schedule_lrs(short, steps_per_epoch=steps))
+        / (1 - cfg.momentum)
+    )
     opt = torch.optim.SGD(
         m.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
     )

@@ -301,6 +301,20 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
+def schedule_lrs(cfg: TrainConfig, n_train: int = 0, steps_per_epoch: int | None = None) -> list[float]:
+    """The learning rate of every step of ``cfg``'s schedule, on ``n_train`` images (one process, the last batch
+    kept) or at ``steps_per_epoch``."""
+    per_epoch = steps_per_epoch if steps_per_epoch is not None else -(-n_train // cfg.batch_size)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    sched = make_scheduler(opt, cfg, per_epoch)
+    lrs = []
+    for _ in range(cfg.epochs * per_epoch):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
 def fit(
     model: nn.Module,
     ds: Dataset,

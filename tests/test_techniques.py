@@ -156,6 +156,15 @@ def test_a_run_with_every_technique_records_each(techniques_run):
     assert [s.get("refine_epochs") for s in steps] == [1, 1, None]
     assert report["prune"]["channels_before"] > kept[0]
     assert abs(report["prune"]["pruned_fraction"] - 0.5) < 0.15
+    # kept indices into the sparse model's channels, through every step: within what step 1 kept
+    step1 = {
+        x["name"]: set(x["kept"])
+        for x in torch.load(out / "pruned.step1.pt", weights_only=True)["meta"]["prune"]["layers"]
+    }
+    for x in report["prune"]["layers"]:
+        assert (
+            len(x["kept"]) == x["after"] and x["kept"] == sorted(set(x["kept"])) and set(x["kept"]) <= step1[x["name"]]
+        )
     refined = torch.load(out / "refined.pt", weights_only=True)["meta"]
     assert refined["train_config"]["epochs"] == 1
     # --distill with the sparse model as teacher, in every refine
