@@ -2,7 +2,7 @@
 PYTHON ?= python3
 SUITE ?= quick
 
-.PHONY: install test test-gpu lint benchmark benchmark-converged benchmark-selection benchmark-engine benchmark-reach benchmark-techniques demo clean
+.PHONY: install test test-gpu lint benchmark benchmark-converged benchmark-selection benchmark-engine benchmark-reach benchmark-techniques benchmark-keep demo clean
 
 install:  ## install slimexport with its test tools (editable)
 	$(PYTHON) -m pip install -e ".[dev,timm,ncnn,yolo]"
@@ -43,6 +43,10 @@ benchmark-reach:  ## engine reach (issue 24): torchvision and 56 timm CNNs with 
 
 benchmark-techniques:  ## none / distill / steps / polar / auto / all, three seeds (embedded data, ~45 min)
 	$(PYTHON) -m benchmarks.techniques $(ARGS)
+	$(PYTHON) -m benchmarks.run --render-only
+
+benchmark-keep:  ## issue 26, converged: polar VGG at 70% plain/distill/steps against Torch-Pruning (~3 h, two streams)
+	PYTHON=$(PYTHON) bash benchmarks/keep_accuracy.sh $(DATA)
 	$(PYTHON) -m benchmarks.run --render-only
 
 demo:  ## the main job on the embedded data

@@ -32,6 +32,7 @@ def render_results(results_root: Path) -> str:
         "measured in one interleaved run; MACs ratio = baseline MACs ÷ model MACs.",
         "",
     ]
+    lines += sections.keep_accuracy(every)
     lines += sections.converged(every) + sections.imagefolder(every) + sections.coverage(every) + sections.speed(every)
     lines += sections.deploy(every) + sections.one_engine(every) + sections.yolo(every) + sections.techniques(every)
     lines += [

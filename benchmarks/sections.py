@@ -511,3 +511,76 @@ def yolo(every: list[dict]) -> list[str]:
             )
         lines.append("")
     return lines
+
+
+def _pm(mean: float, sd: float | None, sign: str = "") -> str:
+    return f"{100 * mean:{sign}.2f}" + ("" if sd is None else f" ± {100 * sd:.2f}")
+
+
+def keep_accuracy(every: list[dict]) -> list[str]:
+    """Issue 26's table: what distillation, gradual pruning and the polar regularizer keep at a fixed budget,
+    against Torch-Pruning at equal MACs with the same refine recipe. RESULTS.md leads with it."""
+    res = [r for r in every if r.get("kind") == "keep_accuracy"]
+    if not res:
+        return []
+    r = res[-1]
+    v, s, paired = r["vgg"], r["summary"], r["paired"]
+    some = next(x for x in r["rows"] if x["job"].startswith("vgg:"))
+    lines = [
+        f"## Keeping accuracy at the same speed: {v['arch']} on all of CIFAR-10 at {100 * v['percent']:.0f}% of "
+        "the channels pruned",
+        "",
+        f"`bash benchmarks/keep_accuracy.sh DATA_DIR` (jobs: `{r['command']}`; {r['machine_tag']}, "
+        f"{r['date'][:10]}). One baseline ({_pct(some['baseline_accuracy'])}%) and one polar sparse model "
+        f"(`--regularizer polar --sparsity {v['sparsity']:g}`, {_pct(some['sparse_accuracy'])}%), "
+        f"{v['epochs']} epochs each, fast preset, seed 0; every row prunes that sparse model with one global "
+        f"threshold at {100 * v['percent']:.0f}% (`--normalize {v['normalize']}`, exact channel counts) and "
+        f"refines {v['refine_epochs']} epochs with the row's seed (with `--prune-steps 3` the 20 epochs are split "
+        "over the steps). Torch-Pruning's BN-scale pruner (global) prunes the same sparse model to the ratio whose "
+        "MACs come closest to ours from below and is refined with the same schedule, seed and teacher. Accuracy: "
+        "the refined model on the whole test split, mean ± sd over seeds; Δ against the baseline; ours − peer "
+        "paired by seed. Refine s: median wall time of one refine on one thread (two streams on two cores).",
+        "",
+        "| recipe | seeds | accuracy | Δ vs baseline | params ratio | MACs ratio | Torch-Pruning, same recipe | "
+        "ours − peer | refine s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, name in (("vgg:plain", "none"), ("vgg:distill", "--distill"), ("vgg:steps", "--prune-steps 3"),
+                      ("vgg:all", "--distill --prune-steps 3"), ("vgg-l1:plain", "none, L1 sparse model")):  # fmt: skip
+        if key not in s:
+            continue
+        m = s[key]
+        recipe = key.split(":")[1]
+        peer = s.get(f"tp:{recipe}")
+        d = paired.get(recipe) if key.startswith("vgg:") else None
+        lines.append(
+            f"| {name} | {m['seeds']} | {_pm(m['accuracy_mean'], m['accuracy_sd'])} | "
+            f"{_pm(m['drop_mean'], m['drop_sd'], '+')} | ×{m['params_ratio']:.2f} | ×{m['macs_ratio']:.2f} | "
+            + (f"{_pm(peer['accuracy_mean'], peer['accuracy_sd'])} (×{peer['macs_ratio']:.2f} MACs)" if peer else "–")
+            + " | "
+            + (f"{_pm(d['difference_mean'], d['difference_sd'], '+')} ({d['wins']}/{d['seeds']} won)" if d else "–")
+            + f" | {m['refine_seconds_median']:.0f} |"
+        )
+    mob = next((x for x in r["rows"] if x["job"] == "mobilenet"), None)
+    if mob:
+        tp = mob["torch_pruning"]
+        lat = " ".join(
+            f"batch {x['batch']}: ×{x['slimexport_speedup']:.2f} (Torch-Pruning ×{x['torch_pruning_speedup']:.2f});"
+            for x in mob["latency"]
+        )
+        lines += [
+            "",
+            f"mobilenet_v2 on CIFAR-10 (`--max-macs 0.5 --round-to auto` = {mob['round_to']}): baseline "
+            f"{_pct(mob['baseline_accuracy'])}%, pruned and refined {_pct(mob['accuracy'])}% at "
+            f"×{mob['macs_ratio']:.2f} fewer MACs; Torch-Pruning at ×{tp['macs_ratio']:.2f}: {_pct(tp['accuracy'])}%. "
+            f"onnxruntime speed-up, one thread, {lat}",
+        ]
+    times = r.get("train_seconds") or {}
+    if times:
+        lines += [
+            "",
+            "Training time (one thread each, two in parallel): "
+            + ", ".join(f"{k} {t / 60:.0f} min" for k, t in sorted(times.items()))
+            + f". The suite's compute: {r['suite_seconds'] / 3600:.1f} thread-hours.",
+        ]
+    return lines + [""]

@@ -125,3 +125,35 @@ def test_imagefolder_section_shows_memory_speed_and_precision():
     assert "| off | 1,758 MiB | 687 MiB | 46.0 | 451 |" in text and "| ram | 4,200 MiB |" in text
     assert "take 3,015 MiB as uint8" in text and "Streamed ÷ in-memory images/s: **0.90**" in text
     assert "| r18 | 900 | 3000 | ×0.30 | fp32 (auto: no bf16) |" in text
+
+
+def test_keep_accuracy_section_leads_with_paired_differences(tmp_path):
+    def row(job, acc, macs_ratio=5.0, **kw):
+        return {"job": job, "accuracy": acc, "baseline_accuracy": 0.87, "sparse_accuracy": 0.85,
+                "macs_ratio": macs_ratio, "params_ratio": 12.0, "refine_seconds": 400.0} | kw  # fmt: skip
+
+    summary = {
+        "vgg:plain": {"seeds": 3, "accuracy_mean": 0.86, "accuracy_sd": 0.002, "drop_mean": -0.01, "drop_sd": 0.002,
+                      "macs_ratio": 5.32, "params_ratio": 12.76, "refine_seconds_median": 420.0},
+        "tp:plain": {"seeds": 3, "accuracy_mean": 0.84, "accuracy_sd": 0.003, "macs_ratio": 5.4, "params_ratio": 9.0,
+                     "refine_seconds_median": 400.0},
+        "vgg:steps": {"seeds": 1, "accuracy_mean": 0.855, "accuracy_sd": None, "drop_mean": -0.015, "drop_sd": None,
+                      "macs_ratio": 5.3, "params_ratio": 12.0, "refine_seconds_median": 500.0},
+    }  # fmt: skip
+    res = {"kind": "keep_accuracy", "command": "python -m benchmarks.keep_accuracy render", "machine_tag": "m",
+           "date": "2026-12-01T12:00:00", "rows": [row("vgg:plain:0", 0.86)], "summary": summary,
+           "paired": {"plain": {"seeds": 3, "difference_mean": 0.02, "difference_sd": 0.001, "wins": 3}},
+           "vgg": {"arch": "vgg11_w25", "percent": 0.7, "sparsity": 8e-4, "epochs": 30, "refine_epochs": 20,
+                   "normalize": "max"},
+           "train_seconds": {"vgg/baseline": 3127.0}, "suite_seconds": 7200.0}  # fmt: skip
+    d = tmp_path / "results" / "m"
+    d.mkdir(parents=True)
+    (d / "keep-accuracy.json").write_text(json.dumps(res))
+    text = "\n".join(sections.keep_accuracy([res]))
+    none = "| none | 3 | 86.00 ± 0.20 | -1.00 ± 0.20 | ×12.76 | ×5.32 | 84.00 ± 0.30 (×5.40 MACs) |"
+    assert none + " +2.00 ± 0.10 (3/3 won) | 420 |" in text
+    assert "| --prune-steps 3 | 1 | 85.50 | -1.50 | ×12.00 | ×5.30 | – | – | 500 |" in text
+    assert "`--normalize max`" in text and "baseline (87.00%)" in text and "vgg/baseline 52 min" in text
+    assert "--distill |" not in text  # no row without its figures
+    whole = render_results(tmp_path / "results")
+    assert whole.index("## ") == whole.index("## Keeping accuracy at the same speed")  # RESULTS.md leads with it
