@@ -10,6 +10,8 @@ benchmarks/work/keep/rows/ so that an interrupted suite resumes where it stopped
                         counts) through `run_pipeline` (--baseline/--sparse reuse the trained models), refined with
                         RECIPE: plain, distill (--distill, the baseline teaches), steps (--prune-steps 3) or all
                         (distill + steps); the same pipeline a user runs.
+    vgg+VARIANT:RECIPE:SEED  the same with other prune options (VARIANTS: --normalize mean, --min-keep 0.25),
+                        at the plain seed-0 run's MACs (--max-macs), the compute Torch-Pruning is given.
     vgg-l1:RECIPE:SEED  the same on the L1 sparse model (the paper's regularizer), where it was trained.
     tp:RECIPE:SEED      Torch-Pruning's BN-scale pruner (global) on the same polar sparse model, at the pruning ratio
                         whose MACs come closest to ours from below (bisection), refined with the same recipe
@@ -61,19 +63,41 @@ RECIPES = {
 # the trained models' recipes (benchmarks/keep_accuracy.sh trains them with exactly these)
 VGG = dict(arch="vgg11_w25", dataset="cifar10", epochs=30, refine_epochs=20, sparsity=8e-4, eval_every=None)
 MOBILENET = dict(arch="torchvision:mobilenet_v2", dataset="cifar10", epochs=5, refine_epochs=3, sparsity=1e-3, lr=0.05)
+# vgg+VARIANT:RECIPE:SEED jobs: other prune options at the plain run's MACs (the compute Torch-Pruning is given)
+VARIANTS = {
+    "mean": {"normalize": "mean"},
+    "keep25": {"normalize": "max", "min_keep": 0.25},
+    "mean-keep25": {"normalize": "mean", "min_keep": 0.25},
+}
 QUIET_BENCH = BenchConfig(batches=[1], threads=[1], seconds=0.2, accuracy=True, profile=False)
 
 
-def _vgg_config(args, regularizer: str, recipe: str, seed: int) -> PipelineConfig:
+def _vgg_config(args, regularizer: str, recipe: str, seed: int, variant: str = "") -> PipelineConfig:
+    prune = {"percent": args.percent, "normalize": args.normalize}
+    if variant:  # the variant's options, at (at most) the MACs of the plain seed-0 run, as Torch-Pruning is
+        prune = {"percent": None, "max_macs": _plain_macs_fraction(args)} | VARIANTS[variant]
     src = args.work / "vgg"
     return PipelineConfig(
-        out=str(args.work / "runs" / f"vgg-{regularizer}-{recipe}-s{seed}"), data_dir=args.data_dir,
+        out=str(args.work / "runs" / f"vgg-{regularizer}-{recipe}{'+' + variant if variant else ''}-s{seed}"),
+        data_dir=args.data_dir,
         **(VGG | {"dataset": args.dataset}),
         regularizer=regularizer, seed=seed, device="cpu", precision="fp32", force=True,
         baseline=str(src / "baseline.pt"), sparse=str(src / f"sparse-{regularizer}.pt"),
-        prune=PruneConfig(percent=args.percent, round_to=1, normalize=args.normalize), bench=QUIET_BENCH,
+        prune=PruneConfig(**prune, round_to=1), bench=QUIET_BENCH,
         **RECIPES[recipe],
     )  # fmt: skip
+
+
+def _plain_macs_fraction(args) -> float:
+    """The MACs of the plain seed-0 run's pruned model, as a fraction of its baseline's."""
+    run = args.work / "runs" / "vgg-polar-plain-s0"
+    if not (run / "pruned.pt").is_file():
+        raise SystemExit("needs vgg:plain:0 first (its pruned model sets the MACs of the comparison)")
+    macs = []
+    for name in ("pruned.pt", "baseline.pt"):
+        model, ck = load_checkpoint(run / name)
+        macs.append(count_macs(model, model.in_channels, tuple(ck["data"]["image_size"])))
+    return macs[0] / macs[1]
 
 
 def _pipeline_row(cfg: PipelineConfig, job: str) -> dict:
@@ -94,6 +118,8 @@ def _pipeline_row(cfg: PipelineConfig, job: str) -> dict:
         "seconds": time.perf_counter() - t0,
         "run_dir": cfg.out,
         "normalize": cfg.prune.normalize,
+        "min_keep": cfg.prune.min_keep,
+        "max_macs": cfg.prune.max_macs,
     }
 
 
@@ -186,6 +212,8 @@ def run_job(args, job: str) -> dict:
         raise SystemExit(f"{job}: recipe must be one of {', '.join(RECIPES)}")
     if kind == "vgg":
         return _pipeline_row(_vgg_config(args, "polar", recipe, seed), job)
+    if kind.startswith("vgg+") and kind[4:] in VARIANTS:
+        return _pipeline_row(_vgg_config(args, "polar", recipe, seed, kind[4:]), job)
     if kind == "vgg-l1":
         return _pipeline_row(_vgg_config(args, "l1", recipe, seed), job)
     if kind == "tp":
@@ -219,14 +247,18 @@ def render(args) -> Path:
             groups.setdefault(r["job"].rsplit(":", 1)[0], []).append(r)
     summary = {k: _summary(v) for k, v in groups.items()}
     paired = {}
-    for recipe in ("plain", "distill"):
-        ours = {int(r["job"].rsplit(":", 1)[1]): r["accuracy"] for r in groups.get(f"vgg:{recipe}", [])}
+    for key in groups:  # every vgg variant against Torch-Pruning refined with the same recipe, seed by seed
+        kind, recipe = key.split(":")
+        if not kind.startswith("vgg") or kind == "vgg-l1" or recipe not in ("plain", "distill"):
+            continue
+        ours = {int(r["job"].rsplit(":", 1)[1]): r["accuracy"] for r in groups[key]}
         peer = {int(r["job"].rsplit(":", 1)[1]): r["accuracy"] for r in groups.get(f"tp:{recipe}", [])}
         diffs = [ours[s] - peer[s] for s in sorted(ours.keys() & peer.keys())]
         if diffs:
-            paired[recipe] = {"seeds": len(diffs), "difference_mean": statistics.fmean(diffs),
-                              "difference_sd": statistics.stdev(diffs) if len(diffs) > 1 else None,
-                              "wins": sum(d > 0 for d in diffs)}  # fmt: skip
+            name = recipe if kind == "vgg" else f"{kind[4:]}:{recipe}"
+            paired[name] = {"seeds": len(diffs), "difference_mean": statistics.fmean(diffs),
+                            "difference_sd": statistics.stdev(diffs) if len(diffs) > 1 else None,
+                            "wins": sum(d > 0 for d in diffs)}  # fmt: skip
     times = {}
     for p in sorted(args.work.glob("*/*.pt")):  # the trained models' own wall time
         meta = torch.load(p, map_location="cpu", weights_only=True).get("meta", {})

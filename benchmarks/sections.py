@@ -546,13 +546,17 @@ def keep_accuracy(every: list[dict]) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key, name in (("vgg:plain", "none"), ("vgg:distill", "--distill"), ("vgg:steps", "--prune-steps 3"),
-                      ("vgg:all", "--distill --prune-steps 3"), ("vgg-l1:plain", "none, L1 sparse model")):  # fmt: skip
+                      ("vgg:all", "--distill --prune-steps 3"), ("vgg-l1:plain", "none, L1 sparse model"),
+                      ("vgg+mean:plain", "--normalize mean (at the MACs of none)"),
+                      ("vgg+keep25:plain", "--min-keep 0.25 (at the MACs of none)"),
+                      ("vgg+keep25:distill", "--min-keep 0.25 --distill (at the MACs of none)")):  # fmt: skip
         if key not in s:
             continue
         m = s[key]
         recipe = key.split(":")[1]
         peer = s.get(f"tp:{recipe}")
-        d = paired.get(recipe) if key.startswith("vgg:") else None
+        kind = key.split(":")[0]
+        d = paired.get(recipe if kind == "vgg" else f"{kind[4:]}:{recipe}") if kind != "vgg-l1" else None
         lines.append(
             f"| {name} | {m['seeds']} | {_pm(m['accuracy_mean'], m['accuracy_sd'])} | "
             f"{_pm(m['drop_mean'], m['drop_sd'], '+')} | ×{m['params_ratio']:.2f} | ×{m['macs_ratio']:.2f} | "

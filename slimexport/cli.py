@@ -156,6 +156,15 @@ MinChOpt = Annotated[
         help="Every pruned layer keeps at least this many channels (its largest |γ|), so no layer is ever emptied.",
     ),
 ]
+MinKeepOpt = Annotated[
+    float,
+    typer.Option(
+        "--min-keep",
+        help="Every pruned layer keeps at least this fraction of its channels (its largest |γ|), e.g. 0.25: the "
+        "global threshold alone can leave a layer a few channels wide, a bottleneck refine does not recover from. "
+        "0: --min-channels alone (the paper's).",
+    ),
+]
 LrOpt = Annotated[
     float | None,
     typer.Option("--lr", help="Peak (fast) or initial (paper) learning rate (default: the preset's, 0.1)."),
@@ -524,6 +533,7 @@ def prune(
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Pruned checkpoint to write.")] = Path("pruned.pt"),
     min_channels: MinChOpt = 1,
+    min_keep: MinKeepOpt = 0.0,
     normalize: NormalizeOpt = Normalize.none,
     round_to: RoundOpt = "auto",
     prune_stream: StreamOpt = False,
@@ -916,6 +926,7 @@ def pipeline(
         ),
     ] = None,
     min_channels: MinChOpt = 1,
+    min_keep: MinKeepOpt = 0.0,
     normalize: NormalizeOpt = Normalize.none,
     round_to: RoundOpt = "auto",
     prune_stream: StreamOpt = False,

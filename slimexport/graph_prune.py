@@ -139,9 +139,11 @@ def importance(model: nn.Module, g: ChannelGraph, normalize: str = "none") -> Im
 
 
 def choose(
-    g: ChannelGraph, imp: Importance, threshold: float, min_channels: int = 1, round_to: int = 1
+    g: ChannelGraph, imp: Importance, threshold: float, min_channels: int = 1, round_to: int = 1, min_keep: float = 0.0
 ) -> tuple[set[int], list[str]]:
-    """The classes to remove, and the layers whose floor kicked in. A class goes only with all its dependents."""
+    """The classes to remove, and the layers the threshold left fewer than ``min_channels`` (each layer keeps at
+    least that many, or ``min_keep`` of its channels, whichever is more: its largest). A class goes only with all
+    its dependents."""
     removed = {c for c in imp.ok if imp.eff[c] <= threshold}
     producers = [(u.name, g.classes(u.out)) for u in g.uses.values() if u.kind in PRODUCERS]
     selecting = [(u.name, g.classes(u.out)) for u in g.uses.values() if u.kind == "bn" and u.select is not None]
@@ -168,9 +170,12 @@ def choose(
         changed = False
         for name, cls in producers + selecting:  # never empty a layer: keep its min_channels best
             lst = cls.tolist()
-            if restore(lst, min(min_channels, len(lst))):
+            floor = min(max(min_channels, math.ceil(min_keep * len(lst) - 1e-9)), len(lst))
+            # a layer held by --min-keep is held by design; one held by --min-channels alone would have been emptied
+            short = floor <= min_channels and sum(1 for c in lst if c not in removed) < floor
+            if restore(lst, floor):
                 changed = True
-                if name not in floored:
+                if short and name not in floored:
                     floored.append(name)
         if round_to > 1:
             for _, cls in bns:
@@ -360,6 +365,7 @@ class PruneConfig:
     percent: float | None = 0.5
     max_macs: float | None = None
     min_channels: int = 1
+    min_keep: float = 0.0
     round_to: int | str = 1
     normalize: str = "none"
     fold: bool = True
@@ -380,6 +386,10 @@ class PruneConfig:
             self.max_macs = float(f)
         if not isinstance(self.min_channels, int) or self.min_channels < 1:
             raise ConfigError(f"--min-channels must be at least 1, got {self.min_channels}")
+        k = self.min_keep
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k) or not 0 <= k < 1:
+            raise ConfigError(f"--min-keep must be in [0, 1) (the fraction of each layer's channels kept), got {k}")
+        self.min_keep = float(k)
         r = self.round_to
         if isinstance(r, str) and r.strip().lower() == "auto":
             self.round_to = "auto"  # resolved from the CPU by the prune stage
@@ -417,7 +427,7 @@ def prune_graph(
     values = sorted(prunable.values())
 
     def at(threshold: float) -> tuple[nn.Module, set[int], list[str], dict[str, Any]]:
-        removed, floored = choose(g, imp, threshold, cfg.min_channels, cfg.round_to)
+        removed, floored = choose(g, imp, threshold, cfg.min_channels, cfg.round_to, cfg.min_keep)
         plan = make_plan(g, removed)
         return apply_plan(copy.deepcopy(model), plan), removed, floored, plan
 
@@ -443,6 +453,7 @@ def prune_graph(
         "percent": percent,
         "threshold": threshold if math.isfinite(threshold) else None,
         "min_channels": cfg.min_channels,
+        "min_keep": cfg.min_keep,
         "round_to": cfg.round_to,
         "normalize": cfg.normalize,
         "fold": cfg.fold,

@@ -141,6 +141,11 @@ class PipelineConfig:
                 f"--prune-steps {self.prune_steps}: between 1 and --refine-epochs ({self.refine_epochs}); each step "
                 "refines at least one epoch"
             )
+        if self.prune_steps > 1 and self.prune.min_keep:
+            raise ConfigError(
+                f"--min-keep with --prune-steps {self.prune_steps}: each step would keep its fraction of what the "
+                "step before left, not of the sparse model's channels; use one of them"
+            )
         self.train_config("refine").validate()  # distillation's weight and temperature
         self.train_config("sparse").validate()  # the regularizer and its t
         resolve_round_to(self.prune.round_to)

@@ -68,6 +68,7 @@ class PruneRecord(TypedDict, total=False):
     percent: Annotated[float, "fraction of the prunable BN channels (γ values) below the threshold: asked, or found"]
     threshold: Annotated[float | None, "|γ| above which channels survive"]
     min_channels: Annotated[int, "per-layer floor"]
+    min_keep: Annotated[float, "per-layer floor as a fraction of the layer's channels (0: none)"]
     normalize: Annotated[str, "|γ| compared as they are (none, the paper's) or per layer ÷ its max or mean"]
     round_to: Annotated[int, "channel counts in multiples of this"]
     round_to_reason: Annotated[str, "why that multiple (auto: the CPU's onnxruntime channel block)"]

@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import torch
@@ -85,6 +86,32 @@ def test_prune_checkpoint_rebuilds_from_the_checkpoint_alone(tmp_path, make_mode
     with torch.no_grad():
         assert torch.equal(p.eval()(x), q.eval()(x))
     assert any(s.mode != "identity" for s in q.modules() if isinstance(s, ChannelSelection))
+
+
+def test_min_keep_floors_every_layer_at_its_fraction_with_its_largest_gammas():
+    ga, gb = [0.9, 0.1, 0.8, 0.2], [0.01, 0.05, 0.02, 0.03, 0.04, 0.015, 0.025, 0.035]
+    m = _two_layers(ga, gb)
+    _, plain = prune_graph(m, X, percent=0.67)  # twelve values sorted: index 8 -> 0.1
+    assert [la["after"] for la in plain["layers"]] == [3, 1]  # b, all small, is cut to its floor of one channel
+    _, kept = prune_graph(m, X, percent=0.67, min_keep=0.3)  # ceil(0.3 · 8) = 3 of b, its three largest |γ|
+    assert [la["kept"] for la in kept["layers"]] == [[0, 2, 3], [1, 4, 7]] and kept["min_keep"] == 0.3
+    assert plain["floored_layers"] and not kept["floored_layers"] and kept["threshold"] == plain["threshold"]
+    _, half = prune_graph(m, X, percent=0.67, min_keep=0.5)  # a: ceil(0.5 · 4) = 2, less than the threshold kept
+    assert [la["after"] for la in half["layers"]] == [3, 4]
+    for bad in (-0.1, 1.0, float("nan"), True):
+        with pytest.raises(ConfigError, match="--min-keep must be in"):
+            PruneConfig(min_keep=bad).validate()
+
+
+def test_min_keep_holds_under_a_macs_budget(make_model):
+    from slimexport.stats import count_macs
+
+    m = make_model(TINY_VGG)
+    p, rec = prune_model(m, max_macs=0.3, min_keep=0.4)
+    assert all(la["after"] >= math.ceil(0.4 * la["before"]) for la in rec["layers"])
+    assert count_macs(p, 1, (28, 28)) <= 0.3 * count_macs(m, 1, (28, 28))
+    with pytest.raises(ConfigError, match="the floors keep more MACs"):  # 0.5 of every layer costs about 1/4
+        prune_model(m, max_macs=0.05, min_keep=0.5)
 
 
 def test_pruning_a_pruned_model_composes_selections(make_model):
