@@ -139,10 +139,14 @@ def test_keep_accuracy_section_leads_with_paired_differences(tmp_path):
                      "refine_seconds_median": 400.0},
         "vgg:steps": {"seeds": 1, "accuracy_mean": 0.855, "accuracy_sd": None, "drop_mean": -0.015, "drop_sd": None,
                       "macs_ratio": 5.3, "params_ratio": 12.0, "refine_seconds_median": 500.0},
+        "vgg+keep25:plain": {"seeds": 3, "accuracy_mean": 0.865, "accuracy_sd": 0.001, "drop_mean": -0.005,
+                             "drop_sd": 0.001, "macs_ratio": 5.39, "params_ratio": 10.05,
+                             "refine_seconds_median": 430.0},
     }  # fmt: skip
     res = {"kind": "keep_accuracy", "command": "python -m benchmarks.keep_accuracy render", "machine_tag": "m",
            "date": "2026-12-01T12:00:00", "rows": [row("vgg:plain:0", 0.86)], "summary": summary,
-           "paired": {"plain": {"seeds": 3, "difference_mean": 0.02, "difference_sd": 0.001, "wins": 3}},
+           "paired": {"plain": {"seeds": 3, "difference_mean": 0.02, "difference_sd": 0.001, "wins": 3},
+                      "keep25:plain": {"seeds": 3, "difference_mean": 0.025, "difference_sd": 0.002, "wins": 3}},
            "vgg": {"arch": "vgg11_w25", "percent": 0.7, "sparsity": 8e-4, "epochs": 30, "refine_epochs": 20,
                    "normalize": "max"},
            "train_seconds": {"vgg/baseline": 3127.0}, "suite_seconds": 7200.0}  # fmt: skip
@@ -153,6 +157,8 @@ def test_keep_accuracy_section_leads_with_paired_differences(tmp_path):
     none = "| none | 3 | 86.00 ± 0.20 | -1.00 ± 0.20 | ×12.76 | ×5.32 | 84.00 ± 0.30 (×5.40 MACs) |"
     assert none + " +2.00 ± 0.10 (3/3 won) | 420 |" in text
     assert "| --prune-steps 3 | 1 | 85.50 | -1.50 | ×12.00 | ×5.30 | – | – | 500 |" in text
+    keep = "| --min-keep 0.25 (at the MACs of none) | 3 | 86.50 ± 0.10 | -0.50 ± 0.10 | ×10.05 | ×5.39 |"
+    assert keep + " 84.00 ± 0.30 (×5.40 MACs) | +2.50 ± 0.20 (3/3 won) | 430 |" in text  # paired as its own
     assert "`--normalize max`" in text and "baseline (87.00%)" in text and "vgg/baseline 52 min" in text
     assert "--distill |" not in text  # no row without its figures
     whole = render_results(tmp_path / "results")
