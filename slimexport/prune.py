@@ -124,7 +124,8 @@ def prune(
             + escape(
                 f"the threshold would have emptied {names}; each keeps its {cfg.min_channels} best channel(s), a "
                 "bottleneck refine may not recover from (vgg11_w25 at 70% with two one-channel layers stayed at "
-                "chance). Lower --percent, raise --min-channels, or compare |γ| per layer with --normalize max."
+                "chance). Lower --percent, raise --min-channels or --min-keep (0.25 kept vgg11_w25 at 70% 1.1 pt "
+                "higher), or compare |γ| per layer with --normalize max."
             )
         )
     meta = {
