@@ -102,7 +102,8 @@ def prune(
     cfg.round_to = round_to
     model, ckpt = load_checkpoint(ckpt_path)
     size = tuple(ckpt["data"].get("image_size") or model.config.get("image_size") or (32, 32))
-    new, record = prune_model(model, cfg=cfg)
+    # traced (and a --max-macs budget counted) at the data's own image size, not the builder's default
+    new, record = prune_model(model, example_input=model.example_input(size), cfg=cfg)
     record.update(
         {
             "params_before": count_params(model),
