@@ -21,12 +21,13 @@ import torch
 from benchmarks.common import machine_tag
 from benchmarks.run import ROOT, dataset_source
 from slimexport.checkpoint import load_checkpoint
+from slimexport.config import PruneConfig, TrainConfig
 from slimexport.data import load_dataset
 from slimexport.fileio import write_json
 from slimexport.graph_prune import exactness
-from slimexport.prune import PruneConfig, prune
+from slimexport.prune import prune
 from slimexport.report import machine, versions
-from slimexport.train import TrainConfig, train
+from slimexport.train import train
 
 
 def main() -> None:

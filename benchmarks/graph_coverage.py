@@ -35,8 +35,9 @@ import torchvision
 from torch import nn
 
 from benchmarks.common import machine_tag
+from slimexport.config import ExportConfig
 from slimexport.data import from_arrays
-from slimexport.export import ExportConfig, export_model
+from slimexport.export import export_model
 from slimexport.fileio import write_json
 from slimexport.graph import BN_TYPES
 from slimexport.graph_prune import exactness, prune_graph

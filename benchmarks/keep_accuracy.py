@@ -42,13 +42,14 @@ import torch
 
 from benchmarks.common import machine_tag
 from benchmarks.torchvision_speed import tp_at_macs
-from slimexport.bench import BenchConfig, bench
+from slimexport.bench import bench
 from slimexport.checkpoint import load_checkpoint
+from slimexport.config import BenchConfig, ExportConfig, PipelineConfig, PruneConfig
 from slimexport.data import load_dataset
-from slimexport.export import ExportConfig, export_model
+from slimexport.export import export_model
 from slimexport.fileio import write_json
-from slimexport.pipeline import PipelineConfig, run_pipeline
-from slimexport.prune import PruneConfig, resolve_round_to
+from slimexport.pipeline import run_pipeline
+from slimexport.prune import resolve_round_to
 from slimexport.report import machine, versions
 from slimexport.stats import count_macs, count_params
 from slimexport.train import fit

@@ -30,16 +30,17 @@ import torch
 
 from benchmarks.common import machine_tag
 from benchmarks.graph_coverage import randomize
-from slimexport.bench import BenchConfig, bench
+from slimexport.bench import bench
 from slimexport.checkpoint import make_checkpoint, save_checkpoint
+from slimexport.config import BenchConfig, ExportConfig, TrainConfig
 from slimexport.data import from_arrays, load_dataset
-from slimexport.export import ExportConfig, export
+from slimexport.export import export
 from slimexport.fileio import write_json
 from slimexport.models import create_model
 from slimexport.prune import prune_model, resolve_round_to
 from slimexport.report import machine, versions
 from slimexport.stats import count_macs, count_params
-from slimexport.train import TrainConfig, data_meta, fit
+from slimexport.train import data_meta, fit
 
 ROOT = Path(__file__).resolve().parent
 VARIANTS = ((1, "gather"), (1, "auto"), (16, "auto"))
@@ -53,7 +54,8 @@ OLD_SIDE = textwrap.dedent(
     import numpy as np, torch
     from slimexport.checkpoint import make_checkpoint, save_checkpoint
     from slimexport.data import from_arrays
-    from slimexport.export import ExportConfig, export
+    from slimexport.config import ExportConfig
+    from slimexport.export import export
     from slimexport.models import create_model
     from slimexport.prune import prune_model
     from slimexport.stats import count_macs, count_params

@@ -32,10 +32,10 @@ from pathlib import Path
 from benchmarks.common import machine_tag
 from benchmarks.peers import torch_pruning_model
 from slimexport.checkpoint import load_checkpoint
+from slimexport.config import PipelineConfig, PruneConfig
 from slimexport.data import load_dataset
 from slimexport.fileio import write_json
-from slimexport.pipeline import PipelineConfig
-from slimexport.prune import PruneConfig, prune
+from slimexport.prune import prune
 from slimexport.report import machine, versions
 from slimexport.stats import count_macs
 from slimexport.train import fit, train

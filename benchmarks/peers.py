@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 from slimexport.checkpoint import load_checkpoint
-from slimexport.export import ExportConfig, export_model
+from slimexport.config import ExportConfig, TrainConfig
+from slimexport.export import export_model
 from slimexport.stats import count_macs, count_params
-from slimexport.train import TrainConfig, evaluate, fit
+from slimexport.train import evaluate, fit
 
 
 def torch_pruning_model(sparse: Path, ds, percent: float):

@@ -35,13 +35,14 @@ import numpy as np
 from benchmarks.common import machine_tag, run_name
 from benchmarks.peers import torch_pruning_peer
 from benchmarks.render import render_results
-from slimexport.bench import BenchConfig, bench, ort_accuracy
+from slimexport.bench import bench, ort_accuracy
 from slimexport.checkpoint import load_checkpoint, read_checkpoint
+from slimexport.config import BenchConfig, ExportConfig, PipelineConfig, PruneConfig
 from slimexport.data import find_fashion_mnist, load_dataset
-from slimexport.export import ExportConfig, export
+from slimexport.export import export
 from slimexport.fileio import atomic_path, write_json, write_text
-from slimexport.pipeline import PipelineConfig, run_pipeline
-from slimexport.prune import PruneConfig, prune
+from slimexport.pipeline import run_pipeline
+from slimexport.prune import prune
 from slimexport.report import machine, versions
 from slimexport.rewrite import absorb_selections
 from slimexport.stats import count_macs, count_params

@@ -25,18 +25,19 @@ import numpy as np
 import torch
 
 from benchmarks.common import machine_tag
-from slimexport.bench import BenchConfig, bench, index_op_cost
+from slimexport.bench import bench, index_op_cost
 from slimexport.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from slimexport.config import BenchConfig, ExportConfig, TrainConfig
 from slimexport.data import from_arrays, load_dataset
 from slimexport.errors import DataError
-from slimexport.export import ExportConfig, export
+from slimexport.export import export
 from slimexport.fileio import write_json
 from slimexport.models import create_model
 from slimexport.prune import prune_model
 from slimexport.report import machine, versions
 from slimexport.rewrite import absorb_selections, for_export
 from slimexport.stats import count_macs, count_params
-from slimexport.train import TrainConfig, data_meta, fit
+from slimexport.train import data_meta, fit
 
 ROOT = Path(__file__).resolve().parent
 

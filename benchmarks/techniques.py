@@ -27,10 +27,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from benchmarks.common import machine_tag
-from slimexport.bench import BenchConfig
+from slimexport.config import BenchConfig, PipelineConfig, PruneConfig
 from slimexport.fileio import write_json
-from slimexport.pipeline import PipelineConfig, run_pipeline
-from slimexport.prune import PruneConfig
+from slimexport.pipeline import run_pipeline
 from slimexport.report import machine, versions
 
 ROOT = Path(__file__).resolve().parent

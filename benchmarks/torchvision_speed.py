@@ -34,13 +34,14 @@ from torch import nn
 
 from benchmarks.common import machine_tag
 from benchmarks.graph_coverage import randomize
+from slimexport.config import BenchConfig, ExportConfig
 from slimexport.data import from_arrays
-from slimexport.export import ExportConfig, export_model
+from slimexport.export import export_model
 from slimexport.fileio import write_json
 from slimexport.graph_prune import prune_graph
 from slimexport.prune import resolve_round_to
 from slimexport.report import machine, versions
-from slimexport.runtime import BenchConfig, latency, ort_session, run_logits
+from slimexport.runtime import latency, ort_session, run_logits
 from slimexport.stats import count_macs_on
 
 ROOT = Path(__file__).resolve().parent

@@ -19,10 +19,11 @@ import torch
 from benchmarks.common import machine_tag
 from benchmarks.graph_coverage import randomize
 from slimexport import export_onnx, prune_model
+from slimexport.config import BenchConfig
 from slimexport.fileio import write_json
 from slimexport.prune import resolve_round_to
 from slimexport.report import machine, versions
-from slimexport.runtime import BenchConfig, latency
+from slimexport.runtime import latency
 from slimexport.stats import count_macs_on, count_params
 
 ROOT = Path(__file__).resolve().parent

@@ -27,16 +27,15 @@ from torch import nn
 
 from slimexport.bench import bench as _bench
 from slimexport.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from slimexport.config import BenchConfig, ExportConfig, PruneConfig, QuantizeConfig
 from slimexport.data import Dataset
-from slimexport.deploy import QuantizeConfig
 from slimexport.deploy import quantize as _quantize
 from slimexport.errors import ConfigError
-from slimexport.export import ExportConfig, export_model
+from slimexport.export import export_model
 from slimexport.models import is_builtin
 from slimexport.models.external import GraphModel, external_config, is_external, trusted_code
 from slimexport.oprules import register_module_rule
-from slimexport.prune import PruneConfig, prune_model
-from slimexport.runtime import BenchConfig
+from slimexport.prune import prune_model
 from slimexport.train import data_meta, regularize
 
 __all__ = ["PruneConfig", "benchmark", "export_onnx", "load_pruned", "prune_model", "quantize", "register_module_rule",

@@ -26,12 +26,13 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from slimexport.config import OPT_STYLES, PLATFORMS, QuantizeConfig
 from slimexport.data import Dataset, conform
 from slimexport.errors import ConfigError, ModelFileError, ParityError, SlimExportError
 from slimexport.fileio import atomic_dir, atomic_path
@@ -44,28 +45,6 @@ from slimexport.runtime import (
     predictor,
     static_image_size,
 )
-
-CALIBRATE = ("minmax", "entropy", "percentile")
-OPT_STYLES = ("fixed", "runtime")
-PLATFORMS = ("amd64", "arm")
-
-
-@dataclass
-class QuantizeConfig:
-    calib_images: int = 512  # training images the activation ranges are calibrated on
-    calibrate: str = "minmax"  # minmax | entropy | percentile
-    types: str = "auto"  # auto (by the CPU) | s8s8 | u8s8
-    per_channel: bool = True
-    calib_batch: int = 64
-    seed: int = 0  # which training images calibrate
-
-    def validate(self) -> None:
-        if self.calib_images < 1:
-            raise ConfigError(f"--calib-images must be at least 1, got {self.calib_images}")
-        if self.calibrate not in CALIBRATE:
-            raise ConfigError(f"--calibrate must be one of {', '.join(CALIBRATE)}, got {self.calibrate!r}")
-        if self.types not in ("auto", "s8s8", "u8s8"):
-            raise ConfigError(f"--types must be auto, s8s8 or u8s8, got {self.types!r}")
 
 
 def choose_types(types: str = "auto", facts: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -21,38 +21,16 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from slimexport.checkpoint import fit_data, load_checkpoint
+from slimexport.config import SELECTION_MODES, BenchConfig, ExportConfig
 from slimexport.data import Dataset
 from slimexport.errors import ConfigError, ParityError, SlimExportError
 from slimexport.fileio import atomic_path
 from slimexport.records import ExportResult
 from slimexport.rewrite import absorb_selections, for_export
-from slimexport.runtime import INPUT_NAME, OUTPUT_NAME, BenchConfig, latency, ort_session
+from slimexport.runtime import INPUT_NAME, OUTPUT_NAME, latency, ort_session
 from slimexport.selection import candidates
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAME", "ExportConfig", "export", "export_model", "ort_session", "parity"]
-SELECTION_MODES = ("gather", "dense", "auto")
-
-
-@dataclass
-class ExportConfig:
-    opset: int = 20
-    simplify: bool = True
-    atol: float = 1e-3  # max |onnx - torch| over all logits of the parity images
-    parity_images: int = 512
-    parity_batch: int = 128
-    # How channel selections appear in the graph: "gather" (one Gather or Slice each, the fewest MACs) or "dense"
-    # (absorbed into zero weights of the next layer: no index op, more MACs; can be faster where the runtime's
-    # blocked layout must be left around every Gather, as in onnxruntime's CPU NCHWc kernels), or "auto" (export
-    # the candidates of :func:`slimexport.selection.candidates`, time each whole model in onnxruntime on this CPU at
-    # batch ``tune_batch`` with ``tune_threads`` threads, keep the fastest).
-    selection: str = "gather"
-    tune_batch: int = 1
-    tune_threads: int = 1
-    tune_seconds: float = 1.0
-    tune_device: str = "cpu"  # where `auto` times its candidates: the bench's device (cpu, cuda, cuda:N)
-    # Apply the exact export rewrites (:func:`slimexport.rewrite.for_export`: a conv1×1 → avg-pool 2, as in
-    # DenseNet's transitions, as one 2×2 stride-2 conv). Off only to measure what they gain.
-    rewrite: bool = True
 
 
 def _export_torch(model: torch.nn.Module, sample: torch.Tensor, path: Path, opset: int) -> None:

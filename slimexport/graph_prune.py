@@ -36,9 +36,10 @@ import torch
 from torch import fx, nn
 
 from slimexport.channels import set_bn_selection
+from slimexport.config import PruneConfig
 from slimexport.errors import ConfigError
 from slimexport.graph import BN_TYPES, ChannelGraph, Inputs, call, first_sample, random_like, trace_channels
-from slimexport.importance import check_normalize, normalize_scores
+from slimexport.importance import normalize_scores
 from slimexport.oprules import function_rule, module_rule
 from slimexport.records import PruneRecord
 
@@ -347,58 +348,6 @@ def describe(model: nn.Module, g: ChannelGraph, imp: Importance, removed: set[in
             kept = [i for i, c in enumerate(cls) if c not in removed]
             layers.append({"name": use.name, "before": len(cls), "after": len(kept), "kept": kept})
     return {"groups": out, "layers": layers}
-
-
-@dataclass
-class PruneConfig:
-    """What a prune is asked to do, checked once (:meth:`validate`), nested in the pipeline's config.
-
-    ``percent``: the fraction of the prunable BN channel classes removed by one global |γ| threshold (the paper's
-    ``--percent``), or ``max_macs``: the fraction of the unpruned MACs to keep (the threshold is then found by
-    bisection); exactly one of them. Each producing layer keeps at least ``min_channels`` and, with ``round_to``,
-    a multiple of it (``"auto"`` is resolved by the stage, from the CPU). ``normalize`` compares |γ| as they are or
-    per layer ÷ its max or mean. ``fold`` carries a removed channel's constant output act(β) into what reads it;
-    ``prune_stream`` also prunes channels a conv reads before any BatchNorm (a pre-activation ResNet's stream),
-    carrying their running mean on as a constant.
-    """
-
-    percent: float | None = 0.5
-    max_macs: float | None = None
-    min_channels: int = 1
-    min_keep: float = 0.0
-    round_to: int | str = 1
-    normalize: str = "none"
-    fold: bool = True
-    prune_stream: bool = False
-
-    def validate(self) -> PruneConfig:
-        if (self.percent is None) == (self.max_macs is None):
-            raise ConfigError("give either --percent or --max-macs, not both")
-        if self.percent is not None:
-            p = self.percent
-            if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0 <= p < 1:
-                raise ConfigError(f"--percent must be in [0, 1) (the fraction of BN channels to prune), got {p}")
-            self.percent = float(p)
-        if self.max_macs is not None:
-            f = self.max_macs
-            if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or not 0 < f <= 1:
-                raise ConfigError(f"--max-macs must be in (0, 1] (the fraction of the unpruned MACs to keep), got {f}")
-            self.max_macs = float(f)
-        if not isinstance(self.min_channels, int) or self.min_channels < 1:
-            raise ConfigError(f"--min-channels must be at least 1, got {self.min_channels}")
-        k = self.min_keep
-        if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k) or not 0 <= k < 1:
-            raise ConfigError(f"--min-keep must be in [0, 1) (the fraction of each layer's channels kept), got {k}")
-        self.min_keep = float(k)
-        r = self.round_to
-        if isinstance(r, str) and r.strip().lower() == "auto":
-            self.round_to = "auto"  # resolved from the CPU by the prune stage
-        elif isinstance(r, bool) or not isinstance(r, (int, str)) or not str(r).strip().isdigit() or int(r) < 1:
-            raise ConfigError(f"--round-to must be a positive integer or auto, got {r!r}")
-        else:
-            self.round_to = int(r)
-        check_normalize(self.normalize)
-        return self
 
 
 def prune_graph(

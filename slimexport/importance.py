@@ -6,15 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from slimexport.errors import ConfigError
+from slimexport.config import NORMALIZE, check_normalize
 
-NORMALIZE = ("none", "max", "mean")
-
-
-def check_normalize(normalize: str) -> str:
-    if normalize not in NORMALIZE:
-        raise ConfigError(f"--normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
-    return normalize
+__all__ = ["NORMALIZE", "check_normalize", "normalize_scores"]
 
 
 def normalize_scores(gam: torch.Tensor, normalize: str) -> torch.Tensor:

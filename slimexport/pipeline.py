@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import torch
 from rich.markup import escape
 
 from slimexport import distributed
-from slimexport.bench import BenchConfig, bench, provider_for
+from slimexport.bench import bench, provider_for
 from slimexport.checkpoint import (
     check_checkpoint_source,
     fit_data,
@@ -36,27 +36,25 @@ from slimexport.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
+from slimexport.config import PipelineConfig, PruneConfig, TrainConfig
 from slimexport.console import console
-from slimexport.data import EMBEDDED, Dataset, load_dataset
-from slimexport.deploy import QuantizeConfig, convert, convert_ncnn, ncnn_available, quantize
+from slimexport.data import Dataset, load_dataset
+from slimexport.deploy import convert, convert_ncnn, ncnn_available, quantize
 from slimexport.errors import CheckpointError, ConfigError, OutputExistsError
-from slimexport.export import ExportConfig, export
+from slimexport.export import export
 from slimexport.fileio import check_output, output_lock, read_json, write_json
 from slimexport.graph import BN_TYPES
 from slimexport.models import create_model, default_config
 from slimexport.models.external import canonical_source, is_external, torchvision_weights_file, trusted_code
-from slimexport.prune import PruneConfig, bn_gammas, prune, prune_model, resolve_round_to
+from slimexport.prune import bn_gammas, prune, prune_model, resolve_round_to
 from slimexport.report import build_report, plot_channels, plot_gammas, plot_latency, plot_variants, write_report
 from slimexport.runtime import NCNN_HINT
 from slimexport.stats import count_macs, count_params
 from slimexport.train import (
-    PRESETS,
-    TrainConfig,
     adopt,
     data_meta,
     evaluate,
     initial_model,
-    preset_config,
     probe_model,
     resolve_device,
     schedule_lrs,
@@ -69,128 +67,6 @@ DEFAULT_ARCH = "vgg11_w25"
 RESUME_FREE = ("out", "force", "resume", "eval_every", "data_cache", "data_cache_resolved")
 # Under torchrun every rank runs these (with DDP); rank 0 alone runs the others while the rest wait.
 TRAINING_STAGES = ("baseline", "sparse", "refine")
-
-
-@dataclass
-class PipelineConfig:
-    out: str = "runs/slim"
-    arch: str | None = None  # None: DEFAULT_ARCH, or the --baseline checkpoint's
-    dataset: str = EMBEDDED
-    data_dir: str | None = None
-    epochs: int = 10  # baseline and sparse training, each
-    refine_epochs: int = 10
-    sparsity: float | str = 3e-3  # or "auto": chosen by a probe from the baseline (slimexport.sparsity)
-    regularizer: str = "l1"  # l1 (the paper) or polar (Zhuang et al. 2020)
-    polar_t: float = 1.2
-    distill: bool = False  # refine learns from the unpruned model's logits too
-    distill_weight: float = 0.5
-    distill_temperature: float = 4.0
-    teacher: str = "baseline"  # the unpruned model that teaches: baseline or sparse
-    prune_steps: int = 1  # reach --percent in this many prune → refine steps (the refine epochs split among them)
-    # percent 0.6 of the channels; round_to auto: onnxruntime's CPU channel block here (16 AVX-512, 8 AVX2)
-    prune: PruneConfig = field(default_factory=lambda: PruneConfig(percent=0.6, round_to="auto"))
-    eval_every: int | None = None  # None: only after the last epoch of each stage
-    compile: bool = False  # torch.compile the training forward
-    sync_bn: bool = False  # under torchrun on CUDA: SyncBatchNorm
-    baseline: str | None = None
-    sparse: str | None = None  # reuse a sparse-trained checkpoint (e.g. to sweep --percent)
-    weights: str | None = None  # a state_dict (or torchvision:WEIGHTS) baseline and sparse training start from
-    # None: baseline trains `epochs` like sparse; 0: the given model (--weights or --baseline) IS the baseline, and
-    # sparse training fine-tunes it (at refine's lr unless --lr is given)
-    baseline_epochs: int | None = None
-    image_size: int | None = None  # resize the data's images to this (None: the data's own; imagefolder: 224)
-    data_cache: str = "auto"  # imagefolder: ram (decoded once, in memory), off (streamed from the files), auto
-    precision: str | None = None  # training: fp32, bf16 or auto (None: $SLIMEXPORT_PRECISION, else auto)
-    preset: str = "fast"
-    lr: float | None = None  # None: the preset's
-    refine_lr: float | None = None  # None: the preset's lr × its refine_lr_factor
-    batch_size: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    force: bool = False
-    resume: bool = False
-    int8: bool = False  # also quantize both models to INT8 (onnxruntime QDQ) and bench them
-    ort: bool = False  # also convert the pruned model(s) to the onnxruntime mobile format (.ort) and bench it
-    ncnn: bool = False  # also convert the pruned model to ncnn (a phone runtime) and bench it beside onnxruntime
-    bench: BenchConfig = field(default_factory=BenchConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
-
-    def validate(self) -> None:
-        self.prune.validate()
-        if self.preset not in PRESETS:
-            raise ConfigError(f"unknown --preset {self.preset!r}: {', '.join(PRESETS)}")
-        if self.epochs < 1 or self.refine_epochs < 1:
-            raise ConfigError("--epochs and --refine-epochs must be at least 1")
-        if self.baseline_epochs is not None and self.baseline_epochs < 0:
-            raise ConfigError(f"--baseline-epochs must be 0 or more, got {self.baseline_epochs}")
-        if self.baseline_epochs == 0 and self.weights is None and self.baseline is None:
-            raise ConfigError(
-                "--baseline-epochs 0 takes a trained model as the baseline: give it with --weights FILE, "
-                "--weights torchvision:IMAGENET1K_V1 or --baseline CHECKPOINT"
-            )
-        if isinstance(self.sparsity, str):
-            if self.sparsity != "auto":
-                raise ConfigError(f"--sparsity must be a positive number or auto, got {self.sparsity!r}")
-        elif not self.sparsity > 0:
-            raise ConfigError(f"--sparsity must be positive for network slimming, got {self.sparsity}")
-        if self.teacher not in ("baseline", "sparse"):
-            raise ConfigError(f"--teacher must be baseline or sparse, got {self.teacher!r}")
-        if self.prune_steps < 1 or self.prune_steps > self.refine_epochs:
-            raise ConfigError(
-                f"--prune-steps {self.prune_steps}: between 1 and --refine-epochs ({self.refine_epochs}); each step "
-                "refines at least one epoch"
-            )
-        if self.prune_steps > 1 and self.prune.min_keep:
-            raise ConfigError(
-                f"--min-keep with --prune-steps {self.prune_steps}: each step would keep its fraction of what the "
-                "step before left, not of the sparse model's channels; use one of them"
-            )
-        self.train_config("refine").validate()  # distillation's weight and temperature
-        self.train_config("sparse").validate()  # the regularizer and its t
-        resolve_round_to(self.prune.round_to)
-        if self.ncnn and not ncnn_available():
-            raise ConfigError(f"--ncnn: {NCNN_HINT}")
-        self.bench.validate()
-        self.quantize.validate()
-
-    @property
-    def from_trained(self) -> bool:
-        """The baseline is a trained model taken as it is; sparse training fine-tunes it."""
-        return self.baseline_epochs == 0
-
-    def train_config(self, stage: str, sparsity: float | None = None, epochs: int | None = None) -> TrainConfig:
-        """The training options of ``stage`` (baseline, sparse or refine), from the preset where not given;
-        ``sparsity`` is the resolved s (``--sparsity auto``), ``epochs`` a refine step's share (``--prune-steps``)."""
-        common = dict(batch_size=self.batch_size, seed=self.seed, device=self.device, compile=self.compile)
-        s = sparsity if sparsity is not None else (0.0 if isinstance(self.sparsity, str) else float(self.sparsity))
-        extra: dict[str, Any] = {}
-        if stage == "refine":
-            cfg = preset_config(self.preset, epochs or self.refine_epochs, 0.0, self.refine_lr,
-                                eval_every=self.eval_every, refine=True, **common)  # fmt: skip
-            if self.distill:
-                extra = {"distill": self.distill_weight, "temperature": self.distill_temperature}
-        elif stage == "sparse" and self.from_trained:  # fine-tuning a trained model: refine's gentler lr
-            cfg = preset_config(self.preset, self.epochs, s, self.lr, eval_every=self.eval_every, refine=True, **common)
-        elif stage == "baseline" and self.baseline_epochs:
-            cfg = preset_config(self.preset, self.baseline_epochs, 0.0, self.lr, eval_every=self.eval_every, **common)
-        else:
-            cfg = preset_config(self.preset, self.epochs, s if stage == "sparse" else 0.0, self.lr,
-                                eval_every=self.eval_every, **common)  # fmt: skip
-        if stage == "sparse":
-            extra = {"regularizer": self.regularizer, "polar_t": self.polar_t}
-        return dataclasses.replace(cfg, sync_bn=self.sync_bn, precision=self.precision or cfg.precision, **extra)
-
-    def channels_to_remove(self) -> float:
-        """The fraction of BN channels the prune is to remove: --percent, or for --max-macs F about 1 − √F (keeping
-        a fraction k of every layer's channels keeps about k² of the MACs)."""
-        p = self.prune
-        return p.percent if p.percent is not None else 1 - p.max_macs**0.5
-
-    def refine_epochs_per_step(self) -> list[int]:
-        """Refine's epochs split among the --prune-steps steps (the last takes the remainder)."""
-        each = self.refine_epochs // self.prune_steps
-        return [each] * (self.prune_steps - 1) + [self.refine_epochs - each * (self.prune_steps - 1)]
 
 
 @dataclass
@@ -642,6 +518,8 @@ def run_pipeline(cfg: PipelineConfig, command: str = "") -> dict[str, Any]:
     checkpoint given as ``cfg.baseline``/``cfg.sparse`` runs only code the caller named (see
     :func:`~slimexport.models.external.trusted_code`). The run directory is locked while the run writes it."""
     cfg.validate()
+    if cfg.ncnn and not ncnn_available():
+        raise ConfigError(f"--ncnn: {NCNN_HINT}")
     out = Path(cfg.out)
     # writable, of the right kind, and if it exists a run directory (that --force or --resume may replace)
     check_output(out, True, "dir", _is_run_dir)

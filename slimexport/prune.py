@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from slimexport.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from slimexport.config import PruneConfig
 from slimexport.data import Dataset
 from slimexport.errors import ConfigError
 from slimexport.graph import BN_TYPES
-from slimexport.graph_prune import PruneConfig, prune_graph
+from slimexport.graph_prune import prune_graph
 from slimexport.importance import normalize_scores
 from slimexport.models import GraphModel
 from slimexport.records import PruneRecord

@@ -11,58 +11,24 @@ load, and then silently runs on the CPU.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from slimexport.config import BenchConfig, parse_device
 from slimexport.errors import ConfigError, DeviceError, ModelFileError
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"  # the names slimexport's own exports use
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 MODEL_SUFFIXES = (".onnx", ".ort")
 CUDA_HINT = (
     "switch to the GPU build with: pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu "
     "(it shares the CPU wheel's import folder), with the CUDA and cuDNN its release notes name"
 )
-
-
-@dataclass
-class BenchConfig:
-    batches: list[int] = field(default_factory=lambda: [1, 32])
-    threads: list[int] = field(default_factory=lambda: [1, os.cpu_count() or 1])
-    device: str = "cpu"
-    warmup: int = 5
-    min_runs: int = 20
-    max_runs: int = 2000
-    seconds: float = 1.0  # time budget per setting and model, after the minimum runs
-    accuracy: bool = True
-    profile: bool = True  # per-op-type time shares at batch 1, one thread
-
-    def validate(self) -> None:
-        if not self.batches or min(self.batches) < 1:
-            raise ConfigError(f"--batch sizes must be positive integers, got {self.batches}")
-        if not self.threads or min(self.threads) < 1:
-            raise ConfigError(f"--threads must be positive integers, got {self.threads}")
-        if self.min_runs < 1 or self.max_runs < self.min_runs:
-            raise ConfigError("--runs must be at least 1")
-        if not (self.seconds >= 0 and math.isfinite(self.seconds)):  # False for nan too
-            raise ConfigError(f"--seconds must be a finite number of seconds >= 0, got {self.seconds}")
-        parse_device(self.device)
-
-
-def parse_device(device: str) -> tuple[str, int]:
-    """``cpu``, ``cuda`` or ``cuda:N`` → (onnxruntime provider, device id)."""
-    name, _, index = device.partition(":")
-    if name not in PROVIDERS or (index and (name != "cuda" or not index.isdigit())):
-        raise ConfigError(f"unknown onnxruntime device {device!r}: cpu, cuda or cuda:N")
-    return PROVIDERS[name], int(index or 0)
 
 
 def _providers(provider: str, device_id: int = 0) -> list:

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from slimexport.config import BenchConfig
 from slimexport.rewrite import absorb_selections, for_export, selection_units
-from slimexport.runtime import INPUT_NAME, OUTPUT_NAME, BenchConfig, latency
+from slimexport.runtime import INPUT_NAME, OUTPUT_NAME, latency
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
+from slimexport.config import CACHES
 from slimexport.errors import ConfigError, DataError
 
-CACHES = ("auto", "ram", "off")
 RAM_SHARE = 0.25  # auto keeps a split in memory when all splits take at most this share of the available memory
 
 

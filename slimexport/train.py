@@ -12,7 +12,7 @@ import math
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from torch.nn import functional as F
 from slimexport import distributed
 from slimexport.channels import restore_bn_selections
 from slimexport.checkpoint import fit_data, load_checkpoint, make_checkpoint, read_checkpoint, save_checkpoint
+from slimexport.config import REGULARIZERS, TrainConfig
 from slimexport.console import console, make_progress
 from slimexport.data import Dataset, augment, augment_resized_crop, batches
 from slimexport.errors import CheckpointError, ConfigError, DeviceError, ModelCodeError, SlimExportError, first_line
@@ -31,107 +32,6 @@ from slimexport.graph import BN_TYPES
 from slimexport.models import create_model
 from slimexport.models import is_builtin as _builtin_source
 from slimexport.stream import eval_loader, is_streamed, steps_per_epoch, train_loader
-
-# Named schedules, the one home of their defaults. `fast` is a short one-cycle schedule; `paper` is the reference
-# recipe (Liu et al. 2017). Refine's learning rate is `refine_lr_factor` × the training lr unless given.
-PRESETS: dict[str, dict[str, Any]] = {
-    "fast": {"schedule": "onecycle", "lr": 0.1, "batch_size": 128, "weight_decay": 5e-4, "refine_lr_factor": 0.2},
-    "paper": {"schedule": "multistep", "lr": 0.1, "batch_size": 64, "weight_decay": 1e-4, "refine_lr_factor": 0.2},
-}
-
-
-def preset_config(
-    preset: str,
-    epochs: int,
-    sparsity: float = 0.0,
-    lr: float | None = None,
-    batch_size: int | None = None,
-    seed: int = 0,
-    device: str = "auto",
-    eval_every: int | None = None,
-    compile: bool = False,
-    refine: bool = False,
-) -> TrainConfig:
-    """A :class:`TrainConfig` from a preset: every default not given comes from :data:`PRESETS`. With ``refine``,
-    ``lr`` is refine's own lr (default: the preset's lr × its ``refine_lr_factor``). ``eval_every`` None measures
-    test accuracy after the last epoch only."""
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown --preset {preset!r}: {', '.join(PRESETS)}")
-    p = PRESETS[preset]
-    if lr is None:
-        lr = p["lr"] * (p["refine_lr_factor"] if refine else 1.0)
-    return TrainConfig(
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size or p["batch_size"],
-        weight_decay=p["weight_decay"],
-        schedule=p["schedule"],
-        sparsity=sparsity,
-        seed=seed,
-        device=device,
-        eval_every=eval_every or epochs,
-        compile=compile,
-    )
-
-
-PRECISIONS = ("fp32", "bf16", "auto")
-REGULARIZERS = ("l1", "polar")
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    lr: float = 0.1  # peak (onecycle) or initial (multistep, constant) learning rate
-    batch_size: int = 128
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    schedule: str = "onecycle"  # onecycle | multistep (×0.1 at 50% and 75%) | constant
-    sparsity: float = 0.0  # s in s·sign(γ); 0 = plain training
-    seed: int = 0
-    augment: bool = True
-    device: str = "auto"
-    eval_batch_size: int = 512
-    eval_every: int = 1  # evaluate on the test split every N epochs (the last epoch always)
-    compile: bool = False  # torch.compile the training forward (pays on GPUs for small, launch-bound networks)
-    sync_bn: bool = False  # under torchrun on CUDA: SyncBatchNorm (global batch statistics)
-    # fp32, bf16 (autocast), or auto: bf16 on CUDA, on a CPU where it is measured faster. $SLIMEXPORT_PRECISION sets
-    # the default (the test suite pins fp32, so that its figures do not depend on a probe's timing)
-    precision: str = field(default_factory=lambda: os.environ.get("SLIMEXPORT_PRECISION", "auto"))
-    regularizer: str = "l1"  # l1: s·|γ| (the paper); polar: s·(t·|γ| − |γ − mean γ|) (Zhuang et al. 2020)
-    polar_t: float = 1.2  # polar's t: > 1 still pulls every γ down, those below the mean t+1 times as hard
-    distill: float = 0.0  # weight of the teacher's KL term in refine (0: labels alone); needs a teacher
-    temperature: float = 4.0  # softens both models' logits for the KL term (scaled back by T²)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def validate(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"--epochs must be at least 1, got {self.epochs}")
-        if self.lr <= 0 or not math.isfinite(self.lr):
-            raise ConfigError(f"--lr must be positive, got {self.lr}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.sparsity < 0 or not math.isfinite(self.sparsity):
-            raise ConfigError(f"--sparsity must be >= 0, got {self.sparsity}")
-        if self.eval_every < 1:
-            raise ConfigError(f"--eval-every must be at least 1, got {self.eval_every}")
-        if (
-            self.sync_bn
-            and not self.device.startswith("cuda")
-            and not (self.device == "auto" and torch.cuda.is_available())
-        ):
-            raise ConfigError("--sync-bn needs CUDA (NCCL); on the CPU each rank keeps its own BatchNorm statistics")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"--precision {self.precision!r}: {', '.join(PRECISIONS)}")
-        if self.schedule not in ("onecycle", "multistep", "constant"):
-            raise ConfigError(f"unknown schedule {self.schedule!r}: onecycle, multistep or constant")
-        if self.regularizer not in REGULARIZERS:
-            raise ConfigError(f"--regularizer {self.regularizer!r}: {' or '.join(REGULARIZERS)}")
-        if not (self.polar_t > 0 and math.isfinite(self.polar_t)):
-            raise ConfigError(f"--polar-t must be positive, got {self.polar_t}")
-        if not 0 <= self.distill <= 1:
-            raise ConfigError(f"--distill-weight must be in [0, 1], got {self.distill}")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ConfigError(f"--distill-temperature must be positive, got {self.temperature}")
 
 
 def resolve_device(device: str) -> torch.device:

@@ -22,7 +22,7 @@ def tiny_net() -> nn.Module:
 
 
 def step_config():
-    from slimexport.train import TrainConfig
+    from slimexport.config import TrainConfig
 
     return TrainConfig(epochs=1, batch_size=64, lr=0.5, schedule="constant", device="cpu", weight_decay=5e-4)
 

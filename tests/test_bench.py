@@ -1,9 +1,10 @@
 import pytest
 
-from slimexport.bench import BenchConfig, bench, op_time_shares
+from slimexport.bench import bench, op_time_shares
 from slimexport.checkpoint import make_checkpoint, save_checkpoint
+from slimexport.config import BenchConfig, ExportConfig
 from slimexport.errors import ConfigError, DeviceError
-from slimexport.export import ExportConfig, export
+from slimexport.export import export
 from slimexport.prune import prune_model
 from slimexport.train import data_meta, evaluate
 from tests.conftest import TINY_RESNET

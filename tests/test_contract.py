@@ -344,7 +344,8 @@ def test_an_image_above_the_decompression_bomb_limit_is_named(tmp_path, monkeypa
 
 @pytest.fixture
 def onnx_at_two_sizes(tmp_path, make_model, small_ds):
-    from slimexport.export import ExportConfig, export
+    from slimexport.config import ExportConfig
+    from slimexport.export import export
 
     paths = []
     for size in (28, 16):

@@ -9,9 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from slimexport.cli import app
+from slimexport.config import preset_config
 from slimexport.deploy import choose_types, compare, convert, quantize
 from slimexport.export import export
-from slimexport.train import preset_config, train
+from slimexport.train import train
 from tests.conftest import TINY_VGG
 
 runner = CliRunner()

@@ -4,8 +4,9 @@ import torch
 
 from slimexport.channels import ChannelSelection
 from slimexport.checkpoint import make_checkpoint, save_checkpoint
+from slimexport.config import ExportConfig
 from slimexport.errors import ConfigError, ParityError
-from slimexport.export import ExportConfig, export
+from slimexport.export import export
 from slimexport.prune import prune_model
 from slimexport.train import data_meta
 from tests.conftest import TINY_DENSENET, TINY_RESNET, TINY_VGG

@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 
 import slimexport.train as train_mod
 from slimexport.cli import app
+from slimexport.config import TrainConfig
 from slimexport.models import create_model
-from slimexport.train import TrainConfig, fit
+from slimexport.train import fit
 from tests.conftest import TINY_VGG
 
 HAS_CUDA = torch.cuda.is_available()

@@ -8,9 +8,10 @@ import torch
 
 import slimexport.runtime as runtime
 import slimexport.train as train_mod
+from slimexport.config import TrainConfig
 from slimexport.errors import ConfigError, DeviceError
 from slimexport.models import create_model
-from slimexport.train import TrainConfig, evaluate, fit
+from slimexport.train import evaluate, fit
 from tests.conftest import TINY_VGG
 
 

@@ -14,9 +14,10 @@ from torch import nn
 from benchmarks.graph_coverage import randomize  # random γ, β and BN statistics, as trained BNs have
 from slimexport import prune_model, regularize
 from slimexport.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from slimexport.config import ExportConfig
 from slimexport.data import from_arrays
 from slimexport.errors import ConfigError
-from slimexport.export import ExportConfig, export_model
+from slimexport.export import export_model
 from slimexport.graph_prune import exactness
 from slimexport.models import create_model
 from slimexport.stats import count_macs, count_macs_on, count_params

@@ -13,13 +13,14 @@ PKG = Path(slimexport.__file__).parent
 # sources (built-ins, torchvision, timm, files) build what the engine prunes; the stages turn one artifact on disk
 # into the next; the pipeline, the Python API and the CLI chain them.
 LAYERS = {
-    "base": ["errors", "console", "fileio", "records", "channels", "stats", "importance", "runtime", "distributed",
-             "assets"],
+    "base": ["errors", "config", "console", "fileio", "records", "channels", "stats", "importance", "runtime",
+             "distributed", "assets"],
     "engine": ["oprules", "graph", "graph_prune", "rewrite"],
     "models": ["models", "models.builtin", "models.external"],
     "stages": ["data", "stream", "checkpoint", "train", "sparsity", "prune", "selection", "export", "deploy", "bench",
                "report"],
-    "top": ["pipeline", "api", "cli", "", "__main__"],
+    "top": ["pipeline", "api", "cli.options", "cli.app", "cli.training", "cli.deploying", "cli.pipeline", "cli.models",
+            "cli", "", "__main__"],
 }  # fmt: skip
 LAYER_OF = {("slimexport." + m).rstrip("."): i for i, mods in enumerate(LAYERS.values()) for m in mods}
 
@@ -112,8 +113,12 @@ def test_the_layer_check_catches_an_upward_import():
     assert any(LAYER_OF[t] > LAYER_OF[m] for m, ts in g.items() for t in ts)
 
 
-def test_runtime_is_a_leaf():
-    assert _graph()["slimexport.runtime"] <= {"slimexport.errors"}
+def test_runtime_and_the_settings_are_leaves():
+    """The settings (config) import nothing but errors, so every layer and a fast `--help` can read them; runtime
+    reads only the settings."""
+    g = _graph()
+    assert g["slimexport.config"] <= {"slimexport.errors"}
+    assert g["slimexport.runtime"] <= {"slimexport.errors", "slimexport.config"}
 
 
 def test_the_reference_documents_report_json_as_the_types_say():

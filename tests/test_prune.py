@@ -7,8 +7,9 @@ from torch import nn
 
 from slimexport.channels import ChannelSelection
 from slimexport.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from slimexport.config import PruneConfig
 from slimexport.errors import ConfigError
-from slimexport.graph_prune import PruneConfig, prune_graph
+from slimexport.graph_prune import prune_graph
 from slimexport.models import count_params
 from slimexport.prune import bn_gammas, prune, prune_model
 from tests.conftest import TINY_DENSENET, TINY_RESNET, TINY_VGG

@@ -4,9 +4,10 @@ from the same types): a field added in code but not in its type fails here."""
 import torch
 
 from slimexport import prune_model
-from slimexport.bench import BenchConfig, bench
+from slimexport.bench import bench
+from slimexport.config import BenchConfig, ExportConfig
 from slimexport.data import from_arrays
-from slimexport.export import ExportConfig, export_model
+from slimexport.export import export_model
 from slimexport.models import create_model
 from slimexport.records import BenchResult, ExportResult, PruneRecord, undeclared
 

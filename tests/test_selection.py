@@ -4,7 +4,8 @@ import torch
 
 from slimexport.channels import ChannelSelection
 from slimexport.checkpoint import make_checkpoint, save_checkpoint
-from slimexport.export import INPUT_NAME, ExportConfig, export, ort_session
+from slimexport.config import ExportConfig
+from slimexport.export import INPUT_NAME, export, ort_session
 from slimexport.prune import prune_model
 from slimexport.rewrite import absorb_selections, selection_units
 from slimexport.selection import _unit_graph, candidates, mix, time_unit, unit_shapes

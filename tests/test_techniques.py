@@ -9,8 +9,9 @@ from torch import nn
 from typer.testing import CliRunner
 
 from slimexport.cli import app
+from slimexport.config import TrainConfig, preset_config
 from slimexport.sparsity import CANDIDATES, COLLAPSE, SMALL, choose_sparsity
-from slimexport.train import TrainConfig, distill_loss, preset_config, regularize
+from slimexport.train import distill_loss, regularize
 from tests.conftest import TINY_VGG
 
 

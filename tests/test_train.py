@@ -2,10 +2,11 @@ import pytest
 import torch
 
 from slimexport.checkpoint import load_checkpoint
+from slimexport.config import TrainConfig
 from slimexport.errors import ConfigError, DeviceError
 from slimexport.models import create_model
 from slimexport.prune import bn_gammas
-from slimexport.train import TrainConfig, evaluate, regularize, resolve_device, train
+from slimexport.train import evaluate, regularize, resolve_device, train
 from tests.conftest import TINY_VGG
 
 
@@ -83,8 +84,9 @@ def test_cuda_without_a_gpu_is_a_clear_error():
 
 def test_a_few_steps_train_without_a_schedule_error(small_ds):
     """One-cycle over 4 steps leaves its warm-up phase empty (torch divides by zero); such runs use a constant lr."""
+    from slimexport.config import TrainConfig
     from slimexport.models import create_model
-    from slimexport.train import TrainConfig, fit
+    from slimexport.train import fit
 
     torch.manual_seed(0)
     m = create_model("vgg11_w12", 10, 1)

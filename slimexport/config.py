@@ -1,0 +1,688 @@
+"""Every setting's one home: the ``*Config`` dataclasses of the stages and the pipeline, with each user-facing
+field's default, its command-line flag and help text (:func:`setting`), the choices of every enumerated option,
+and validation.
+
+The CLI builds its options from these fields (``slimexport.cli.options``), so a default or a help text is written
+once, here; ``tests/test_cli_options.py`` fails where a command's option disagrees with its field. A run's settings
+can also come from a file (:func:`read_settings`): TOML, YAML or JSON, keyed by option names (``refine-epochs``)
+or by these fields (a run's own ``config.json``, sections ``prune``, ``bench``, ``export``, ``quantize``).
+
+This module imports no torch and no other stage, so that ``slimexport --help`` stays fast and every layer may use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slimexport.errors import ConfigError
+
+# The choices of every enumerated setting (the CLI's enums are made from these tuples).
+DEVICES = ("auto", "cpu", "cuda")  # where to train
+BENCH_DEVICES = ("cpu", "cuda")  # the onnxruntime execution provider the CLI offers (the library takes cuda:N too)
+PRESET_NAMES = ("fast", "paper")
+NORMALIZE = ("none", "max", "mean")
+REGULARIZERS = ("l1", "polar")
+TEACHERS = ("baseline", "sparse")
+PRECISIONS = ("fp32", "bf16", "auto")
+CACHES = ("auto", "ram", "off")
+SELECTION_MODES = ("gather", "dense", "auto")
+CALIBRATE = ("minmax", "entropy", "percentile")
+QUANT_TYPES = ("auto", "s8s8", "u8s8")
+OPT_STYLES = ("fixed", "runtime")
+PLATFORMS = ("amd64", "arm")
+SCHEDULES = ("onecycle", "multistep", "constant")
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+# Named schedules, the one home of their defaults. `fast` is a short one-cycle schedule; `paper` is the reference
+# recipe (Liu et al. 2017). Refine's learning rate is `refine_lr_factor` × the training lr unless given.
+PRESETS: dict[str, dict[str, Any]] = {
+    "fast": {"schedule": "onecycle", "lr": 0.1, "batch_size": 128, "weight_decay": 5e-4, "refine_lr_factor": 0.2},
+    "paper": {"schedule": "multistep", "lr": 0.1, "batch_size": 64, "weight_decay": 1e-4, "refine_lr_factor": 0.2},
+}
+
+
+def setting(default: Any = dataclasses.MISSING, *, flag: str, help: str, short: str | None = None,
+            choices: tuple[str, ...] | None = None, factory: Any = dataclasses.MISSING,
+            cli_default: Any = dataclasses.MISSING) -> Any:  # fmt: skip
+    """A config field that is also a command-line option: ``flag`` (``--name``, or ``--name/--no-name`` for a
+    switch), its ``help`` and, for an enumerated setting, its ``choices``. ``cli_default``: where the commands
+    default to something else than the Python API (``round_to``: auto on the command line, exact in the API)."""
+    meta = {"flag": flag, "help": help, "short": short, "choices": choices}
+    if cli_default is not dataclasses.MISSING:
+        meta["cli_default"] = cli_default
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def option_name(flag: str) -> str:
+    """``--refine-epochs`` → ``refine_epochs``: the CLI parameter (and settings-file key) of a flag."""
+    return flag.split("/")[0].lstrip("-").replace("-", "_")
+
+
+def settings_of(cls: type) -> dict[str, dataclasses.Field]:
+    """The fields of a config class that are command-line options, by option name."""
+    return {option_name(f.metadata["flag"]): f for f in dataclasses.fields(cls) if "flag" in f.metadata}
+
+
+def default_of(f: dataclasses.Field, cli: bool = False) -> Any:
+    """A field's default (``cli``: as the commands take it, see :func:`setting`)."""
+    if cli and "cli_default" in f.metadata:
+        return f.metadata["cli_default"]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _fraction(value: Any, flag: str, lo_open: bool, hi_open: bool, what: str) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (0 < value if lo_open else 0 <= value) and (value < 1 if hi_open else value <= 1)
+    if not ok:
+        lo, hi = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise ConfigError(f"{flag} must be in {lo}0, 1{hi} ({what}), got {value}")
+    return float(value)
+
+
+def _one_of(value: Any, choices: tuple[str, ...], flag: str) -> str:
+    if value not in choices:
+        raise ConfigError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def check_normalize(normalize: str) -> str:
+    return _one_of(normalize, NORMALIZE, "--normalize")
+
+
+@dataclass
+class PruneConfig:
+    """What a prune is asked to do, checked once (:meth:`validate`), nested in the pipeline's config.
+
+    ``percent``: the fraction of the prunable BN channel classes removed by one global |γ| threshold (the paper's
+    ``--percent``), or ``max_macs``: the fraction of the unpruned MACs to keep (the threshold is then found by
+    bisection); exactly one of them. Each producing layer keeps at least ``min_channels`` and, with ``round_to``,
+    a multiple of it (``"auto"`` is resolved by the stage, from the CPU). ``normalize`` compares |γ| as they are or
+    per layer ÷ its max or mean. ``fold`` carries a removed channel's constant output act(β) into what reads it;
+    ``prune_stream`` also prunes channels a conv reads before any BatchNorm (a pre-activation ResNet's stream),
+    carrying their running mean on as a constant.
+    """
+
+    percent: float | None = setting(0.6, flag="--percent", short="-p", help=(
+        "Fraction of all prunable BN channels to remove with one global |γ| threshold, in [0, 1) [default: 0.6 "
+        "unless --max-macs is given]."))  # fmt: skip
+    max_macs: float | None = setting(None, flag="--max-macs", help=(
+        "Instead of --percent: the fraction of the unpruned MACs to keep, in (0, 1]; the lowest global threshold "
+        "that fits it (with --prune-steps, each step's share of the way)."))  # fmt: skip
+    min_channels: int = setting(
+        1,
+        flag="--min-channels",
+        help=("Every pruned layer keeps at least this many channels (its largest |γ|), so no layer is ever emptied."),
+    )
+    min_keep: float = setting(0.0, flag="--min-keep", help=(
+        "Every pruned layer keeps at least this fraction of its channels (its largest |γ|), e.g. 0.25: the global "
+        "threshold alone can leave a layer a few channels wide, a bottleneck refine does not recover from. 0: "
+        "--min-channels alone (the paper's)."))  # fmt: skip
+    # The Python API's default is exact counts (the paper's); the commands prune for the runtime on this machine.
+    round_to: int | str = setting(1, cli_default="auto", flag="--round-to", help=(
+        "Keep a multiple of this many channels per layer. auto: the channel block of onnxruntime's CPU "
+        "convolutions on this machine (16 with AVX-512, 8 with AVX2), the fast choice for deployment; 1: exactly "
+        "the threshold's choice (the paper's)."))  # fmt: skip
+    normalize: str = setting("none", flag="--normalize", choices=NORMALIZE, help=(
+        "How |γ| are compared across layers: none, as they are (the paper's); max or mean: each layer's |γ| "
+        "divided by its largest or mean |γ|. A BN followed by ReLU and a conv can scale all its γ at no cost, so "
+        "raw |γ| may empty a layer whose channels are all small; max/mean make the threshold blind to that "
+        "scale."))  # fmt: skip
+    fold: bool = setting(True, flag="--fold/--no-fold", help=(
+        "Fold what a removed channel still sends on (act(β) of its BN) into the bias or BN running mean of the "
+        "layers that read it. --no-fold only to measure what folding buys."))  # fmt: skip
+    prune_stream: bool = setting(False, flag="--prune-stream", help=(
+        "Also remove channels a conv reads before any BatchNorm (a pre-activation ResNet's stream, read by its "
+        "downsampling convs) where a BatchNorm reading the same tensor drops them; the conv gets that BN's running "
+        "mean of the channel as a constant. Beyond the paper's rules; more MACs saved at the same threshold, not "
+        "exact."))  # fmt: skip
+
+    def validate(self) -> PruneConfig:
+        if (self.percent is None) == (self.max_macs is None):
+            raise ConfigError("give either --percent or --max-macs, not both")
+        if self.percent is not None:
+            self.percent = _fraction(self.percent, "--percent", False, True, "the fraction of BN channels to prune")
+        if self.max_macs is not None:
+            self.max_macs = _fraction(self.max_macs, "--max-macs", True, False,
+                                      "the fraction of the unpruned MACs to keep")  # fmt: skip
+        if isinstance(self.min_channels, bool) or not isinstance(self.min_channels, int) or self.min_channels < 1:
+            raise ConfigError(f"--min-channels must be at least 1, got {self.min_channels}")
+        self.min_keep = _fraction(
+            self.min_keep, "--min-keep", False, True, "the fraction of each layer's channels kept"
+        )
+        r = self.round_to
+        if isinstance(r, str) and r.strip().lower() == "auto":
+            self.round_to = "auto"  # resolved from the CPU by the prune stage
+        elif isinstance(r, bool) or not isinstance(r, (int, str)) or not str(r).strip().isdigit() or int(r) < 1:
+            raise ConfigError(f"--round-to must be a positive integer or auto, got {r!r}")
+        else:
+            self.round_to = int(r)
+        check_normalize(self.normalize)
+        return self
+
+    @classmethod
+    def from_options(cls, **options: Any) -> PruneConfig:
+        """A prune as the commands take it: ``--percent`` defaults to the field's default unless ``--max-macs``
+        is given (the one place that rule lives)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in options.items() if k in names}
+        if kw.get("percent") is None:
+            kw["percent"] = None if kw.get("max_macs") is not None else cls.percent
+        return cls(**kw)
+
+
+ROUND_TO_CLI = PruneConfig.__dataclass_fields__["round_to"].metadata["cli_default"]
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    lr: float = 0.1  # peak (onecycle) or initial (multistep, constant) learning rate
+    batch_size: int = 128
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    schedule: str = "onecycle"  # onecycle | multistep (×0.1 at 50% and 75%) | constant
+    sparsity: float = 0.0  # s in s·sign(γ); 0 = plain training
+    seed: int = 0
+    augment: bool = True
+    device: str = "auto"
+    eval_batch_size: int = 512
+    eval_every: int = 1  # evaluate on the test split every N epochs (the last epoch always)
+    compile: bool = False  # torch.compile the training forward (pays on GPUs for small, launch-bound networks)
+    sync_bn: bool = False  # under torchrun on CUDA: SyncBatchNorm (global batch statistics)
+    # fp32, bf16 (autocast), or auto: bf16 on CUDA, on a CPU where it is measured faster. $SLIMEXPORT_PRECISION sets
+    # the default (the test suite pins fp32, so that its figures do not depend on a probe's timing)
+    precision: str = field(default_factory=lambda: os.environ.get("SLIMEXPORT_PRECISION", "auto"))
+    regularizer: str = "l1"  # l1: s·|γ| (the paper); polar: s·(t·|γ| − |γ − mean γ|) (Zhuang et al. 2020)
+    polar_t: float = 1.2  # polar's t: > 1 still pulls every γ down, those below the mean t+1 times as hard
+    distill: float = 0.0  # weight of the teacher's KL term in refine (0: labels alone); needs a teacher
+    temperature: float = 4.0  # softens both models' logits for the KL term (scaled back by T²)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.sparsity < 0 or not math.isfinite(self.sparsity):
+            raise ConfigError(f"--sparsity must be >= 0, got {self.sparsity}")
+        if self.eval_every < 1:
+            raise ConfigError(f"--eval-every must be at least 1, got {self.eval_every}")
+        if self.sync_bn and not self.device.startswith("cuda"):
+            import torch
+
+            if not (self.device == "auto" and torch.cuda.is_available()):
+                raise ConfigError(
+                    "--sync-bn needs CUDA (NCCL); on the CPU each rank keeps its own BatchNorm statistics"
+                )
+        _one_of(self.precision, PRECISIONS, "--precision")
+        _one_of(self.schedule, SCHEDULES, "schedule")
+        _one_of(self.regularizer, REGULARIZERS, "--regularizer")
+        if not (self.polar_t > 0 and math.isfinite(self.polar_t)):
+            raise ConfigError(f"--polar-t must be positive, got {self.polar_t}")
+        if not 0 <= self.distill <= 1:
+            raise ConfigError(f"--distill-weight must be in [0, 1], got {self.distill}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"--distill-temperature must be positive, got {self.temperature}")
+
+
+def preset_config(
+    preset: str,
+    epochs: int,
+    sparsity: float = 0.0,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    eval_every: int | None = None,
+    compile: bool = False,
+    refine: bool = False,
+) -> TrainConfig:
+    """A :class:`TrainConfig` from a preset: every default not given comes from :data:`PRESETS`. With ``refine``,
+    ``lr`` is refine's own lr (default: the preset's lr × its ``refine_lr_factor``). ``eval_every`` None measures
+    test accuracy after the last epoch only."""
+    p = PRESETS.get(preset)
+    if p is None:
+        raise ConfigError(f"unknown --preset {preset!r}: {', '.join(PRESETS)}")
+    if lr is None:
+        lr = p["lr"] * (p["refine_lr_factor"] if refine else 1.0)
+    return TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size or p["batch_size"],
+                       weight_decay=p["weight_decay"], schedule=p["schedule"], sparsity=sparsity, seed=seed,
+                       device=device, eval_every=eval_every or epochs, compile=compile)  # fmt: skip
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """``cpu``, ``cuda`` or ``cuda:N`` → (onnxruntime provider, device id)."""
+    name, _, index = device.partition(":")
+    if name not in PROVIDERS or (index and (name != "cuda" or not index.isdigit())):
+        raise ConfigError(f"unknown onnxruntime device {device!r}: cpu, cuda or cuda:N")
+    return PROVIDERS[name], int(index or 0)
+
+
+@dataclass
+class BenchConfig:
+    batches: list[int] = setting(flag="--batch", factory=lambda: [1, 32], help="Comma-separated batch sizes to time.")
+    threads: list[int] = setting(flag="--threads", factory=lambda: [1, os.cpu_count() or 1], help=(
+        "Comma-separated onnxruntime intra-op thread counts (CPU) (default: 1 and all cores)."))  # fmt: skip
+    device: str = setting(
+        "cpu",
+        flag="--bench-device",
+        choices=BENCH_DEVICES,
+        help=("onnxruntime execution provider for latency: cpu, or cuda (needs onnxruntime-gpu; uses IOBinding)."),
+    )
+    warmup: int = 5
+    min_runs: int = 20
+    max_runs: int = 2000
+    seconds: float = setting(1.0, flag="--seconds", help="Timing budget per model and setting, after 20 runs.")
+    accuracy: bool = setting(True, flag="--accuracy/--no-accuracy", help="Measure test accuracy in onnxruntime.")
+    profile: bool = True  # per-op-type time shares at batch 1, one thread
+
+    def validate(self) -> None:
+        if not self.batches or min(self.batches) < 1:
+            raise ConfigError(f"--batch sizes must be positive integers, got {self.batches}")
+        if not self.threads or min(self.threads) < 1:
+            raise ConfigError(f"--threads must be positive integers, got {self.threads}")
+        if self.min_runs < 1 or self.max_runs < self.min_runs:
+            raise ConfigError("--runs must be at least 1")
+        if not (self.seconds >= 0 and math.isfinite(self.seconds)):  # False for nan too
+            raise ConfigError(f"--seconds must be a finite number of seconds >= 0, got {self.seconds}")
+        parse_device(self.device)
+
+
+@dataclass
+class ExportConfig:
+    opset: int = setting(20, flag="--opset", help="ONNX opset.")
+    simplify: bool = setting(True, flag="--simplify/--no-simplify", help="Simplify with onnxsim.")
+    atol: float = setting(
+        1e-3,
+        flag="--atol",
+        help=("Largest allowed |ONNX − PyTorch| over the logits of the parity images; beyond it export fails."),
+    )
+    parity_images: int = setting(512, flag="--parity-images", help="Real test images compared.")
+    parity_batch: int = 128
+    # How channel selections appear in the graph: "gather" (one Gather or Slice each, the fewest MACs) or "dense"
+    # (absorbed into zero weights of the next layer), or "auto" (the candidates of
+    # :func:`slimexport.selection.candidates`, each whole model timed in onnxruntime on this CPU at batch
+    # ``tune_batch`` with ``tune_threads`` threads, the fastest kept).
+    selection: str = setting("gather", flag="--selection", choices=SELECTION_MODES, help=(
+        "How channel selections export: gather (one Gather/Slice each, fewest MACs), dense (absorbed into zero "
+        "weights of the next layer: no index op, keeps onnxruntime's blocked CPU layout), or auto (export gather, "
+        "dense and a per-selection mix, time each in onnxruntime on this CPU at batch 1, keep the fastest; pairs "
+        "well with prune --round-to 16)."))  # fmt: skip
+    tune_batch: int = 1
+    tune_threads: int = 1
+    tune_seconds: float = 1.0
+    tune_device: str = "cpu"  # where `auto` times its candidates: the bench's device (cpu, cuda, cuda:N)
+    # Apply the exact export rewrites (:func:`slimexport.rewrite.for_export`: a conv1×1 → avg-pool 2, as in
+    # DenseNet's transitions, as one 2×2 stride-2 conv). Off only to measure what they gain.
+    rewrite: bool = True
+
+    def validate(self) -> ExportConfig:
+        _one_of(self.selection, SELECTION_MODES, "--selection")
+        if self.parity_images < 1:
+            raise ConfigError(f"--parity-images must be at least 1, got {self.parity_images}")
+        return self
+
+
+@dataclass
+class QuantizeConfig:
+    calib_images: int = setting(
+        512, flag="--calib-images", help=("Training images the INT8 activation ranges are calibrated on.")
+    )
+    calibrate: str = setting(
+        "minmax",
+        flag="--calibrate",
+        choices=CALIBRATE,
+        help=("How activation ranges are calibrated: minmax, entropy, percentile."),
+    )
+    types: str = setting(
+        "auto",
+        flag="--types",
+        choices=QUANT_TYPES,
+        help=("INT8 activation/weight types: auto (S8S8 on a CPU with VNNI, else U8S8 with reduce_range), s8s8, u8s8."),
+    )
+    per_channel: bool = True
+    calib_batch: int = 64
+    seed: int = 0  # which training images calibrate
+
+    def validate(self) -> None:
+        if self.calib_images < 1:
+            raise ConfigError(f"--calib-images must be at least 1, got {self.calib_images}")
+        _one_of(self.calibrate, CALIBRATE, "--calibrate")
+        _one_of(self.types, QUANT_TYPES, "--types")
+
+
+DATASET_HELP = (
+    "embedded (Fashion-MNIST subset shipped with the package), fashion-mnist, cifar10, cifar100, imagefolder:PATH "
+    "(PATH/train/<class>/*, PATH/val/<class>/*), or a path to an .npz with uint8 x_train, y_train, x_test, y_test."
+)
+
+
+@dataclass
+class PipelineConfig:
+    out: str = setting(
+        "runs/slim", flag="--out", short="-o", help=("Run directory (created; replaced only with --force).")
+    )
+    arch: str | None = setting(None, flag="--arch", short="-a", help=(  # None: vgg11_w25, or the --baseline's
+        "Architecture: vgg11/13/16/19 (vgg11_w25: 25% width), preresnet{9n+2} (preresnet164), densenet{3n+4} "
+        "(densenet40); or any CNN, pruned by the graph engine: torchvision:NAME (resnet50, mobilenet_v2, ...), "
+        "timm:NAME (with timm installed), path/to/file.py:factory or package.module:factory (factory gets "
+        "num_classes=K if it takes it). See `slimexport models`."))  # fmt: skip
+    dataset: str = setting("embedded", flag="--dataset", short="-d", help=DATASET_HELP)
+    data_dir: str | None = setting(None, flag="--data-dir", help=(
+        "Where named data sets live (idx .gz files, cifar10.npz, or torchvision's layout) (default: "
+        "~/.cache/slimexport/data)."))  # fmt: skip
+    epochs: int = setting(10, flag="--epochs", short="-e", help="Epochs of baseline and of sparse training.")
+    refine_epochs: int = setting(10, flag="--refine-epochs", help="Epochs of refine.")
+    sparsity: float | str = setting(3e-3, flag="--sparsity", short="-s", help=(
+        "Strength s of the sparsity term on every BN γ, or auto: chosen by a short probe from the baseline, the "
+        "smallest s predicted to send --percent of the γ to zero without collapsing the rest."))  # fmt: skip
+    regularizer: str = setting(
+        "l1",
+        flag="--regularizer",
+        choices=REGULARIZERS,
+        help=(
+            "Sparsity term on every BN γ: l1, s·|γ| (the paper's); polar, the polarization regularizer "
+            "s·(t·|γ| − |γ − mean γ|) (Zhuang et al., NeurIPS 2020): γ below the mean are pulled t+1 times as hard as "
+            "those above, so |γ| splits into a group at 0 and one that stays, and the threshold falls in the gap."
+        ),
+    )
+    polar_t: float = setting(
+        1.2, flag="--polar-t", help=("polar's t (> 1: every γ is still pulled down, the low ones hardest).")
+    )
+    distill: bool = setting(False, flag="--distill/--no-distill", help=(
+        "Refine learns from the unpruned model's logits too (knowledge distillation: KL on softened logits plus "
+        "the label loss); one more forward per batch."))  # fmt: skip
+    distill_weight: float = setting(
+        0.5, flag="--distill-weight", help=("Weight of the teacher's KL term; the label loss gets 1 − it.")
+    )
+    distill_temperature: float = setting(
+        4.0, flag="--distill-temperature", help=("Temperature T softening both models' logits (KL × T²).")
+    )
+    teacher: str = setting(
+        "baseline", flag="--teacher", choices=TEACHERS, help=("The unpruned model that teaches with --distill.")
+    )
+    prune_steps: int = setting(1, flag="--prune-steps", help=(
+        "Reach --percent in N steps, each a global threshold over what is left followed by a short refine (the "
+        "--refine-epochs split among them), as the paper's iterative variant; 1: one shot."))  # fmt: skip
+    prune: PruneConfig = field(default_factory=lambda: PruneConfig(round_to=ROUND_TO_CLI))
+    eval_every: int | None = setting(
+        None,
+        flag="--eval-every",
+        help=("Measure test accuracy every N epochs (default: only after each stage's last epoch)."),
+    )
+    compile: bool = setting(
+        False, flag="--compile", help=("torch.compile the training forward (pays on a GPU for small networks).")
+    )
+    sync_bn: bool = setting(
+        False, flag="--sync-bn", help=("Under torchrun on CUDA: SyncBatchNorm, BN statistics over the global batch.")
+    )
+    baseline: str | None = setting(
+        None, flag="--baseline", help=("Reuse this trained baseline checkpoint instead of training one.")
+    )
+    sparse: str | None = setting(
+        None,
+        flag="--sparse",
+        help=("Reuse this sparse-trained checkpoint instead of training one (to sweep --percent)."),
+    )
+    weights: str | None = setting(
+        None,
+        flag="--weights",
+        help=(
+            "Start from this state_dict (e.g. pretrained weights you saved), loaded with weights_only=True; or "
+            "torchvision:IMAGENET1K_V1 (any of the builder's weights) for --arch torchvision:NAME, read from the torch "
+            "hub cache (nothing is downloaded). A classifier for another number of classes starts afresh."
+        ),
+    )
+    baseline_epochs: int | None = setting(
+        None,
+        flag="--baseline-epochs",
+        help=(
+            "Epochs of baseline training (default: --epochs). 0: the model given by --weights (a file, or "
+            "torchvision:IMAGENET1K_V1 from the torch hub cache) or --baseline IS the baseline: measured, exported and "
+            "benchmarked as it is, and sparse training fine-tunes it (at refine's lr unless --lr is given)."
+        ),
+    )
+    image_size: int | None = setting(
+        None,
+        flag="--image-size",
+        help=("Resize the data's images to this height = width (imagefolder: default 224; else the data's own)."),
+    )
+    data_cache: str = setting(
+        "auto",
+        flag="--data-cache",
+        choices=CACHES,
+        help=(
+            "imagefolder data: ram (decode every image once, keep it in memory: fast for small data), off (decode "
+            "each batch from the files in DataLoader workers: memory bounded by batch and workers, any data size), or "
+            "auto (ram where the decoded images fit in a quarter of the memory available)."
+        ),
+    )
+    precision: str | None = setting(
+        None,
+        flag="--precision",
+        choices=PRECISIONS,
+        help=(
+            "Training arithmetic: fp32, bf16 (autocast), or auto: bf16 on CUDA; on a CPU, bf16 only where it has "
+            "native bf16 instructions (AMX, AVX512-BF16) and a short timed probe shows it faster for this model. The "
+            "choice and why go into the checkpoint [default: auto, or $SLIMEXPORT_PRECISION]."
+        ),
+    )
+    preset: str = setting(
+        "fast",
+        flag="--preset",
+        choices=PRESET_NAMES,
+        help=("Schedule: fast (one-cycle) or paper (lr ×0.1 at 50% and 75%, batch 64, weight decay 1e-4)."),
+    )
+    lr: float | None = setting(
+        None, flag="--lr", help=("Peak (fast) or initial (paper) learning rate (default: the preset's, 0.1).")
+    )
+    refine_lr: float | None = setting(None, flag="--refine-lr", help="Peak lr of refine (default: lr / 5).")
+    batch_size: int | None = setting(
+        None, flag="--batch-size", short="-b", help=("Training batch size (default: the preset's: fast 128, paper 64).")
+    )
+    seed: int = setting(0, flag="--seed", help="Random seed.")
+    device: str = setting(
+        "auto", flag="--device", choices=DEVICES, help=("Where to train: auto (CUDA if available), cpu, cuda.")
+    )
+    force: bool = setting(False, flag="--force", short="-f", help="Overwrite an existing output.")
+    resume: bool = setting(
+        False,
+        flag="--resume",
+        help=(
+            "Continue an interrupted run (kept in .OUT.partial beside OUT) with the same options: finished stages are "
+            "skipped, an interrupted training stage continues from its last epoch."
+        ),
+    )
+    int8: bool = setting(
+        False, flag="--int8", help=("Also quantize baseline and pruned to INT8 (onnxruntime QDQ) and bench all four.")
+    )
+    ort: bool = setting(
+        False, flag="--ort", help=("Also convert the pruned model(s) to the onnxruntime mobile format (.ort).")
+    )
+    ncnn: bool = setting(
+        False,
+        flag="--ncnn",
+        help=(
+            "Also run the pruned model in ncnn, a phone runtime (converted with pnnx, checked against onnxruntime, "
+            "benchmarked beside it). The ncnn extra: pip install -e '.\\[ncnn]'."
+        ),
+    )
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+
+    def validate(self) -> None:
+        """Checks of the settings alone; what depends on the machine (ncnn installed) the pipeline checks."""
+        self.prune.validate()
+        _one_of(self.preset, PRESET_NAMES, "--preset")
+        if self.epochs < 1 or self.refine_epochs < 1:
+            raise ConfigError("--epochs and --refine-epochs must be at least 1")
+        if self.baseline_epochs is not None and self.baseline_epochs < 0:
+            raise ConfigError(f"--baseline-epochs must be 0 or more, got {self.baseline_epochs}")
+        if self.baseline_epochs == 0 and self.weights is None and self.baseline is None:
+            raise ConfigError(
+                "--baseline-epochs 0 takes a trained model as the baseline: give it with --weights FILE, "
+                "--weights torchvision:IMAGENET1K_V1 or --baseline CHECKPOINT"
+            )
+        self.sparsity = parse_sparsity(self.sparsity)
+        _one_of(self.teacher, TEACHERS, "--teacher")
+        _one_of(self.data_cache, CACHES, "--data-cache")
+        if self.prune_steps < 1 or self.prune_steps > self.refine_epochs:
+            raise ConfigError(
+                f"--prune-steps {self.prune_steps}: between 1 and --refine-epochs ({self.refine_epochs}); each step "
+                "refines at least one epoch"
+            )
+        if self.prune_steps > 1 and self.prune.min_keep:
+            raise ConfigError(
+                f"--min-keep with --prune-steps {self.prune_steps}: each step would keep its fraction of what the "
+                "step before left, not of the sparse model's channels; use one of them"
+            )
+        self.train_config("refine").validate()  # distillation's weight and temperature
+        self.train_config("sparse").validate()  # the regularizer and its t
+        self.bench.validate()
+        self.export.validate()
+        self.quantize.validate()
+
+    @property
+    def from_trained(self) -> bool:
+        """The baseline is a trained model taken as it is; sparse training fine-tunes it."""
+        return self.baseline_epochs == 0
+
+    def train_config(self, stage: str, sparsity: float | None = None, epochs: int | None = None) -> TrainConfig:
+        """The training options of ``stage`` (baseline, sparse or refine), from the preset where not given;
+        ``sparsity`` is the resolved s (``--sparsity auto``), ``epochs`` a refine step's share (``--prune-steps``).
+        The one mapping from these settings to a :class:`TrainConfig`: the train and refine commands use it too."""
+        common = dict(batch_size=self.batch_size, seed=self.seed, device=self.device, compile=self.compile)
+        s = sparsity if sparsity is not None else (0.0 if isinstance(self.sparsity, str) else float(self.sparsity))
+        extra: dict[str, Any] = {}
+        if stage == "refine":
+            cfg = preset_config(self.preset, epochs or self.refine_epochs, 0.0, self.refine_lr,
+                                eval_every=self.eval_every, refine=True, **common)  # fmt: skip
+            if self.distill:
+                extra = {"distill": self.distill_weight, "temperature": self.distill_temperature}
+        elif stage == "sparse" and self.from_trained:  # fine-tuning a trained model: refine's gentler lr
+            cfg = preset_config(self.preset, self.epochs, s, self.lr, eval_every=self.eval_every, refine=True, **common)
+        elif stage == "baseline" and self.baseline_epochs:
+            cfg = preset_config(self.preset, self.baseline_epochs, 0.0, self.lr, eval_every=self.eval_every, **common)
+        else:
+            cfg = preset_config(self.preset, self.epochs, s if stage == "sparse" else 0.0, self.lr,
+                                eval_every=self.eval_every, **common)  # fmt: skip
+        if stage == "sparse":
+            extra = {"regularizer": self.regularizer, "polar_t": self.polar_t}
+        return dataclasses.replace(cfg, sync_bn=self.sync_bn, precision=self.precision or cfg.precision, **extra)
+
+    def channels_to_remove(self) -> float:
+        """The fraction of BN channels the prune is to remove: --percent, or for --max-macs F about 1 − √F (keeping
+        a fraction k of every layer's channels keeps about k² of the MACs)."""
+        p = self.prune
+        return p.percent if p.percent is not None else 1 - p.max_macs**0.5
+
+    def refine_epochs_per_step(self) -> list[int]:
+        """Refine's epochs split among the --prune-steps steps (the last takes the remainder)."""
+        each = self.refine_epochs // self.prune_steps
+        return [each] * (self.prune_steps - 1) + [self.refine_epochs - each * (self.prune_steps - 1)]
+
+
+def parse_sparsity(value: Any) -> float | str:
+    """``--sparsity``: a positive number, or ``auto``."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        s = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        s = math.nan
+    if not (s > 0 and math.isfinite(s)):
+        raise ConfigError(f"--sparsity must be a positive number or auto, got {value!r}")
+    return s
+
+
+# The sections of PipelineConfig that are configs of their own, and the settings a file may not give: whether to
+# overwrite or resume is said on the command line (a run's config.json records both), and records the run adds.
+SECTIONS = {"prune": PruneConfig, "bench": BenchConfig, "export": ExportConfig, "quantize": QuantizeConfig}
+COMMAND_LINE_ONLY = ("force", "resume")
+RECORDED = ("resolved_device", "data", "data_cache_resolved")
+
+
+def read_settings(path: str | os.PathLike) -> dict[str, Any]:
+    """A settings file (``.toml``, ``.yaml``/``.yml`` or ``.json``, e.g. a run's ``config.json``) as
+    ``{key: value}``: top-level keys as written (option names or fields), sections flattened to ``section.field``.
+    One-line errors for a missing, unreadable or malformed file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"--config {p}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {p}: cannot read it ({e})") from None
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"--config {p}: a .toml, .yaml, .yml or .json file, got {p.suffix or 'no suffix'!r}")
+    except ConfigError:
+        raise
+    except Exception as e:  # tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"--config {p}: not valid {suffix[1:].upper()}: {first}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {p}: the top level must be a table of settings, got {type(data).__name__}")
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in SECTIONS and isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[str(key)] = value
+    return flat
+
+
+def pipeline_settings(flat: dict[str, Any], source: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """``read_settings``' keys sorted into (values of ``slimexport pipeline``'s options by option name, fields of
+    the sections that have no option, by section). An unknown key is a one-line error naming it and ``source``."""
+    options = {option_name(f.metadata["flag"]): f.name for f in dataclasses.fields(PipelineConfig)
+               if "flag" in f.metadata}  # fmt: skip
+    by_field = {name: opt for opt, name in options.items()}
+    values: dict[str, Any] = {}
+    extra: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        if key in RECORDED:
+            continue
+        section, _, name = key.rpartition(".")
+        if section:
+            cls = SECTIONS.get(section)
+            fields = {f.name: f for f in dataclasses.fields(cls)} if cls else {}
+            if name not in fields:
+                raise ConfigError(f"--config {source}: unknown setting {key!r}")
+            if "flag" in fields[name].metadata:
+                values[option_name(fields[name].metadata["flag"])] = value
+            else:
+                extra.setdefault(section, {})[name] = value
+            continue
+        opt = option_name(key) if option_name(key) in options else by_field.get(key)
+        if opt is None:
+            opt = next((o for s in SECTIONS.values() for o in settings_of(s) if o == option_name(key)), None)
+        if opt is None:
+            raise ConfigError(f"--config {source}: unknown setting {key!r} (see slimexport pipeline --help)")
+        if opt not in COMMAND_LINE_ONLY:  # a run's config.json records them; only the command line says them
+            values[opt] = value
+    return values, extra
