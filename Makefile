@@ -2,13 +2,16 @@
 PYTHON ?= python3
 SUITE ?= quick
 
-.PHONY: install test test-gpu lint benchmark benchmark-converged benchmark-selection benchmark-engine benchmark-reach benchmark-techniques benchmark-keep demo clean
+.PHONY: install test test-fast test-gpu lint benchmark benchmark-converged benchmark-selection benchmark-engine benchmark-reach benchmark-techniques benchmark-keep demo clean
 
 install:  ## install slimexport with its test tools (editable)
 	$(PYTHON) -m pip install -e ".[dev,timm,ncnn,yolo]"
 
-test:  ## the whole test suite (about 10 minutes on two cores)
+test:  ## the whole test suite (what CI runs; 6-12 minutes on two cores)
 	$(PYTHON) -m pytest tests
+
+test-fast:  ## the suite without the tests marked slow (pipelines, subprocesses, torchrun, full-size models)
+	$(PYTHON) -m pytest tests -m "not slow and not cuda"
 
 test-gpu:  ## only the GPU tests (CUDA training, compile, resume, onnxruntime CUDA bench); skipped without CUDA
 	$(PYTHON) -m pytest tests -m cuda -rs

@@ -24,13 +24,13 @@ from slimexport.records import BenchResult
 from slimexport.runtime import (
     BenchConfig,
     check_input_shape,
-    check_model_file,
     is_ncnn,
     latency,
     ort_session,
     parse_device,
     predictor,
     provider_for,
+    require_model,
     run_logits,
     static_image_size,
 )
@@ -170,8 +170,8 @@ def bench(models: dict[str, str | os.PathLike], ds: Dataset, cfg: BenchConfig | 
     paths = {}
     sizes: dict[str, list[int]] = {}  # the fixed input size of each model that has one
     for name, p in models.items():  # every file loads and fits the data before anything is timed
-        paths[name] = check_model_file(p)
-        if is_ncnn(p):
+        paths[name], fmt = require_model(p, ("onnx", "ort", "ncnn"), "bench")
+        if fmt == "ncnn":
             predictor(p)  # loads, or a one-line error; ncnn records no input shape
             continue
         sess = ort_session(paths[name])

@@ -43,6 +43,7 @@ from slimexport.runtime import (
     machine_facts,
     ort_session,
     predictor,
+    require_model,
     static_image_size,
 )
 
@@ -127,12 +128,10 @@ QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", 
                  "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearMul"}  # fmt: skip
 
 
-def _open_onnx(model: str | os.PathLike, ds: Dataset, onnx_only: bool = False):
-    """The model's session and the data fitted to its input (resized to its image size; channels must match); a
-    missing or invalid file, or one that is not ``.onnx`` where ``onnx_only``, is a one-line error."""
-    model = Path(model)
-    if onnx_only and model.suffix != ".onnx":
-        raise ModelFileError(f"{model}: convert takes an .onnx model")
+def _open_onnx(model: str | os.PathLike, ds: Dataset, who: str):
+    """The ONNX model's session and the data fitted to its input (resized to its image size; channels must match);
+    a missing or invalid file, or another kind of model (an .ort, ncnn), is a one-line error naming it."""
+    model, _ = require_model(model, ("onnx",), who)
     sess = ort_session(model)
     ds = conform(ds, static_image_size(sess), str(model))
     check_input_shape(sess, (ds.in_channels, *ds.image_size), str(model))
@@ -154,7 +153,7 @@ def quantize(
 
     cfg = cfg or QuantizeConfig()
     cfg.validate()
-    model, sess, ds = _open_onnx(model, ds)
+    model, sess, ds = _open_onnx(model, ds, "quantize")
     quantized = sorted(set(_op_counts(model)) & QUANTIZED_OPS)
     if quantized:
         raise ModelFileError(
@@ -250,7 +249,7 @@ def convert(
         raise ConfigError(f"--optimization-style must be fixed or runtime, got {optimization_style!r}")
     if target_platform not in PLATFORMS:
         raise ConfigError(f"--target-platform must be amd64 or arm, got {target_platform!r}")
-    model, _, ds = _open_onnx(model, ds, onnx_only=True)
+    model, _, ds = _open_onnx(model, ds, "convert")
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
     with atomic_dir(out_dir) as work:
@@ -314,7 +313,7 @@ def convert_ncnn(
         raise ConfigError(NCNN_HINT)
     import pnnx
 
-    model, _, ds = _open_onnx(model, ds, onnx_only=True)
+    model, _, ds = _open_onnx(model, ds, "convert --to ncnn")
     if "QuantizeLinear" in _op_counts(model):
         raise ConfigError(
             f"{model} is an INT8 (QDQ) model: ncnn takes the FP32 model (its own INT8 uses ncnn2int8's calibration)"

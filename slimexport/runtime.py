@@ -96,6 +96,45 @@ def check_model_file(path: str | os.PathLike) -> Path:
     return path
 
 
+FORMATS = {"onnx": "an ONNX model", "ort": "an .ort model (onnxruntime's mobile format)", "ncnn": "an ncnn model"}
+
+
+def model_format(path: str | os.PathLike) -> str:
+    """What a model file is, read from its first bytes rather than its name: ``onnx``, ``ort`` (a flatbuffer whose
+    identifier is ``ORTM``) or ``ncnn`` (a ``.ncnn.param`` text, magic 7767517). The one place every command asks;
+    a missing file, or one that is none of these (text, an image, a checkpoint), is a one-line
+    :class:`ModelFileError` naming it."""
+    path = check_model_file(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise ModelFileError(f"cannot read {path}: {e.strerror or e}") from None
+    if head[4:8] == b"ORTM":
+        return "ort"
+    if head.lstrip().startswith(b"7767517"):
+        return "ncnn"
+    if head and head[0] in (0x08, 0x0A, 0x12, 0x1A, 0x22, 0x2A, 0x32, 0x3A, 0x42):  # a protobuf's first field tag
+        import onnx
+
+        try:
+            onnx.load(str(path), load_external_data=False)
+            return "onnx"
+        except Exception:  # noqa: BLE001 - google.protobuf's DecodeError, onnx's own errors
+            pass
+    raise ModelFileError(f"{path} is not a valid ONNX, .ort or ncnn model (empty, truncated, or another file)")
+
+
+def require_model(path: str | os.PathLike, accepted: tuple[str, ...], who: str) -> tuple[Path, str]:
+    """(path, format) of a model file ``who`` (a command) can read, or a one-line :class:`ModelFileError` that
+    says what the file is and what ``who`` takes."""
+    fmt = model_format(path)
+    if fmt not in accepted:
+        takes = " or ".join(FORMATS[a] for a in accepted)
+        raise ModelFileError(f"{path} is {FORMATS[fmt]}; {who} takes {takes}: give it the .onnx it came from")
+    return Path(path), fmt
+
+
 def ort_session(
     path: str | os.PathLike | bytes,
     threads: int = 1,
@@ -123,7 +162,7 @@ def ort_session(
     else:
         src = str(check_model_file(path))
         what = src
-        if str(path).endswith(".ort"):
+        if str(path).endswith(".ort") or model_format(path) == "ort":
             so.add_session_config_entry("session.load_model_format", "ORT")
     try:
         sess = ort.InferenceSession(src, so, providers=_providers(provider, device_id))

@@ -8,10 +8,7 @@ import torch
 
 from slimexport.data import load_dataset
 from slimexport.models import create_model
-
-TINY_VGG = "vgg11_w12"  # the VGG-11 layout at 12% width: 8-61 channels, trains in a second
-TINY_RESNET = "preresnet11"  # one bottleneck per stage
-TINY_DENSENET = "densenet10"  # two dense layers per block
+from tests.helpers import randomize_bns
 
 
 @pytest.fixture(scope="session")
@@ -39,18 +36,6 @@ def small_npz(tmp_path_factory, small_arrays) -> str:
 @pytest.fixture(scope="session")
 def small_ds(small_npz):
     return load_dataset(small_npz)
-
-
-def randomize_bns(model: torch.nn.Module, seed: int = 0) -> None:
-    """Give every BN non-trivial γ, β and running statistics, as a trained network would have."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.data = torch.rand(n, generator=g) + 0.05
-            m.bias.data = torch.randn(n, generator=g) * 0.2
-            m.running_mean = torch.randn(n, generator=g) * 0.2
-            m.running_var = torch.rand(n, generator=g) + 0.5
 
 
 @pytest.fixture

@@ -16,9 +16,11 @@ ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
 
 
+@pytest.mark.slow
 def test_the_example_runs(tmp_path):
+    # the timeout is a hang guard (a deadlock), not a speed check
     res = subprocess.run([sys.executable, "examples/own_loop.py", "--steps", "30", "--out", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+                         cwd=ROOT, capture_output=True, text=True, timeout=1800)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert "max |ONNX - PyTorch|" in res.stdout and "int8:" in res.stdout
     assert {p.name for p in tmp_path.iterdir()} >= {"pruned.pt", "pruned.onnx", "pruned.int8.onnx"}

@@ -7,7 +7,7 @@ from slimexport.errors import ConfigError, DeviceError
 from slimexport.export import export
 from slimexport.prune import prune_model
 from slimexport.train import data_meta, evaluate
-from tests.conftest import TINY_RESNET
+from tests.helpers import TINY_RESNET
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +15,7 @@ def onnx_pair(tmp_path_factory, small_ds):
     import torch
 
     from slimexport.models import create_model
-    from tests.conftest import randomize_bns
+    from tests.helpers import randomize_bns
 
     tmp = tmp_path_factory.mktemp("bench")
     torch.manual_seed(0)

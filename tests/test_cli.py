@@ -1,38 +1,16 @@
 """The CLI through Typer's CliRunner: every bad input is one line, a non-zero exit, and no file touched."""
 
-import hashlib
-
 import pytest
 from typer.testing import CliRunner
 
 from slimexport.checkpoint import make_checkpoint, read_checkpoint, save_checkpoint
 from slimexport.cli import app
 from slimexport.train import data_meta
-from tests.conftest import TINY_RESNET, TINY_VGG
+from tests.helpers import TINY_RESNET, TINY_VGG
+from tests.helpers import digest as _digest
+from tests.helpers import fails_cleanly as _fails_cleanly
 
 runner = CliRunner()
-
-
-def _digest(folder):
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _fails_cleanly(args, match, folder=None):
-    """Bad input: exit code 2 (not 3, an internal error), no traceback, one error line that says ``match``, and
-    ``folder`` byte for byte as it was."""
-    before = _digest(folder) if folder else None
-    res = runner.invoke(app, args)
-    assert res.exit_code == 2, res.output
-    assert isinstance(res.exception, SystemExit), res.exception  # typer.Exit(2), not an escaped exception
-    assert "Traceback" not in res.output, res.output
-    err = res.stderr
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("error:")]
-    assert len(errors) == 1 and not any(ln.startswith("internal error") for ln in lines), err
-    assert match in " ".join(lines), err
-    if folder is not None:
-        assert _digest(folder) == before
-    return err
 
 
 @pytest.fixture
@@ -354,3 +332,30 @@ def test_round_to_auto_follows_the_cpu(tmp_path, ckpt, monkeypatch, avx512, avx2
     assert res.exit_code == 0, res.output
     rec1 = read_checkpoint(tmp_path / "q.pt")["meta"]["prune"]
     assert rec1["round_to"] == 1 and rec1["channels_after"] <= rec["channels_after"]
+
+
+def test_every_command_that_reads_a_model_asks_what_the_file_is(tmp_path, ckpt, small_npz):
+    """One function decides what a model file is, from its bytes: an .ort handed to quantize or convert, a text or
+    a checkpoint named .onnx, are one-line errors that say what the file is (an .ort was an internal error)."""
+    good = tmp_path / "good.onnx"
+    assert runner.invoke(app, ["export", str(ckpt), "--out", str(good), "--dataset", small_npz]).exit_code == 0
+    res = runner.invoke(app, ["convert", str(good), "--out", str(tmp_path / "ort"), "--dataset", small_npz])
+    assert res.exit_code == 0, res.output
+    ort = next((tmp_path / "ort").glob("*.ort"))
+    (tmp_path / "text.onnx").write_text("not a model\n")
+    (tmp_path / "ckpt.onnx").write_bytes(ckpt.read_bytes())
+    out = ["--out", str(tmp_path / "q.onnx"), "--dataset", small_npz]
+    _fails_cleanly(["quantize", str(ort), *out], "is an .ort model (onnxruntime's mobile format); quantize takes")
+    _fails_cleanly(["convert", str(ort), "--out", str(tmp_path / "o2"), "-d", small_npz], "convert takes an ONNX")
+    for bad in ("text.onnx", "ckpt.onnx"):
+        for cmd in (["quantize", str(tmp_path / bad), *out], ["bench", str(tmp_path / bad), "--dataset", small_npz]):
+            _fails_cleanly(cmd, "is not a valid ONNX, .ort or ncnn model", tmp_path)
+    from slimexport.runtime import model_format
+
+    assert (model_format(good), model_format(ort)) == ("onnx", "ort")
+    renamed = tmp_path / "mobile.onnx"  # the bytes decide, not the name
+    renamed.write_bytes(ort.read_bytes())
+    assert model_format(renamed) == "ort"
+    res = runner.invoke(app, ["bench", str(good), str(renamed), "--dataset", small_npz, "--batch", "1", "--threads",
+                              "1", "--seconds", "0", "--no-accuracy"])  # fmt: skip
+    assert res.exit_code == 0, res.output

@@ -20,8 +20,8 @@ from slimexport.cli import app
 from slimexport.errors import UntrustedCodeError
 from slimexport.fileio import output_lock
 from slimexport.train import data_meta
-from tests.conftest import TINY_VGG
-from tests.test_cli import _fails_cleanly
+from tests.helpers import TINY_VGG
+from tests.helpers import fails_cleanly as _fails_cleanly
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,7 +128,9 @@ def test_a_checkpoint_of_the_users_own_model_loads_when_they_name_its_code(tmp_p
         ],
         "--trust-model-code",
     )  # another file of the same name is not it
-    res = runner.invoke(app, ["prune", str(ck), "--out", str(tmp_path / "p.pt"), "--trust-model-code"])
+    # auto is 16 on AVX-512: as wide as its layers, nothing pruned
+    res = runner.invoke(app, ["prune", str(ck), "--out", str(tmp_path / "p.pt"), "--trust-model-code", "--round-to",
+                              "1"])  # fmt: skip
     assert res.exit_code == 0, res.output
     model, _ = load_checkpoint(tmp_path / "p.pt", trust=(f"{tmp_path / 'mine.py'}:build",))
     assert model.config["plan"]
@@ -188,6 +190,7 @@ def test_outputs_in_a_directory_that_cannot_be_written(tmp_path, readonly_dir, c
     _fails_cleanly(["convert", str(onnx), "--dataset", small_npz, "--out", str(ro / "ort")], str(ro), tmp_path)
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_saving_a_checkpoint(full_disk, ckpt):
     err = _fails_cleanly(["prune", str(ckpt), "--out", str(full_disk / "p.pt")], "cannot write checkpoint")
     assert str(full_disk / "p.pt") in err and "bytes free" in err
@@ -377,8 +380,9 @@ def test_quantizing_a_quantized_model_names_the_users_file(onnx_at_two_sizes, sm
 # ---- torchrun -----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_more_ranks_than_a_split_has_images(tmp_path):
-    from tests.test_distributed import torchrun
+    from tests.helpers import torchrun
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "two.npz", x_train=rng.integers(0, 255, (2, 12, 12), np.uint8), y_train=np.array([0, 1]),
@@ -396,6 +400,7 @@ def test_more_ranks_than_a_split_has_images(tmp_path):
 # ---- Ctrl-C and two processes -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_the_first_stage_keeps_its_finished_epochs(tmp_path, small_npz, monkeypatch):
     import slimexport.train as train_mod
 
@@ -428,15 +433,14 @@ def _slimexport(*args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_two_runs_into_one_directory(tmp_path, small_npz):
     out = tmp_path / "run"
     lock = tmp_path / ".run.lock"
     first = _slimexport("pipeline", "--dataset", small_npz, "--out", str(out), *FAST, "--epochs", "50")
-    try:
-        deadline = time.monotonic() + 120
+    try:  # no clock: wait for the event (config.json written, the lock held) or for the first run to end
         while not (tmp_path / ".run.partial" / "config.json").exists():  # the first run holds the lock by then
             assert first.poll() is None, first.communicate()
-            assert time.monotonic() < deadline
             time.sleep(0.2)
         assert lock.read_text().strip() == str(first.pid)
         # the second, as the first's partial directory invites: refused, naming the first
@@ -444,9 +448,9 @@ def test_two_runs_into_one_directory(tmp_path, small_npz):
                               "--resume"], f"pid {first.pid}")  # fmt: skip
         assert "another slimexport process" in err
         _fails_cleanly(["pipeline", "--dataset", small_npz, "--out", str(out), *FAST, "--force"], f"pid {first.pid}")
-    finally:
+    finally:  # stopped once the check is made; waited for without a clock (its 50 epochs bound the wait)
         first.send_signal(signal.SIGINT)
-        first.communicate(timeout=60)
+        first.communicate()
     assert not lock.exists()  # released on the way out
 
 

@@ -1,6 +1,5 @@
 """The deploy stage: INT8 (onnxruntime QDQ) and the .ort mobile format, verified on real images."""
 
-import hashlib
 import json
 
 import numpy as np
@@ -13,7 +12,8 @@ from slimexport.config import preset_config
 from slimexport.deploy import choose_types, compare, convert, quantize
 from slimexport.export import export
 from slimexport.train import train
-from tests.conftest import TINY_VGG
+from tests.helpers import TINY_VGG
+from tests.helpers import fails_cleanly as _fails_cleanly
 
 runner = CliRunner()
 
@@ -26,10 +26,6 @@ def fp32(tmp_path_factory, small_ds):
     train(d / "m.pt", small_ds, cfg, arch="vgg11_w25")
     export(d / "m.pt", d / "m.onnx", small_ds)
     return d / "m.onnx"
-
-
-def _digest(folder):
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_int8_keeps_the_predictions_at_under_a_third_of_the_bytes(fp32, small_ds, tmp_path):
@@ -88,16 +84,6 @@ def test_quantize_and_convert_through_the_cli_and_bench_an_ort_file(fp32, small_
     assert b["models"]["m.int8.onnx"]["accuracy"] == pytest.approx(b["models"]["m.onnx"]["accuracy"], abs=0.03)
 
 
-def _fails_cleanly(args, match, folder):
-    before = _digest(folder)
-    res = runner.invoke(app, args)
-    assert res.exit_code == 2, res.output
-    assert isinstance(res.exception, SystemExit) and "Traceback" not in res.output
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len([ln for ln in lines if ln.startswith("error:")]) == 1 and match in res.stderr, res.stderr
-    assert _digest(folder) == before
-
-
 def test_bad_inputs_to_quantize_and_convert(fp32, small_npz, tmp_path):
     text = tmp_path / "notes.onnx"
     text.write_text("not a model")
@@ -120,6 +106,7 @@ def test_bad_inputs_to_quantize_and_convert(fp32, small_npz, tmp_path):
                    "--force", tmp_path)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_pipeline_with_int8_and_ort(tmp_path, small_npz):
     from slimexport.deploy import ncnn_available
 

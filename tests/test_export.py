@@ -9,7 +9,7 @@ from slimexport.errors import ConfigError, ParityError
 from slimexport.export import export
 from slimexport.prune import prune_model
 from slimexport.train import data_meta
-from tests.conftest import TINY_DENSENET, TINY_RESNET, TINY_VGG
+from tests.helpers import TINY_DENSENET, TINY_RESNET, TINY_VGG
 
 FORBIDDEN = {"NonZero", "GatherND", "Where", "ScatterND", "Transpose"}
 FAST = ExportConfig(parity_images=64)

@@ -13,7 +13,7 @@ from slimexport.cli import app
 from slimexport.config import TrainConfig
 from slimexport.models import create_model
 from slimexport.train import fit
-from tests.conftest import TINY_VGG
+from tests.helpers import TINY_VGG
 
 HAS_CUDA = torch.cuda.is_available()
 cuda = pytest.mark.cuda

@@ -12,7 +12,7 @@ from slimexport.config import TrainConfig
 from slimexport.errors import ConfigError, DeviceError
 from slimexport.models import create_model
 from slimexport.train import evaluate, fit
-from tests.conftest import TINY_VGG
+from tests.helpers import TINY_VGG
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,6 @@ import torch
 import torchvision
 from torch import nn
 
-from benchmarks.graph_coverage import randomize  # random γ, β and BN statistics, as trained BNs have
 from slimexport import prune_model, regularize
 from slimexport.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from slimexport.config import ExportConfig
@@ -21,6 +20,7 @@ from slimexport.export import export_model
 from slimexport.graph_prune import exactness
 from slimexport.models import create_model
 from slimexport.stats import count_macs, count_macs_on, count_params
+from tests.helpers import randomize_bns as randomize  # random γ, β and BN statistics, as trained BNs have
 
 FORBIDDEN_OPS = {"NonZero", "GatherND", "Where", "ScatterND"}
 
@@ -48,6 +48,7 @@ def _fake_data(size: int, channels: int = 3):
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "efficientnet_b0", "densenet121"])
+@pytest.mark.slow
 def test_torchvision_models_prune_exactly_export_and_rebuild(name, tmp_path):
     torch.manual_seed(0)
     gm = create_model(f"torchvision:{name}", 10, 3, {"source": f"torchvision:{name}", "image_size": [64, 64]})
@@ -71,6 +72,7 @@ def test_torchvision_models_prune_exactly_export_and_rebuild(name, tmp_path):
 @pytest.mark.parametrize(
     "name", ["resnet50", "mobilenet_v3_small", "regnet_x_400mf", "mnasnet0_5", "resnext50_32x4d", "vgg11_bn"]
 )
+@pytest.mark.slow
 def test_more_torchvision_models_prune_exactly(name):
     torch.manual_seed(0)
     m = randomize(torchvision.models.get_model(name, weights=None, num_classes=10))
@@ -208,6 +210,7 @@ def _paper_model(arch: str) -> nn.Module:
 
 
 @pytest.mark.parametrize("arch", ["vgg19", "preresnet164", "densenet40"])
+@pytest.mark.slow
 def test_the_paper_architectures_prune_to_what_the_hand_written_rules_kept(arch):
     """VGG, PreResNet and DenseNet are plain modules now, pruned by the engine like any other; at the same
     threshold the pruned models have the parameters and MACs the hand-written rules gave, and the channels frozen
@@ -253,6 +256,7 @@ def test_normalize_makes_the_threshold_blind_to_a_layers_free_scale(normalize):
     assert {la["name"]: la["kept"] for la in scaled["layers"]} == {la["name"]: la["kept"] for la in before["layers"]}
 
 
+@pytest.mark.slow
 def test_selecting_bns_compose_when_a_pruned_model_is_pruned_again(tmp_path):
     """A pruned DenseNet (selections everywhere) pruned again: the composed plan, applied to the original,
     rebuilds the twice-pruned model exactly, the checkpoint round-trips, and ONNX has one Gather or Slice per

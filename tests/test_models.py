@@ -14,7 +14,7 @@ from slimexport.models import count_params, create_model, default_config
 from slimexport.prune import prune_model
 from slimexport.rewrite import for_export
 from slimexport.stats import count_macs
-from tests.conftest import TINY_DENSENET
+from tests.helpers import TINY_DENSENET
 
 
 @pytest.mark.parametrize(

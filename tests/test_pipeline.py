@@ -6,7 +6,9 @@ import pytest
 from typer.testing import CliRunner
 
 from slimexport.cli import app
-from tests.conftest import TINY_VGG
+from tests.helpers import TINY_VGG
+
+pytestmark = pytest.mark.slow  # end to end: pipelines, subprocesses, torchrun or full-size models
 
 
 @pytest.fixture(scope="module")

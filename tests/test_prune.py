@@ -12,7 +12,7 @@ from slimexport.errors import ConfigError
 from slimexport.graph_prune import prune_graph
 from slimexport.models import count_params
 from slimexport.prune import bn_gammas, prune, prune_model
-from tests.conftest import TINY_DENSENET, TINY_RESNET, TINY_VGG
+from tests.helpers import TINY_DENSENET, TINY_RESNET, TINY_VGG
 
 
 def _two_layers(ga: list[float], gb: list[float]) -> nn.Module:
@@ -82,7 +82,7 @@ def test_prune_checkpoint_rebuilds_from_the_checkpoint_alone(tmp_path, make_mode
     q, ck = load_checkpoint(tmp_path / "pruned.pt")
     assert ck["meta"]["stage"] == "pruned" and any(q.get("select") for q in ck["config"]["plan"].values())
     assert count_params(q) == meta["prune"]["params_after"]
-    p, _ = prune_model(m, 0.5)
+    p, _ = prune_model(m, 0.5, example_input=m.example_input((28, 28)))  # traced at the data's size, as the stage
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(p.eval()(x), q.eval()(x))

@@ -7,7 +7,9 @@ from typer.testing import CliRunner
 
 import slimexport.pipeline
 from slimexport.cli import app
-from tests.conftest import TINY_VGG
+from tests.helpers import TINY_VGG
+
+pytestmark = pytest.mark.slow  # end to end: pipelines, subprocesses, torchrun or full-size models
 
 ARGS = [
     "pipeline",

@@ -10,7 +10,7 @@ from slimexport.prune import prune_model
 from slimexport.rewrite import absorb_selections, selection_units
 from slimexport.selection import _unit_graph, candidates, mix, time_unit, unit_shapes
 from slimexport.train import data_meta
-from tests.conftest import TINY_DENSENET, TINY_RESNET, TINY_VGG
+from tests.helpers import TINY_DENSENET, TINY_RESNET, TINY_VGG
 
 
 def _modes(model):
@@ -79,6 +79,7 @@ def test_candidates_of_a_model_without_selections_is_the_model(make_model):
 
 
 @pytest.mark.parametrize("arch", [TINY_RESNET, TINY_DENSENET])
+@pytest.mark.slow
 def test_auto_selection_keeps_the_fastest_measured_candidate(arch, tmp_path, make_model, small_ds):
     p, _ = prune_model(make_model(arch), 0.5)
     ckpt = tmp_path / "p.pt"

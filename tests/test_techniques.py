@@ -12,7 +12,7 @@ from slimexport.cli import app
 from slimexport.config import TrainConfig, preset_config
 from slimexport.sparsity import CANDIDATES, COLLAPSE, SMALL, choose_sparsity
 from slimexport.train import distill_loss, regularize
-from tests.conftest import TINY_VGG
+from tests.helpers import TINY_VGG
 
 
 def _bn_net() -> nn.Module:
@@ -130,15 +130,18 @@ def test_the_sparsity_probe_sends_more_gammas_to_zero_as_s_grows(small_ds):
 @pytest.fixture(scope="module")
 def techniques_run(tmp_path_factory, small_npz):
     out = tmp_path_factory.mktemp("tech") / "run"
+    # auto is 16 on AVX-512: blocks as wide as this tiny model's layers
     args = ["pipeline", "--arch", TINY_VGG, "--dataset", small_npz, "--out", str(out), "--epochs", "2",
             "--refine-epochs", "3", "--sparsity", "auto", "--regularizer", "polar", "--polar-t", "1.3", "--distill",
             "--distill-weight", "0.6", "--teacher", "sparse", "--prune-steps", "3", "--percent", "0.5", "--batch",
-            "1", "--threads", "1", "--seconds", "0.05", "--device", "cpu"]  # fmt: skip
+            "1", "--threads", "1", "--seconds", "0.05", "--device", "cpu",
+            "--round-to", "8"]  # fmt: skip
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     return out
 
 
+@pytest.mark.slow
 def test_a_run_with_every_technique_records_each(techniques_run):
     out = techniques_run
     stages = json.loads((out / "stages.json").read_text())
@@ -195,13 +198,15 @@ def test_bad_technique_options_are_one_line_errors(args, message, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_the_pipeline_prunes_to_a_macs_budget_in_steps(tmp_path, small_npz):
     """--max-macs in the pipeline (equal-MACs comparisons): with --prune-steps each step goes its share of the way
     to the budget, measured on the sparse model's MACs."""
     out = tmp_path / "run"
+    # as above
     args = ["pipeline", "--arch", TINY_VGG, "--dataset", small_npz, "--out", str(out), "--epochs", "1",
             "--refine-epochs", "2", "--sparsity", "0.02", "--max-macs", "0.3", "--prune-steps", "2", "--batch", "1",
-            "--threads", "1", "--seconds", "0.05", "--device", "cpu"]  # fmt: skip
+            "--threads", "1", "--seconds", "0.05", "--device", "cpu", "--round-to", "8"]  # fmt: skip
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     p = json.loads((out / "report.json").read_text())["prune"]

@@ -7,7 +7,7 @@ from slimexport.errors import ConfigError, DeviceError
 from slimexport.models import create_model
 from slimexport.prune import bn_gammas
 from slimexport.train import evaluate, regularize, resolve_device, train
-from tests.conftest import TINY_VGG
+from tests.helpers import TINY_VGG
 
 
 def test_regularize_adds_the_l1_subgradient_to_bn_scales_only():

@@ -10,7 +10,9 @@ from typer.testing import CliRunner
 
 from slimexport.checkpoint import load_checkpoint
 from slimexport.cli import app
-from tests.test_cli import _fails_cleanly
+from tests.helpers import fails_cleanly as _fails_cleanly
+
+pytestmark = pytest.mark.slow  # end to end: pipelines, subprocesses, torchrun or full-size models
 
 runner = CliRunner()
 FORBIDDEN = {"NonZero", "GatherND", "Where", "ScatterND"}

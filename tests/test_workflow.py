@@ -14,7 +14,9 @@ from slimexport.data import load_dataset
 from slimexport.models import create_model
 from slimexport.stream import FolderImages, choose_cache, train_loader
 from slimexport.train import data_meta, evaluate
-from tests.test_cli import _fails_cleanly
+from tests.helpers import fails_cleanly as _fails_cleanly
+
+pytestmark = pytest.mark.slow  # end to end: pipelines, subprocesses, torchrun or full-size models
 
 runner = CliRunner()
 FAST = ["--epochs", "1", "--refine-epochs", "1", "--batch", "1", "--threads", "1", "--seconds", "0.02",
@@ -194,7 +196,7 @@ def test_bf16_training_is_recorded(tmp_path, small_npz):
 
 
 def test_a_streamed_folder_trains_under_torchrun_each_rank_its_shard(folder, tmp_path):
-    from tests.test_distributed import torchrun
+    from tests.helpers import torchrun
 
     out = tmp_path / "ddp.pt"
     res = torchrun("-m", "slimexport", "train", "--arch", "vgg11_w12", "--dataset", f"imagefolder:{folder}",

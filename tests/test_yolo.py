@@ -5,9 +5,11 @@ Their speed-up in onnxruntime at 640×640 is measured by `python -m benchmarks.y
 import pytest
 import torch
 
-from benchmarks.graph_coverage import randomize
 from slimexport import export_onnx, prune_model
 from slimexport.graph_prune import exactness
+from tests.helpers import randomize_bns as randomize
+
+pytestmark = pytest.mark.slow  # end to end: pipelines, subprocesses, torchrun or full-size models
 
 ultralytics = pytest.importorskip("ultralytics")
 
