@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from slimexport.console import make_progress
-from slimexport.data import Dataset, batches, conform
+from slimexport.data import Dataset, conform
 from slimexport.errors import ModelFileError, SlimExportError
 from slimexport.records import BenchResult
 from slimexport.runtime import (
@@ -44,11 +44,10 @@ def ort_accuracy(path: Path, ds: Dataset, device: str = "cpu", batch_size: int =
     provider, device_id = provider_for(device), parse_device(device)[1]
     shape = (ds.in_channels, *ds.image_size)
     predict = predictor(path, os.cpu_count() or 1, provider, shape, device_id)
-    batch_size = ds.eval_batch(batch_size)
     correct = 0
     task = progress.add_task(f"accuracy {Path(path).name}", total=len(ds.y_test), info="") if progress else None
-    for xb, yb in batches(ds.x_test.cpu(), ds.y_test.cpu(), batch_size, shuffle=False):
-        logits = predict(ds.normalize(xb).numpy())
+    for xb, yb in ds.test_batches(batch_size, device="cpu"):
+        logits = predict(xb.numpy())
         correct += int((logits.argmax(1) == yb.numpy()).sum())
         if task is not None:
             progress.advance(task, len(yb))

@@ -27,6 +27,7 @@ import torch
 from torch.nn import functional as F
 
 from slimexport.errors import DataError
+from slimexport.stream import eval_loader, is_streamed, steps_per_epoch, train_loader
 
 DATA_ENV = "SLIMEXPORT_DATA"
 EMBEDDED = "embedded"
@@ -61,6 +62,7 @@ class Dataset:
     cache_reason: str = ""
 
     def __post_init__(self) -> None:
+        check_labels(self.y_train, self.y_test)  # on every kind: arrays, named sets, folders in memory or streamed
         x = self.x_train
         if not isinstance(x, torch.Tensor):  # streamed: the statistics of (at most) 256 images spread over the split
             x = x[torch.linspace(0, len(x) - 1, min(256, len(x))).long()]
@@ -116,6 +118,79 @@ class Dataset:
         return Dataset(self.name, resize(self.x_train), self.y_train, resize(self.x_test), self.y_test,
                        self.num_classes, list(self.label_names), self.augmentation, self.cache,
                        self.cache_reason)  # fmt: skip
+
+    @property
+    def streamed(self) -> bool:
+        """The images are decoded from their files as batches need them (an image folder with ``cache off``)."""
+        return is_streamed(self.x_train)
+
+    def steps_per_epoch(self, batch_size: int, drop_last: bool, world: int = 1) -> int:
+        """Batches each rank sees in one epoch of :meth:`train_batches` at the global ``batch_size``."""
+        n = len(self.y_train)
+        if self.streamed:
+            return steps_per_epoch(n, batch_size // world, drop_last, world)
+        return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+    def train_batches(
+        self,
+        batch_size: int,
+        epoch: int,
+        seed: int,
+        generator: torch.Generator,
+        aug_generator: torch.Generator | None = None,
+        drop_last: bool = False,
+        augmented: bool = True,
+        rank: int = 0,
+        world: int = 1,
+        device: torch.device | None = None,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Rank ``rank``'s shuffled, augmented uint8 training batches of one epoch at the global ``batch_size``,
+        on ``device`` (in memory: the global batch drawn alike on every rank, each taking its share, augmented with
+        ``aug_generator``; streamed: a DistributedSampler shard decoded by workers, shuffled by seed and epoch)."""
+        share = batch_size // world
+        if self.streamed:
+            cuda = device is not None and device.type == "cuda"
+            for xb, yb in train_loader(self.x_train, self.y_train, share, seed, epoch, drop_last, world, rank,
+                                       augment=augmented, pin_memory=cuda):  # fmt: skip
+                yield (xb.to(device, non_blocking=cuda), yb.to(device, non_blocking=cuda)) if device else (xb, yb)
+            return
+        aug_generator = aug_generator or generator
+        pad = max(1, self.image_size[0] // 8)
+        for xb, yb in batches(self.x_train, self.y_train, batch_size, True, generator, drop_last):
+            if augmented:  # drawn for the whole global batch on every rank: the inputs of a single process
+                if self.augmentation == "resized-crop":
+                    xb = augment_resized_crop(xb, generator=aug_generator)
+                else:
+                    xb = augment(xb, pad, flip=True, generator=aug_generator)
+            if world > 1:
+                xb, yb = xb[rank * share : (rank + 1) * share], yb[rank * share : (rank + 1) * share]
+            yield (xb.to(device), yb.to(device)) if device is not None else (xb, yb)
+
+    def test_batches(
+        self,
+        batch_size: int,
+        images: int | None = None,
+        shard: tuple[int, int] | None = None,
+        device: torch.device | str | None = None,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The test split in order as (normalised float32 images, labels) on ``device`` (default: where the data
+        is), ``batch_size`` capped by :meth:`eval_batch`: the first ``images`` only, or every ``shard[1]``-th from
+        ``shard[0]`` (a rank's part). The one loop every evaluation reads: PyTorch's and onnxruntime's accuracy,
+        export parity, INT8 comparison."""
+        batch_size = self.eval_batch(batch_size)
+        n = len(self.y_test) if images is None else min(images, len(self.y_test))
+        if self.streamed and images is None:  # decoded by DataLoader workers as the batches are needed
+            it = eval_loader(self.x_test, self.y_test, batch_size, shard)
+        elif shard is not None:
+            r, w = shard
+            it = batches(self.x_test[r::w], self.y_test[r::w], batch_size, shuffle=False)
+        else:
+            ends = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+            it = ((self.x_test[i:j], self.y_test[i:j]) for i, j in ends)
+        for xb, yb in it:
+            if device is not None:
+                xb, yb = xb.to(device), yb.to(device)
+            yield self.normalize(xb), yb
 
     def eval_batch(self, batch: int) -> int:
         """``batch`` for inference, capped so that one batch holds at most 2**23 input values (512 images at
@@ -253,22 +328,28 @@ def from_arrays(name: str, x_train, y_train, x_test, y_test, labels: list[str] |
         if y.min() < 0:
             raise DataError(f"{what} holds negative labels")
         ys.append(torch.from_numpy(y.astype(np.int64)))
-    train_labels = set(torch.unique(ys[0]).tolist())
-    num_classes = max(train_labels) + 1
-    if num_classes < 2:
-        raise DataError("the data set needs at least two classes")
+    num_classes = int(ys[0].max()) + 1
+    return Dataset(name, xtr, ys[0], xte, ys[1], num_classes, list(labels or []))
+
+
+def check_labels(y_train: torch.Tensor, y_test: torch.Tensor) -> None:
+    """Classes 0..K-1, K ≥ 2, every one with training images, and no test label training never saw: a data set
+    of one class would train to 100% with loss 0 and prune nothing meaningful, so every kind of data refuses it."""
+    train_labels = set(torch.unique(y_train.cpu()).tolist())
+    num_classes = max(train_labels, default=0) + 1
+    if len(train_labels) < 2:
+        raise DataError(f"the data set needs at least two classes; its training images have {len(train_labels)}")
     gaps = sorted(set(range(num_classes)) - train_labels)
     if gaps:
         raise DataError(
             f"y_train labels must be 0..{num_classes - 1} with every class present; no training image has label(s) "
             f"{_few(gaps)}"
         )
-    unseen = sorted(set(torch.unique(ys[1]).tolist()) - train_labels)
+    unseen = sorted(set(torch.unique(y_test.cpu()).tolist()) - train_labels)
     if unseen:
         raise DataError(
             f"y_test holds label(s) {_few(unseen)} that no training image has (y_train: 0..{num_classes - 1})"
         )
-    return Dataset(name, xtr, ys[0], xte, ys[1], num_classes, list(labels or []))
 
 
 def _few(values: list[int], n: int = 5) -> str:

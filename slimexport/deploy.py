@@ -101,12 +101,10 @@ def compare(reference: str | os.PathLike, candidate: str | os.PathLike, ds: Data
     ref = predictor(reference, threads, image_shape=shape)
     cand = predictor(candidate, threads, image_shape=shape)
     n = len(ds.y_test) if images is None else min(images, len(ds.y_test))
-    batch = ds.eval_batch(batch)
     agree = correct_ref = correct_cand = 0
     max_diff = 0.0
-    for i in range(0, n, batch):
-        x = ds.normalize(ds.x_test[i : min(i + batch, n)].cpu()).numpy()
-        y = ds.y_test[i : min(i + batch, n)].cpu().numpy()
+    for xb, yb in ds.test_batches(batch, images=n, device="cpu"):
+        x, y = xb.numpy(), yb.numpy()
         a, b = ref(x), cand(x)
         if a.shape != b.shape:
             raise ParityError(f"{candidate} outputs shape {b.shape}, {reference} {a.shape}")

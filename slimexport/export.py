@@ -74,10 +74,8 @@ def parity(model: torch.nn.Module, onnx_path: Path, ds: Dataset, n_images: int, 
     sess = ort_session(onnx_path, threads=os.cpu_count() or 1)
     model.eval()
     n = min(n_images, len(ds.y_test))
-    batch = ds.eval_batch(batch)
     max_diff, agree = 0.0, 0
-    for i in range(0, n, batch):
-        x = ds.normalize(ds.x_test[i : min(i + batch, n)].cpu())
+    for x, _ in ds.test_batches(batch, images=n, device="cpu"):
         refs = [t.numpy() for t in tree_flatten(model(x))[0]]  # several outputs (a detector's heads): all of them
         gots = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
         if [g.shape for g in gots] != [r.shape for r in refs]:

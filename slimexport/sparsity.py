@@ -27,8 +27,7 @@ from torch.nn import functional as F
 
 from slimexport.config import TrainConfig
 from slimexport.console import make_progress
-from slimexport.data import Dataset, augment, augment_resized_crop, batches
-from slimexport.stream import is_streamed, train_loader
+from slimexport.data import Dataset
 from slimexport.train import bn_weights, make_scheduler, penalty_grads, resolve_device, schedule_lrs
 
 CANDIDATES = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
@@ -40,16 +39,7 @@ def _batches(ds: Dataset, cfg: TrainConfig, gen: torch.Generator, device: torch.
     """Endless augmented training batches on ``device`` (one process's view: every rank probes alike)."""
     epoch = 0
     while True:
-        if is_streamed(ds.x_train):
-            it = train_loader(ds.x_train, ds.y_train, cfg.batch_size, cfg.seed, epoch, False, 1, 0, augment=cfg.augment)
-        else:
-            it = batches(ds.x_train, ds.y_train, cfg.batch_size, shuffle=True, generator=gen)
-        for xb, yb in it:
-            if cfg.augment and not is_streamed(ds.x_train):
-                if ds.augmentation == "resized-crop":
-                    xb = augment_resized_crop(xb, generator=gen)
-                else:
-                    xb = augment(xb, max(1, ds.image_size[0] // 8), flip=True, generator=gen)
+        for xb, yb in ds.train_batches(cfg.batch_size, epoch, cfg.seed, gen, augmented=cfg.augment):
             yield ds.normalize(xb.to(device)), yb.to(device)
         epoch += 1
 

@@ -8,7 +8,6 @@ unpruned model; knowledge distillation, Hinton et al. 2015): KL on softened logi
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from contextlib import contextmanager
@@ -25,13 +24,12 @@ from slimexport.channels import restore_bn_selections
 from slimexport.checkpoint import fit_data, load_checkpoint, make_checkpoint, read_checkpoint, save_checkpoint
 from slimexport.config import REGULARIZERS, TrainConfig
 from slimexport.console import console, make_progress
-from slimexport.data import Dataset, augment, augment_resized_crop, batches
+from slimexport.data import Dataset
 from slimexport.errors import CheckpointError, ConfigError, DeviceError, ModelCodeError, SlimExportError, first_line
 from slimexport.fileio import output_lock
 from slimexport.graph import BN_TYPES
 from slimexport.models import create_model
 from slimexport.models import is_builtin as _builtin_source
-from slimexport.stream import eval_loader, is_streamed, steps_per_epoch, train_loader
 
 
 def resolve_device(device: str) -> torch.device:
@@ -169,19 +167,10 @@ def evaluate(
     model.eval().to(device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     task = progress.add_task("evaluate", total=len(ds.y_test), info="") if progress is not None else None
-    batch_size = ds.eval_batch(batch_size)
-    shard = shard and distributed.active()
-    r, w = distributed.rank(), distributed.world_size()
-    if is_streamed(ds.x_test):  # decoded by DataLoader workers as the batches are needed
-        loader = eval_loader(ds.x_test, ds.y_test, batch_size, (r, w) if shard else None)
-        batch_iter = ((xb.to(device), yb.to(device)) for xb, yb in loader)
-    else:
-        x_all, y_all = ds.x_test.to(device), ds.y_test.to(device)
-        if shard:  # each rank its shard; the counts are summed
-            x_all, y_all = x_all[r::w], y_all[r::w]
-        batch_iter = batches(x_all, y_all, batch_size, shuffle=False)
-    for xb, yb in batch_iter:
-        logits = model(ds.normalize(xb))
+    shard = shard and distributed.active()  # each rank its shard; the counts are summed
+    parts = (distributed.rank(), distributed.world_size()) if shard else None
+    for xb, yb in ds.test_batches(batch_size, shard=parts, device=device):
+        logits = model(xb)
         correct += (logits.argmax(1) == yb).sum()
         if task is not None:
             progress.advance(task, len(yb))
@@ -279,7 +268,8 @@ def fit(
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             seen = 0
-            for xb, yb in _epoch_batches(ds_dev, cfg, epoch, gen, aug_gen, drop_last, device):
+            for xb, yb in ds_dev.train_batches(cfg.batch_size, epoch, cfg.seed, gen, aug_gen, drop_last, cfg.augment,
+                                               distributed.rank(), world, device):  # fmt: skip
                 loss = _step(model, forward, opt, sched, ds.normalize(xb), yb, cfg, bn_ws, precision, channels_last,
                              user_code, epoch, teacher)  # fmt: skip
                 loss_sum += loss * len(yb)
@@ -347,10 +337,7 @@ def _precision(cfg: TrainConfig, model, ds_dev, device, world: int) -> tuple[str
 def _steps(cfg: TrainConfig, ds: Dataset, world: int) -> tuple[bool, int]:
     """(drop the last partial batch, steps per epoch). torch.compile and DDP want static shapes, so they drop it."""
     drop_last = (cfg.compile or world > 1) and len(ds.y_train) >= cfg.batch_size
-    if is_streamed(ds.x_train):
-        return drop_last, steps_per_epoch(len(ds.y_train), cfg.batch_size // world, drop_last, world)
-    n = len(ds.y_train)
-    return drop_last, n // cfg.batch_size if drop_last else math.ceil(n / cfg.batch_size)
+    return drop_last, ds.steps_per_epoch(cfg.batch_size, drop_last, world)
 
 
 def _wrap(model: nn.Module, cfg: TrainConfig, world: int, device: torch.device) -> tuple[nn.Module, Any]:
@@ -440,37 +427,6 @@ def _step(
     opt.step()
     sched.step()
     return loss.detach()
-
-
-def _epoch_batches(
-    ds: Dataset,
-    cfg: TrainConfig,
-    epoch: int,
-    gen: torch.Generator,
-    aug_gen: torch.Generator,
-    drop_last: bool,
-    device: torch.device,
-):
-    """This rank's training batches of one epoch, augmented, on ``device``: from memory (the global batch drawn
-    alike on every rank, each taking its share) or streamed from an image folder (a DistributedSampler shard)."""
-    world, rank = distributed.world_size(), distributed.rank()
-    share = cfg.batch_size // world
-    if is_streamed(ds.x_train):
-        cuda = device.type == "cuda"
-        for xb, yb in train_loader(ds.x_train, ds.y_train, share, cfg.seed, epoch, drop_last, world, rank,
-                                   augment=cfg.augment, pin_memory=cuda):  # fmt: skip
-            yield xb.to(device, non_blocking=cuda), yb.to(device, non_blocking=cuda)
-        return
-    pad = max(1, ds.image_size[0] // 8)
-    for xb, yb in batches(ds.x_train, ds.y_train, cfg.batch_size, shuffle=True, generator=gen, drop_last=drop_last):
-        if cfg.augment:  # drawn for the whole global batch on every rank: the inputs of a single process
-            if ds.augmentation == "resized-crop":
-                xb = augment_resized_crop(xb, generator=aug_gen)
-            else:
-                xb = augment(xb, pad, flip=True, generator=aug_gen)
-        if world > 1:
-            xb, yb = xb[rank * share : (rank + 1) * share], yb[rank * share : (rank + 1) * share]
-        yield xb, yb
 
 
 def is_builtin(model: nn.Module) -> bool:

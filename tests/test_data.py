@@ -152,3 +152,47 @@ def test_a_test_split_missing_a_class_is_fine():
 
     ds = from_arrays("t", **_arrays([0, 1, 2, 0], [0, 1]))
     assert ds.num_classes == 3
+
+
+def _one_folder(root, classes, size=(20, 20)):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((*size, 3), 40 * i, np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("cache", ["ram", "off"])
+def test_a_folder_of_one_class_is_refused_in_memory_and_streamed(tmp_path, cache):
+    """The label checks live with the Dataset, so they hold on every kind (a streamed folder of one class used
+    to train to 100% with loss 0)."""
+    root = _one_folder(tmp_path / "one", ["only"])
+    with pytest.raises(DataError, match="at least two classes"):
+        load_dataset(f"imagefolder:{root}", image_size=16, cache=cache)
+
+
+@pytest.mark.parametrize("cache", ["ram", "off"])
+def test_every_kind_of_data_iterates_itself_alike(tmp_path, cache):
+    """The interface every loop reads: test batches in order, the first N, or a rank's shard; training batches of
+    an epoch at the global batch, each rank its share; steps per epoch as many as the batches."""
+    ds = load_dataset(f"imagefolder:{_one_folder(tmp_path / 'f', ['a', 'b', 'c'])}", image_size=16, cache=cache)
+    assert ds.streamed == (cache == "off")
+    full = list(ds.test_batches(4))
+    assert [len(y) for _, y in full] == [4, 4, 1] and all(x.dtype == torch.float32 for x, _ in full)
+    xs, ys = torch.cat([x for x, _ in full]), torch.cat([y for _, y in full])
+    assert torch.equal(ys, ds.y_test) and torch.allclose(xs, ds.normalize(ds.x_test[:9]))
+    first = torch.cat([y for _, y in ds.test_batches(4, images=5)])
+    assert torch.equal(first, ds.y_test[:5])
+    shards = [torch.cat([y for _, y in ds.test_batches(4, shard=(r, 2))]) for r in (0, 1)]
+    assert sorted(torch.cat(shards).tolist()) == sorted(ds.y_test.tolist()) and len(shards[0]) == 5
+    g = torch.Generator().manual_seed(0)
+    epoch = list(ds.train_batches(4, 0, 0, g))
+    assert len(epoch) == ds.steps_per_epoch(4, drop_last=False) == 3
+    assert sorted(torch.cat([y for _, y in epoch]).tolist()) == sorted(ds.y_train.tolist())
+    ranks = [list(ds.train_batches(4, 0, 0, torch.Generator().manual_seed(0), drop_last=True, rank=r, world=2))
+             for r in (0, 1)]  # fmt: skip
+    assert all(len(y) == 2 for batches in ranks for _, y in batches)
+    assert len(ranks[0]) == ds.steps_per_epoch(4, drop_last=True, world=2)
