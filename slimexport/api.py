@@ -99,11 +99,11 @@ class _Inputs:
         self.x_test = x.detach().float().cpu()
         self.y_test = torch.zeros(len(x), dtype=torch.long)
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def eval_batch(self, batch: int) -> int:
-        return batch
+    def test_batches(self, batch_size: int, images: int | None = None, device=None):
+        """As :meth:`Dataset.test_batches`: the first ``images`` inputs in batches (already normalised)."""
+        n = len(self.y_test) if images is None else min(images, len(self.y_test))
+        for i in range(0, n, batch_size):
+            yield self.x_test[i : min(i + batch_size, n)], self.y_test[i : min(i + batch_size, n)]
 
 
 def export_onnx(

@@ -164,7 +164,7 @@ def export_model(
         raise ConfigError(f"--atol must be positive, got {cfg.atol}")
     model.eval()
     t0 = time.perf_counter()
-    sample = ds.normalize(ds.x_test[:2].cpu())
+    sample = next(ds.test_batches(2, images=2, device="cpu"))[0]
     with atomic_path(out, suffix=".onnx") as tmp:
         _export_torch(for_export(model) if cfg.rewrite else model, sample, tmp, cfg.opset)
         proto = onnx.load(str(tmp))

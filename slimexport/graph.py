@@ -30,11 +30,7 @@ A class's importance is the largest |γ| among the BatchNorms that normalise it 
 
 from __future__ import annotations
 
-import bisect
 import copy
-import dis
-import inspect
-import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,21 +38,16 @@ from typing import Any
 import numpy as np
 import torch
 from torch import fx, nn
-from torch.nn import functional as F
 
 from slimexport.errors import ConfigError
-from slimexport.oprules import BN_TYPES, CONV_TYPES, function_rule, module_rule
+from slimexport.oprules import BINARY, BN_TYPES, CONV_TYPES, function_rule, module_rule, structural
+from slimexport.rawreads import _RawReads
+from slimexport.trace import Inputs, _placeholder_args, call, first_sample, random_like, trace
 
 __all__ = [
     "BN_TYPES", "CONV_TYPES", "ChannelGraph", "Inputs", "ModuleUse", "call", "first_sample", "random_like", "trace",
     "trace_channels",
 ]  # fmt: skip
-
-BINARY = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
-    operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum,
-    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum",
-}  # fmt: skip
 
 
 @dataclass
@@ -476,11 +467,12 @@ class _Builder(_StructureOps, _Atoms):
         args = node.args
         first = args[0] if args else None
         xin = self.vec.get(first) if isinstance(first, fx.Node) else None
-        if t in BINARY or (node.op == "call_method" and t in BINARY):
+        kind = structural(node.op, t)
+        if kind in BINARY:
             return self.binary(node)
-        if t is operator.getitem:
+        if kind == "getitem":
             return self.getitem(node, xin)
-        if name in ("size", "dim") or t is getattr or (node.op == "call_method" and t in ("size", "dim")):
+        if kind == "size":
             return None
         so = self.shape(node)
         if so is None and self.metas(node) is None:
@@ -488,185 +480,34 @@ class _Builder(_StructureOps, _Atoms):
         rule = function_rule(node.op, t)
         if rule is not None and rule.kind == "pass":
             return self.passthrough(node, xin)
-        if t in (torch.cat, torch.concat) or name in ("cat", "concat"):
+        if kind == "cat":
             return self.cat(node)
-        if t is torch.flatten or (node.op == "call_method" and t == "flatten"):
+        if kind == "flatten":
             start = node.kwargs.get("start_dim", args[1] if len(args) > 1 else 0)
             end = node.kwargs.get("end_dim", args[2] if len(args) > 2 else -1)
             return self.flatten(node, xin, start, end)
-        if (node.op == "call_method" and t in ("view", "reshape")) or t is torch.reshape:
+        if kind == "reshape":
             sizes = list(args[1:]) if node.op == "call_method" else list(args[1])
             if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
                 sizes = list(sizes[0])
             return self.reshape(node, xin, sizes)
-        if t in (torch.split, torch.chunk) or (node.op == "call_method" and t in ("split", "chunk")):
+        if kind in ("split", "chunk"):
             return self.split(node, xin)
-        if (node.op == "call_method" and t in ("mean", "sum", "amax")) or t in (torch.mean, torch.sum):
+        if kind == "reduce":
             dims = node.kwargs.get("dim", args[1] if len(args) > 1 else None)
             dims = [dims] if isinstance(dims, int) else list(dims or [])
             si = self.shape(first)
             if dims and si and all(d % len(si) >= 2 for d in dims) and so and len(so) >= 2:
                 return xin
             return self.freeze_all(node, f"{self.where(node)}: reduction over the channel axis")
-        if (node.op == "call_method" and t in ("transpose", "permute")) or t in (torch.transpose, torch.permute):
+        if kind == "permute":
             si = self.shape(first)
             if si and so and len(si) == len(so) and si[:2] == so[:2] and self._keeps_axes_01(node):
                 return xin
             return self.freeze_all(node, f"{self.where(node)}: {name} moves the channel axis")
-        if t in (F.pixel_shuffle, F.pixel_unshuffle, F.channel_shuffle):
+        if kind == "shuffle":
             return self.freeze_all(node, f"{self.where(node)}: {name} mixes channels")
         return self.freeze_all(node, f"{self.where(node)}: op {name or t} not understood")
-
-
-class _RawReads:
-    """After the walk: which channels a conv or linear layer reads before any BatchNorm normalises them."""
-
-    def __init__(self, b: _Builder):
-        self.b = b
-
-    def run(self, gm: fx.GraphModule) -> None:
-        """A BN scores the channels it normalises, but the same channels may also be read *before* it (a conv
-        reading the raw output of another conv that a BN elsewhere normalises: MaxViT's stem feeding both a BN and
-        a shortcut conv; a pre-activation ResNet's stream feeding the next stage's downsampling conv). Removing
-        such a channel changes what that reader computes whatever its γ, so it is frozen. A tensor counts as
-        normalised, channel by channel, when it is a BN's output or made from BN outputs by ops that keep zeros
-        at zero (ReLU-like activations, pooling, dropout, interpolation, sums of normalised tensors, products with
-        one normalised factor, cat/split/flatten)."""
-        memo: dict[fx.Node, Any] = {}
-        bns_of: dict[str, list[ModuleUse]] = defaultdict(list)  # tensor (FX node) → the BNs reading it
-        for u in self.b.uses.values():
-            if u.kind == "bn" and u.src is not None and self.b.modules[u.name].running_mean is not None:
-                bns_of[u.src].append(u)
-        for node in gm.graph.nodes:
-            if node.op != "call_module":
-                continue
-            use = self.b.uses.get(node.target)
-            if use is None or use.kind not in ("conv", "convT", "grouped", "linear") or not node.args:
-                continue
-            flags = self.normalised(node.args[0], memo)
-            if not isinstance(flags, np.ndarray) or len(flags) != len(use.inp):
-                continue
-            positions = np.flatnonzero(~flags).tolist()
-            if self.b.carry_raw and use.kind == "conv" and isinstance(node.args[0], fx.Node):
-                carried = self.mean_sources(positions, bns_of.get(node.args[0].name, []))
-                if carried:
-                    self.b.raw[node.target] = carried
-                    positions = [p for p in positions if p not in carried]
-            if positions:
-                self.b.freeze(
-                    use.inp[positions], f"{node.target}: reads these channels before any BatchNorm normalises them"
-                )
-
-    @staticmethod
-    def mean_sources(positions: list[int], bns: list[ModuleUse]) -> dict[int, tuple[str, int]]:
-        """``--prune-stream``: for each raw-read input position, a BN that reads the same tensor and whose running
-        mean of that channel stands in for it once it is removed."""
-        found: dict[int, tuple[str, int]] = {}
-        for bn in bns:
-            index = bn.select if bn.select is not None else list(range(len(bn.inp)))
-            where = {p: k for k, p in enumerate(index)}
-            for p in positions:
-                if p not in found and p in where:
-                    found[p] = (bn.name, where[p])
-        return found
-
-    def normalised(self, node: Any, memo: dict) -> Any:
-        if not isinstance(node, fx.Node):
-            return None
-        if node in memo:
-            return memo[node]
-        memo[node] = None  # cycles cannot happen in an FX graph; this only guards re-entry
-        memo[node] = out = self._normalised(node, memo)
-        return out
-
-    def _normalised(self, node: fx.Node, memo: dict) -> Any:
-        v = self.b.vec.get(node)
-        if isinstance(v, list):
-            src = node.args[0] if node.args else None
-            flags = self.normalised(src, memo) if isinstance(src, fx.Node) else None
-            if not isinstance(flags, np.ndarray):
-                return [np.zeros(len(x), bool) if isinstance(x, np.ndarray) else None for x in v]
-            out, start = [], 0
-            for x in v:
-                n = len(x) if isinstance(x, np.ndarray) else 0
-                out.append(flags[start : start + n] if n and len(flags) >= start + n else np.zeros(n, bool))
-                start += n
-            return out
-        if not isinstance(v, np.ndarray):
-            return None
-        if node.op == "call_module":
-            return self._module_flags(node, v, memo)
-        if node.op not in ("call_function", "call_method"):
-            return np.zeros(len(v), bool)
-        return self._function_flags(node, v, memo)
-
-    def _module_flags(self, node: fx.Node, v: np.ndarray, memo: dict) -> np.ndarray:
-        raw = np.zeros(len(v), bool)
-        first = node.args[0] if node.args else None
-        m = self.b.modules[node.target]
-        if isinstance(m, BN_TYPES):
-            return np.ones(len(v), bool)
-        use = self.b.uses.get(node.target)
-        if use is not None and use.kind == "depthwise":
-            f = self.normalised(first, memo)
-            return f if isinstance(f, np.ndarray) and m.bias is None else raw
-        rule = module_rule(m)
-        if rule is not None and rule.kind != "other" and rule.keeps_zero:
-            f = self.normalised(first, memo)
-            return f if isinstance(f, np.ndarray) and len(f) == len(v) else raw
-        if isinstance(m, nn.Flatten):
-            f = self.normalised(first, memo)
-            return np.repeat(f, len(v) // len(f)) if isinstance(f, np.ndarray) and len(f) else raw
-        return raw
-
-    def _function_flags(self, node: fx.Node, v: np.ndarray, memo: dict) -> np.ndarray:
-        raw = np.zeros(len(v), bool)
-        first = node.args[0] if node.args else None
-        t = node.target
-        if t in BINARY or (node.op == "call_method" and t in BINARY):
-            parts = []
-            for a in node.args:
-                if not isinstance(a, fx.Node) or self.b.shape(a) is None:
-                    continue  # a python number: adds a constant (not zero-keeping for + and -)
-                f = self.normalised(a, memo)
-                parts.append(f if isinstance(f, np.ndarray) and len(f) == len(v) else None)
-            name = t if isinstance(t, str) else getattr(t, "__name__", "")
-            if "mul" in name:  # zero when any factor is
-                ok = [f for f in parts if f is not None]
-                return np.logical_or.reduce(ok) if ok else raw
-            if any(f is None for f in parts) or not parts:
-                return raw
-            if "div" in name:
-                return parts[0]
-            consts = [a for a in node.args if not isinstance(a, fx.Node)]
-            return np.logical_and.reduce(parts) if not any(c != 0 for c in consts) else raw
-        if t is operator.getitem:
-            src = self.normalised(node.args[0], memo)
-            if isinstance(src, list):
-                return src[node.args[1]]
-            if isinstance(src, np.ndarray):
-                idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-                if len(idx) >= 2 and isinstance(idx[1], slice):
-                    return src[idx[1]] if len(src[idx[1]]) == len(v) else raw
-                return src if len(src) == len(v) else raw
-            return raw
-        if t in (torch.cat, torch.concat) or t in ("cat", "concat"):
-            fs = [self.normalised(a, memo) for a in (node.args[0] if node.args else [])]
-            if all(isinstance(f, np.ndarray) for f in fs) and sum(len(f) for f in fs) == len(v):
-                return np.concatenate(fs)
-            return raw
-        f = self.normalised(first, memo) if isinstance(first, fx.Node) else None
-        vin = self.b.vec.get(first) if isinstance(first, fx.Node) else None
-        if not isinstance(f, np.ndarray) or not isinstance(vin, np.ndarray) or not len(vin) or len(v) % len(vin):
-            return raw
-        k = len(v) // len(vin)
-        if not np.array_equal(v, np.repeat(vin, k)):
-            return raw  # the channels moved (the forward pass froze them): nothing to carry
-        flatten = t in (torch.flatten, torch.reshape) or (
-            node.op == "call_method" and t in ("flatten", "view", "reshape")
-        )
-        rule = function_rule(node.op, t)
-        return np.repeat(f, k) if flatten or (rule is not None and rule.keeps_zero) else raw
 
 
 _KNOWN_STATE = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
@@ -682,159 +523,6 @@ def _unknown_state(m: nn.Module) -> list[str]:
     names = [n for n, _ in m.named_parameters() if not n.startswith("slim_selection.")]
     names += [n for n, _ in m.named_buffers() if not n.startswith("slim_selection.")]
     return [n for n in names if n not in _KNOWN_STATE]
-
-
-# A model's example input: one tensor, a tuple of them (several inputs), or a dict by forward's argument names.
-Inputs = torch.Tensor | tuple | list | dict
-
-
-def call(model: nn.Module, inputs: Inputs) -> Any:
-    """``model`` on ``inputs`` as forward takes them (a tensor, positional tensors, or keyword tensors)."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
-def random_like(inputs: Inputs, seed: int) -> Inputs:
-    """Random inputs of the same shapes, dtypes and devices (integer tensors, ids or masks, are kept)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def one(t: Any) -> Any:
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            return t
-        return torch.randn(t.shape, generator=g).to(t)
-
-    if isinstance(inputs, dict):
-        return {k: one(v) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(one(v) for v in inputs)
-    return one(inputs)
-
-
-def first_sample(inputs: Inputs) -> Inputs:
-    """The first sample of every batched input (for counting MACs per sample)."""
-    if isinstance(inputs, dict):
-        return {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(v[:1] if isinstance(v, torch.Tensor) else v for v in inputs)
-    return inputs[:1]
-
-
-def _placeholder_args(gm: fx.GraphModule, inputs: Inputs) -> list:
-    """``inputs`` in the order of the traced graph's placeholders (a dict by their names)."""
-    if not isinstance(inputs, dict):
-        return list(inputs) if isinstance(inputs, (tuple, list)) else [inputs]
-    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-    missing = [n for n in names if n not in inputs]
-    if missing:
-        raise ConfigError(f"the example inputs have no {', '.join(missing)} (forward takes {', '.join(names)})")
-    return [inputs[n] for n in names]
-
-
-class _PiecesProxy(fx.Proxy):
-    """A proxy that can be iterated where the number of pieces is in the graph: ``list(x.chunk(2, 1))`` (YOLO's
-    C2f), ``a, b = x.split([c, c], 1)``; torch.fx's own proxy refuses any iteration but unpacking."""
-
-    def __iter__(self):
-        if self.node.op == "placeholder" and str(self.node.target).startswith("*"):
-            return iter(())  # forward(x, *args): traced with the example inputs alone, *args is empty
-        n = _pieces(self.node)
-        if n is None:  # torch.fx's own rule, `a, b = proxy`, read from the caller's bytecode (one frame up)
-            frame = inspect.currentframe().f_back
-            insts = list(dis.get_instructions(frame.f_code))
-            at = bisect.bisect_left(insts, frame.f_lasti, key=lambda i: i.offset)
-            if at < len(insts) and insts[at].opname == "UNPACK_SEQUENCE":
-                n = insts[at].argval
-        return iter([self[i] for i in range(n)]) if n is not None else self.tracer.iter(self)
-
-    def keys(self):  # forward(x, **kwargs) passing **kwargs on: empty
-        if self.node.op == "placeholder" and str(self.node.target).startswith("**"):
-            return []
-        return super().keys()
-
-    def __len__(self) -> int:  # list() and *args ask for the length first
-        if self.node.op == "placeholder" and str(self.node.target).startswith("*"):
-            return 0
-        n = _pieces(self.node)
-        return n if n is not None else super().__len__()
-
-
-def _pieces(node: fx.Node) -> int | None:
-    if node.op not in ("call_method", "call_function"):
-        return None
-    if node.target in ("chunk", torch.chunk):
-        n = node.kwargs.get("chunks", node.args[1] if len(node.args) > 1 else None)
-        return n if isinstance(n, int) else None
-    if node.target in ("split", torch.split):
-        sizes = node.kwargs.get("split_size_or_sections", node.args[1] if len(node.args) > 1 else None)
-        return len(sizes) if isinstance(sizes, (list, tuple)) else None
-    return None
-
-
-class _Tracer(fx.Tracer):
-    """Traces through every user module; torch.nn modules, subclasses of conv/BN/linear, and torchvision's
-    StochasticDepth stay leaves, and so do the ``opaque`` modules: those whose own forward cannot be traced."""
-
-    def __init__(self, opaque: dict[str, str] | None = None) -> None:
-        super().__init__()
-        self.opaque = opaque or {}
-        self.stack: list[str] = []  # the modules being traced through, outermost first
-        self.failed_in: list[str] | None = None  # the stack where tracing failed
-
-    def proxy(self, node: fx.Node) -> fx.Proxy:
-        return _PiecesProxy(node, self)
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        # Subclasses of the layers the engine knows stay leaves too (timm's BatchNormAct2d: BN + activation;
-        # Conv2dSame: conv with "same" padding): their channels behave as their base class's.
-        if qualname in self.opaque:
-            return True
-        if type(m).__name__ == "StochasticDepth" or isinstance(m, (*BN_TYPES, *CONV_TYPES, nn.Linear)):
-            return True
-        if module_rule(m) is not None:  # a module with a rule (the user's own, registered) is one op
-            return True
-        return super().is_leaf_module(m, qualname)
-
-    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
-        self.stack.append(self.path_of_module(m))
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            if self.failed_in is None:
-                self.failed_in = list(self.stack)
-            raise
-        finally:
-            self.stack.pop()
-
-
-OPAQUE_LIMIT = 64  # modules traced as one op before the model is refused
-
-
-def trace(model: nn.Module, allow_opaque: bool = True) -> fx.GraphModule:
-    """The model's graph. A submodule whose forward cannot be traced (data-dependent control flow: MobileViT's
-    ``if new_h != H``) becomes one opaque op, its channels kept (``gm.meta["slim_opaque"]``: name → why), so the
-    rest of the model still prunes; the model itself failing is a one-line error."""
-    opaque: dict[str, str] = {}
-    while True:
-        tracer = _Tracer(opaque)
-        try:
-            graph = tracer.trace(model)
-            break
-        except Exception as e:  # noqa: BLE001 - FX raises TraceError, TypeError, NotImplementedError, ...
-            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            where = [q for q in tracer.failed_in or [] if q and q not in opaque]
-            if allow_opaque and where and len(opaque) < OPAQUE_LIMIT:
-                opaque[where[-1]] = f"{type(e).__name__}: {text[:120]}"
-                continue
-            raise ConfigError(
-                f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {text[:160]}); the graph "
-                "engine needs a forward without data-dependent control flow"
-            ) from None
-    gm = fx.GraphModule(model, graph)
-    gm.meta["slim_opaque"] = opaque
-    return gm
 
 
 @torch.no_grad()

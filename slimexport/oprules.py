@@ -88,6 +88,48 @@ METHOD_RULES: dict[str, OpRule] = {
 }  # fmt: skip
 
 
+# The weightless ops that move, split, join or combine channels. The walker (:mod:`slimexport.graph`), its analysis
+# of channels read before a BatchNorm, and β folding (:mod:`slimexport.fold`) each dispatch on
+# :func:`structural`'s answer: one table, so the three cannot drift apart.
+def _kinds(kind: str, *targets: Any) -> dict[Any, str]:
+    return dict.fromkeys(targets, kind)
+
+
+STRUCTURAL: dict[Any, str] = {
+    **_kinds("add", operator.add, operator.iadd, torch.add, "add", "add_"),
+    **_kinds("sub", operator.sub, operator.isub, torch.sub, "sub", "sub_"),
+    **_kinds("mul", operator.mul, operator.imul, torch.mul, "mul", "mul_"),
+    **_kinds("div", operator.truediv, operator.itruediv, torch.div, "div", "div_"),
+    **_kinds("minmax", torch.maximum, torch.minimum, "maximum", "minimum"),
+    **_kinds("getitem", operator.getitem),
+    **_kinds("cat", torch.cat, torch.concat, "cat", "concat"),
+    **_kinds("split", torch.split, "split"),
+    **_kinds("chunk", torch.chunk, "chunk"),
+    **_kinds("flatten", torch.flatten, "flatten"),
+    **_kinds("reshape", torch.reshape, "view", "reshape"),
+    **_kinds("reduce", torch.mean, torch.sum, "mean", "sum", "amax"),
+    **_kinds("permute", torch.transpose, torch.permute, "transpose", "permute"),
+    **_kinds("shuffle", F.pixel_shuffle, F.pixel_unshuffle, F.channel_shuffle),
+    **_kinds("size", getattr, "size", "dim"),
+}
+BINARY = ("add", "sub", "mul", "div", "minmax")  # element-wise between tensors (or a tensor and a number)
+
+
+def structural(op: str, target: Any) -> str | None:
+    """What a call_function (``target`` the function) or call_method (``target`` the name) is to the channel axis,
+    from :data:`STRUCTURAL`; a function named ``cat``/``concat``/``size``/``dim`` elsewhere counts as one. None:
+    not a structural op (look it up in the op rules)."""
+    if op not in ("call_function", "call_method") or (op == "call_method") != isinstance(target, str):
+        return None
+    try:
+        kind = STRUCTURAL.get(target)
+    except TypeError:  # an unhashable target
+        return None
+    if kind is None and op == "call_function":
+        kind = {"cat": "cat", "concat": "cat", "size": "size", "dim": "size"}.get(getattr(target, "__name__", ""))
+    return kind
+
+
 def register_module_rule(
     cls: type,
     *,

@@ -13,9 +13,9 @@ PKG = Path(slimexport.__file__).parent
 # sources (built-ins, torchvision, timm, files) build what the engine prunes; the stages turn one artifact on disk
 # into the next; the pipeline, the Python API and the CLI chain them.
 LAYERS = {
-    "base": ["errors", "config", "console", "fileio", "records", "channels", "stats", "importance", "runtime",
-             "distributed", "assets"],
-    "engine": ["oprules", "graph", "graph_prune", "rewrite"],
+    "base": ["errors", "config", "console", "fileio", "records", "channels", "stats", "runtime", "distributed",
+             "assets"],
+    "engine": ["oprules", "trace", "rawreads", "graph", "importance", "plan", "selfcheck", "fold", "graph_prune", "rewrite"],
     "models": ["models", "models.builtin", "models.external"],
     "stages": ["data", "stream", "checkpoint", "train", "sparsity", "prune", "selection", "export", "deploy", "bench",
                "report"],
@@ -88,7 +88,7 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_the_import_graph_sees_imports_inside_functions_and_init_files():
     g = _graph()
     assert "slimexport.api" in g["slimexport"]  # slimexport/__init__.py imports it inside __getattr__
-    assert "slimexport.graph_prune" in g["slimexport.models.external"]  # inside GraphModel.__init__
+    assert "slimexport.runtime" in g["slimexport.prune"]  # inside resolve_round_to
     assert "slimexport.models" in g["slimexport.checkpoint"]
 
 

@@ -256,9 +256,9 @@ def test_a_version_1_checkpoint_converts_or_says_how_to_redo_it(tmp_path, make_m
 
 def test_the_folding_check_catches_a_broken_fold(monkeypatch):
     """Break the pass (a shift carried to no BatchNorm): the γ-only zeroing check must see the difference."""
-    import slimexport.graph_prune as gp
+    import slimexport.fold as fold
 
     m = _one_by_one_net()
     assert exactness(m, torch.randn(2, 3, 16, 16), 0.4)["folded_error"] < 1e-5
-    monkeypatch.setattr(gp, "_carry_shift", lambda *a: [])
+    monkeypatch.setattr(fold, "_carry_shift", lambda *a: [])
     assert exactness(m, torch.randn(2, 3, 16, 16), 0.4)["folded_error"] > 1e-3

@@ -41,6 +41,7 @@ from torch import nn
 
 from slimexport.errors import ConfigError, ModelCodeError, UntrustedCodeError, first_line
 from slimexport.models.builtin import build_builtin, is_builtin
+from slimexport.plan import apply_plan, compose_plans
 
 PREFIXES = ("torchvision:", "timm:")
 # (trust every source, the canonical sources the user named): set by trusted_code for the current context.
@@ -188,39 +189,32 @@ def build_source(
     return net
 
 
-def compose_plans(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
-    """The plan that applies ``first`` and then ``second`` (whose indices are relative to ``first``'s result),
-    relative to the original model."""
-    out = copy.deepcopy(first)
-    for name, p in second.items():
-        e = out.setdefault(name, {"kind": p["kind"]})
-        if p.get("select"):  # a selecting BN: the sides compose as any module's; apply_plan rebuilds the index
-            e["select"] = True
-        if p.get("bias"):  # folding gave a conv or linear layer a bias
-            e["bias"] = True
-        for side in ("inp", "out"):
-            if side in p:
-                e[side] = [e[side][i] for i in p[side]] if side in e else list(p[side])
-    return out
-
-
 class GraphModel(nn.Module):
     """A network with the data slimexport needs to rebuild it: ``arch`` (its source), ``num_classes``,
     ``in_channels`` and ``config`` (plain data: the source, the input size the graph is traced at, the pruning
     plan). The network itself is ``.net``; every model slimexport trains, prunes and exports is one of these."""
 
-    def __init__(self, arch: str, config: dict[str, Any], num_classes: int = 10, in_channels: int = 3):
+    def __init__(
+        self,
+        arch: str,
+        config: dict[str, Any],
+        num_classes: int = 10,
+        in_channels: int = 3,
+        net: nn.Module | None = None,
+    ):
+        """Build the network from its source and apply its plan (the one rebuild path, :func:`apply_plan`), or,
+        with ``net``, hold that network, already built with this config's plan (as a prune returns it)."""
         super().__init__()
-        from slimexport.graph_prune import apply_plan
-
         self.arch, self.num_classes, self.in_channels = arch, num_classes, in_channels
         self.config = copy.deepcopy(config)
-        self.net = build_source(config["source"], num_classes, config.get("kwargs"), in_channels)
+        if net is None:
+            net = build_source(config["source"], num_classes, config.get("kwargs"), in_channels)
+            if config.get("plan"):
+                apply_plan(net, config["plan"])
+        self.net = net
         self.net_channels = _net_in_channels(self.net)
         if in_channels not in (1, self.net_channels):
             raise ConfigError(f"{arch} takes {self.net_channels}-channel images; the data has {in_channels} channels")
-        if config.get("plan"):
-            apply_plan(self.net, config["plan"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.in_channels == 1 and self.net_channels != 1:
@@ -234,12 +228,10 @@ class GraphModel(nn.Module):
 
     def with_plan(self, plan: dict[str, Any], net: nn.Module) -> GraphModel:
         """A new model: this one's source with ``plan`` (relative to this model) composed onto its own, holding
-        the weights of ``net`` (this model's network with ``plan`` applied)."""
+        ``net`` (this model's network with ``plan`` applied; not rebuilt: a prune comes back once)."""
         cfg = copy.deepcopy(self.config)
         cfg["plan"] = compose_plans(cfg.get("plan") or {}, plan)
-        new = GraphModel(self.arch, cfg, self.num_classes, self.in_channels)
-        new.net.load_state_dict(net.state_dict())
-        return new
+        return GraphModel(self.arch, cfg, self.num_classes, self.in_channels, net=net)
 
 
 def external_config(arch: str, kwargs: dict[str, Any] | None = None, image_size=None) -> dict[str, Any]:
