@@ -1,23 +1,15 @@
 """Every setting's one home: the ``*Config`` dataclasses of the stages and the pipeline, with each user-facing
-field's default, its command-line flag and help text (:func:`setting`), the choices of every enumerated option,
-and validation.
-
-The CLI builds its options from these fields (``slimexport.cli.options``), so a default or a help text is written
-once, here; ``tests/test_cli_options.py`` fails where a command's option disagrees with its field. A run's settings
-can also come from a file (:func:`read_settings`): TOML, YAML or JSON, keyed by option names (``refine-epochs``)
-or by these fields (a run's own ``config.json``, sections ``prune``, ``bench``, ``export``, ``quantize``).
-
-This module imports no torch and no other stage, so that ``slimexport --help`` stays fast and every layer may use it.
-"""
+field's default, flag and help (:func:`setting`), the choices of each enumerated option, and validation. The CLI
+builds its options from these fields (``tests/test_cli_options.py`` fails where one disagrees); a settings file
+(:mod:`slimexport.settings_file`) reads into them. No torch and no other stage is imported here, so that
+``slimexport --help`` stays fast and every layer may use it."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from slimexport.errors import ConfigError
@@ -144,6 +136,9 @@ class PruneConfig:
         "mean of the channel as a constant. Beyond the paper's rules; more MACs saved at the same threshold, not "
         "exact."))  # fmt: skip
 
+    # the channels --min-keep is a fraction of, per layer (--prune-steps: the sparse model's); None: each layer's own
+    widths: dict[str, int] | None = None
+
     def validate(self) -> PruneConfig:
         if (self.percent is None) == (self.max_macs is None):
             raise ConfigError("give either --percent or --max-macs, not both")
@@ -217,13 +212,8 @@ class TrainConfig:
             raise ConfigError(f"--sparsity must be >= 0, got {self.sparsity}")
         if self.eval_every < 1:
             raise ConfigError(f"--eval-every must be at least 1, got {self.eval_every}")
-        if self.sync_bn and not self.device.startswith("cuda"):
-            import torch
-
-            if not (self.device == "auto" and torch.cuda.is_available()):
-                raise ConfigError(
-                    "--sync-bn needs CUDA (NCCL); on the CPU each rank keeps its own BatchNorm statistics"
-                )
+        if self.sync_bn and not self.device.startswith("cuda") and not (self.device == "auto" and _cuda()):
+            raise ConfigError("--sync-bn needs CUDA (NCCL); on the CPU each rank keeps its own BatchNorm statistics")
         _one_of(self.precision, PRECISIONS, "--precision")
         _one_of(self.schedule, SCHEDULES, "schedule")
         _one_of(self.regularizer, REGULARIZERS, "--regularizer")
@@ -233,6 +223,12 @@ class TrainConfig:
             raise ConfigError(f"--distill-weight must be in [0, 1], got {self.distill}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ConfigError(f"--distill-temperature must be positive, got {self.temperature}")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def preset_config(
@@ -361,12 +357,6 @@ class QuantizeConfig:
         _one_of(self.types, QUANT_TYPES, "--types")
 
 
-DATASET_HELP = (
-    "embedded (Fashion-MNIST subset shipped with the package), fashion-mnist, cifar10, cifar100, imagefolder:PATH "
-    "(PATH/train/<class>/*, PATH/val/<class>/*), or a path to an .npz with uint8 x_train, y_train, x_test, y_test."
-)
-
-
 @dataclass
 class PipelineConfig:
     out: str = setting(
@@ -377,7 +367,10 @@ class PipelineConfig:
         "(densenet40); or any CNN, pruned by the graph engine: torchvision:NAME (resnet50, mobilenet_v2, ...), "
         "timm:NAME (with timm installed), path/to/file.py:factory or package.module:factory (factory gets "
         "num_classes=K if it takes it). See `slimexport models`."))  # fmt: skip
-    dataset: str = setting("embedded", flag="--dataset", short="-d", help=DATASET_HELP)
+    dataset: str = setting("embedded", flag="--dataset", short="-d", help=(
+        "embedded (Fashion-MNIST subset shipped with the package), fashion-mnist, cifar10, cifar100, "
+        "imagefolder:PATH (PATH/train/<class>/*, PATH/val/<class>/*), or a path to an .npz with uint8 x_train, "
+        "y_train, x_test, y_test."))  # fmt: skip
     data_dir: str | None = setting(None, flag="--data-dir", help=(
         "Where named data sets live (idx .gz files, cifar10.npz, or torchvision's layout) (default: "
         "~/.cache/slimexport/data)."))  # fmt: skip
@@ -542,11 +535,6 @@ class PipelineConfig:
                 f"--prune-steps {self.prune_steps}: between 1 and --refine-epochs ({self.refine_epochs}); each step "
                 "refines at least one epoch"
             )
-        if self.prune_steps > 1 and self.prune.min_keep:
-            raise ConfigError(
-                f"--min-keep with --prune-steps {self.prune_steps}: each step would keep its fraction of what the "
-                "step before left, not of the sparse model's channels; use one of them"
-            )
         self.train_config("refine").validate()  # distillation's weight and temperature
         self.train_config("sparse").validate()  # the regularizer and its t
         self.bench.validate()
@@ -606,83 +594,5 @@ def parse_sparsity(value: Any) -> float | str:
     return s
 
 
-# The sections of PipelineConfig that are configs of their own, and the settings a file may not give: whether to
-# overwrite or resume is said on the command line (a run's config.json records both), and records the run adds.
+# The sections of PipelineConfig that are configs of their own (a run's config.json nests them by these names).
 SECTIONS = {"prune": PruneConfig, "bench": BenchConfig, "export": ExportConfig, "quantize": QuantizeConfig}
-COMMAND_LINE_ONLY = ("force", "resume")
-RECORDED = ("resolved_device", "data", "data_cache_resolved")
-
-
-def read_settings(path: str | os.PathLike) -> dict[str, Any]:
-    """A settings file (``.toml``, ``.yaml``/``.yml`` or ``.json``, e.g. a run's ``config.json``) as
-    ``{key: value}``: top-level keys as written (option names or fields), sections flattened to ``section.field``.
-    One-line errors for a missing, unreadable or malformed file."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"--config {p}: file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--config {p}: cannot read it ({e})") from None
-    suffix = p.suffix.lower()
-    try:
-        if suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        elif suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        elif suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise ConfigError(f"--config {p}: a .toml, .yaml, .yml or .json file, got {p.suffix or 'no suffix'!r}")
-    except ConfigError:
-        raise
-    except Exception as e:  # tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"--config {p}: not valid {suffix[1:].upper()}: {first}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {p}: the top level must be a table of settings, got {type(data).__name__}")
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in SECTIONS and isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            flat[str(key)] = value
-    return flat
-
-
-def pipeline_settings(flat: dict[str, Any], source: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """``read_settings``' keys sorted into (values of ``slimexport pipeline``'s options by option name, fields of
-    the sections that have no option, by section). An unknown key is a one-line error naming it and ``source``."""
-    options = {option_name(f.metadata["flag"]): f.name for f in dataclasses.fields(PipelineConfig)
-               if "flag" in f.metadata}  # fmt: skip
-    by_field = {name: opt for opt, name in options.items()}
-    values: dict[str, Any] = {}
-    extra: dict[str, dict[str, Any]] = {}
-    for key, value in flat.items():
-        if key in RECORDED:
-            continue
-        section, _, name = key.rpartition(".")
-        if section:
-            cls = SECTIONS.get(section)
-            fields = {f.name: f for f in dataclasses.fields(cls)} if cls else {}
-            if name not in fields:
-                raise ConfigError(f"--config {source}: unknown setting {key!r}")
-            if "flag" in fields[name].metadata:
-                values[option_name(fields[name].metadata["flag"])] = value
-            else:
-                extra.setdefault(section, {})[name] = value
-            continue
-        opt = option_name(key) if option_name(key) in options else by_field.get(key)
-        if opt is None:
-            opt = next((o for s in SECTIONS.values() for o in settings_of(s) if o == option_name(key)), None)
-        if opt is None:
-            raise ConfigError(f"--config {source}: unknown setting {key!r} (see slimexport pipeline --help)")
-        if opt not in COMMAND_LINE_ONLY:  # a run's config.json records them; only the command line says them
-            values[opt] = value
-    return values, extra

@@ -44,11 +44,19 @@ from slimexport.selfcheck import check_pruned, raw_removed, zero_removed
 
 
 def choose(
-    g: ChannelGraph, imp: Importance, threshold: float, min_channels: int = 1, round_to: int = 1, min_keep: float = 0.0
+    g: ChannelGraph,
+    imp: Importance,
+    threshold: float,
+    min_channels: int = 1,
+    round_to: int = 1,
+    min_keep: float = 0.0,
+    widths: dict[str, int] | None = None,
 ) -> tuple[set[int], list[str]]:
     """The classes to remove, and the layers the threshold left fewer than ``min_channels`` (each layer keeps at
-    least that many, or ``min_keep`` of its channels, whichever is more: its largest). A class goes only with all
-    its dependents."""
+    least that many, or ``min_keep`` of its channels, whichever is more: its largest). ``widths``: the channel
+    counts ``min_keep`` is a fraction of, per layer (a prune in steps: the sparse model's, so that the floor does
+    not shrink from step to step); a layer not named there, its own. A class goes only with all its dependents."""
+    widths = widths or {}
     removed = {c for c in imp.ok if imp.eff[c] <= threshold}
     producers = [(u.name, g.classes(u.out)) for u in g.uses.values() if u.kind in PRODUCERS]
     selecting = [(u.name, g.classes(u.out)) for u in g.uses.values() if u.kind == "bn" and u.select is not None]
@@ -75,7 +83,7 @@ def choose(
         changed = False
         for name, cls in producers + selecting:  # never empty a layer: keep its min_channels best
             lst = cls.tolist()
-            floor = min(max(min_channels, math.ceil(min_keep * len(lst) - 1e-9)), len(lst))
+            floor = min(max(min_channels, math.ceil(min_keep * widths.get(name, len(lst)) - 1e-9)), len(lst))
             # a layer held by --min-keep is held by design; one held by --min-channels alone would have been emptied
             short = floor <= min_channels and sum(1 for c in lst if c not in removed) < floor
             if restore(lst, floor):
@@ -92,6 +100,17 @@ def choose(
                 removed.discard(c)
                 changed = True
     return removed, floored
+
+
+def layer_widths(model: nn.Module) -> dict[str, int]:
+    """Each conv's, linear layer's and BatchNorm's channel count, by module name: what :func:`choose`'s floors are
+    fractions of when a prune goes in steps (``PruneConfig.widths``)."""
+    out = {}
+    for name, m in model.named_modules():
+        width = getattr(m, "out_channels", None) or getattr(m, "out_features", None) or getattr(m, "num_features", 0)
+        if isinstance(width, int) and width > 0 and isinstance(m, (nn.Linear, *BN_TYPES, nn.modules.conv._ConvNd)):
+            out[name] = width
+    return out
 
 
 def describe(model: nn.Module, g: ChannelGraph, imp: Importance, removed: set[int]) -> dict[str, Any]:
@@ -160,7 +179,7 @@ def prune_graph(
     values = sorted(prunable.values())
 
     def at(threshold: float) -> tuple[nn.Module, set[int], list[str], dict[str, Any]]:
-        removed, floored = choose(g, imp, threshold, cfg.min_channels, cfg.round_to, cfg.min_keep)
+        removed, floored = choose(g, imp, threshold, cfg.min_channels, cfg.round_to, cfg.min_keep, cfg.widths)
         plan = make_plan(g, removed)
         return apply_plan(copy.deepcopy(model), plan), removed, floored, plan
 

@@ -44,6 +44,7 @@ from slimexport.errors import CheckpointError, ConfigError, OutputExistsError
 from slimexport.export import export
 from slimexport.fileio import check_output, output_lock, read_json, write_json
 from slimexport.graph import BN_TYPES
+from slimexport.graph_prune import layer_widths
 from slimexport.models import create_model, default_config
 from slimexport.models.external import canonical_source, is_external, torchvision_weights_file, trusted_code
 from slimexport.prune import bn_gammas, prune, prune_model, resolve_round_to
@@ -171,6 +172,8 @@ def _prune_stage(r: _Run) -> dict[str, Any]:
         return {"accuracy": meta["accuracy"], "record": meta["prune"]}
     src, steps, recs, first, total, n = r.path("sparse.pt"), [], [], None, 0, cfg.prune_steps
     epochs = cfg.refine_epochs_per_step()
+    # every step's floors (--min-keep) are fractions of the sparse model's layers, not of what the last step left
+    widths = layer_widths(load_checkpoint(src)[0].net)
     for i in range(1, n + 1):
         model, _ = load_checkpoint(src)
         now = sum(len(g) for g in bn_gammas(model).values())
@@ -183,6 +186,7 @@ def _prune_stage(r: _Run) -> dict[str, Any]:
             if first:  # of the sparse model's MACs → of the current model's
                 keep *= first["macs_before"] / steps[-1]["macs_after"]
             step_cfg = dataclasses.replace(cfg.prune, max_macs=min(keep, 1.0))
+        step_cfg.widths = widths
         out = r.path("pruned.pt") if i == n else r.path(f"pruned.step{i}.pt")
         meta = prune(src, out, step_cfg, ds=r.ds, device=str(r.device))
         rec = meta["prune"]

@@ -13,7 +13,7 @@ PKG = Path(slimexport.__file__).parent
 # sources (built-ins, torchvision, timm, files) build what the engine prunes; the stages turn one artifact on disk
 # into the next; the pipeline, the Python API and the CLI chain them.
 LAYERS = {
-    "base": ["errors", "config", "console", "fileio", "records", "channels", "stats", "runtime", "distributed",
+    "base": ["errors", "config", "settings_file", "console", "fileio", "records", "channels", "stats", "runtime", "distributed",
              "assets"],
     "engine": ["oprules", "trace", "rawreads", "graph", "importance", "plan", "selfcheck", "fold", "graph_prune", "rewrite"],
     "models": ["models", "models.builtin", "models.external"],

@@ -217,3 +217,26 @@ def test_normalize_scores_of_an_all_zero_layer_stay_finite():
     assert normalize_scores(torch.tensor([0.5, 1.5]), "mean").tolist() == [0.5, 1.5]
     with pytest.raises(ConfigError, match="--normalize must be one of none, max, mean"):
         normalize_scores(torch.ones(2), "median")
+
+
+def test_floors_in_steps_are_fractions_of_the_sparse_models_layers(make_model):
+    """--prune-steps with --min-keep: each step's floor is a fraction of the sparse model's layer (widths), so three
+    steps keep what one would; as a fraction of each step's own input the floor shrank step by step (a converged
+    vgg11_w25 kept 2 channels of a layer and lost 19.8 pt)."""
+    from slimexport.graph_prune import layer_widths
+
+    sparse = make_model(TINY_VGG)
+    widths = layer_widths(sparse.net)
+    convs = {n: w for n, w in widths.items() if isinstance(dict(sparse.net.named_modules())[n], nn.Conv2d)}
+
+    def three_steps(relative: bool) -> dict[str, int]:
+        m = sparse
+        for _ in range(3):
+            m, _ = prune_model(m, 0.6, min_keep=0.3, widths=widths if relative else None)
+        mods = dict(m.net.named_modules())
+        return {n: mods[n].out_channels for n in convs}
+
+    kept = three_steps(relative=True)
+    assert all(kept[n] >= math.ceil(0.3 * w) for n, w in convs.items()), (kept, convs)
+    shrunk = three_steps(relative=False)  # the old meaning: a fraction of what the last step left
+    assert any(shrunk[n] < math.ceil(0.3 * w) for n, w in convs.items()), (shrunk, convs)

@@ -187,7 +187,6 @@ def test_a_run_with_every_technique_records_each(techniques_run):
         (["--prune-steps", "4", "--refine-epochs", "3"], "--prune-steps 4"),
         (["--polar-t", "0", "--regularizer", "polar"], "--polar-t"),
         (["--distill", "--distill-temperature", "0"], "--distill-temperature"),
-        (["--min-keep", "0.25", "--prune-steps", "2"], "--min-keep with --prune-steps 2"),
         (["--min-keep", "1"], "--min-keep must be in [0, 1)"),
     ],
 )

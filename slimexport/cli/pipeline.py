@@ -67,11 +67,10 @@ from slimexport.config import (
     PruneConfig,
     QuantizeConfig,
     parse_sparsity,
-    pipeline_settings,
-    read_settings,
     settings_of,
 )
 from slimexport.errors import ConfigError
+from slimexport.settings_file import pipeline_settings, read_settings
 
 OutOpt = option("out", Path)
 EpochsOpt = option("epochs", int, min=1)
