@@ -173,8 +173,8 @@ def precision(args) -> None:
 
     from slimexport.data import from_arrays
     from slimexport.models import create_model
+    from slimexport.precision import _probe_step_times, choose_precision
     from slimexport.runtime import machine_facts
-    from slimexport.train import _probe_step_times, choose_precision
 
     torch.set_num_threads(os.cpu_count() or 1)
     rng = np.random.default_rng(0)

@@ -48,11 +48,11 @@ from slimexport.config import BenchConfig, ExportConfig, PipelineConfig, PruneCo
 from slimexport.data import load_dataset
 from slimexport.export import export_model
 from slimexport.fileio import write_json
+from slimexport.loop import fit
 from slimexport.pipeline import run_pipeline
 from slimexport.prune import resolve_round_to
 from slimexport.report import machine, versions
 from slimexport.stats import count_macs, count_params
-from slimexport.train import fit
 
 ROOT = Path(__file__).resolve().parent
 RECIPES = {

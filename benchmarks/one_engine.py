@@ -36,11 +36,12 @@ from slimexport.config import BenchConfig, ExportConfig, TrainConfig
 from slimexport.data import from_arrays, load_dataset
 from slimexport.export import export
 from slimexport.fileio import write_json
+from slimexport.loop import fit
 from slimexport.models import create_model
 from slimexport.prune import prune_model, resolve_round_to
 from slimexport.report import machine, versions
 from slimexport.stats import count_macs, count_params
-from slimexport.train import data_meta, fit
+from slimexport.train import data_meta
 
 ROOT = Path(__file__).resolve().parent
 VARIANTS = ((1, "gather"), (1, "auto"), (16, "auto"))

@@ -35,10 +35,11 @@ from slimexport.checkpoint import load_checkpoint
 from slimexport.config import PipelineConfig, PruneConfig
 from slimexport.data import load_dataset
 from slimexport.fileio import write_json
+from slimexport.loop import fit
 from slimexport.prune import prune
 from slimexport.report import machine, versions
 from slimexport.stats import count_macs
-from slimexport.train import fit, train
+from slimexport.train import train
 
 ROOT = Path(__file__).resolve().parent
 

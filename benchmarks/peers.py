@@ -12,8 +12,8 @@ import torch
 from slimexport.checkpoint import load_checkpoint
 from slimexport.config import ExportConfig, TrainConfig
 from slimexport.export import export_model
+from slimexport.loop import evaluate, fit
 from slimexport.stats import count_macs, count_params
-from slimexport.train import evaluate, fit
 
 
 def torch_pruning_model(sparse: Path, ds, percent: float):

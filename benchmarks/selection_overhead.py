@@ -32,12 +32,13 @@ from slimexport.data import from_arrays, load_dataset
 from slimexport.errors import DataError
 from slimexport.export import export
 from slimexport.fileio import write_json
+from slimexport.loop import fit
 from slimexport.models import create_model
 from slimexport.prune import prune_model
 from slimexport.report import machine, versions
 from slimexport.rewrite import absorb_selections, for_export
 from slimexport.stats import count_macs, count_params
-from slimexport.train import data_meta, fit
+from slimexport.train import data_meta
 
 ROOT = Path(__file__).resolve().parent
 

@@ -36,7 +36,8 @@ from slimexport.models import is_builtin
 from slimexport.models.external import GraphModel, external_config, is_external, trusted_code
 from slimexport.oprules import register_module_rule
 from slimexport.prune import prune_model
-from slimexport.train import data_meta, regularize
+from slimexport.regularizer import regularize
+from slimexport.train import data_meta
 
 __all__ = ["PruneConfig", "benchmark", "export_onnx", "load_pruned", "prune_model", "quantize", "register_module_rule",
            "regularize", "save_pruned",

@@ -45,22 +45,14 @@ from slimexport.export import export
 from slimexport.fileio import check_output, output_lock, read_json, write_json
 from slimexport.graph import BN_TYPES
 from slimexport.graph_prune import layer_widths
+from slimexport.loop import evaluate, resolve_device, schedule_lrs
 from slimexport.models import create_model, default_config
 from slimexport.models.external import canonical_source, is_external, torchvision_weights_file, trusted_code
 from slimexport.prune import bn_gammas, prune, prune_model, resolve_round_to
 from slimexport.report import build_report, plot_channels, plot_gammas, plot_latency, plot_variants, write_report
 from slimexport.runtime import NCNN_HINT
 from slimexport.stats import count_macs, count_params
-from slimexport.train import (
-    adopt,
-    data_meta,
-    evaluate,
-    initial_model,
-    probe_model,
-    resolve_device,
-    schedule_lrs,
-    train,
-)
+from slimexport.train import adopt, data_meta, initial_model, probe_model, train
 
 DEFAULT_ARCH = "vgg11_w25"
 # Options that only say where or whether to write, or how often to measure: they may differ between an interrupted

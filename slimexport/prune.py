@@ -138,7 +138,7 @@ def prune(
     }
     if ds is not None:
         from slimexport.checkpoint import fit_data
-        from slimexport.train import evaluate, resolve_device
+        from slimexport.loop import evaluate, resolve_device
 
         ds = fit_data(ckpt, ckpt_path, ds)
         meta["accuracy"] = evaluate(new, ds, resolve_device(device), shard=False)  # rank 0 alone under torchrun

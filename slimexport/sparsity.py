@@ -28,7 +28,8 @@ from torch.nn import functional as F
 from slimexport.config import TrainConfig
 from slimexport.console import make_progress
 from slimexport.data import Dataset
-from slimexport.train import bn_weights, make_scheduler, penalty_grads, resolve_device, schedule_lrs
+from slimexport.loop import make_scheduler, resolve_device, schedule_lrs
+from slimexport.regularizer import bn_weights, penalty_grads
 
 CANDIDATES = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 SMALL = 1e-2  # a γ below this counts as sent to zero (the report's fraction_small)

@@ -38,21 +38,21 @@ def subset(npz: str):
 def main() -> None:
     mode = sys.argv[1]
     if mode == "step":
-        from slimexport.train import fit
+        from slimexport.loop import fit
 
         model = tiny_net()
         fit(model, subset(sys.argv[2]), step_config())
         if int(os.environ["RANK"]) == 0:
             torch.save(model.state_dict(), sys.argv[3])
     elif mode == "fail":
-        import slimexport.train
+        import slimexport.loop
 
         if int(os.environ["RANK"]) == 1:
 
             def boom(*a, **kw):
                 raise RuntimeError("rank 1 lost its disk")
 
-            slimexport.train.regularize = boom
+            slimexport.loop.regularize = boom
         from slimexport.cli import app
 
         sys.argv = ["slimexport", *sys.argv[2:]]

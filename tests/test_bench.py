@@ -5,8 +5,9 @@ from slimexport.checkpoint import make_checkpoint, save_checkpoint
 from slimexport.config import BenchConfig, ExportConfig
 from slimexport.errors import ConfigError, DeviceError
 from slimexport.export import export
+from slimexport.loop import evaluate
 from slimexport.prune import prune_model
-from slimexport.train import data_meta, evaluate
+from slimexport.train import data_meta
 from tests.helpers import TINY_RESNET
 
 

@@ -402,7 +402,7 @@ def test_more_ranks_than_a_split_has_images(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_in_the_first_stage_keeps_its_finished_epochs(tmp_path, small_npz, monkeypatch):
-    import slimexport.train as train_mod
+    import slimexport.loop as train_mod  # the loop saves the state after each epoch
 
     real, saves = train_mod.save_checkpoint, []
 

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_gradient_averaging_gives_the_single_process_weights(tmp_path, small_npz):
-    from slimexport.train import fit
+    from slimexport.loop import fit
     from tests.ddp_worker import step_config, subset, tiny_net
 
     res = torchrun("tests/ddp_worker.py", "step", small_npz, str(tmp_path / "ddp.pt"))

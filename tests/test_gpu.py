@@ -8,11 +8,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import slimexport.train as train_mod
+import slimexport.loop as train_mod
 from slimexport.cli import app
 from slimexport.config import TrainConfig
+from slimexport.loop import fit
 from slimexport.models import create_model
-from slimexport.train import fit
 from tests.helpers import TINY_VGG
 
 HAS_CUDA = torch.cuda.is_available()

@@ -10,8 +10,8 @@ import slimexport.runtime as runtime
 import slimexport.train as train_mod
 from slimexport.config import TrainConfig
 from slimexport.errors import ConfigError, DeviceError
+from slimexport.loop import evaluate, fit
 from slimexport.models import create_model
-from slimexport.train import evaluate, fit
 from tests.helpers import TINY_VGG
 
 

@@ -287,7 +287,7 @@ def test_sync_batchnorm_conversion_keeps_the_selections():
     """--sync-bn rebuilds every BN as a SyncBatchNorm; a selecting BN must stay selecting."""
     from slimexport.channels import restore_bn_selections
     from slimexport.graph_prune import prune_graph
-    from slimexport.train import _revert_sync_bn
+    from slimexport.loop import _revert_sync_bn
 
     torch.manual_seed(0)
     m = create_model("preresnet20", 10, 3)
@@ -306,7 +306,7 @@ def test_sync_batchnorm_conversion_keeps_the_selections():
 
 def test_sync_batchnorm_reverts_to_the_batchnorm_it_was():
     """A BatchNorm1d after a Linear comes back as a BatchNorm1d, not a BatchNorm2d that rejects 2-D input."""
-    from slimexport.train import _revert_sync_bn
+    from slimexport.loop import _revert_sync_bn
 
     m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 5), nn.BatchNorm1d(5))
     kinds = {n: type(mm) for n, mm in m.named_modules() if isinstance(mm, nn.modules.batchnorm._BatchNorm)}

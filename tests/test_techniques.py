@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 
 from slimexport.cli import app
 from slimexport.config import TrainConfig, preset_config
+from slimexport.loop import distill_loss
+from slimexport.regularizer import regularize
 from slimexport.sparsity import CANDIDATES, COLLAPSE, SMALL, choose_sparsity
-from slimexport.train import distill_loss, regularize
 from tests.helpers import TINY_VGG
 
 

@@ -4,9 +4,11 @@ import torch
 from slimexport.checkpoint import load_checkpoint
 from slimexport.config import TrainConfig
 from slimexport.errors import ConfigError, DeviceError
+from slimexport.loop import evaluate, resolve_device
 from slimexport.models import create_model
 from slimexport.prune import bn_gammas
-from slimexport.train import evaluate, regularize, resolve_device, train
+from slimexport.regularizer import regularize
+from slimexport.train import train
 from tests.helpers import TINY_VGG
 
 
@@ -47,7 +49,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, small_ds, mo
     cfg = TrainConfig(epochs=2, batch_size=64, device="cpu")
     train(tmp_path / "straight.pt", small_ds, cfg, arch=TINY_VGG)
 
-    import slimexport.train as T
+    import slimexport.loop as T  # the loop evaluates after each epoch
 
     real_eval, calls = T.evaluate, []
 
@@ -85,8 +87,8 @@ def test_cuda_without_a_gpu_is_a_clear_error():
 def test_a_few_steps_train_without_a_schedule_error(small_ds):
     """One-cycle over 4 steps leaves its warm-up phase empty (torch divides by zero); such runs use a constant lr."""
     from slimexport.config import TrainConfig
+    from slimexport.loop import fit
     from slimexport.models import create_model
-    from slimexport.train import fit
 
     torch.manual_seed(0)
     m = create_model("vgg11_w12", 10, 1)
@@ -99,7 +101,7 @@ def test_channels_last_follows_the_cpu_and_the_checkpoint_stays_contiguous(tmp_p
     weights are in the default layout and the run records which it used."""
     import slimexport.runtime as runtime
     from slimexport.checkpoint import read_checkpoint
-    from slimexport.train import use_channels_last
+    from slimexport.precision import use_channels_last
 
     for avx512, expected in ((True, True), (False, False)):
         monkeypatch.setattr(runtime, "machine_facts", lambda a=avx512: {"avx512f": a})

@@ -11,9 +11,10 @@ from typer.testing import CliRunner
 from slimexport.checkpoint import make_checkpoint, read_checkpoint, save_checkpoint
 from slimexport.cli import app
 from slimexport.data import load_dataset
+from slimexport.loop import evaluate
 from slimexport.models import create_model
 from slimexport.stream import FolderImages, choose_cache, train_loader
-from slimexport.train import data_meta, evaluate
+from slimexport.train import data_meta
 from tests.helpers import fails_cleanly as _fails_cleanly
 
 pytestmark = pytest.mark.slow  # end to end: pipelines, subprocesses, torchrun or full-size models
@@ -155,8 +156,8 @@ def test_a_trained_checkpoint_is_the_baseline_as_it_is(tmp_path, small_npz, smal
 
 
 def test_precision_auto_measures_before_it_chooses_bf16(monkeypatch, small_ds):
+    import slimexport.precision as train_mod  # where the precision is chosen
     import slimexport.runtime as runtime
-    import slimexport.train as train_mod
 
     facts = runtime.machine_facts()
     model = create_model("vgg11_w12", 10, 1)
@@ -174,7 +175,7 @@ def test_precision_auto_measures_before_it_chooses_bf16(monkeypatch, small_ds):
 
 
 def test_the_precision_probe_leaves_the_model_as_it_was(small_ds):
-    from slimexport.train import _probe_step_times
+    from slimexport.precision import _probe_step_times
 
     torch.manual_seed(0)
     model = create_model("vgg11_w12", 10, 1)
