@@ -142,13 +142,36 @@ def _op_counts(path: Path) -> dict[str, int]:
     return dict(sorted(Counter(n.op_type for n in onnx.load(str(path)).graph.node).items()))
 
 
+def _quantize_static(model: Path, pre: Path, dst: Path, out: Path, reader, cfg: QuantizeConfig, types: dict) -> None:
+    """onnxruntime's pre-processing and static QDQ quantization of ``model`` into ``dst``; its many kinds of failure
+    as one line naming the user's files (not the temporary ones)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    qtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}  # fmt: skip
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            quant_pre_process(str(model), str(pre))
+            quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
+                            reduce_range=types["reduce_range"], activation_type=qtype[types["activation"]],
+                            weight_type=qtype[types["weight"]], calibrate_method=methods[cfg.calibrate],
+                            extra_options={"CalibTensorRangeSymmetric": False})  # fmt: skip
+    except SlimExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - onnxruntime's quantizer raises many types
+        text = str(e).strip().replace(str(pre), str(model)).replace(str(dst), str(out))
+        raise SlimExportError(
+            f"quantizing {model} failed: {type(e).__name__}: {(text.splitlines() or [''])[0][:200]}"
+        ) from None
+
+
 def quantize(
     model: str | os.PathLike, out: str | os.PathLike, ds: Dataset, cfg: QuantizeConfig | None = None
 ) -> dict[str, Any]:
     """Quantize the FP32 ONNX ``model`` to INT8 (QDQ) at ``out``; returns the record (see the module doc)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     cfg = cfg or QuantizeConfig()
     cfg.validate()
     model, sess, ds = _open_onnx(model, ds, "quantize")
@@ -159,14 +182,7 @@ def quantize(
         )
     if len(ds.y_train) == 0:
         raise ConfigError("the calibration set is empty: the data set has no training images")
-    input_name = io_names(sess)[0]
     types = choose_types(cfg.types)
-    qtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
-    method = {
-        "minmax": CalibrationMethod.MinMax,
-        "entropy": CalibrationMethod.Entropy,
-        "percentile": CalibrationMethod.Percentile,
-    }[cfg.calibrate]
     t0 = time.perf_counter()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -174,31 +190,8 @@ def quantize(
         tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work-") as tmp,
         atomic_path(out, suffix=".onnx") as dst,
     ):
-        pre = Path(tmp) / "pre.onnx"
-        log = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-                quant_pre_process(str(model), str(pre))
-                reader = _Calibration(ds, input_name, min(cfg.calib_images, len(ds.y_train)), cfg.calib_batch, cfg.seed)
-                quantize_static(
-                    str(pre),
-                    str(dst),
-                    reader,
-                    quant_format=QuantFormat.QDQ,
-                    per_channel=cfg.per_channel,
-                    reduce_range=types["reduce_range"],
-                    activation_type=qtype[types["activation"]],
-                    weight_type=qtype[types["weight"]],
-                    calibrate_method=method,
-                    extra_options={"CalibTensorRangeSymmetric": False},
-                )
-        except SlimExportError:
-            raise
-        except Exception as e:  # noqa: BLE001 - onnxruntime's quantizer raises many types
-            text = str(e).strip().replace(str(pre), str(model)).replace(str(dst), str(out))
-            raise SlimExportError(
-                f"quantizing {model} failed: {type(e).__name__}: {(text.splitlines() or [''])[0][:200]}"
-            ) from None
+        reader = _Calibration(ds, io_names(sess)[0], min(cfg.calib_images, len(ds.y_train)), cfg.calib_batch, cfg.seed)
+        _quantize_static(model, Path(tmp) / "pre.onnx", dst, out, reader, cfg, types)
         quant_seconds = time.perf_counter() - t0
         measured = compare(model, dst, ds)
         size = dst.stat().st_size

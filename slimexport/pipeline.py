@@ -50,14 +50,12 @@ from slimexport.models import create_model, default_config
 from slimexport.models.external import canonical_source, is_external, torchvision_weights_file, trusted_code
 from slimexport.prune import bn_gammas, prune, prune_model, resolve_round_to
 from slimexport.report import build_report, plot_channels, plot_gammas, plot_latency, plot_variants, write_report
+from slimexport.rundir import check_resumable, is_run_dir, partial_dir
 from slimexport.runtime import NCNN_HINT
 from slimexport.stats import count_macs, count_params
 from slimexport.train import adopt, data_meta, initial_model, probe_model, train
 
 DEFAULT_ARCH = "vgg11_w25"
-# Options that only say where or whether to write, or how often to measure: they may differ between an interrupted
-# run and its resume (training's own resume check ignores eval_every too: evaluating does not change the weights).
-RESUME_FREE = ("out", "force", "resume", "eval_every", "data_cache", "data_cache_resolved")
 # Under torchrun every rank runs these (with DDP); rank 0 alone runs the others while the rest wait.
 TRAINING_STAGES = ("baseline", "sparse", "refine")
 
@@ -423,43 +421,6 @@ def stages(cfg: PipelineConfig) -> list[Stage]:
     ]
 
 
-def partial_dir(out: Path) -> Path:
-    """Where a run is built, and where an interrupted one stays."""
-    return out.parent / f".{out.name}.partial"
-
-
-# config.json of version 0.1 had the prune options at the top level
-_FLAT_PRUNE = ("percent", "min_channels", "normalize", "round_to", "prune_stream")
-
-
-def _recipe(config: dict[str, Any]) -> dict[str, Any]:
-    """The options that decide what a run computes, flat (``prune.percent``), for comparing two runs' configs."""
-    out: dict[str, Any] = {}
-    for k, v in config.items():
-        if k in RESUME_FREE:
-            continue
-        if isinstance(v, dict) and k in ("prune", "bench", "export", "quantize"):
-            out |= {f"{k}.{kk}": vv for kk, vv in v.items()}
-        else:
-            out[f"prune.{k}" if k in _FLAT_PRUNE else k] = v
-    return out
-
-
-def _check_resumable(work: Path, config: dict[str, Any]) -> None:
-    try:
-        old = read_json(work / "config.json")
-    except (OSError, ValueError):
-        raise ConfigError(
-            f"cannot resume: {work}/config.json is missing or unreadable; start over with --force"
-        ) from None
-    # an option the interrupted run's version did not have yet counts as its default (it had that behaviour)
-    a, b = _recipe(asdict(PipelineConfig())) | _recipe(old), _recipe(config)
-    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    if diff:
-        shown = ", ".join(f"{k} ({a.get(k)!r} then, {b.get(k)!r} now)" for k in diff[:3])
-        raise ConfigError(f"cannot resume {work}: options differ from the interrupted run's: {shown}")
-
-
 def _same_arch(a: str, b: str) -> bool:
     """Two --arch values name the same model (a model file by its absolute path)."""
     return a == b or (is_external(a) and is_external(b) and canonical_source(a) == canonical_source(b))
@@ -503,11 +464,6 @@ def _check_model(cfg: PipelineConfig, ds: Dataset) -> None:
     prune_model(model, cfg=dataclasses.replace(cfg.prune, percent=0.0, max_macs=None, fold=False, round_to=1))
 
 
-def _is_run_dir(folder: Path) -> bool:
-    """A run directory the pipeline wrote (one --force may replace)."""
-    return (folder / "report.json").is_file() or (folder / "config.json").is_file()
-
-
 def run_pipeline(cfg: PipelineConfig, command: str = "") -> dict[str, Any]:
     """Run every stage (or, with ``cfg.resume``, those an interrupted run did not finish); returns the report
     (also written to ``cfg.out``/report.json). The model code ``cfg.arch`` names is the caller's to run; a
@@ -518,7 +474,7 @@ def run_pipeline(cfg: PipelineConfig, command: str = "") -> dict[str, Any]:
         raise ConfigError(f"--ncnn: {NCNN_HINT}")
     out = Path(cfg.out)
     # writable, of the right kind, and if it exists a run directory (that --force or --resume may replace)
-    check_output(out, True, "dir", _is_run_dir)
+    check_output(out, True, "dir", is_run_dir)
     with trusted_code(cfg.arch), output_lock(out):
         return _run_locked(cfg, out, command)
 
@@ -551,7 +507,7 @@ def _run_locked(cfg: PipelineConfig, out: Path, command: str) -> dict[str, Any]:
     config["round_to_resolved"], config["round_to_reason"] = resolve_round_to(cfg.prune.round_to)
     main = distributed.is_main()
     if cfg.resume:
-        _check_resumable(work, config)
+        check_resumable(work, config)
         records = read_json(work / "stages.json") if (work / "stages.json").is_file() else {}
     else:
         records = {}

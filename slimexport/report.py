@@ -113,6 +113,22 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.2f}%"
 
 
+def _latency_rows(b: dict[str, Any], p: dict[str, Any], q: dict[str, Any]) -> list[str]:
+    """The latency table's rows: each setting the pruned model was timed in, beside the baseline's."""
+    lines: list[str] = []
+    base = {(x["provider"], x["batch"], x["threads"]): x for x in b.get("latency", [])}
+    sp = {(x["provider"], x["batch"], x["threads"]): x["speedup"] for x in q["speedup"]}
+    for x in p.get("latency", []):
+        k = (x["provider"], x["batch"], x["threads"])
+        y = base.get(k, {})
+        lines.append(
+            f"| {x['provider'].replace('ExecutionProvider', '')} | {x['batch']} | {x['threads']} | "
+            f"{y.get('median_ms', float('nan')):.3f} | {y.get('p90_ms', float('nan')):.3f} | "
+            f"{x['median_ms']:.3f} | {x['p90_ms']:.3f} | ×{sp.get(k, float('nan')):.2f} |"
+        )
+    return lines
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     b, p, q = r["baseline"], r["pruned"], r["ratios"]
     cfg = r["config"]
@@ -155,16 +171,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         "| provider | batch | threads | baseline median | baseline p90 | pruned median | pruned p90 | speed-up |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    base = {(x["provider"], x["batch"], x["threads"]): x for x in b.get("latency", [])}
-    sp = {(x["provider"], x["batch"], x["threads"]): x["speedup"] for x in q["speedup"]}
-    for x in p.get("latency", []):
-        k = (x["provider"], x["batch"], x["threads"])
-        y = base.get(k, {})
-        lines.append(
-            f"| {x['provider'].replace('ExecutionProvider', '')} | {x['batch']} | {x['threads']} | "
-            f"{y.get('median_ms', float('nan')):.3f} | {y.get('p90_ms', float('nan')):.3f} | "
-            f"{x['median_ms']:.3f} | {x['p90_ms']:.3f} | ×{sp.get(k, float('nan')):.2f} |"
-        )
+    lines += _latency_rows(b, p, q)
     lines += _variants_markdown(r.get("variants", []))
     lines += [
         "",

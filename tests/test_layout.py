@@ -20,8 +20,8 @@ LAYERS = {
     "models": ["models", "models.builtin", "models.external"],
     "stages": ["data", "stream", "checkpoint", "regularizer", "precision", "loop", "train", "sparsity", "prune",
                "selection", "export", "deploy", "bench", "report"],
-    "top": ["pipeline", "api", "cli.options", "cli.app", "cli.training", "cli.deploying", "cli.pipeline", "cli.models",
-            "cli", "", "__main__"],
+    "top": ["rundir", "pipeline", "api", "cli.options", "cli.app", "cli.training", "cli.deploying", "cli.pipeline",
+            "cli.models", "cli", "", "__main__"],
 }  # fmt: skip
 LAYER_OF = {("slimexport." + m).rstrip("."): i for i, mods in enumerate(LAYERS.values()) for m in mods}
 
@@ -155,3 +155,16 @@ def test_the_readme_is_a_front_door_that_links_every_doc():
         assert f"docs/{doc.name}" in readme, doc.name
     for target in __import__("re").findall(r"\]\(((?:docs|benchmarks)/[^)#]+)", readme):
         assert (PKG.parent / target).exists(), target
+
+
+def test_modules_and_functions_stay_readable():
+    """No module over 600 lines, no function over 80: each is a place a reader must hold in their head."""
+    long_modules, long_functions = [], []
+    for p in sorted(PKG.rglob("*.py")):
+        src = p.read_text()
+        if len(src.splitlines()) > 600:
+            long_modules.append(f"{p.relative_to(PKG)}: {len(src.splitlines())}")
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long_functions.append(f"{p.relative_to(PKG)}:{node.name} {node.end_lineno - node.lineno + 1}")
+    assert not long_modules and not long_functions, (long_modules, long_functions)

@@ -118,7 +118,7 @@ def test_a_run_interrupted_before_an_option_existed_resumes_as_its_default(tmp_p
     from slimexport.config import PipelineConfig
     from slimexport.errors import ConfigError
     from slimexport.fileio import write_json
-    from slimexport.pipeline import _check_resumable
+    from slimexport.rundir import check_resumable as _check_resumable
 
     now = asdict(PipelineConfig(arch="vgg11_w25"))
     write_json(tmp_path / "config.json", now | {"prune": {k: v for k, v in now["prune"].items() if k != "normalize"}})
