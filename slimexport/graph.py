@@ -40,7 +40,7 @@ import torch
 from torch import fx, nn
 
 from slimexport.errors import ConfigError
-from slimexport.oprules import BINARY, BN_TYPES, CONV_TYPES, function_rule, module_rule, structural
+from slimexport.oprules import BINARY, BN_TYPES, CONV_TYPES, function_rule, module_rule, structural, weight_norm_of
 from slimexport.rawreads import _RawReads
 from slimexport.trace import Inputs, _placeholder_args, call, first_sample, random_like, trace
 
@@ -518,6 +518,8 @@ def _unknown_state(m: nn.Module) -> list[str]:
     parametrization (weight_norm), weight_g/weight_v, a per-channel gain a subclass adds. Such a layer is kept."""
     if not isinstance(m, (*CONV_TYPES, nn.ConvTranspose2d, nn.Linear, *BN_TYPES)):
         return []
+    if weight_norm_of(m) is not None and (isinstance(m, nn.Linear) or (isinstance(m, CONV_TYPES) and m.groups == 1)):
+        return []  # sliced exactly through its g and v (plan.slice_weight)
     if hasattr(m, "parametrizations"):
         return [f"a parametrization of {', '.join(m.parametrizations.keys())}"]
     names = [n for n, _ in m.named_parameters() if not n.startswith("slim_selection.")]

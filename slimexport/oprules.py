@@ -130,6 +130,21 @@ def structural(op: str, target: Any) -> str | None:
     return kind
 
 
+def weight_norm_of(m: nn.Module) -> tuple[str, Any] | None:
+    """How ``m``'s weight is weight-normalised over its output channels (w = g·v/‖v‖, dim 0), if it is: ("param",
+    the parametrization list: ``torch.nn.utils.parametrizations.weight_norm``) or ("hook", the hook: the older
+    ``torch.nn.utils.weight_norm``); None otherwise, or for another parametrization or dim."""
+    plist = getattr(getattr(m, "parametrizations", None), "weight", None)
+    if plist is not None:
+        if len(m.parametrizations) == 1 and len(plist) == 1 and type(plist[0]).__name__ == "_WeightNorm":
+            return ("param", plist) if plist[0].dim == 0 else None
+        return None
+    if hasattr(m, "parametrizations"):
+        return None
+    hooks = [h for h in m._forward_pre_hooks.values() if type(h).__name__ == "WeightNorm" and h.name == "weight"]
+    return ("hook", hooks[0]) if len(hooks) == 1 and hooks[0].dim == 0 else None
+
+
 def register_module_rule(
     cls: type,
     *,

@@ -14,7 +14,7 @@ from torch import nn
 from slimexport.channels import set_bn_selection
 from slimexport.errors import ConfigError
 from slimexport.graph import ChannelGraph
-from slimexport.oprules import module_rule
+from slimexport.oprules import module_rule, weight_norm_of
 
 PRODUCERS = ("conv", "convT", "grouped", "linear")  # the modules that make the channels they write
 
@@ -56,16 +56,13 @@ def apply_plan(model: nn.Module, plan: dict[str, dict[str, Any]]) -> nn.Module:
             m.bias = nn.Parameter(torch.zeros(m.weight.shape[0], dtype=m.weight.dtype, device=m.weight.device))
         if kind in ("conv", "linear"):  # weight (out, in, ...): the same slicing, other attribute names
             out_attr, in_attr = ("out_channels", "in_channels") if kind == "conv" else ("out_features", "in_features")
-            w = m.weight
             if out is not None:
-                w = w[out]
                 setattr(m, out_attr, len(out))
                 if m.bias is not None:
                     m.bias = _param(m.bias[out], m.bias)
             if inp is not None:
-                w = w[:, inp]
                 setattr(m, in_attr, len(inp))
-            m.weight = _param(w, m.weight)
+            slice_weight(m, out, inp)
         elif kind == "convT":
             w = m.weight  # (in, out, k...)
             if inp is not None:
@@ -109,6 +106,34 @@ def apply_plan(model: nn.Module, plan: dict[str, dict[str, Any]]) -> nn.Module:
         else:
             raise ConfigError(f"unknown module kind {kind!r} in the pruning plan")
     return model
+
+
+@torch.no_grad()
+def slice_weight(m: nn.Module, out: torch.Tensor | None, inp: torch.Tensor | None) -> None:
+    """A conv's or linear layer's weight (out, in, ...) cut to the kept output and input channels. Under weight norm
+    (w = g·v/‖v‖ per output channel) its g and v are cut instead, g scaled by ‖v kept‖/‖v‖, so that every kept
+    weight is what it was (an output channel whose kept inputs are all zero gets g = 0)."""
+    wn = weight_norm_of(m)
+    if wn is None:
+        w = m.weight
+        w = w[out] if out is not None else w
+        m.weight = _param(w[:, inp] if inp is not None else w, m.weight)
+        return
+    holder, (g_name, v_name) = (
+        (wn[1], ("original0", "original1")) if wn[0] == "param" else (m, ("weight_g", "weight_v"))
+    )
+    g, v = getattr(holder, g_name), getattr(holder, v_name)
+    g2, v2 = (g[out], v[out]) if out is not None else (g, v)
+    if inp is not None:
+        dims = tuple(range(1, v2.dim()))
+        full, v2 = torch.linalg.vector_norm(v2, dim=dims, keepdim=True), v2[:, inp]
+        kept = torch.linalg.vector_norm(v2, dim=dims, keepdim=True)
+        g2 = torch.where(kept > 0, g2 * kept / full.clamp_min(1e-30), torch.zeros_like(g2))
+        v2 = torch.where(kept > 0, v2, torch.ones_like(v2))
+    setattr(holder, g_name, _param(g2, g))
+    setattr(holder, v_name, _param(v2, v))
+    if wn[0] == "hook":  # the older API recomputes the weight before each forward; have it right now too
+        m.weight = wn[1].compute_weight(m)
 
 
 def _slice_bn(m: nn.Module, keep: torch.Tensor) -> None:

@@ -486,22 +486,50 @@ class _GainConv(nn.Conv2d):
         return super().forward(x) * self.gain.view(1, -1, 1, 1)
 
 
-@pytest.mark.parametrize("kind", ["weight_norm", "parametrized", "gain"])
-def test_layers_with_state_the_engine_does_not_slice_are_kept_never_crash(kind):
-    """weight_norm (old and parametrized) and a conv subclass with a per-channel gain: the engine keeps those
-    layers' channels, says why, and prunes the rest exactly (they used to crash apply_plan or the forward)."""
-    torch.manual_seed(0)
-    conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
-    if kind == "weight_norm":
-        import warnings
+def _weight_normed(conv: nn.Module, kind: str) -> nn.Module:
+    if kind == "parametrized":
+        return nn.utils.parametrizations.weight_norm(conv)
+    import warnings
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            conv = nn.utils.weight_norm(conv)
-    elif kind == "parametrized":
-        conv = nn.utils.parametrizations.weight_norm(conv)
-    else:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return nn.utils.weight_norm(conv)  # the older API: weight_g, weight_v and a forward pre-hook
+
+
+@pytest.mark.parametrize("kind", ["parametrized", "weight_norm"])
+def test_weight_normed_convs_and_linears_prune_exactly_through_g_and_v(kind):
+    """w = g·v/‖v‖ per output channel: outputs cut g and v; inputs cut v and scale g by ‖v kept‖/‖v‖, so every kept
+    weight stays what it was. The pruned model equals the original with the removed channels zeroed, and a fresh
+    model with the plan applied takes its state dict (the checkpoint's rebuild path). Both weight_norm APIs."""
+    from slimexport.plan import apply_plan
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            _weight_normed(nn.Conv2d(3, 16, 3, padding=1), kind), nn.BatchNorm2d(16), nn.ReLU(),
+            _weight_normed(nn.Conv2d(16, 32, 3, padding=1), kind), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), _weight_normed(nn.Linear(32, 4), kind),
+        )  # fmt: skip
+
+    m, x = randomize(build()), torch.randn(2, 3, 8, 8)
+    pruned, rec = check_exact(m, x)
+    assert pruned[0].weight.shape[0] < 16 and pruned[3].weight.shape[1] == pruned[0].weight.shape[0]  # both sides
+    assert pruned[8].weight.shape[1] == pruned[3].weight.shape[0] < 32
+    assert not any("weight" in r for u in rec["unprunable"] for r in u["reasons"])
+    fresh = apply_plan(build(), rec["plan"])
+    fresh.load_state_dict(pruned.state_dict())
+    torch.testing.assert_close(fresh.eval()(x), pruned.eval()(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["grouped_weight_norm", "gain"])
+def test_layers_with_state_the_engine_does_not_slice_are_kept_never_crash(kind):
+    """A conv subclass with a per-channel gain, and weight norm on a grouped conv (not sliced through g and v):
+    the engine keeps those layers' channels, says why, and prunes the rest exactly."""
+    torch.manual_seed(0)
+    if kind == "gain":
         conv = _GainConv(8, 8, 3, padding=1, bias=False)
+    else:
+        conv = _weight_normed(nn.Conv2d(8, 8, 3, padding=1, bias=False, groups=2), "parametrized")
     m = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), conv, nn.BatchNorm2d(8), nn.ReLU(),
         nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
@@ -509,7 +537,7 @@ def test_layers_with_state_the_engine_does_not_slice_are_kept_never_crash(kind):
     )  # fmt: skip
     m = randomize(m)
     pruned, rec = check_exact(m, torch.randn(2, 3, 8, 8))
-    assert pruned[3].weight.shape[:2] == (8, 8)  # kept whole
+    assert pruned[3].weight.shape[0] == 8  # kept whole
     assert any("besides its weight and bias" in r for u in rec["unprunable"] for r in u["reasons"])
     assert rec["layers"][-1]["after"] < 16  # the rest is pruned
 
