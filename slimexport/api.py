@@ -34,6 +34,7 @@ from slimexport.errors import ConfigError
 from slimexport.export import export_model
 from slimexport.models import is_builtin
 from slimexport.models.external import GraphModel, external_config, is_external, trusted_code
+from slimexport.models.program import ProgramModel, is_program, load_program, save_program
 from slimexport.oprules import register_module_rule
 from slimexport.prune import prune_model
 from slimexport.regularizer import regularize
@@ -53,20 +54,31 @@ def save_pruned(
     example_input: torch.Tensor | None = None,
     data: Dataset | None = None,
 ) -> Path:
-    """Write a pruned model as a slimexport checkpoint (atomically). ``model`` and ``record`` are what
-    :func:`prune_model` returned. A model slimexport built (a registry architecture, ``create_model``) needs
-    nothing more; a plain ``nn.Module`` needs ``source``, how to build its unpruned original (``torchvision:NAME``,
-    ``timm:NAME``, ``my_models.py:build`` or ``package.module:build``, called with ``num_classes``), and
-    ``example_input`` (a batch of the inputs it takes). ``data`` records the normalisation and labels (else the
-    CLI measures on whatever data it is given)."""
+    """Write a pruned model (atomically). ``model`` and ``record`` are what :func:`prune_model` returned. Which
+    path a model takes:
+
+    - a model slimexport built (a registry architecture, ``create_model``, a checkpoint): a slimexport checkpoint,
+      plain data that the CLI reads too; nothing more is needed;
+    - a plain ``nn.Module`` with ``source``, how to build its unpruned original (``torchvision:NAME``,
+      ``timm:NAME``, ``my_models.py:build`` or ``package.module:build``, called with ``num_classes``) and
+      ``example_input`` (a batch of its inputs): a checkpoint too, rebuilt from that source and the plan;
+    - a plain ``nn.Module`` with no source (a class defined in a notebook) and ``example_input``: its torch.export
+      programs (:mod:`slimexport.models.program`: graphs, no pickled code) that :func:`load_pruned` returns as a
+      module that runs, fine-tunes and exports; prune before saving (a program is not pruned again).
+
+    ``data`` records the normalisation and labels (else the CLI measures on whatever data it is given)."""
     meta = {"stage": "pruned", "prune": dict(record)}
     if isinstance(model, GraphModel):
         ckpt_model = model
     else:
-        if source is None or not (is_external(source) or is_builtin(source)) or example_input is None:
+        if example_input is None:
+            raise ConfigError("save_pruned of a plain nn.Module needs example_input= (a batch of its inputs)")
+        if source is None:
+            return save_program(model, example_input, path, dict(record))
+        if not (is_external(source) or is_builtin(source)):
             raise ConfigError(
-                "save_pruned of a plain nn.Module needs source= (how to build its unpruned original, e.g. "
-                "'torchvision:resnet18' or 'my_models.py:build') and example_input= (a batch of its inputs)"
+                f"save_pruned: source={source!r} is not how to build a model ('torchvision:resnet18', "
+                "'my_models.py:build'); leave it out to save the model as its torch.export programs"
             )
         if "plan" not in record:
             raise ConfigError("the record has no pruning plan: pass the record prune_model returned with the model")
@@ -86,8 +98,11 @@ def save_pruned(
 
 
 def load_pruned(path: str | os.PathLike, trust: tuple[str, ...] | bool = ()) -> nn.Module:
-    """The model of a slimexport checkpoint (pruned or not), rebuilt from the checkpoint alone. A model from the
-    caller's own code is built only if ``trust`` names its source (or is True); see :func:`load_checkpoint`."""
+    """The model of a slimexport checkpoint (pruned or not), rebuilt from the checkpoint alone, or of a program file
+    :func:`save_pruned` wrote for a model with no source. A model from the caller's own code is built only if
+    ``trust`` names its source (or is True); see :func:`load_checkpoint`."""
+    if is_program(path):
+        return load_program(path)
     model, _ = load_checkpoint(path, trust=trust)
     return model.eval()
 
@@ -124,6 +139,8 @@ def export_onnx(
     if len(inputs.y_test) == 0:
         raise ConfigError("export_onnx needs at least one input to check parity on")
     cfg = ExportConfig(**options)
+    if isinstance(model, ProgramModel):  # its eval program is the graph to export
+        model = model.graph
     return export_model(model.eval(), path, inputs, cfg)
 
 

@@ -74,6 +74,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    from slimexport.models.program import is_program
+
+    if is_program(path):
+        raise CheckpointError(
+            f"{path} holds the torch.export programs of a model with no source (save_pruned without source=): load "
+            "it with slimexport.load_pruned and export it with slimexport.export_onnx; the commands read checkpoints"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:

@@ -17,7 +17,7 @@ LAYERS = {
              "distributed", "assets"],
     "engine": ["oprules", "trace", "rawreads", "graph", "importance", "plan", "selfcheck", "fold", "graph_prune",
                "rewrite"],
-    "models": ["models", "models.builtin", "models.external"],
+    "models": ["models", "models.builtin", "models.external", "models.program"],
     "stages": ["data", "stream", "checkpoint", "regularizer", "precision", "loop", "train", "sparsity", "prune",
                "selection", "export", "deploy", "bench", "report"],
     "top": ["rundir", "pipeline", "api", "cli.options", "cli.app", "cli.training", "cli.deploying", "cli.pipeline",
