@@ -65,7 +65,12 @@ class PruneLayer(TypedDict):
 
 
 class PruneRecord(TypedDict, total=False):
-    percent: Annotated[float, "fraction of the prunable BN channels (γ values) below the threshold: asked, or found"]
+    percent: Annotated[
+        float,
+        "where the threshold sits: the fraction of the prunable BN channels (γ values, the "
+        "paper's count) at or below it, asked (--percent) or found (--max-macs); floors and "
+        "rounding can keep some of them, so the fraction pruned is pruned_fraction",
+    ]
     threshold: Annotated[float | None, "|γ| above which channels survive"]
     min_channels: Annotated[int, "per-layer floor"]
     min_keep: Annotated[float, "per-layer floor as a fraction of the layer's channels (0: none)"]
@@ -80,7 +85,11 @@ class PruneRecord(TypedDict, total=False):
     source: Annotated[str, "the checkpoint that was pruned"]
     channels_before: Annotated[int, "prunable BN channels before"]
     channels_after: Annotated[int, "and after"]
-    pruned_fraction: Annotated[float, "1 − after / before"]
+    pruned_fraction: Annotated[
+        float,
+        "the fraction pruned, the one meaning reports and summaries use: 1 − "
+        "channels_after / channels_before, over every BatchNorm's channels",
+    ]
     floored_layers: Annotated[list[str], "layers kept at their floor"]
     layers: Annotated[list[PruneLayer], "per BN"]
     params_before: Annotated[int, "parameters before"]

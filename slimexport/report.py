@@ -133,7 +133,8 @@ def render_markdown(r: dict[str, Any]) -> str:
     b, p, q = r["baseline"], r["pruned"], r["ratios"]
     cfg = r["config"]
     lines = [
-        f"# slimexport report: {cfg.get('arch')} on {cfg.get('dataset')}, {100 * r['prune']['percent']:.0f}% pruned",
+        f"# slimexport report: {cfg.get('arch')} on {cfg.get('dataset')}, "
+        f"{100 * r['prune']['pruned_fraction']:.0f}% of the BN channels pruned",
         "",
         f"Created {r['created']} on {r['machine']['cpu']} ({r['machine']['cores']} cores"
         + (f", GPU {r['machine']['gpu']}" if r["machine"].get("gpu") else "")
