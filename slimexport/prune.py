@@ -55,6 +55,19 @@ def bn_gammas(model: nn.Module, normalize: str = "none") -> dict[str, torch.Tens
     }
 
 
+def named_from(record: PruneRecord, prefix: str) -> PruneRecord:
+    """The record with every module name as in the model handed in (``prefix`` + the engine's name: ``net.`` for a
+    model slimexport built): layers, floored layers, groups, unprunable groups, folded layers. The plan alone keeps
+    the names of the network it rebuilds (``GraphModel.net``), as ``PruneConfig.widths`` takes them."""
+    for layer in record["layers"]:
+        layer["name"] = prefix + layer["name"]
+    record["floored_layers"] = [prefix + n for n in record["floored_layers"]]
+    for group in (*record.get("groups", []), *record.get("unprunable", [])):
+        group["layers"] = [prefix + n for n in group["layers"]]
+    record["folded"] = {prefix + n: k for n, k in record.get("folded", {}).items()}
+    return record
+
+
 def prune_model(
     model: nn.Module,
     percent: float | None = None,
@@ -80,10 +93,7 @@ def prune_model(
     if isinstance(model, GraphModel):
         x = model.example_input() if example_input is None else example_input
         net, record = prune_graph(model.net, x, cfg)
-        for layer in record["layers"]:  # named as in the model handed in
-            layer["name"] = f"net.{layer['name']}"
-        record["floored_layers"] = [f"net.{n}" for n in record["floored_layers"]]
-        return model.with_plan(record["plan"], net), record
+        return model.with_plan(record["plan"], net), named_from(record, "net.")
     if example_input is None:
         raise ConfigError(f"pruning a {type(model).__name__} traces it: pass example_input (a batch of inputs)")
     return prune_graph(model, example_input, cfg)

@@ -240,3 +240,15 @@ def test_floors_in_steps_are_fractions_of_the_sparse_models_layers(make_model):
     assert all(kept[n] >= math.ceil(0.3 * w) for n, w in convs.items()), (kept, convs)
     shrunk = three_steps(relative=False)  # the old meaning: a fraction of what the last step left
     assert any(shrunk[n] < math.ceil(0.3 * w) for n, w in convs.items()), (shrunk, convs)
+
+
+def test_every_name_in_the_record_is_a_module_of_the_model_handed_in(make_model):
+    """One naming in the record: the model's own module names (net.X for slimexport's models), the plan alone
+    relative to the network it rebuilds."""
+    m = make_model(TINY_RESNET)
+    _, rec = prune_model(m, 0.5)
+    names = set(dict(m.named_modules()))
+    used = [x["name"] for x in rec["layers"]] + rec["floored_layers"] + list(rec["folded"])
+    used += [n for g in rec["groups"] + rec["unprunable"] for n in g["layers"]]
+    assert used and set(used) <= names, sorted(set(used) - names)[:5]
+    assert set(rec["plan"]) <= set(dict(m.net.named_modules()))
