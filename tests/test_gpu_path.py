@@ -6,8 +6,9 @@ import onnxruntime
 import pytest
 import torch
 
+import slimexport.loop as loop
+import slimexport.precision as precision
 import slimexport.runtime as runtime
-import slimexport.train as train_mod
 from slimexport.config import TrainConfig
 from slimexport.errors import ConfigError, DeviceError
 from slimexport.loop import evaluate, fit
@@ -98,7 +99,7 @@ def test_evaluation_is_fp32_everywhere(small_ds, monkeypatch):
     torch.manual_seed(0)
     m = create_model(TINY_VGG, 10, 1).eval()
     want = evaluate(m, small_ds)
-    monkeypatch.setattr(train_mod, "_autocast", lambda device: (_ for _ in ()).throw(AssertionError("autocast")))
+    monkeypatch.setattr(loop, "autocast", lambda *a: (_ for _ in ()).throw(AssertionError("autocast")))
     assert evaluate(m, small_ds) == want
     with torch.no_grad():
         logits = m(small_ds.normalize(small_ds.x_test))
@@ -112,9 +113,9 @@ def test_compile_time_is_not_training_time_and_shapes_stay_static(small_ds, monk
 
     seen = []
     clock = types.SimpleNamespace(offset=0.0)
-    monkeypatch.setattr(
-        train_mod, "time", types.SimpleNamespace(perf_counter=lambda: real_time.perf_counter() + clock.offset)
-    )
+    fake = types.SimpleNamespace(perf_counter=lambda: real_time.perf_counter() + clock.offset)
+    monkeypatch.setattr(loop, "time", fake)  # the epochs' clock
+    monkeypatch.setattr(precision, "time", fake)  # the warm-up's
 
     def fake_compile(model):
         def run(x):
