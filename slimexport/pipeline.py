@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +48,9 @@ from slimexport.graph_prune import layer_widths
 from slimexport.loop import evaluate, resolve_device, schedule_lrs
 from slimexport.models import create_model, default_config
 from slimexport.models.external import canonical_source, is_external, torchvision_weights_file, trusted_code
-from slimexport.prune import bn_gammas, prune, prune_model, resolve_round_to
+from slimexport.prune import bn_gammas, prune, prune_model
 from slimexport.report import build_report, plot_channels, plot_gammas, plot_latency, plot_variants, write_report
-from slimexport.rundir import check_resumable, is_run_dir, partial_dir
+from slimexport.rundir import check_resumable, is_run_dir, partial_dir, run_config
 from slimexport.runtime import NCNN_HINT
 from slimexport.stats import count_macs, count_params
 from slimexport.train import adopt, data_meta, initial_model, probe_model, train
@@ -502,9 +502,7 @@ def _run_locked(cfg: PipelineConfig, out: Path, command: str) -> dict[str, Any]:
     _resolve(cfg)
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.data_cache)
     _check_model(cfg, ds)
-    config = asdict(cfg) | {"resolved_device": str(device), "data": ds.summary()}
-    config["data_cache_resolved"] = {"cache": ds.cache, "reason": ds.cache_reason}
-    config["round_to_resolved"], config["round_to_reason"] = resolve_round_to(cfg.prune.round_to)
+    config = run_config(cfg, device, ds)
     main = distributed.is_main()
     if cfg.resume:
         check_resumable(work, config)

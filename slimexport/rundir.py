@@ -10,6 +10,7 @@ from typing import Any
 from slimexport.config import PipelineConfig
 from slimexport.errors import ConfigError
 from slimexport.fileio import read_json
+from slimexport.settings_file import RECORDED
 
 # Options that only say where or whether to write, or how often to measure: they may differ between an interrupted
 # run and its resume (training's own resume check ignores eval_every too: evaluating does not change the weights).
@@ -56,3 +57,16 @@ def check_resumable(work: Path, config: dict[str, Any]) -> None:
 def is_run_dir(folder: Path) -> bool:
     """A run directory the pipeline wrote (one --force may replace)."""
     return (folder / "report.json").is_file() or (folder / "config.json").is_file()
+
+
+def run_config(cfg: PipelineConfig, device: Any, ds: Any) -> dict[str, Any]:
+    """What a run writes as its config.json: its settings, and what it resolved on this machine (the keys of
+    :data:`~slimexport.settings_file.RECORDED`, which ``--config`` reads past)."""
+    from slimexport.prune import resolve_round_to
+
+    rounded, why = resolve_round_to(cfg.prune.round_to)
+    cache = {"cache": ds.cache, "reason": ds.cache_reason}
+    resolved = {"resolved_device": str(device), "data": ds.summary(), "round_to_resolved": rounded,
+                "round_to_reason": why, "data_cache_resolved": cache}  # fmt: skip
+    assert set(resolved) == set(RECORDED), "settings_file.RECORDED names what a run records"
+    return asdict(cfg) | resolved

@@ -16,7 +16,7 @@ from slimexport.errors import ConfigError
 # The settings a file may not give (whether to overwrite or resume is said on the command line; a run's
 # config.json records both), and the records a run adds to its config.json.
 COMMAND_LINE_ONLY = ("force", "resume")
-RECORDED = ("resolved_device", "data", "data_cache_resolved")
+RECORDED = ("resolved_device", "data", "data_cache_resolved", "round_to_resolved", "round_to_reason")
 
 
 def read_settings(path: str | os.PathLike) -> dict[str, Any]:

@@ -120,7 +120,10 @@ def test_a_runs_own_config_json_repeats_it(tmp_path, captured):
         int8=True, bench=bench, export=dataclasses.replace(PipelineConfig().export, selection="dense", opset=18),
         quantize=dataclasses.replace(PipelineConfig().quantize, calibrate="entropy", calib_batch=32), force=True,
     )  # fmt: skip
-    record = dataclasses.asdict(asked) | {"resolved_device": "cpu", "data": "embedded", "data_cache_resolved": {}}
+    from slimexport.data import load_dataset
+    from slimexport.rundir import run_config
+
+    record = run_config(asked, "cpu", load_dataset("embedded"))  # what the pipeline writes, and records beside
     (tmp_path / "config.json").write_text(json.dumps(record))
     cfg = _run(["--config", str(tmp_path / "config.json")], captured)
     assert cfg.force is False  # overwriting is said on the command line only
