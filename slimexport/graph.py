@@ -219,7 +219,7 @@ class _StructureOps:
         if dim % len(si) != 1:
             return [xin for _ in meta]
         sizes = [m.shape[1] for m in meta]
-        if node.target in (torch.chunk, "chunk") and len(set(sizes)) == 1 and sum(sizes) == len(xin):
+        if structural(node.op, node.target) == "chunk" and len(set(sizes)) == 1 and sum(sizes) == len(xin):
             # chunk(n) into equal pieces cuts a narrower tensor into equal pieces too: if channel k goes from every
             # piece at once, each piece keeps what it had (YOLO's C2f: cv1(x).chunk(2, 1)). So position k of
             # every piece is one class.

@@ -80,6 +80,9 @@ class _RawReads:
             flags = self.normalised(src, memo) if isinstance(src, fx.Node) else None
             if not isinstance(flags, np.ndarray):
                 return [np.zeros(len(x), bool) if isinstance(x, np.ndarray) else None for x in v]
+            if all(isinstance(x, np.ndarray) and len(x) == len(flags) for x in v) and len(v) > 1:
+                if sum(len(x) for x in v) != len(flags):  # a split along another axis: every piece has every channel
+                    return [flags for _ in v]
             out, start = [], 0
             for x in v:
                 n = len(x) if isinstance(x, np.ndarray) else 0
@@ -148,6 +151,8 @@ class _RawReads:
             fs = [self.normalised(a, memo) for a in (node.args[0] if node.args else [])]
             if all(isinstance(f, np.ndarray) for f in fs) and sum(len(f) for f in fs) == len(v):
                 return np.concatenate(fs)
+            if fs and all(isinstance(f, np.ndarray) and len(f) == len(v) for f in fs):  # along another axis
+                return np.logical_and.reduce(fs)  # a channel is normalised where every part of it is
             return raw
         f = self.normalised(first, memo) if isinstance(first, fx.Node) else None
         vin = self.b.vec.get(first) if isinstance(first, fx.Node) else None

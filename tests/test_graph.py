@@ -687,3 +687,28 @@ def test_a_block_torch_fx_cannot_trace_is_kept_whole_and_the_rest_prunes():
     assert pruned[2].body[0].weight.shape[:2] == (32, 32)  # kept whole, and so are the channels around it
     assert pruned[0][0].out_channels < 16
     assert any("2: _Shapey's forward cannot be traced" in r for u in rec["unprunable"] for r in u["reasons"])
+
+
+def _cbr(i: int, o: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU())
+
+
+class _CatAlongWidth(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.left, self.right, self.head = _cbr(3, 16), _cbr(3, 16), _cbr(16, 16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        y = self.head(torch.cat([self.left(x), self.right(x)], 3))  # side by side: the same 16 channels
+        a, b = y.split(y.shape[3] // 2, 3)
+        return self.fc((a + b).mean((2, 3)))
+
+
+def test_cat_and_split_along_another_axis_keep_their_channels_prunable():
+    """A cat or split along width joins or passes the channels; the channels a conv reads after them are still
+    normalised by the BNs before (the raw-read analysis froze them: nothing of this model could be pruned)."""
+    m = randomize(_CatAlongWidth())
+    pruned, rec = check_exact(m, torch.randn(2, 3, 8, 8))
+    assert pruned.head[0].in_channels < 16 and rec["pruned_fraction"] > 0.2
+    assert not any("head.0: reads these channels" in r for u in rec["unprunable"] for r in u["reasons"])
