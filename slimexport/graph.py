@@ -84,6 +84,10 @@ class ChannelGraph:
     # to (a BN reading the same tensor, the index of that channel in it), whose running mean stands in for it
     raw: dict[str, dict[int, tuple[str, int]]] = field(default_factory=dict)
     graph: fx.Graph | None = None  # the traced graph, with tensor shapes (for the folding pass)
+    # channel splits whose sizes are written into forward (split([16, 16, 16], 1)), by FX node name: the atoms of
+    # each piece. The plan gives each its new sizes and the pruned network is the traced graph with them
+    # (plan.apply_plan), so the channels they cut stay prunable.
+    splits: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
     def classes(self, atoms: np.ndarray) -> np.ndarray:
         """The class (union-find root) of every atom."""
@@ -227,13 +231,17 @@ class _StructureOps:
             for other in pieces[1:]:
                 self.union(pieces[0], other)
             return list(pieces)
-        # Sizes written into forward (split(8), split((c, c))): after pruning they would cut elsewhere, so the
-        # channels they cut stay as they are.
-        self.freeze(xin, f"{self.where(node)}: channel split whose sizes are written into forward")
         out, start = [], 0
         for m in meta:
             out.append(xin[start : start + m.shape[1]])
             start += m.shape[1]
+        # Sizes written into forward (split(8), split((c, c))) would cut elsewhere once the input is narrower: the
+        # pruned network is this graph with each piece's new size written in (plan.apply_plan), where the model's
+        # own eval forward traced; else the channels they cut stay as they are.
+        if self.rewritable and _literal_sizes(node):
+            self.splits[node.name] = out
+        else:
+            self.freeze(xin, f"{self.where(node)}: channel split whose sizes are written into forward")
         return out
 
     def getitem(self, node: fx.Node, xin: Any) -> Any:
@@ -270,6 +278,8 @@ class _Builder(_StructureOps, _Atoms):
         self.model = model
         self.carry_raw = carry_raw
         self.raw: dict[str, dict[int, tuple[str, int]]] = {}
+        self.splits: dict[str, list[np.ndarray]] = {}
+        self.rewritable = False  # the graph is the model's own eval forward, so a rewrite of it can replace it
         self.modules = dict(model.named_modules())
         super().__init__()
         self.uses: dict[str, ModuleUse] = {}
@@ -540,10 +550,12 @@ def trace_channels(model: nn.Module, example_input: Inputs, carry_raw: bool = Fa
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
+    rewritable = True
     try:
         try:
             gm = trace(model, allow_opaque=False)
         except ConfigError:
+            rewritable = False
             # An eval forward with shape-dependent control flow (YOLO's Detect decodes boxes only in eval) is traced
             # in training mode, where the head returns its raw maps; on a copy, whose BN statistics may move.
             # Failing that, the modules that cannot be traced become opaque ops (MobileViT's blocks).
@@ -559,7 +571,16 @@ def trace_channels(model: nn.Module, example_input: Inputs, carry_raw: bool = Fa
                 f"the traced {type(model).__name__} does not run on the example input: {text[:160]}"
             ) from None
         b = _Builder(model, carry_raw)
+        b.rewritable = rewritable
         b.run(gm)
     finally:
         model.train(was_training)
-    return ChannelGraph(b.parent, dict(b.frozen), b.uses, time.perf_counter() - t0, b.raw, gm.graph)
+    return ChannelGraph(b.parent, dict(b.frozen), b.uses, time.perf_counter() - t0, b.raw, gm.graph, b.splits)
+
+
+def _literal_sizes(node: fx.Node) -> bool:
+    """A split whose sizes are numbers written into forward (not computed from the tensor)."""
+    sizes = node.kwargs.get("split_size_or_sections", node.args[1] if len(node.args) > 1 else None)
+    if isinstance(sizes, (list, tuple)):
+        return all(isinstance(s, int) for s in sizes)
+    return isinstance(sizes, int)

@@ -60,6 +60,8 @@ def choose(
     removed = {c for c in imp.ok if imp.eff[c] <= threshold}
     producers = [(u.name, g.classes(u.out)) for u in g.uses.values() if u.kind in PRODUCERS]
     selecting = [(u.name, g.classes(u.out)) for u in g.uses.values() if u.kind == "bn" and u.select is not None]
+    # every piece of a split rewritten with its new sizes keeps channels too (an empty piece would feed a layer none)
+    selecting += [(f"{n}[{k}]", g.classes(p)) for n, pieces in g.splits.items() for k, p in enumerate(pieces)]
     # --round-to rounds every BatchNorm's channels (a conv's outputs through the BN that normalises them; a selecting
     # BN's, which are the next conv's inputs), as the paper's per-layer view has it; a producer no BN normalises
     # alone (a DenseNet layer's 12 new channels) is not rounded up to 16 for nothing

@@ -17,6 +17,7 @@ from slimexport.graph import ChannelGraph
 from slimexport.oprules import module_rule, weight_norm_of
 
 PRODUCERS = ("conv", "convT", "grouped", "linear")  # the modules that make the channels they write
+SPLIT = "split:"  # a plan entry for the FX node of a split whose sizes are written into forward (not a module)
 
 
 def make_plan(g: ChannelGraph, removed: set[int]) -> dict[str, dict[str, Any]]:
@@ -35,6 +36,10 @@ def make_plan(g: ChannelGraph, removed: set[int]) -> dict[str, dict[str, Any]]:
                 entry[side] = keep
         if "inp" in entry or "out" in entry:
             plan[use.name] = entry
+    for node, pieces in g.splits.items():  # a split with its sizes written into forward gets its new sizes
+        sizes = [sum(1 for c in g.classes(p).tolist() if c not in removed) for p in pieces]
+        if sizes != [len(p) for p in pieces]:
+            plan[SPLIT + node] = {"kind": "split", "sizes": sizes}
     return plan
 
 
@@ -44,9 +49,13 @@ def _param(t: torch.Tensor, ref: nn.Parameter | None) -> nn.Parameter:
 
 @torch.no_grad()
 def apply_plan(model: nn.Module, plan: dict[str, dict[str, Any]]) -> nn.Module:
-    """Shrink ``model``'s modules in place by ``plan`` (from :func:`make_plan` or a checkpoint); returns it."""
+    """Shrink ``model``'s modules in place by ``plan`` (from :func:`make_plan` or a checkpoint); returns it, or where
+    the plan gives a split new sizes, the model's traced graph with them written in (its modules are the model's)."""
     modules = dict(model.named_modules())
+    splits = {name[len(SPLIT) :]: p["sizes"] for name, p in plan.items() if name.startswith(SPLIT)}
     for name, p in plan.items():
+        if name.startswith(SPLIT):
+            continue
         if name not in modules:
             raise ConfigError(f"the pruning plan names a module {name!r} this model does not have")
         m, kind = modules[name], p["kind"]
@@ -105,7 +114,29 @@ def apply_plan(model: nn.Module, plan: dict[str, dict[str, Any]]) -> nn.Module:
             rule.prune(m, inp)
         else:
             raise ConfigError(f"unknown module kind {kind!r} in the pruning plan")
-    return model
+    return _with_split_sizes(model, splits) if splits else model
+
+
+def _with_split_sizes(model: nn.Module, splits: dict[str, list[int]]) -> nn.Module:
+    """``model``'s own eval forward, traced, with each named split's sizes replaced: the network a plan with split
+    sizes rebuilds. Only the plan's numbers go in; the code is torch.fx's, from the model built here."""
+    from slimexport.trace import trace
+
+    was = model.training
+    gm = trace(model.eval(), allow_opaque=False)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, sizes in splits.items():
+        node = nodes.get(name)
+        if node is None or node.op not in ("call_function", "call_method"):
+            raise ConfigError(
+                f"the pruning plan gives new sizes to a split {name!r} this model's forward does not have"
+            )
+        if "split_size_or_sections" in node.kwargs:
+            node.update_kwarg("split_size_or_sections", list(sizes))
+        else:
+            node.update_arg(1, list(sizes))
+    gm.recompile()
+    return gm.train(was)
 
 
 @torch.no_grad()
@@ -169,6 +200,9 @@ def compose_plans(first: dict[str, Any], second: dict[str, Any]) -> dict[str, An
     relative to the original model."""
     out = copy.deepcopy(first)
     for name, p in second.items():
+        if name.startswith(SPLIT):  # sizes, not indices: the later prune's are the ones that hold
+            out[name] = copy.deepcopy(p)
+            continue
         e = out.setdefault(name, {"kind": p["kind"]})
         if p.get("select"):  # a selecting BN: the sides compose as any module's; apply_plan rebuilds the index
             e["select"] = True

@@ -152,8 +152,11 @@ def test_a_user_model_with_odd_patterns_prunes_exactly_and_says_what_it_left():
     assert kept["bn_a"]["kept"] == kept["bn_b"]["kept"]  # the shared conv's calls agree
     reasons = " | ".join(r for u in rec["unprunable"] for r in u["reasons"])
     assert "grouped conv" not in reasons  # pruned by whole groups now
+    # split(y, 8, dim=1): the size is written into forward, so the pruned network is the traced graph with each
+    # piece's new size (the pieces lost channels, and the pruned model above ran them exactly)
+    (sizes,) = [p["sizes"] for n, p in rec["plan"].items() if n.startswith("split:")]
+    assert len(sizes) == 2 and sum(sizes) < 16 and all(s >= 1 for s in sizes)
     for why in (
-        "split whose sizes are written into forward",
         "view/reshape across the channel axis",
         "pixel_shuffle mixes channels",
         "model input",
@@ -712,3 +715,36 @@ def test_cat_and_split_along_another_axis_keep_their_channels_prunable():
     pruned, rec = check_exact(m, torch.randn(2, 3, 8, 8))
     assert pruned.head[0].in_channels < 16 and rec["pruned_fraction"] > 0.2
     assert not any("head.0: reads these channels" in r for u in rec["unprunable"] for r in u["reasons"])
+
+
+class _SplitInThree(nn.Module):
+    """A literal split into three pieces, each to its own branch (sizes written into forward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.a, self.b, self.c = _cbr(3, 48), _cbr(16, 16), _cbr(16, 16), _cbr(16, 16)
+        self.fc = nn.Linear(48, 10)
+
+    def forward(self, x):
+        a, b, c = self.stem(x).split([16, 16, 16], 1)
+        return self.fc(torch.cat([self.a(a), self.b(b), self.c(c)], 1).mean((2, 3)))
+
+
+def test_a_split_with_sizes_written_into_forward_prunes_and_rebuilds_with_new_sizes():
+    """Its channels were frozen (nothing of this model could be pruned); now the pruned network is the model's
+    traced forward with each piece's new size: exact, rebuilt from the plan on a fresh model, pruned again."""
+    from slimexport.plan import apply_plan
+
+    torch.manual_seed(0)
+    m, x = randomize(_SplitInThree()), torch.randn(2, 3, 8, 8)
+    pruned, rec = check_exact(m, x, 0.4)
+    (sizes,) = [p["sizes"] for n, p in rec["plan"].items() if n.startswith("split:")]
+    conv = pruned.get_submodule  # a graph module: its modules by name
+    assert sum(sizes) == conv("stem.0").out_channels < 48 and all(s >= 1 for s in sizes)
+    assert [conv("a.0").in_channels, conv("b.0").in_channels, conv("c.0").in_channels] == sizes
+    torch.manual_seed(0)
+    fresh = apply_plan(_SplitInThree(), rec["plan"])
+    fresh.load_state_dict(pruned.state_dict())
+    torch.testing.assert_close(fresh.eval()(x), pruned.eval()(x), rtol=0, atol=0)
+    again, rec2 = check_exact(randomize(pruned, seed=1), x, 0.3)  # a pruned (graph) model prunes again
+    assert again.get_submodule("stem.0").out_channels < conv("stem.0").out_channels

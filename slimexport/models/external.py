@@ -210,7 +210,7 @@ class GraphModel(nn.Module):
         if net is None:
             net = build_source(config["source"], num_classes, config.get("kwargs"), in_channels)
             if config.get("plan"):
-                apply_plan(net, config["plan"])
+                net = apply_plan(net, config["plan"])
         self.net = net
         self.net_channels = _net_in_channels(self.net)
         if in_channels not in (1, self.net_channels):
