@@ -75,8 +75,7 @@ from slimexport.settings_file import pipeline_settings, read_settings
 OutOpt = option("out", Path)
 EpochsOpt = option("epochs", int, min=1)
 RefineEpochsOpt = option("refine_epochs", int, min=1)
-SparsityOpt = Annotated[str, typer.Option("--sparsity", "-s", help=PipelineConfig.__dataclass_fields__["sparsity"]
-                                          .metadata["help"])]  # fmt: skip
+SparsityOpt = option("sparsity", str)  # text, so that it takes "auto" (its default as text: options.OWN)
 SPARSITY_DEFAULT = str(PipelineConfig.sparsity)
 DistillOpt = option("distill", bool)
 TeacherOpt = option("teacher")
@@ -85,7 +84,6 @@ BaselineOpt = option("baseline", Path | None)
 BaselineEpochsOpt = option("baseline_epochs", int | None, min=0)
 SparseOpt = option("sparse", Path | None)
 RefineLrOpt = option("refine_lr", float | None)
-PipelineEvalEveryOpt = EvalEveryOpt
 Int8Opt = option("int8", bool)
 OrtOpt = option("ort", bool)
 NcnnOpt = option("ncnn", bool)
@@ -144,7 +142,7 @@ def pipeline(
     selection: SelectionOpt = D.selection,
     sync_bn: SyncBnOpt = D.sync_bn,
     compile: CompileOpt = D.compile,
-    eval_every: PipelineEvalEveryOpt = D.eval_every,
+    eval_every: EvalEveryOpt = D.eval_every,
     batch: BatchesOpt = D.batch,
     threads: ThreadsOpt = None,
     bench_device: BenchDeviceOpt = D.bench_device,
