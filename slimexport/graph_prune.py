@@ -203,6 +203,8 @@ def prune_graph(
     folded = fold_dropped(model, new, g, plan, info["layers"], example_input) if cfg.fold else {}
     total = sum(x["before"] for x in info["layers"])
     kept = sum(x["after"] for x in info["layers"])
+    undone = _undone(model, g, imp, threshold, cfg, 1 - kept / total if total else 0.0)
+    extra |= {"undone": undone} if undone else {}
     record: PruneRecord = {
         "percent": percent,
         "threshold": threshold if math.isfinite(threshold) else None,
@@ -233,6 +235,34 @@ def prune_graph(
         "plan": plan,
     } | extra
     return new, record
+
+
+def _undone(model: nn.Module, g: ChannelGraph, imp: Importance, threshold: float, cfg: PruneConfig,
+            removed: float) -> dict[str, Any] | None:  # fmt: skip
+    """When --round-to or the floors put back most of what the threshold removed (``--percent 0.3`` on layers of 8
+    and 16 channels at round-to 16 removes nothing): what the threshold alone would have removed, which of the two
+    undid it, and what to change. None when they undid less than half."""
+    if cfg.round_to == 1 and cfg.min_keep == 0 and cfg.min_channels == 1:
+        return None
+
+    def fraction(round_to: int, min_channels: int, min_keep: float) -> float:
+        layers = describe(model, g, imp, choose(g, imp, threshold, min_channels, round_to, min_keep, cfg.widths)[0])
+        before = sum(x["before"] for x in layers["layers"])
+        return 1 - sum(x["after"] for x in layers["layers"]) / before if before else 0.0
+
+    alone = fraction(1, 1, 0.0)
+    if alone < 0.02 or removed >= 0.5 * alone:
+        return None
+    floors_only = fraction(1, cfg.min_channels, cfg.min_keep)
+    if cfg.round_to > 1 and floors_only >= 0.5 * alone:
+        by = f"--round-to {cfg.round_to}"
+        lower = "1, or 8" if cfg.round_to > 8 else "1"
+        advice = (f"layers narrower than about {2 * cfg.round_to} channels keep a whole block of {cfg.round_to}: "
+                  f"use --round-to {lower}, or prune more (a higher --percent)")  # fmt: skip
+    else:
+        by = "the floors (--min-channels, --min-keep)"
+        advice = "lower --min-keep or --min-channels, or prune more (a higher --percent)"
+    return {"threshold_alone": alone, "removed": removed, "by": by, "advice": advice}
 
 
 def _bisect_macs(model, x1, max_macs, values, at):

@@ -22,7 +22,7 @@ from slimexport.graph import BN_TYPES
 from slimexport.graph_prune import prune_graph
 from slimexport.importance import normalize_scores
 from slimexport.models import GraphModel
-from slimexport.records import PruneRecord
+from slimexport.records import PruneRecord, undone_line
 from slimexport.stats import count_macs, count_params
 
 __all__ = ["PruneConfig", "bn_gammas", "prune", "prune_model", "resolve_round_to"]
@@ -125,6 +125,12 @@ def prune(
             "round_to_reason": round_why,
         }
     )
+    if record.get("undone"):
+        from rich.markup import escape
+
+        from slimexport.console import console
+
+        console.print("[bold yellow]warning:[/] " + escape(undone_line(record["undone"])))
     if record["floored_layers"]:
         from rich.markup import escape
 

@@ -91,6 +91,11 @@ class PruneRecord(TypedDict, total=False):
         "channels_after / channels_before, over every BatchNorm's channels",
     ]
     floored_layers: Annotated[list[str], "layers kept at their floor"]
+    undone: Annotated[
+        dict[str, Any],
+        "only when --round-to or the floors put back most of what the threshold removed: `{threshold_alone, "
+        "removed, by, advice}`",
+    ]
     layers: Annotated[list[PruneLayer], "per BN"]
     params_before: Annotated[int, "parameters before"]
     params_after: Annotated[int, "and after"]
@@ -230,3 +235,9 @@ def schema_table() -> str:
         doc = doc.replace("|", "\\|")  # a bare "|" (as in |γ|) would end the markdown cell
         rows.append(f"| `{key}` | {doc} | {_describe(tp)} |")
     return "\n".join(rows)
+
+
+def undone_line(u: dict[str, Any]) -> str:
+    """The one line that says an asked-for prune mostly did not happen, why, and what to change."""
+    return (f"the threshold alone removes {100 * u['threshold_alone']:.0f}% of the BN channels but {u['by']} put most "
+            f"back: {100 * u['removed']:.0f}% removed; {u['advice']}")  # fmt: skip

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from slimexport.fileio import atomic_path, write_text
-from slimexport.records import Report
+from slimexport.records import Report, undone_line
 
 SCHEMA = "slimexport.report/1"
 
@@ -129,6 +129,26 @@ def _latency_rows(b: dict[str, Any], p: dict[str, Any], q: dict[str, Any]) -> li
     return lines
 
 
+def _prune_lines(x: dict[str, Any], p: dict[str, Any]) -> list[str]:
+    """What pruning did, in words: accuracy before refine, the threshold, floors, folding, and when the asked-for
+    prune mostly did not happen, why."""
+    line = (
+        f"Pruned model before refine: {_pct(p.get('accuracy_before_refine'))}; sparse model: "
+        f"{_pct(p.get('sparse_accuracy'))}. Global threshold |γ| > {x['threshold']} removed "
+        f"{x['channels_before'] - x['channels_after']} of {x['channels_before']} channels"
+    )
+    if x["floored_layers"]:
+        line += f"; layers kept at their floor: {', '.join(x['floored_layers'])}"
+    if x.get("prune_stream"):
+        line += "; channels read before any BatchNorm pruned too (--prune-stream)"
+    if x.get("folded"):
+        line += f"; β folded into {len(x['folded'])} layers that read removed channels"
+    lines = [line + ".", ""]
+    if x.get("undone"):
+        lines += [f"**The asked-for prune mostly did not happen:** {undone_line(x['undone'])}.", ""]
+    return lines
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     b, p, q = r["baseline"], r["pruned"], r["ratios"]
     cfg = r["config"]
@@ -149,22 +169,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"{100 * (p.get('accuracy', 0) - b.get('accuracy', 0)):+.2f} points |",
         f"| accuracy (PyTorch) | {_pct(b.get('torch_accuracy'))} | {_pct(p.get('torch_accuracy'))} | |",
         "",
-        f"Pruned model before refine: {_pct(p.get('accuracy_before_refine'))}; sparse model: "
-        f"{_pct(p.get('sparse_accuracy'))}. Global threshold |γ| > {r['prune']['threshold']} removed "
-        f"{r['prune']['channels_before'] - r['prune']['channels_after']} of {r['prune']['channels_before']} channels"
-        + (
-            f"; layers kept at their floor: {', '.join(r['prune']['floored_layers'])}"
-            if r["prune"]["floored_layers"]
-            else ""
-        )
-        + ("; channels read before any BatchNorm pruned too (--prune-stream)" if r["prune"].get("prune_stream") else "")
-        + (
-            f"; β folded into {len(r['prune']['folded'])} layers that read removed channels"
-            if r["prune"].get("folded")
-            else ""
-        )
-        + ".",
-        "",
+        *_prune_lines(r["prune"], p),
         _gamma_line(r.get("gamma")),
         "",
         "## Latency (onnxruntime, median and p90 in ms)",

@@ -252,3 +252,41 @@ def test_every_name_in_the_record_is_a_module_of_the_model_handed_in(make_model)
     used += [n for g in rec["groups"] + rec["unprunable"] for n in g["layers"]]
     assert used and set(used) <= names, sorted(set(used) - names)[:5]
     assert set(rec["plan"]) <= set(dict(m.net.named_modules()))
+
+
+def _narrow_net() -> nn.Module:
+    def cbr(i: int, o: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU())
+
+    torch.manual_seed(0)
+    from tests.helpers import randomize_bns
+
+    return randomize_bns(nn.Sequential(cbr(3, 8), cbr(8, 16), cbr(16, 8), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                       nn.Linear(8, 4)))  # fmt: skip
+
+
+def test_a_prune_that_rounding_or_floors_undid_says_so_why_and_what_to_change():
+    """--percent 0.3 on layers of 8 and 16 channels at --round-to 16 removed nothing and said nothing (×1.00)."""
+    m, x = _narrow_net(), torch.randn(2, 3, 8, 8)
+    _, exact = prune_graph(m, x, percent=0.3, round_to=1)
+    assert "undone" not in exact and exact["pruned_fraction"] > 0.25
+    _, rounded = prune_graph(m, x, percent=0.3, round_to=16)
+    u = rounded["undone"]
+    assert rounded["pruned_fraction"] == u["removed"] == 0.0 and u["threshold_alone"] == exact["pruned_fraction"]
+    assert u["by"] == "--round-to 16" and "--round-to 1" in u["advice"]
+    _, floored = prune_graph(m, x, percent=0.3, min_keep=0.9)
+    assert floored["undone"]["by"].startswith("the floors") and "--min-keep" in floored["undone"]["advice"]
+
+
+def test_the_prune_command_says_when_the_asked_for_prune_did_not_happen(tmp_path, make_model, small_ds):
+    from typer.testing import CliRunner
+
+    from slimexport.cli import app
+    from slimexport.train import data_meta
+
+    src = tmp_path / "sparse.pt"
+    save_checkpoint(make_checkpoint(make_model(TINY_VGG), data_meta(small_ds), {"stage": "sparse"}), src)
+    res = CliRunner().invoke(app, ["prune", str(src), "-p", "0.3", "--round-to", "32", "--out", str(tmp_path / "p.pt")])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 0 and "NOTE: the threshold alone removes" in text and "--round-to 32 put most back" in text
+    assert load_checkpoint(tmp_path / "p.pt")[1]["meta"]["prune"]["undone"]["by"] == "--round-to 32"

@@ -70,6 +70,7 @@ from slimexport.config import (
     settings_of,
 )
 from slimexport.errors import ConfigError
+from slimexport.records import undone_line
 from slimexport.settings_file import pipeline_settings, read_settings
 
 OutOpt = option("out", Path)
@@ -176,6 +177,7 @@ def pipeline(
         f"onnxruntime accuracy {b['accuracy']:.4f} -> {p['accuracy']:.4f}"
         + (f", speed-up ×{sp['speedup']:.2f} (batch {sp['batch']}, {sp['threads']} thread)" if sp else "")
         + f"; report: {Path(cfg.out) / 'report.md'}"
+        + (f"; NOTE: {undone_line(r['prune']['undone'])}" if r["prune"].get("undone") else "")
     )
     if len(r.get("variants", [])) > 2:
         say(_variants_line(r["variants"]))

@@ -45,6 +45,7 @@ from slimexport.cli.options import (
     plain,
 )
 from slimexport.config import PipelineConfig, PruneConfig
+from slimexport.records import undone_line
 
 EpochsOpt = Annotated[int, typer.Option("--epochs", "-e", min=1, help="Training epochs.")]
 
@@ -157,7 +158,7 @@ def _pruned_line(meta: dict, out: Path) -> str:
         f"pruned {r['channels_before'] - r['channels_after']}/{r['channels_before']} channels{budget}{rounded} at "
         f"threshold {r['threshold']}{scale}: params {r['params_before']:,} -> {r['params_after']:,} "
         f"(×{r['params_before'] / r['params_after']:.2f}), MACs ×{r['macs_before'] / r['macs_after']:.2f}"
-        f"{stream}{folded}{acc} -> {out}"
+        f"{stream}{folded}{acc} -> {out}" + (f"; NOTE: {undone_line(r['undone'])}" if r.get("undone") else "")
     )
 
 
