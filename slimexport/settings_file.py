@@ -33,7 +33,10 @@ def read_settings(path: str | os.PathLike) -> dict[str, Any]:
     suffix = p.suffix.lower()
     try:
         if suffix == ".toml":
-            import tomllib
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
+                import tomli as tomllib
 
             data = tomllib.loads(text)
         elif suffix in (".yaml", ".yml"):
