@@ -74,16 +74,17 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    from slimexport.models.program import is_program
-
-    if is_program(path):
-        raise CheckpointError(
-            f"{path} holds the torch.export programs of a model with no source (save_pruned without source=): load "
-            "it with slimexport.load_pruned and export it with slimexport.export_onnx; the commands read checkpoints"
-        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
+        from slimexport.models.program import is_program
+
+        if is_program(path):  # asked only of a file torch.load refused: no extra read on every checkpoint
+            raise CheckpointError(
+                f"{path} holds the torch.export programs of a model with no source (save_pruned without source=): "
+                "load it with slimexport.load_pruned and export it with slimexport.export_onnx; the commands read "
+                "checkpoints"
+            ) from None
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({reason[:160]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

@@ -24,7 +24,6 @@ from slimexport.config import BenchConfig, parse_device
 from slimexport.errors import ConfigError, DeviceError, ModelFileError
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"  # the names slimexport's own exports use
-MODEL_SUFFIXES = (".onnx", ".ort")
 CUDA_HINT = (
     "switch to the GPU build with: pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu "
     "(it shares the CPU wheel's import folder), with the CUDA and cuDNN its release notes name"
@@ -99,18 +98,27 @@ def check_model_file(path: str | os.PathLike) -> Path:
 FORMATS = {"onnx": "an ONNX model", "ort": "an .ort model (onnxruntime's mobile format)", "ncnn": "an ncnn model"}
 
 
+def _head(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(64)
+    except OSError as e:
+        raise ModelFileError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _is_ort(path: Path) -> bool:
+    """An onnxruntime mobile-format model: a flatbuffer whose identifier (bytes 4-8) is ``ORTM``."""
+    return _head(path)[4:8] == b"ORTM"
+
+
 def model_format(path: str | os.PathLike) -> str:
     """What a model file is, read from its first bytes rather than its name: ``onnx``, ``ort`` (a flatbuffer whose
     identifier is ``ORTM``) or ``ncnn`` (a ``.ncnn.param`` text, magic 7767517). The one place every command asks;
     a missing file, or one that is none of these (text, an image, a checkpoint), is a one-line
     :class:`ModelFileError` naming it."""
     path = check_model_file(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(64)
-    except OSError as e:
-        raise ModelFileError(f"cannot read {path}: {e.strerror or e}") from None
-    if head[4:8] == b"ORTM":
+    head = _head(path)
+    if head[4:8] == b"ORTM":  # as _is_ort reads it
         return "ort"
     if head.lstrip().startswith(b"7767517"):
         return "ncnn"
@@ -162,7 +170,7 @@ def ort_session(
     else:
         src = str(check_model_file(path))
         what = src
-        if str(path).endswith(".ort") or model_format(path) == "ort":
+        if _is_ort(Path(src)):
             so.add_session_config_entry("session.load_model_format", "ORT")
     try:
         sess = ort.InferenceSession(src, so, providers=_providers(provider, device_id))
