@@ -224,7 +224,7 @@ class _Loop:
         return loss.detach()
 
     def save(self, path: Path) -> None:
-        state = {"epoch": len(self.history) and self.history[-1]["epoch"], "precision": self.precision,
+        state = {"epoch": self.history[-1]["epoch"], "precision": self.precision,
                  "precision_reason": self.precision_why, "history": self.history,
                  "train_seconds": self.train_seconds}  # fmt: skip
         _save_state(path, self.model, self.cfg, self.opt, self.sched, self.gen, self.aug_gen, state)

@@ -77,8 +77,11 @@ def save_program(model: nn.Module, example_input: torch.Tensor, path: str | os.P
     x = example_input.detach()
     x = x if len(x) >= 2 else torch.cat([x, x])  # BatchNorm in training mode needs two samples
     was = model.training
-    with torch.no_grad():
-        num_classes = int(model.eval()(x).shape[1])
+    try:
+        with torch.no_grad():
+            num_classes = int(model.eval()(x).shape[1])
+    finally:
+        model.train(was)  # the exports below work on copies
     blobs = {}
     for part, training in zip(PARTS, (False, True)):
         copy_ = copy.deepcopy(model).train(training)  # exporting must not touch the caller's statistics
@@ -92,7 +95,6 @@ def save_program(model: nn.Module, example_input: torch.Tensor, path: str | os.P
         buf = io.BytesIO()
         torch.export.save(ep, buf)
         blobs[part] = buf.getvalue()
-    model.train(was)
     meta = {"format": FORMAT, "num_classes": num_classes, "in_channels": int(x.shape[1]),
             "image_size": list(x.shape[2:]), "prune": record}  # fmt: skip
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as z:
