@@ -31,7 +31,7 @@ from slimexport.config import BenchConfig, ExportConfig, PruneConfig, QuantizeCo
 from slimexport.data import Dataset
 from slimexport.deploy import quantize as _quantize
 from slimexport.errors import ConfigError
-from slimexport.export import export_model
+from slimexport.export import TensorInputs, export_model
 from slimexport.models import is_builtin
 from slimexport.models.external import GraphModel, external_config, is_external, trusted_code
 from slimexport.models.program import ProgramModel, is_program, load_program, save_program
@@ -107,21 +107,6 @@ def load_pruned(path: str | os.PathLike, trust: tuple[str, ...] | bool = ()) -> 
     return model.eval()
 
 
-class _Inputs:
-    """Images already normalised (float N, C, H, W), in the shape of a :class:`Dataset`'s test split, for the
-    parity check of :func:`export_onnx`."""
-
-    def __init__(self, x: torch.Tensor):
-        self.x_test = x.detach().float().cpu()
-        self.y_test = torch.zeros(len(x), dtype=torch.long)
-
-    def test_batches(self, batch_size: int, images: int | None = None, device=None):
-        """As :meth:`Dataset.test_batches`: the first ``images`` inputs in batches (already normalised)."""
-        n = len(self.y_test) if images is None else min(images, len(self.y_test))
-        for i in range(0, n, batch_size):
-            yield self.x_test[i : min(i + batch_size, n)], self.y_test[i : min(i + batch_size, n)]
-
-
 def export_onnx(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -135,7 +120,7 @@ def export_onnx(
     are :class:`ExportConfig` fields (``atol``, ``simplify``, ``opset``, ``parity_images``). Returns the record."""
     if data is None:
         data = example_input
-    inputs = data if isinstance(data, Dataset) else _Inputs(data)
+    inputs = data if isinstance(data, Dataset) else TensorInputs(data)
     if len(inputs.y_test) == 0:
         raise ConfigError("export_onnx needs at least one input to check parity on")
     cfg = ExportConfig(**options)

@@ -72,15 +72,10 @@ def choose_types(types: str = "auto", facts: dict[str, Any] | None = None) -> di
 
 
 class _Calibration:
-    """A CalibrationDataReader over ``n`` training images (a fixed random subset), normalised as at export."""
+    """onnxruntime's CalibrationDataReader over calibration inputs (an array, N first), in batches."""
 
-    def __init__(self, ds: Dataset, input_name: str, n: int, batch: int, seed: int):
-        import torch
-
-        g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(ds.y_train), generator=g)[:n]
-        self.x = ds.normalize(ds.x_train[idx].cpu()).numpy()
-        self.name, self.batch, self.pos = input_name, batch, 0
+    def __init__(self, x: np.ndarray, input_name: str, batch: int):
+        self.x, self.name, self.batch, self.pos = x, input_name, batch, 0
 
     def get_next(self):
         if self.pos >= len(self.x):
@@ -175,13 +170,39 @@ def quantize(
     cfg = cfg or QuantizeConfig()
     cfg.validate()
     model, sess, ds = _open_onnx(model, ds, "quantize")
+    if len(ds.y_train) == 0:
+        raise ConfigError("the calibration set is empty: the data set has no training images")
+    n = min(cfg.calib_images, len(ds.y_train))
+    import torch
+
+    idx = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(cfg.seed))[:n]  # a fixed subset
+    images = ds.normalize(ds.x_train[idx].cpu()).numpy()
+    rec = quantize_onnx(model, out, images, cfg, lambda dst: compare(model, dst, ds))
+    return rec | {
+        "fp32_accuracy": rec["measured"]["reference_accuracy"],
+        "accuracy": rec["measured"]["accuracy"],
+        "top1_agreement": rec["measured"]["top1_agreement"],
+        "max_abs_diff": rec["measured"]["max_abs_diff"],
+        "images": rec.pop("measured")["images"],
+    }
+
+
+def quantize_onnx(
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    calibration: np.ndarray,
+    cfg: QuantizeConfig,
+    measure: Any = None,
+) -> dict[str, Any]:
+    """The quantizer of any ONNX model with one image input: static QDQ INT8 at ``out`` (atomically), calibrated on
+    ``calibration`` (inputs as the model takes them, N first); ``measure(path)``, where given, is called on the
+    INT8 file before it is moved into place and its result recorded as ``measured``."""
+    model = Path(model)
     quantized = sorted(set(_op_counts(model)) & QUANTIZED_OPS)
     if quantized:
         raise ModelFileError(
             f"{model} is already quantized (it has {', '.join(quantized)} nodes): quantize its FP32 source instead"
         )
-    if len(ds.y_train) == 0:
-        raise ConfigError("the calibration set is empty: the data set has no training images")
     types = choose_types(cfg.types)
     t0 = time.perf_counter()
     out = Path(out)
@@ -190,10 +211,10 @@ def quantize(
         tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work-") as tmp,
         atomic_path(out, suffix=".onnx") as dst,
     ):
-        reader = _Calibration(ds, io_names(sess)[0], min(cfg.calib_images, len(ds.y_train)), cfg.calib_batch, cfg.seed)
+        reader = _Calibration(calibration, io_names(ort_session(model))[0], cfg.calib_batch)
         _quantize_static(model, Path(tmp) / "pre.onnx", dst, out, reader, cfg, types)
         quant_seconds = time.perf_counter() - t0
-        measured = compare(model, dst, ds)
+        measured = measure(dst) if measure is not None else None
         size = dst.stat().st_size
         ops = _op_counts(dst)
     return {
@@ -209,16 +230,11 @@ def quantize(
         "types_why": types["why"],
         "per_channel": cfg.per_channel,
         "calibrate": cfg.calibrate,
-        "calib_images": min(cfg.calib_images, len(ds.y_train)),
-        "fp32_accuracy": measured["reference_accuracy"],
-        "accuracy": measured["accuracy"],
-        "top1_agreement": measured["top1_agreement"],
-        "max_abs_diff": measured["max_abs_diff"],
-        "images": measured["images"],
+        "calib_images": len(calibration),
         "op_counts": ops,
         "quantize_seconds": quant_seconds,
         "config": asdict(cfg),
-    }
+    } | ({"measured": measured} if measured is not None else {})
 
 
 def convert(

@@ -30,7 +30,31 @@ from slimexport.rewrite import absorb_selections, for_export
 from slimexport.runtime import INPUT_NAME, OUTPUT_NAME, latency, ort_session
 from slimexport.selection import candidates
 
-__all__ = ["INPUT_NAME", "OUTPUT_NAME", "ExportConfig", "export", "export_model", "ort_session", "parity"]
+__all__ = [
+    "INPUT_NAME",
+    "OUTPUT_NAME",
+    "ExportConfig",
+    "TensorInputs",
+    "export",
+    "export_model",
+    "ort_session",
+    "parity",
+]
+
+
+class TensorInputs:
+    """Images already normalised (float N, C, H, W), in the shape of a :class:`Dataset`'s test split, for the
+    parity check of :func:`export_onnx`."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x_test = x.detach().float().cpu()
+        self.y_test = torch.zeros(len(x), dtype=torch.long)
+
+    def test_batches(self, batch_size: int, images: int | None = None, device=None):
+        """As :meth:`Dataset.test_batches`: the first ``images`` inputs in batches (already normalised)."""
+        n = len(self.y_test) if images is None else min(images, len(self.y_test))
+        for i in range(0, n, batch_size):
+            yield self.x_test[i : min(i + batch_size, n)], self.y_test[i : min(i + batch_size, n)]
 
 
 def _export_torch(model: torch.nn.Module, sample: torch.Tensor, path: Path, opset: int) -> None:

@@ -15,9 +15,6 @@ as the interrupted run (those that only say where to write, or whether to overwr
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +37,7 @@ from slimexport.config import PipelineConfig, PruneConfig, TrainConfig
 from slimexport.console import console
 from slimexport.data import Dataset, load_dataset
 from slimexport.deploy import convert, convert_ncnn, ncnn_available, quantize
-from slimexport.errors import CheckpointError, ConfigError, OutputExistsError
+from slimexport.errors import CheckpointError, ConfigError
 from slimexport.export import export
 from slimexport.fileio import check_output, output_lock, read_json, write_json
 from slimexport.graph import BN_TYPES
@@ -50,7 +47,7 @@ from slimexport.models import create_model, default_config
 from slimexport.models.external import canonical_source, is_external, torchvision_weights_file, trusted_code
 from slimexport.prune import bn_gammas, prune, prune_model
 from slimexport.report import build_report, plot_channels, plot_gammas, plot_latency, plot_variants, write_report
-from slimexport.rundir import check_resumable, is_run_dir, partial_dir, run_config
+from slimexport.rundir import Stage, check_start, execute, is_run_dir, partial_dir, run_config, start
 from slimexport.runtime import NCNN_HINT
 from slimexport.stats import count_macs, count_params
 from slimexport.train import adopt, data_meta, initial_model, probe_model, train
@@ -58,16 +55,6 @@ from slimexport.train import adopt, data_meta, initial_model, probe_model, train
 DEFAULT_ARCH = "vgg11_w25"
 # Under torchrun every rank runs these (with DDP); rank 0 alone runs the others while the rest wait.
 TRAINING_STAGES = ("baseline", "sparse", "refine")
-
-
-@dataclass
-class Stage:
-    """One step of the pipeline: ``run`` writes ``outputs`` (file names in the run directory) and returns the
-    stage's record."""
-
-    name: str
-    outputs: tuple[str, ...]
-    run: Callable[[_Run], dict[str, Any]]
 
 
 @dataclass
@@ -482,16 +469,7 @@ def run_pipeline(cfg: PipelineConfig, command: str = "") -> dict[str, Any]:
 def _run_locked(cfg: PipelineConfig, out: Path, command: str) -> dict[str, Any]:
     work = partial_dir(out)
     device = distributed.setup(resolve_device(cfg.device))  # under torchrun: join the group first
-    if cfg.resume and not work.is_dir():
-        state = "is complete" if (out / "report.json").is_file() else "has no interrupted run"
-        raise ConfigError(f"nothing to resume: {out} {state} ({work} does not exist)")
-    if not cfg.resume:
-        if work.exists() and not cfg.force:
-            raise OutputExistsError(
-                f"an interrupted run of {out} is kept in {work}: continue it with --resume, or start over with --force"
-            )
-        if out.exists() and not cfg.force:
-            raise OutputExistsError(f"run directory {out} already exists; pass --force to replace it")
+    check_start(out, work, cfg.resume, cfg.force)
     distributed.barrier()  # every rank has checked before rank 0 creates anything
     if cfg.bench.device != "cpu":
         provider_for(cfg.bench.device)  # a real session on CUDA, before any training
@@ -504,55 +482,8 @@ def _run_locked(cfg: PipelineConfig, out: Path, command: str) -> dict[str, Any]:
     _check_model(cfg, ds)
     config = run_config(cfg, device, ds)
     main = distributed.is_main()
-    if cfg.resume:
-        check_resumable(work, config)
-        records = read_json(work / "stages.json") if (work / "stages.json").is_file() else {}
-    else:
-        records = {}
-        if main:
-            shutil.rmtree(work, ignore_errors=True)
-            work.mkdir(parents=True)
-    if main:
-        write_json(work / "config.json", config)
+    records = start(work, config, cfg.resume, main)
     distributed.barrier()
     console.print(f"[bold]slimexport pipeline[/] {escape(f'{cfg.arch} on {ds.summary()}, device {device}')}")
     run = _Run(cfg, ds, device, work, records, command)
-    finished: list[str] = []
-    try:
-        rerun = False
-        for st in stages(cfg):
-            if not rerun and st.name in records and all((work / o).is_file() for o in st.outputs):
-                console.print(f"[dim]{st.name}: kept from the interrupted run[/]")
-                finished.append(st.name)
-                continue
-            rerun = True  # every later stage reads what this one writes
-            if main or st.name in TRAINING_STAGES:
-                t0 = time.perf_counter()
-                rec = st.run(run)
-                records[st.name] = {"seconds": time.perf_counter() - t0} | rec
-                if main:
-                    write_json(work / "stages.json", records)
-            distributed.barrier()  # the next stage reads this one's files
-            finished.append(st.name)
-    except BaseException:
-        epochs = sorted(p.name.removesuffix(".pt.resume") for p in work.glob("*.pt.resume"))
-        if main and (finished or epochs):
-            kept = [*finished, *(f"{name}'s finished epochs" for name in epochs)]
-            console.print(
-                f"[bold]{escape(', '.join(kept))} kept in {escape(str(work))}[/]; "
-                "continue with the same command and --resume"
-            )
-        elif main:
-            shutil.rmtree(work, ignore_errors=True)
-        raise
-    if not main:
-        return {}
-    report = read_json(work / "report.json")
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(work, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(work, out)
-    return report
+    return execute(stages(cfg), run, work, out, records, main, TRAINING_STAGES)

@@ -19,8 +19,9 @@ LAYERS = {
                "rewrite"],
     "models": ["models", "models.builtin", "models.external", "models.program"],
     "stages": ["data", "stream", "checkpoint", "regularizer", "precision", "loop", "train", "sparsity", "prune",
-               "selection", "export", "deploy", "bench", "report"],
-    "top": ["rundir", "pipeline", "api", "cli.options", "cli.app", "cli.training", "cli.deploying", "cli.pipeline",
+               "selection", "export", "deploy", "bench", "report", "detect", "detect.data", "detect.train",
+               "detect.evaluate"],
+    "top": ["rundir", "pipeline", "detect.pipeline", "api", "cli.options", "cli.app", "cli.training", "cli.deploying", "cli.pipeline",
             "cli.models", "cli", "", "__main__"],
 }  # fmt: skip
 LAYER_OF = {("slimexport." + m).rstrip("."): i for i, mods in enumerate(LAYERS.values()) for m in mods}

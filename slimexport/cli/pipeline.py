@@ -69,6 +69,7 @@ from slimexport.config import (
     parse_sparsity,
     settings_of,
 )
+from slimexport.detect.data import is_detector_run
 from slimexport.errors import ConfigError
 from slimexport.records import undone_line
 from slimexport.settings_file import pipeline_settings, read_settings
@@ -159,15 +160,22 @@ def pipeline(
     trust_model_code: TrustOpt = False,
     force: ForceOpt = D.force,
 ):
-    """Baseline → sparse training → prune → refine → ONNX export of both [→ INT8, .ort] → onnxruntime bench → report."""
+    """Baseline → sparse training → prune → refine → ONNX export of both [→ INT8, .ort] → onnxruntime bench → report.
+    Ultralytics YOLO detectors: --arch ultralytics:best.pt --dataset ultralytics:data.yaml (the yolo extra)."""
+    options = {k: v for k, v in locals().items() if k != "ctx"}
     from slimexport.pipeline import run_pipeline
 
-    options = {k: v for k, v in locals().items() if k != "ctx"}
-    cfg = run_settings(options, ctx, config)
+    if is_detector_run(cfg := run_settings(options, ctx, config)):
+        return _detector(cfg)
     with trusting(None, trust_model_code):
         r = run_pipeline(cfg, command=shlex.join(["slimexport", *sys.argv[1:]]))
     if not r:  # a rank other than 0 under torchrun: rank 0 wrote the run and reports it
         return
+    _summary(cfg, r)
+
+
+def _summary(cfg, r: dict[str, Any]) -> None:
+    """The classifier run's one summary line (and its variants')."""
     b, p, q = r["baseline"], r["pruned"], r["ratios"]
     sp = next(
         (s for s in q["speedup"] if s["batch"] == 1 and s["threads"] == 1), q["speedup"][0] if q["speedup"] else None
@@ -181,6 +189,22 @@ def pipeline(
     )
     if len(r.get("variants", [])) > 2:
         say(_variants_line(r["variants"]))
+
+
+def _detector(cfg) -> None:
+    """An Ultralytics detector's run (--arch ultralytics:FILE --dataset ultralytics:DATA.yaml) and its summary."""
+    from slimexport.detect.pipeline import run_detector_pipeline
+
+    r = run_detector_pipeline(cfg, command=shlex.join(["slimexport", *sys.argv[1:]]))
+    b, p, q = r["baseline"], r["pruned"], r["ratios"]
+    sp = next((s for s in q["speedup"] if s["batch"] == 1 and s["threads"] == 1), None)
+    say(
+        f"{cfg.arch}: params {b['params']:,} -> {p['params']:,} (×{q['params']:.2f}), MACs ×{q['macs']:.2f}, "
+        f"mAP50-95 in onnxruntime {b['map']['map50_95']:.4f} -> {p['map']['map50_95']:.4f}"
+        + (f", speed-up ×{sp['speedup']:.2f} at {sp['image_size']} (batch 1, 1 thread)" if sp else "")
+        + f"; report: {Path(cfg.out) / 'report.md'}"
+        + (f"; NOTE: {undone_line(r['prune']['undone'])}" if r["prune"].get("undone") else "")
+    )
 
 
 def run_settings(options: dict[str, Any], ctx: typer.Context | None = None, config: Path | None = None):
