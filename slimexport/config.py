@@ -379,16 +379,11 @@ class PipelineConfig:
     sparsity: float | str = setting(3e-3, flag="--sparsity", short="-s", help=(
         "Strength s of the sparsity term on every BN γ, or auto: chosen by a short probe from the baseline, the "
         "smallest s predicted to send --percent of the γ to zero without collapsing the rest."))  # fmt: skip
-    regularizer: str = setting(
-        "l1",
-        flag="--regularizer",
-        choices=REGULARIZERS,
-        help=(
-            "Sparsity term on every BN γ: l1, s·|γ| (the paper's); polar, the polarization regularizer "
-            "s·(t·|γ| − |γ − mean γ|) (Zhuang et al., NeurIPS 2020): γ below the mean are pulled t+1 times as hard as "
-            "those above, so |γ| splits into a group at 0 and one that stays, and the threshold falls in the gap."
-        ),
-    )
+    regularizer: str = setting("l1", flag="--regularizer", choices=REGULARIZERS, help=(
+        "Sparsity term on every BN γ: l1, s·|γ| (the paper's); polar, the polarization regularizer "
+        "s·(t·|γ| − |γ − mean γ|) (Zhuang et al., NeurIPS 2020): γ below the mean are pulled t+1 times as hard as "
+        "those above, so |γ| splits into a group at 0 and one that stays, and the threshold falls in the gap."
+    ))  # fmt: skip
     polar_t: float = setting(
         1.2, flag="--polar-t", help=("polar's t (> 1: every γ is still pulled down, the low ones hardest).")
     )
@@ -488,14 +483,13 @@ class PipelineConfig:
         "auto", flag="--device", choices=DEVICES, help=("Where to train: auto (CUDA if available), cpu, cuda.")
     )
     force: bool = setting(False, flag="--force", short="-f", help="Overwrite an existing output.")
-    resume: bool = setting(
-        False,
-        flag="--resume",
-        help=(
-            "Continue an interrupted run (kept in .OUT.partial beside OUT) with the same options: finished stages are "
-            "skipped, an interrupted training stage continues from its last epoch."
-        ),
-    )
+    resume: bool = setting(False, flag="--resume", help=(
+        "Continue an interrupted run (kept in .OUT.partial beside OUT) with the same options: finished stages are "
+        "skipped, an interrupted training stage continues from its last epoch (a detector's starts again)."
+    ))  # fmt: skip
+    train_args: str | None = setting(None, flag="--train-args", help=(
+        "Detectors (--arch ultralytics:FILE): Ultralytics' own training arguments for every training stage, "
+        "KEY=VALUE[,KEY=VALUE] (e.g. nbs=16,close_mosaic=0,optimizer=SGD,lr0=0.01)."))  # fmt: skip
     int8: bool = setting(
         False, flag="--int8", help=("Also quantize baseline and pruned to INT8 (onnxruntime QDQ) and bench all four.")
     )

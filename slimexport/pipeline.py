@@ -457,6 +457,8 @@ def run_pipeline(cfg: PipelineConfig, command: str = "") -> dict[str, Any]:
     checkpoint given as ``cfg.baseline``/``cfg.sparse`` runs only code the caller named (see
     :func:`~slimexport.models.external.trusted_code`). The run directory is locked while the run writes it."""
     cfg.validate()
+    if cfg.train_args:
+        raise ConfigError("--train-args are Ultralytics' training arguments: for detectors (--arch ultralytics:FILE)")
     if cfg.ncnn and not ncnn_available():
         raise ConfigError(f"--ncnn: {NCNN_HINT}")
     out = Path(cfg.out)

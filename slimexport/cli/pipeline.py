@@ -90,6 +90,7 @@ Int8Opt = option("int8", bool)
 OrtOpt = option("ort", bool)
 NcnnOpt = option("ncnn", bool)
 RunResumeOpt = option("resume", bool)
+TrainArgsOpt = option("train_args", str | None)
 ConfigOpt = Annotated[
     Path | None,
     typer.Option(
@@ -101,7 +102,10 @@ ConfigOpt = Annotated[
 ]
 
 
-@app.command()
+@app.command(
+    epilog="Ultralytics YOLO detectors (the yolo extra): --arch ultralytics:best.pt (or a model .yaml) "
+    "--dataset ultralytics:data.yaml; Ultralytics' trainer trains, mAP is measured in onnxruntime."
+)
 @handle_errors
 def pipeline(
     ctx: typer.Context,
@@ -157,11 +161,11 @@ def pipeline(
     calibrate: CalibrateOpt = D.calibrate,
     types: QuantTypesOpt = D.types,
     resume: RunResumeOpt = D.resume,
+    train_args: TrainArgsOpt = D.train_args,
     trust_model_code: TrustOpt = False,
     force: ForceOpt = D.force,
 ):
-    """Baseline → sparse training → prune → refine → ONNX export of both [→ INT8, .ort] → onnxruntime bench → report.
-    Ultralytics YOLO detectors: --arch ultralytics:best.pt --dataset ultralytics:data.yaml (the yolo extra)."""
+    """Baseline → sparse training → prune → refine → ONNX export of both [→ INT8, .ort] → onnxruntime bench → report."""
     options = {k: v for k, v in locals().items() if k != "ctx"}
     from slimexport.pipeline import run_pipeline
 

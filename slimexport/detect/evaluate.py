@@ -48,7 +48,19 @@ def build(yaml: dict[str, Any], nc: int, plan: dict[str, Any] | None, where: str
     check_yaml_modules(yaml, where)
     with contextlib.redirect_stdout(io.StringIO()):
         model = DetectionModel(copy.deepcopy(yaml), nc=nc, verbose=False)
-    return apply_plan(model, plan) if plan else model
+    return sync_widths(apply_plan(model, plan)) if plan else model
+
+
+def sync_widths(model: nn.Module) -> nn.Module:
+    """Set the hidden width ``c`` that Ultralytics' split blocks (C2f, C3k2, C2PSA, ...) keep as an attribute to what
+    pruning left in their ``cv1`` (two halves of ``c``): their ``forward`` chunks the tensor it gets, but the
+    ``forward_split`` its exporter switches to, and their attention blocks, split by ``(c, c)``."""
+    for m in model.modules():
+        cv1 = getattr(getattr(m, "cv1", None), "conv", None)
+        if isinstance(getattr(m, "c", None), int) and isinstance(cv1, nn.Conv2d) and 2 * m.c != cv1.out_channels:
+            if cv1.out_channels % 2 == 0 and hasattr(m, "forward_split"):
+                m.c = cv1.out_channels // 2
+    return model
 
 
 def save_detector(model: nn.Module, path: str | os.PathLike, plan: dict[str, Any] | None, meta: dict[str, Any]) -> None:
@@ -145,7 +157,7 @@ def save_ultralytics(model: nn.Module, path: str | os.PathLike, train_args: dict
     not half, so it measures what slimexport measured."""
     from ultralytics import __version__
 
-    m = copy.deepcopy(model).float().eval()
+    m = sync_widths(copy.deepcopy(model).float().eval())
     m.args = {k: v for k, v in (train_args or {}).items() if isinstance(v, (bool, int, float, str))}
     ckpt = {"date": datetime.now(timezone.utc).isoformat(), "version": __version__, "license": "AGPL-3.0",
             "model": m, "train_args": m.args}  # fmt: skip

@@ -33,7 +33,7 @@ from slimexport.records import undone_line
 from slimexport.report import machine, plot_channels, plot_gammas, versions
 from slimexport.rundir import Stage, check_start, execute, is_run_dir, partial_dir, start
 from slimexport.runtime import latency
-from slimexport.stats import count_macs_on, count_params
+from slimexport.stats import count_macs_on
 
 DEFAULT_IMAGE_SIZE = 640  # Ultralytics' own default
 DEPLOY_SIZE = 640  # latency is also measured here, the size detectors ship at
@@ -52,6 +52,7 @@ class _Run:
     command: str
     device: str
     size: int
+    train_args: dict[str, Any]
 
     def sample(self, n: int, split: str = "val") -> torch.Tensor:
         """The first ``n`` images of a split, letterboxed as Ultralytics feeds them."""
@@ -61,7 +62,7 @@ class _Run:
     def train(self, model, name: str, epochs: int, sparsity: float = 0.0):
         return train_detector(
             model, self.data, self.dir / "ultralytics" / name, epochs, self.size, self.cfg.batch_size or 16,
-            self.device, self.cfg.seed, sparsity, self.cfg.regularizer, self.cfg.polar_t,
+            self.device, self.cfg.seed, sparsity, self.cfg.regularizer, self.cfg.polar_t, **self.train_args,
         )  # fmt: skip
 
 
@@ -73,11 +74,13 @@ def _baseline_stage(r: _Run) -> dict[str, Any]:
         if src.suffix in (".yaml", ".yml"):
             raise ConfigError(f"--baseline-epochs 0 takes a trained .pt as the baseline, not the yaml {src}")
         if ev.nc_of(model) != r.info["nc"]:
-            raise ConfigError(f"{src} detects {ev.nc_of(model)} classes but {r.data} has {r.info['nc']}: train it on this "
-                              "data first (--baseline-epochs N)")  # fmt: skip
+            raise ConfigError(f"{src} detects {ev.nc_of(model)} classes but {r.data} has {r.info['nc']}: train it "
+                              "on this data first (--baseline-epochs N)")  # fmt: skip
         model.names, rec = dict(enumerate(r.info["names"])), {"epochs": 0}
     else:
-        if ev.nc_of(model) != r.info["nc"]:  # as Ultralytics does: a new head for the data's classes, the rest transferred
+        if (
+            ev.nc_of(model) != r.info["nc"]
+        ):  # as Ultralytics does: a new head for the data's classes, the rest transferred
             fresh = ev.build(model.yaml, r.info["nc"], None, str(src))
             fresh.load_state_dict(
                 {k: v for k, v in model.state_dict().items() if fresh.state_dict()[k].shape == v.shape}, strict=False
@@ -103,6 +106,7 @@ def _sparse_stage(r: _Run) -> dict[str, Any]:
 def _prune_stage(r: _Run) -> dict[str, Any]:
     model, _ = ev.load_detector(r.dir / "sparse.ckpt")
     pruned, rec = prune_model(model, example_input=r.sample(1), cfg=r.cfg.prune)
+    ev.sync_widths(pruned)
     ev.save_detector(pruned, r.dir / "pruned.ckpt", rec["plan"], {"stage": "pruned", "prune": _summary(rec)})
     if rec.get("undone"):
         console.print(f"[yellow]prune: {undone_line(rec['undone'])}[/]")
@@ -175,7 +179,8 @@ def _latency_at(r: _Run, size: int) -> list[dict[str, Any]]:
 
 def _model_facts(r: _Run, ckpt: str, x: torch.Tensor) -> dict[str, Any]:
     model, _ = ev.load_detector(r.dir / ckpt)
-    return {"params": count_params(model), "macs": count_macs_on(model, x)}
+    # every parameter, as Ultralytics counts them (its DFL conv is frozen: count_params would leave it out)
+    return {"params": sum(q.numel() for q in model.parameters()), "macs": count_macs_on(model, x)}
 
 
 def _report_stage(r: _Run) -> dict[str, Any]:
@@ -269,6 +274,32 @@ def stages(cfg: PipelineConfig) -> list[Stage]:
     ]
 
 
+OWN_ARGS = ("model", "data", "epochs", "imgsz", "batch", "device", "seed", "project", "name", "exist_ok", "resume")
+
+
+def train_args(text: str | None) -> dict[str, Any]:
+    """``--train-args`` KEY=VALUE[,KEY=VALUE] as Ultralytics training arguments (values read as YAML scalars),
+    checked against Ultralytics' own list; those slimexport sets from its options are refused."""
+    import yaml
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
+    out: dict[str, Any] = {}
+    for item in filter(None, (t.strip() for t in (text or "").split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--train-args {item!r}: expected KEY=VALUE")
+        if key not in DEFAULT_CFG_DICT:
+            raise ConfigError(f"--train-args {key}: not an Ultralytics training argument")
+        if key in OWN_ARGS:
+            raise ConfigError(f"--train-args {key}: set by slimexport's own options (--epochs, --image-size, ...)")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"--train-args {key}={value!r}: not a value") from None
+    return out
+
+
 def _check_options(cfg: PipelineConfig) -> None:
     default = PipelineConfig()
     given = [f for f in NOT_FOR_DETECTORS if getattr(cfg, f) != getattr(default, f)]
@@ -277,6 +308,7 @@ def _check_options(cfg: PipelineConfig) -> None:
     if given:
         flags = ", ".join("--" + f.replace("_", "-") for f in given)
         raise ConfigError(f"{flags}: not for detectors (Ultralytics' trainer trains them with its own schedule)")
+    train_args(cfg.train_args)
     if not isinstance(cfg.sparsity, (int, float)):
         raise ConfigError("--sparsity auto is for classifiers: give detectors a number (e.g. 1e-3)")
 
@@ -301,5 +333,5 @@ def run_detector_pipeline(cfg: PipelineConfig, command: str = "") -> dict[str, A
         ul_device = "cpu" if device.type == "cpu" else str(device.index or 0)
         console.print(f"[bold]slimexport pipeline[/] {cfg.arch} on {data} ({info['train']} train / {info['val']} "
                       f"val images, {info['nc']} classes) at {size}, device {device}")  # fmt: skip
-        run = _Run(cfg, data, info, work, records, command, ul_device, size)
+        run = _Run(cfg, data, info, work, records, command, ul_device, size, train_args(cfg.train_args))
         return execute(stages(cfg), run, work, out, records, True)
