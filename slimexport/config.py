@@ -516,7 +516,8 @@ class PipelineConfig:
             raise ConfigError("--epochs and --refine-epochs must be at least 1")
         if self.baseline_epochs is not None and self.baseline_epochs < 0:
             raise ConfigError(f"--baseline-epochs must be 0 or more, got {self.baseline_epochs}")
-        if self.baseline_epochs == 0 and self.weights is None and self.baseline is None:
+        trained_detector = str(self.arch or "").startswith("ultralytics:")  # the .pt it names is the baseline
+        if self.baseline_epochs == 0 and self.weights is None and self.baseline is None and not trained_detector:
             raise ConfigError(
                 "--baseline-epochs 0 takes a trained model as the baseline: give it with --weights FILE, "
                 "--weights torchvision:IMAGENET1K_V1 or --baseline CHECKPOINT"
