@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from slimexport.cli.app import app, handle_errors
+from slimexport.cli.app import app, handle_errors, say
 from slimexport.console import console
 
 
@@ -59,3 +60,22 @@ def models(
     console.print(
         "Any other CNN: --arch torchvision:NAME (slimexport models --torchvision), timm:NAME, FILE.py:FACTORY"
     )
+
+
+@app.command("detection-data")
+@handle_errors
+def detection_data(
+    out: Annotated[Path, typer.Argument(help="Directory to write (images/, labels/, data.yaml).")],
+    train: Annotated[int, typer.Option("--train", min=1, help="Training images.")] = 1000,
+    val: Annotated[int, typer.Option("--val", min=1, help="Validation images.")] = 200,
+    image_size: Annotated[int, typer.Option("--image-size", min=32, help="Canvas height = width.")] = 160,
+    max_objects: Annotated[int, typer.Option("--max-objects", min=1, help="Items per image, at most.")] = 4,
+    seed: Annotated[int, typer.Option("--seed", help="Same seed, same files.")] = 0,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing OUT.")] = False,
+):
+    """Write an offline detection data set in Ultralytics' format: Fashion-MNIST items (the embedded subset) pasted
+    on canvases, boxes known, 10 classes; for `pipeline --arch ultralytics:... --dataset ultralytics:OUT/data.yaml`."""
+    from slimexport.detect.data import make_dataset
+
+    path = make_dataset(out, train, val, image_size, max_objects, seed, force)
+    say(f"wrote {train} train / {val} val images of {image_size}x{image_size}: {path}")

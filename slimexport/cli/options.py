@@ -33,6 +33,7 @@ OWN: dict[str, set[str]] = {
     "convert": {"out"},
     "pipeline": {"sparsity"},  # text, so that it takes "auto"
     "models": {"image_size"},
+    "detection-data": {"out", "image_size", "seed", "force"},  # the data set's own, not a run's
 }
 
 

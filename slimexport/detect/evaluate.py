@@ -134,7 +134,7 @@ def read_user_model(path: str | os.PathLike) -> nn.Module:
             yaml = yaml_model_load(str(p))
         except Exception as e:  # noqa: BLE001 - YAML errors of several kinds
             raise ModelFileError(f"model yaml {p}: {str(e).splitlines()[0][:150]}") from None
-        return build(yaml, int(yaml.get("nc", 80)), None, str(p))
+        return _detector_only(build(yaml, int(yaml.get("nc", 80)), None, str(p)), p)
     from ultralytics.nn.tasks import load_checkpoint
 
     try:
@@ -142,13 +142,21 @@ def read_user_model(path: str | os.PathLike) -> nn.Module:
             model, _ = load_checkpoint(str(p))
     except Exception as e:  # noqa: BLE001 - a pickle can fail in any way
         raise ModelFileError(f"{p}: not an Ultralytics model ({str(e).strip().splitlines()[0][:150]})") from None
-    from ultralytics.nn.tasks import DetectionModel
-
-    if type(model) is not DetectionModel:
-        raise ModelFileError(f"{p}: a {type(model).__name__}; slimexport's detector pipeline takes detection models")
     for q in model.parameters():
         q.requires_grad_(False)
-    return model.float().eval()
+    return _detector_only(model.float().eval(), p)
+
+
+def _detector_only(model: nn.Module, p: Path) -> nn.Module:
+    """Detection models with a plain ``Detect`` head (YOLOv8, YOLO11 and their kind); segmentation, pose, OBB and
+    end-to-end heads are refused with one line."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    head = type(model.model[-1]).__name__ if hasattr(model, "model") else type(model).__name__
+    if type(model) is not DetectionModel or head != "Detect" or getattr(model.model[-1], "end2end", False):
+        raise ModelFileError(f"{p}: a {type(model).__name__} with a {head} head; slimexport's detector pipeline "
+                             "takes detection models with a Detect head (YOLOv8, YOLO11)")  # fmt: skip
+    return model
 
 
 def save_ultralytics(model: nn.Module, path: str | os.PathLike, train_args: dict[str, Any] | None = None) -> None:

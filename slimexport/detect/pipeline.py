@@ -313,6 +313,21 @@ def _check_options(cfg: PipelineConfig) -> None:
         raise ConfigError("--sparsity auto is for classifiers: give detectors a number (e.g. 1e-3)")
 
 
+def _preflight(model: torch.nn.Module) -> None:
+    """Prune a copy at 50% with random γ before any training: a model the engine cannot prune fails in seconds."""
+    import copy
+
+    from slimexport.graph import BN_TYPES
+
+    trial = copy.deepcopy(model).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in trial.modules():
+            if isinstance(m, BN_TYPES) and m.weight is not None:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.05)
+    prune_model(trial, 0.5, example_input=torch.rand(1, 3, 64, 64), round_to=1)
+
+
 def run_detector_pipeline(cfg: PipelineConfig, command: str = "") -> dict[str, Any]:
     """Run (or with ``cfg.resume`` continue) a detector's pipeline; returns the report (``report.json``)."""
     cfg.validate()
@@ -325,7 +340,7 @@ def run_detector_pipeline(cfg: PipelineConfig, command: str = "") -> dict[str, A
         check_start(out, work, cfg.resume, cfg.force)
         data = Path(cfg.dataset.removeprefix(PREFIX)).expanduser().resolve()
         info = check_data(data)
-        ev.read_user_model(Path(str(cfg.arch).removeprefix(PREFIX)))  # a bad model file fails now, not after data
+        _preflight(ev.read_user_model(Path(str(cfg.arch).removeprefix(PREFIX))))  # fails now, not after training
         device = resolve_device(cfg.device)
         size = cfg.image_size or DEFAULT_IMAGE_SIZE
         config = dataclasses.asdict(cfg) | {"resolved_device": str(device), "data": info, "image_size": size}
