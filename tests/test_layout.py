@@ -13,7 +13,7 @@ PKG = Path(slimexport.__file__).parent
 # sources (built-ins, torchvision, timm, files) build what the engine prunes; the stages turn one artifact on disk
 # into the next; the pipeline, the Python API and the CLI chain them.
 LAYERS = {
-    "base": ["errors", "config", "settings_file", "console", "fileio", "records", "channels", "stats", "runtime",
+    "base": ["errors", "fields", "config", "settings_file", "console", "fileio", "records", "channels", "stats", "runtime",
              "distributed", "assets"],
     "engine": ["oprules", "trace", "rawreads", "graph", "importance", "plan", "selfcheck", "fold", "graph_prune",
                "rewrite"],
@@ -119,8 +119,9 @@ def test_runtime_and_the_settings_are_leaves():
     """The settings (config) import nothing but errors, so every layer and a fast `--help` can read them; runtime
     reads only the settings."""
     g = _graph()
-    assert g["slimexport.config"] <= {"slimexport.errors"}
-    assert g["slimexport.runtime"] <= {"slimexport.errors", "slimexport.config"}
+    assert g["slimexport.config"] <= {"slimexport.errors", "slimexport.fields"}
+    assert g["slimexport.fields"] <= {"slimexport.errors"}
+    assert g["slimexport.runtime"] <= {"slimexport.errors", "slimexport.config", "slimexport.fields"}
 
 
 def test_the_reference_documents_report_json_as_the_types_say():
