@@ -137,7 +137,8 @@ def _op_counts(path: Path) -> dict[str, int]:
     return dict(sorted(Counter(n.op_type for n in onnx.load(str(path)).graph.node).items()))
 
 
-def _quantize_static(model: Path, pre: Path, dst: Path, out: Path, reader, cfg: QuantizeConfig, types: dict) -> None:
+def _quantize_static(model: Path, pre: Path, dst: Path, out: Path, reader, cfg: QuantizeConfig, types: dict,
+                     op_types: list[str] | None = None) -> None:  # fmt: skip
     """onnxruntime's pre-processing and static QDQ quantization of ``model`` into ``dst``; its many kinds of failure
     as one line naming the user's files (not the temporary ones)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -158,6 +159,7 @@ def _quantize_static(model: Path, pre: Path, dst: Path, out: Path, reader, cfg: 
             quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
                             reduce_range=types["reduce_range"], activation_type=qtype[types["activation"]],
                             weight_type=qtype[types["weight"]], calibrate_method=methods[cfg.calibrate],
+                            op_types_to_quantize=op_types,
                             extra_options={"CalibTensorRangeSymmetric": False})  # fmt: skip
     except SlimExportError:
         raise
@@ -198,10 +200,13 @@ def quantize_onnx(
     calibration: np.ndarray,
     cfg: QuantizeConfig,
     measure: Any = None,
+    op_types: list[str] | None = None,
 ) -> dict[str, Any]:
     """The quantizer of any ONNX model with one image input: static QDQ INT8 at ``out`` (atomically), calibrated on
     ``calibration`` (inputs as the model takes them, N first); ``measure(path)``, where given, is called on the
-    INT8 file before it is moved into place and its result recorded as ``measured``."""
+    INT8 file before it is moved into place and its result recorded as ``measured``. ``op_types``: quantize only
+    these operators (a detector's ``["Conv"]``: its box decoding, which mixes pixel coordinates and
+    probabilities in one tensor, stays float); all that onnxruntime quantizes by default otherwise."""
     model = Path(model)
     quantized = sorted(set(_op_counts(model)) & QUANTIZED_OPS)
     if quantized:
@@ -217,7 +222,7 @@ def quantize_onnx(
         atomic_path(out, suffix=".onnx") as dst,
     ):
         reader = _Calibration(calibration, io_names(ort_session(model))[0], cfg.calib_batch)
-        _quantize_static(model, Path(tmp) / "pre.onnx", dst, out, reader, cfg, types)
+        _quantize_static(model, Path(tmp) / "pre.onnx", dst, out, reader, cfg, types, op_types)
         quant_seconds = time.perf_counter() - t0
         measured = measure(dst) if measure is not None else None
         size = dst.stat().st_size
@@ -239,6 +244,7 @@ def quantize_onnx(
         "op_counts": ops,
         "quantize_seconds": quant_seconds,
         "config": asdict(cfg),
+        "op_types": op_types or "default",
     } | ({"measured": measured} if measured is not None else {})
 
 
