@@ -27,6 +27,7 @@ from slimexport.fields import (  # noqa: F401 - the choices and helpers are impo
     PROVIDERS,
     QUANT_TYPES,
     REGULARIZERS,
+    RUNTIMES,
     SCHEDULES,
     SELECTION_MODES,
     TEACHERS,
@@ -38,6 +39,10 @@ from slimexport.fields import (  # noqa: F401 - the choices and helpers are impo
 )
 from slimexport.fields import fraction as _fraction
 from slimexport.fields import one_of as _one_of
+
+
+def _number(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
 
 
 @dataclass
@@ -59,6 +64,18 @@ class PruneConfig:
     max_macs: float | None = setting(None, flag="--max-macs", help=(
         "Instead of --percent: the fraction of the unpruned MACs to keep, in (0, 1]; the lowest global threshold "
         "that fits it (with --prune-steps, each step's share of the way)."))  # fmt: skip
+    target_speedup: float | None = setting(None, flag="--target-speedup", help=(
+        "Instead of --percent: prune until the model runs this many times faster than the unpruned one on the "
+        "target runtime (--runtime, --latency-batch, --latency-threads), measured: the lowest global threshold whose "
+        "exported model, timed side by side with the unpruned one, is that fast (e.g. 2: twice as fast)."))  # fmt: skip
+    max_latency: float | None = setting(None, flag="--max-latency", help=(
+        "Instead of --percent: the latency in ms the pruned model may take at most on the target runtime, measured "
+        "as for --target-speedup."))  # fmt: skip
+    runtime: str = setting("onnxruntime", flag="--runtime", choices=RUNTIMES, help=(
+        "Where --target-speedup and --max-latency are measured: onnxruntime (CPU), onnxruntime-cuda (a GPU), "
+        "ncnn (the ncnn extra)."))  # fmt: skip
+    latency_batch: int = setting(1, flag="--latency-batch", help="Batch size of the latency target's measurements.")
+    latency_threads: int = setting(1, flag="--latency-threads", help="Threads of the latency target's measurements.")
     min_channels: int = setting(
         1,
         flag="--min-channels",
@@ -91,8 +108,17 @@ class PruneConfig:
     widths: dict[str, int] | None = None
 
     def validate(self) -> PruneConfig:
-        if (self.percent is None) == (self.max_macs is None):
-            raise ConfigError("give either --percent or --max-macs, not both")
+        asked = [n for n in ("percent", "max_macs", "target_speedup", "max_latency") if getattr(self, n) is not None]
+        if len(asked) != 1:
+            raise ConfigError("give one of --percent, --max-macs, --target-speedup or --max-latency")
+        if self.target_speedup is not None and not (_number(self.target_speedup) and self.target_speedup > 1):
+            raise ConfigError(f"--target-speedup must be above 1 (×2: twice as fast), got {self.target_speedup}")
+        if self.max_latency is not None and not (_number(self.max_latency) and self.max_latency > 0):
+            raise ConfigError(f"--max-latency must be a positive number of ms, got {self.max_latency}")
+        _one_of(self.runtime, RUNTIMES, "--runtime")
+        for flag, v in (("--latency-batch", self.latency_batch), ("--latency-threads", self.latency_threads)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{flag} must be a positive integer, got {v!r}")
         if self.percent is not None:
             self.percent = _fraction(self.percent, "--percent", False, True, "the fraction of BN channels to prune")
         if self.max_macs is not None:
@@ -120,7 +146,8 @@ class PruneConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in options.items() if k in names}
         if kw.get("percent") is None:
-            kw["percent"] = None if kw.get("max_macs") is not None else cls.percent
+            other = any(kw.get(k) is not None for k in ("max_macs", "target_speedup", "max_latency"))
+            kw["percent"] = None if other else cls.percent
         return cls(**kw)
 
 
@@ -476,6 +503,8 @@ class PipelineConfig:
         self.sparsity = parse_sparsity(self.sparsity)
         _one_of(self.teacher, TEACHERS, "--teacher")
         _one_of(self.data_cache, CACHES, "--data-cache")
+        if self.prune_steps > 1 and (self.prune.target_speedup is not None or self.prune.max_latency is not None):
+            raise ConfigError("--prune-steps above 1 with a latency target: give the target in one step")
         if self.prune_steps < 1 or self.prune_steps > self.refine_epochs:
             raise ConfigError(
                 f"--prune-steps {self.prune_steps}: between 1 and --refine-epochs ({self.refine_epochs}); each step "

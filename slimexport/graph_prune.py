@@ -156,12 +156,13 @@ def describe(model: nn.Module, g: ChannelGraph, imp: Importance, removed: set[in
 
 
 def prune_graph(
-    model: nn.Module, example_input: Inputs, cfg: PruneConfig | None = None, **kw: Any
+    model: nn.Module, example_input: Inputs, cfg: PruneConfig | None = None, probe: Any = None, **kw: Any
 ) -> tuple[nn.Module, PruneRecord]:
     """Prune any CNN by network slimming; returns (a physically smaller copy, the record). ``model`` is unchanged.
 
     ``cfg`` (or its fields as keywords) says how much and how (:class:`PruneConfig`). A model with no BatchNorm
-    is a :class:`ConfigError`.
+    is a :class:`ConfigError`. For a latency target, ``probe`` (a :class:`slimexport.latency.LatencyProbe`: the
+    engine knows no runtime) says whether a candidate is fast enough.
     """
     cfg = (PruneConfig(**kw) if cfg is None else dataclasses.replace(cfg, **kw)).validate()
     if cfg.round_to == "auto":
@@ -178,25 +179,13 @@ def prune_graph(
     prunable = imp.prunable
     if not prunable:
         raise ConfigError(f"no channel of {type(model).__name__} can be pruned: {_why_none(g, imp.scores)}")
-    values = sorted(prunable.values())
 
     def at(threshold: float) -> tuple[nn.Module, set[int], list[str], dict[str, Any]]:
         removed, floored = choose(g, imp, threshold, cfg.min_channels, cfg.round_to, cfg.min_keep, cfg.widths)
         plan = make_plan(g, removed)
         return apply_plan(copy.deepcopy(model), plan), removed, floored, plan
 
-    extra: dict[str, Any] = {}
-    if cfg.max_macs is not None:
-        threshold, best = _bisect_macs(model, first_sample(example_input), cfg.max_macs, values, at)
-        w = class_weights(model, g)
-        percent = sum(max(1, w.get(c, 1)) for c, v in prunable.items() if v <= threshold) / sum(
-            max(1, w.get(c, 1)) for c in prunable
-        )
-        extra = {"max_macs": cfg.max_macs}
-    else:
-        percent = cfg.percent
-        threshold = threshold_at(prunable, class_weights(model, g), percent)
-        best = at(threshold)
+    threshold, best, percent, extra = _threshold(model, example_input, cfg, probe, g, prunable, at)
     new, removed, floored, plan = best
     info = describe(model, g, imp, removed)
     check_pruned(model, new, info["layers"], example_input, raw_removed(g, plan))
@@ -237,6 +226,31 @@ def prune_graph(
     return new, record
 
 
+def _threshold(model, example_input, cfg: PruneConfig, probe, g: ChannelGraph, prunable: dict, at):
+    """The global threshold the prune asks for (``--percent``, a ``--max-macs`` budget, or a latency target the
+    ``probe`` measures), the pruned candidate at it, the fraction of channel classes it removes, and the record's
+    extra fields."""
+    values = sorted(prunable.values())
+    extra: dict[str, Any] = {}
+    if cfg.max_macs is not None or probe is not None:
+        if probe is not None:
+            threshold, best, reached = _bisect(values, at, lambda m: probe.fits(m))
+            probe.retime(best[0])
+            extra = {"latency_target": probe.record() | ({} if reached else {"unreachable": UNREACHABLE})}
+        else:
+            threshold, best = _bisect_macs(model, first_sample(example_input), cfg.max_macs, values, at)
+            extra = {"max_macs": cfg.max_macs}
+        w = class_weights(model, g)
+        percent = sum(max(1, w.get(c, 1)) for c, v in prunable.items() if v <= threshold) / sum(
+            max(1, w.get(c, 1)) for c in prunable
+        )
+    else:
+        percent = cfg.percent
+        threshold = threshold_at(prunable, class_weights(model, g), percent)
+        best = at(threshold)
+    return threshold, best, percent, extra
+
+
 def _undone(model: nn.Module, g: ChannelGraph, imp: Importance, threshold: float, cfg: PruneConfig,
             removed: float) -> dict[str, Any] | None:  # fmt: skip
     """When --round-to or the floors put back most of what the threshold removed (``--percent 0.3`` on layers of 8
@@ -263,6 +277,27 @@ def _undone(model: nn.Module, g: ChannelGraph, imp: Importance, threshold: float
         by = "the floors (--min-channels, --min-keep)"
         advice = "lower --min-keep or --min-channels, or prune more (a higher --percent)"
     return {"threshold_alone": alone, "removed": removed, "by": by, "advice": advice}
+
+
+UNREACHABLE = "even the most the floors let the threshold remove is not that fast: the nearest feasible model"
+
+
+def _bisect(values, at, fits):
+    """The lowest threshold (fewest removed classes) whose pruned model ``fits`` (a measured predicate: it is
+    asked about O(log n) candidates), and whether any does; where none does, the most pruned model."""
+    most = at(values[-1])
+    if not fits(most[0]):
+        return values[-1], most, False
+    lo, hi, threshold, best = 0, len(values), values[-1], most
+    while lo < hi:
+        mid = (lo + hi) // 2
+        thr = float("-inf") if mid == 0 else values[mid - 1]
+        cand = at(thr)
+        if fits(cand[0]):
+            hi, best, threshold = mid, cand, thr
+        else:
+            lo = mid + 1
+    return threshold, best, True
 
 
 def _bisect_macs(model, x1, max_macs, values, at):

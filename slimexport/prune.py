@@ -21,6 +21,7 @@ from slimexport.errors import ConfigError
 from slimexport.graph import BN_TYPES
 from slimexport.graph_prune import prune_graph
 from slimexport.importance import normalize_scores
+from slimexport.latency import LatencyProbe
 from slimexport.models import GraphModel
 from slimexport.records import PruneRecord, undone_line
 from slimexport.stats import count_macs, count_params
@@ -77,7 +78,8 @@ def prune_model(
 ) -> tuple[nn.Module, PruneRecord]:
     """Prune any CNN by network slimming; ``model`` is not modified. Returns (the smaller model, the record).
 
-    ``percent`` (or ``max_macs=``, and the other fields of :class:`PruneConfig` as keywords, or ``cfg``) says how
+    ``percent`` (or ``max_macs=``, ``target_speedup=`` or ``max_latency=``: measured in onnxruntime,
+    :mod:`slimexport.latency`, and the other fields of :class:`PruneConfig` as keywords, or ``cfg``) says how
     much. A model slimexport built (``create_model``, a checkpoint) knows its input size; any other
     ``nn.Module`` needs ``example_input`` to be traced: one batch of what its forward takes (a tensor, a tuple of
     tensors for several inputs, or a dict of them by argument name). Every output (a tensor, or the tensors of a
@@ -85,18 +87,21 @@ def prune_model(
     """
     if percent is not None:
         kw["percent"] = percent
-    if "max_macs" in kw and "percent" not in kw:
+    if any(k in kw for k in ("max_macs", "target_speedup", "max_latency")) and "percent" not in kw:
         kw["percent"] = None
     cfg = (PruneConfig(**kw) if cfg is None else dataclasses.replace(cfg, **kw)).validate()
     if cfg.round_to == "auto":
         cfg.round_to = resolve_round_to("auto")[0]
+    latency_target = cfg.target_speedup is not None or cfg.max_latency is not None
     if isinstance(model, GraphModel):
         x = model.example_input() if example_input is None else example_input
-        net, record = prune_graph(model.net, x, cfg)
+        probe = LatencyProbe(model.net, x, cfg) if latency_target else None
+        net, record = prune_graph(model.net, x, cfg, probe=probe)
         return model.with_plan(record["plan"], net), named_from(record, "net.")
     if example_input is None:
         raise ConfigError(f"pruning a {type(model).__name__} traces it: pass example_input (a batch of inputs)")
-    return prune_graph(model, example_input, cfg)
+    probe = LatencyProbe(model, example_input, cfg) if latency_target else None
+    return prune_graph(model, example_input, cfg, probe=probe)
 
 
 def prune(

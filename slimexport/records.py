@@ -82,6 +82,12 @@ class PruneRecord(TypedDict, total=False):
     folded: Annotated[dict[str, int], "per layer that reads removed channels: how many constants were folded into it"]
     max_macs: Annotated[float, "--max-macs: the budget, as a fraction of the unpruned MACs"]
     macs_fraction: Annotated[float, "--max-macs: the fraction reached"]
+    latency_target: Annotated[
+        dict[str, Any],
+        "--target-speedup / --max-latency: `{target_speedup or max_latency_ms, runtime, batch, threads, image_shape, "
+        "probes: [{ms, base_ms, speedup, cached}], retimed: {ms, base_ms, speedup}, search_seconds, cache}`, "
+        "`unreachable` where even the most pruned model is not that fast (it is then the result)",
+    ]
     source: Annotated[str, "the checkpoint that was pruned"]
     channels_before: Annotated[int, "prunable BN channels before"]
     channels_after: Annotated[int, "and after"]
@@ -235,6 +241,17 @@ def schema_table() -> str:
         doc = doc.replace("|", "\\|")  # a bare "|" (as in |γ|) would end the markdown cell
         rows.append(f"| `{key}` | {doc} | {_describe(tp)} |")
     return "\n".join(rows)
+
+
+def latency_line(t: dict[str, Any]) -> str:
+    """The one line that says what a latency target (--target-speedup, --max-latency) found and what it cost."""
+    asked = f"×{t['target_speedup']:g}" if "target_speedup" in t else f"≤ {t['max_latency_ms']:g} ms"
+    r = t["retimed"]
+    got = f"re-timed ×{r['speedup']:.2f} ({r['ms']:.3g} ms against {r['base_ms']:.3g} ms)"
+    where = f"{t['runtime']}, batch {t['batch']}, {t['threads']} thread(s)"
+    cost = f"{len(t['probes'])} candidate(s) timed, search {t['search_seconds']:.0f} s"
+    short = f"; {t['unreachable']}" if t.get("unreachable") else ""
+    return f"latency target {asked} on {where}: {got}; {cost}{short}"
 
 
 def undone_line(u: dict[str, Any]) -> str:

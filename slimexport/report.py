@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from slimexport.fileio import atomic_path, write_text
-from slimexport.records import Report, undone_line
+from slimexport.records import Report, latency_line, undone_line
 
 SCHEMA = "slimexport.report/1"
 
@@ -146,6 +146,9 @@ def _prune_lines(x: dict[str, Any], p: dict[str, Any]) -> list[str]:
     lines = [line + ".", ""]
     if x.get("undone"):
         lines += [f"**The asked-for prune mostly did not happen:** {undone_line(x['undone'])}.", ""]
+    if x.get("latency_target"):
+        lines += [f"**Pruned to a measured latency:** {latency_line(x['latency_target'])}. The benchmark below "
+                  "timed the exported, refined model again on its own.", ""]  # fmt: skip
     return lines
 
 

@@ -13,13 +13,13 @@ PKG = Path(slimexport.__file__).parent
 # sources (built-ins, torchvision, timm, files) build what the engine prunes; the stages turn one artifact on disk
 # into the next; the pipeline, the Python API and the CLI chain them.
 LAYERS = {
-    "base": ["errors", "fields", "config", "settings_file", "console", "fileio", "records", "channels", "stats", "runtime",
-             "distributed", "assets"],
+    "base": ["errors", "fields", "config", "settings_file", "console", "fileio", "records", "channels", "stats",
+             "runtime", "distributed", "assets"],
     "engine": ["oprules", "trace", "rawreads", "graph", "importance", "plan", "selfcheck", "fold", "graph_prune",
                "rewrite"],
     "models": ["models", "models.builtin", "models.external", "models.program"],
     "stages": ["data", "stream", "checkpoint", "regularizer", "precision", "loop", "train", "sparsity", "prune",
-               "selection", "export", "deploy", "bench", "report", "detect", "detect.data", "detect.train",
+               "selection", "export", "latency", "deploy", "bench", "report", "detect", "detect.data", "detect.train",
                "detect.evaluate"],
     "top": ["rundir", "pipeline", "detect.pipeline", "api", "cli.options", "cli.app", "cli.training", "cli.deploying",
             "cli.pipeline", "cli.models", "cli", "", "__main__"],

@@ -48,7 +48,7 @@ ENUMS: dict[tuple[str, ...], type[Enum]] = {
         "Device": C.DEVICES, "BenchDevice": C.BENCH_DEVICES, "Preset": C.PRESET_NAMES, "Normalize": C.NORMALIZE,
         "Regularizer": C.REGULARIZERS, "Teacher": C.TEACHERS, "Precision": C.PRECISIONS, "DataCache": C.CACHES,
         "Selection": C.SELECTION_MODES, "Calibrate": C.CALIBRATE, "QuantTypes": C.QUANT_TYPES,
-        "OptStyle": C.OPT_STYLES, "Platform": C.PLATFORMS,
+        "OptStyle": C.OPT_STYLES, "Platform": C.PLATFORMS, "Runtime": C.RUNTIMES,
     }.items()
 }  # fmt: skip
 
@@ -119,6 +119,11 @@ ImageSizeOpt = option("image_size", int | None)
 ForceOpt = option("force", bool)
 PercentOpt = option("percent", float | None, show_default=False)
 MaxMacsOpt = option("max_macs", float | None)
+TargetSpeedupOpt = option("target_speedup", float | None)
+MaxLatencyOpt = option("max_latency", float | None)
+RuntimeOpt = option("runtime")
+LatencyBatchOpt = option("latency_batch", int, min=1)
+LatencyThreadsOpt = option("latency_threads", int, min=1)
 MinChOpt = option("min_channels", int)
 MinKeepOpt = option("min_keep", float)
 NormalizeOpt = option("normalize")

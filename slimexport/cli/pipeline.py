@@ -36,7 +36,10 @@ from slimexport.cli.options import (
     FoldOpt,
     ForceOpt,
     ImageSizeOpt,
+    LatencyBatchOpt,
+    LatencyThreadsOpt,
     LrOpt,
+    MaxLatencyOpt,
     MaxMacsOpt,
     MinChOpt,
     MinKeepOpt,
@@ -48,11 +51,13 @@ from slimexport.cli.options import (
     QuantTypesOpt,
     RegularizerOpt,
     RoundOpt,
+    RuntimeOpt,
     SecondsOpt,
     SeedOpt,
     SelectionOpt,
     StreamOpt,
     SyncBnOpt,
+    TargetSpeedupOpt,
     ThreadsOpt,
     TrustOpt,
     WeightsOpt,
@@ -126,6 +131,9 @@ def pipeline(
     prune_steps: PruneStepsOpt = D.prune_steps,
     percent: PercentOpt = None,
     max_macs: MaxMacsOpt = D.max_macs,
+    target_speedup: TargetSpeedupOpt = D.target_speedup, max_latency: MaxLatencyOpt = D.max_latency,
+    runtime: RuntimeOpt = D.runtime, latency_batch: LatencyBatchOpt = D.latency_batch,
+    latency_threads: LatencyThreadsOpt = D.latency_threads,
     min_channels: MinChOpt = D.min_channels,
     min_keep: MinKeepOpt = D.min_keep,
     normalize: NormalizeOpt = D.normalize,
@@ -164,7 +172,7 @@ def pipeline(
     train_args: TrainArgsOpt = D.train_args,
     trust_model_code: TrustOpt = False,
     force: ForceOpt = D.force,
-):
+):  # fmt: skip
     """Baseline → sparse training → prune → refine → ONNX export of both [→ INT8, .ort] → onnxruntime bench → report."""
     options = {k: v for k, v in locals().items() if k != "ctx"}
     from slimexport.pipeline import run_pipeline

@@ -23,7 +23,10 @@ from slimexport.cli.options import (
     FoldOpt,
     ForceOpt,
     ImageSizeOpt,
+    LatencyBatchOpt,
+    LatencyThreadsOpt,
     LrOpt,
+    MaxLatencyOpt,
     MaxMacsOpt,
     MinChOpt,
     MinKeepOpt,
@@ -35,9 +38,11 @@ from slimexport.cli.options import (
     RegularizerOpt,
     ResumeOpt,
     RoundOpt,
+    RuntimeOpt,
     SeedOpt,
     StreamOpt,
     SyncBnOpt,
+    TargetSpeedupOpt,
     TrustArchOpt,
     TrustOpt,
     WeightsOpt,
@@ -45,7 +50,7 @@ from slimexport.cli.options import (
     plain,
 )
 from slimexport.config import PipelineConfig, PruneConfig
-from slimexport.records import undone_line
+from slimexport.records import latency_line, undone_line
 
 EpochsOpt = Annotated[int, typer.Option("--epochs", "-e", min=1, help="Training epochs.")]
 
@@ -116,6 +121,11 @@ def prune(
     checkpoint: Annotated[Path, typer.Argument(help="A (sparse-trained) checkpoint.")],
     percent: PercentOpt = None,
     max_macs: MaxMacsOpt = D.max_macs,
+    target_speedup: TargetSpeedupOpt = D.target_speedup,
+    max_latency: MaxLatencyOpt = D.max_latency,
+    runtime: RuntimeOpt = D.runtime,
+    latency_batch: LatencyBatchOpt = D.latency_batch,
+    latency_threads: LatencyThreadsOpt = D.latency_threads,
     out: Annotated[Path, typer.Option("--out", "-o", help="Pruned checkpoint to write.")] = Path("pruned.pt"),
     min_channels: MinChOpt = D.min_channels,
     min_keep: MinKeepOpt = D.min_keep,
@@ -158,7 +168,9 @@ def _pruned_line(meta: dict, out: Path) -> str:
         f"pruned {r['channels_before'] - r['channels_after']}/{r['channels_before']} channels{budget}{rounded} at "
         f"threshold {r['threshold']}{scale}: params {r['params_before']:,} -> {r['params_after']:,} "
         f"(×{r['params_before'] / r['params_after']:.2f}), MACs ×{r['macs_before'] / r['macs_after']:.2f}"
-        f"{stream}{folded}{acc} -> {out}" + (f"; NOTE: {undone_line(r['undone'])}" if r.get("undone") else "")
+        f"{stream}{folded}{acc} -> {out}"
+        + (f"; NOTE: {undone_line(r['undone'])}" if r.get("undone") else "")
+        + (f"; {latency_line(r['latency_target'])}" if r.get("latency_target") else "")
     )
 
 

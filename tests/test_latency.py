@@ -1,0 +1,108 @@
+"""Latency as the pruning target (--target-speedup, --max-latency): the engine's search over thresholds with a
+measured predicate, the probe that times candidates in onnxruntime and caches what it timed, and the contract of
+the new options. How close the re-timed speed-up lands to the target is measured by `python -m
+benchmarks.latency_target` (a benchmark: timings do not belong in unit tests)."""
+
+import pytest
+import torch
+
+from slimexport import latency as lat
+from slimexport.config import PruneConfig
+from slimexport.graph_prune import UNREACHABLE, prune_graph
+from slimexport.models import create_model
+from slimexport.stats import count_params
+from tests.helpers import TINY_VGG, fails_cleanly, randomize_bns, runner
+
+
+class _ParamsProbe:
+    """A deterministic stand-in for the runtime: a candidate "fits" when it has at most ``budget`` parameters."""
+
+    def __init__(self, budget: int):
+        self.budget, self.asked = budget, []
+
+    def fits(self, model) -> bool:
+        self.asked.append(count_params(model))
+        return self.asked[-1] <= self.budget
+
+    def retime(self, model):
+        self.chosen = count_params(model)
+
+    def record(self):
+        return {"asked": list(self.asked)}
+
+
+def _model():
+    return randomize_bns(create_model(TINY_VGG, 10, 3)).eval()
+
+
+def test_the_search_finds_the_least_pruning_that_fits_and_asks_few_candidates():
+    m, x = _model(), torch.randn(1, 3, 32, 32)
+    full = count_params(m)
+    cfg = PruneConfig(percent=None, target_speedup=2.0)
+    probe = _ParamsProbe(full // 2)
+    pruned, rec = prune_graph(m, x, cfg, probe=probe)
+    assert count_params(pruned) <= full // 2 and probe.chosen == count_params(pruned)
+    assert "unreachable" not in rec["latency_target"]
+    less = prune_graph(m, x, PruneConfig(percent=max(rec["percent"] - 0.05, 0.0)))[0]
+    assert count_params(less) > full // 2  # a lower threshold would not fit: the least pruning that does
+    assert len(probe.asked) <= 2 + rec["classes"]["prunable"].bit_length()  # a bisection, not a scan
+
+
+def test_an_unreachable_target_gives_the_nearest_feasible_model_and_says_so():
+    m, x = _model(), torch.randn(1, 3, 32, 32)
+    probe = _ParamsProbe(1)  # nothing this small exists
+    pruned, rec = prune_graph(m, x, PruneConfig(percent=None, target_speedup=50.0), probe=probe)
+    assert rec["latency_target"]["unreachable"] == UNREACHABLE and len(probe.asked) == 1
+    assert count_params(pruned) == probe.asked[0] < count_params(m)  # the most the floors allow
+
+
+def test_the_probe_times_in_onnxruntime_and_caches_what_it_timed(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMEXPORT_LATENCY_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = lat.latency
+    monkeypatch.setattr(lat, "latency", lambda *a, **k: calls.append(1) or real(*a, **k))
+    m, x = _model(), torch.randn(1, 3, 32, 32)
+    cfg = PruneConfig(percent=None, target_speedup=1.5).validate()
+    candidate = prune_graph(m, x, PruneConfig(percent=0.5))[0]
+    probe = lat.LatencyProbe(m, x, cfg)
+    ms, speedup = probe(candidate)
+    assert ms > 0 and speedup > 0 and calls == [1] and probe.probes[-1]["cached"] is False
+    again = lat.LatencyProbe(m, x, cfg)  # a new search on the same model and settings: read from the cache
+    assert again(candidate) == (ms, speedup) and calls == [1] and again.probes[-1]["cached"] is True
+    other = lat.LatencyProbe(m, x, PruneConfig(percent=None, target_speedup=1.5, latency_threads=2).validate())
+    other(candidate)
+    assert calls == [1, 1]  # other settings, another measurement
+
+
+@pytest.mark.slow
+def test_prune_to_a_target_speedup_from_the_cli(tmp_path, monkeypatch):
+    from slimexport.cli import app
+
+    monkeypatch.setenv("SLIMEXPORT_LATENCY_CACHE", str(tmp_path / "cache"))
+    sparse = tmp_path / "sparse.pt"
+    res = runner.invoke(app, ["train", "--arch", "vgg11_w25", "--epochs", "1", "--sparsity", "1e-3", "--out",
+                              str(sparse), "-d", "embedded"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["prune", str(sparse), "--target-speedup", "1.5", "--out", str(tmp_path / "p.pt")])
+    assert res.exit_code == 0, res.output
+    assert "latency target ×1.5 on onnxruntime, batch 1, 1 thread(s): re-timed ×" in res.stdout
+    ck = torch.load(tmp_path / "p.pt", weights_only=True)
+    t = ck["meta"]["prune"]["latency_target"]
+    assert t["retimed"]["speedup"] > 1.0 and t["probes"] and t["search_seconds"] > 0
+
+
+def test_latency_target_options_fail_cleanly(tmp_path):
+    from slimexport.cli import app
+
+    ck = tmp_path / "none.pt"
+    fails_cleanly(["prune", str(ck), "--target-speedup", "2", "--percent", "0.5"], "give one of --percent")
+    fails_cleanly(["prune", str(ck), "--target-speedup", "0.9"], "--target-speedup must be above 1")
+    fails_cleanly(["prune", str(ck), "--max-latency", "-1"], "--max-latency must be a positive number")
+    res = runner.invoke(app, ["prune", str(ck), "--max-latency", "1", "--runtime", "tflite"])
+    assert res.exit_code == 2 and "'tflite' is not one of" in res.output  # the option's own choices
+    fails_cleanly(["pipeline", "--out", str(tmp_path / "r"), "--target-speedup", "2", "--prune-steps", "2"],
+                  "--prune-steps above 1 with a latency target")  # fmt: skip
+    if not torch.cuda.is_available():
+        m, x = _model(), torch.randn(1, 3, 32, 32)
+        with pytest.raises(Exception, match="(?i)cuda"):
+            lat.LatencyProbe(m, x, PruneConfig(percent=None, max_latency=1.0, runtime="onnxruntime-cuda").validate())
