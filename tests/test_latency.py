@@ -106,3 +106,45 @@ def test_latency_target_options_fail_cleanly(tmp_path):
         m, x = _model(), torch.randn(1, 3, 32, 32)
         with pytest.raises(Exception, match="(?i)cuda"):
             lat.LatencyProbe(m, x, PruneConfig(percent=None, max_latency=1.0, runtime="onnxruntime-cuda").validate())
+
+
+@pytest.mark.slow
+def test_a_sweep_prunes_refines_times_and_charts_each_target_and_resumes(tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from slimexport.cli import app
+
+    monkeypatch.setenv("SLIMEXPORT_LATENCY_CACHE", str(tmp_path / "cache"))
+    sparse = tmp_path / "sparse.pt"
+    res = runner.invoke(app, ["train", "--arch", TINY_VGG, "--epochs", "1", "--sparsity", "1e-3", "--out", str(sparse),
+                              "-d", "embedded"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "sweep"
+    args = ["sweep", str(sparse), "--targets", "speedup:1.3,percent:0.3", "--refine-epochs", "1", "--out", str(out),
+            "-d", "embedded", "--seconds", "0.2"]  # fmt: skip
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "sweep.json").read_text())
+    assert [r["target"] for r in rep["rows"]] == ["speedup-1.3", "percent-0.3"]
+    assert all(r["speedup"] > 0 and 0 <= r["accuracy"] <= 1 for r in rep["rows"])
+    assert rep["rows"][0]["latency_target"]["retimed"]["speedup"] > 1.0
+    assert (out / "sweep.png").stat().st_size > 10_000 and "| speedup-1.3 |" in (out / "report.md").read_text()
+    fails_cleanly(args, "exists: --resume continues")  # never over a finished sweep without --force or --resume
+    shutil.rmtree(out / "percent-0.3")  # an interrupted sweep: one target left to do
+    (out / "sweep.json").unlink()
+    res = runner.invoke(app, [*args, "--resume"])
+    assert res.exit_code == 0, res.output
+    assert "speedup-1.3: kept from the interrupted sweep" in res.output and (out / "percent-0.3" / "row.json").is_file()
+    fails_cleanly([*args[:3], "speedup:2,percent:0.3", *args[4:], "--resume"], "its settings differ")
+
+
+def test_sweep_targets_are_checked_before_anything_runs(tmp_path):
+    from slimexport.sweep import parse_targets
+
+    assert parse_targets("speedup:2,latency:5,percent:0.5,macs:0.4")[1] == (
+        "latency-5", {"percent": None, "max_macs": None, "target_speedup": None, "max_latency": 5.0})  # fmt: skip
+    for bad, match in (("fast:2", "KIND:VALUE"), ("speedup:x", "not a number"), ("speedup:0.5", "above 1"),
+                       ("percent:2", "--percent"), ("speedup:2,speedup:2", "twice"), ("", "at least one")):  # fmt: skip
+        with pytest.raises(Exception, match=match):
+            parse_targets(bad)

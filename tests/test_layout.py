@@ -21,8 +21,8 @@ LAYERS = {
     "stages": ["data", "stream", "checkpoint", "regularizer", "precision", "loop", "train", "sparsity", "prune",
                "selection", "export", "latency", "deploy", "bench", "report", "detect", "detect.data", "detect.train",
                "detect.evaluate"],
-    "top": ["rundir", "pipeline", "detect.pipeline", "api", "cli.options", "cli.app", "cli.training", "cli.deploying",
-            "cli.pipeline", "cli.models", "cli", "", "__main__"],
+    "top": ["rundir", "pipeline", "detect.pipeline", "sweep", "cli.sweeping", "api", "cli.options", "cli.app",
+            "cli.training", "cli.deploying", "cli.pipeline", "cli.models", "cli", "", "__main__"],
 }  # fmt: skip
 LAYER_OF = {("slimexport." + m).rstrip("."): i for i, mods in enumerate(LAYERS.values()) for m in mods}
 

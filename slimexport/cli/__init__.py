@@ -5,6 +5,7 @@ are built from the config fields that own them (:mod:`slimexport.cli.options`)."
 from slimexport.cli import training  # isort: skip  # noqa: F401
 from slimexport.cli import deploying  # isort: skip  # noqa: F401
 from slimexport.cli import pipeline  # isort: skip  # noqa: F401
+from slimexport.cli import sweeping  # isort: skip  # noqa: F401
 from slimexport.cli import models  # isort: skip  # noqa: F401
 from slimexport.cli.app import app  # isort: skip
 

@@ -33,7 +33,8 @@ OWN: dict[str, set[str]] = {
     "convert": {"out"},
     "pipeline": {"sparsity"},  # text, so that it takes "auto"
     "models": {"image_size"},
-    "detection-data": {"out", "image_size", "seed", "force"},  # the data set's own, not a run's
+    "detection-data": {"out", "image_size", "seed", "force"},
+    "sweep": {"out", "refine_epochs", "baseline", "batch", "threads", "resume", "arch"},  # a sweep's own  # the data set's own, not a run's
 }
 
 
