@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks import sections
+from benchmarks import sections, sections_targets
 
 
 def _setting(r: dict) -> str:
@@ -35,6 +35,7 @@ def render_results(results_root: Path) -> str:
     lines += sections.keep_accuracy(every)
     lines += sections.converged(every) + sections.imagefolder(every) + sections.coverage(every) + sections.speed(every)
     lines += sections.deploy(every) + sections.one_engine(every) + sections.yolo(every) + sections.techniques(every)
+    lines += sections_targets.yolo_pipeline(every) + sections_targets.latency_target(every)
     lines += [
         "## Pipeline checks (one epoch per stage): not accuracy",
         "",

@@ -1,0 +1,83 @@
+"""RESULTS.md sections for issue 35 (detectors end to end, against the control and Torch-Pruning) and issue 36
+(pruning to a measured speed-up)."""
+
+from __future__ import annotations
+
+
+def _ms(x: dict, scale: float = 1.0, sign: str = "") -> str:
+    return f"{scale * x['mean']:{sign}.2f} ± {scale * x['sd']:.2f}"
+
+
+def yolo_pipeline(every: list[dict]) -> list[str]:
+    lines: list[str] = []
+    for r in [x for x in every if x.get("kind") == "yolo_pipeline"][-1:]:
+        s = r["settings"]
+        lines += [
+            f"## Detectors end to end: the pipeline from a trained YOLO against the control ({r['machine_tag']}, "
+            f"{r['date'][:10]}, ultralytics {r['versions'].get('ultralytics')})", "",
+            f"`{r['command']}`: the offline Fashion-MNIST detection set ({s['train']} train / {s['val']} val images "
+            f"of {s['image_size']}², 10 classes); a baseline trained {s['baseline_epochs']} epochs by Ultralytics' "
+            f"trainer (`--train-args {s['train_args']}`), then per seed `slimexport pipeline --arch ultralytics:"
+            f"baseline.pt --baseline-epochs 0` ({s['sparse_epochs']} sparse epochs at `--sparsity {s['sparsity']}`, "
+            f"`--max-macs {s['max_macs']}`, {s['refine_epochs']} refine epochs), and the control: the baseline "
+            f"trained {s['sparse_epochs'] + s['refine_epochs']} more epochs, same seed, no pruning. mAP50-95 by "
+            "Ultralytics' validator on the ONNX models in onnxruntime; speed-up at batch 1, one thread, "
+            "interleaved; mean ± sd over seeds.", "",
+            "| model | baseline | control (+epochs) | pruned | pruned − control | pruned INT8 | params ratio "
+            "| MACs ratio | speed-up at train size | speed-up at 640 | pipeline s | control s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]  # fmt: skip
+        for model, res in r["results"].items():
+            m = res["summary"]
+            sp = m["speedup"]
+            train = next(v for k, v in sp.items() if not k.startswith("640px"))
+            lines.append(
+                f"| {model} | {100 * m['baseline_map50_95']:.2f} | {_ms(m['control_map50_95'], 100)} "
+                f"| {_ms(m['pruned_map50_95'], 100)} | {_ms(m['pruned_minus_control_pt'], 1, '+')} pt "
+                f"| {_ms(m['pruned_int8_map50_95'], 100)} | ×{_ms(m['params_ratio'])} | ×{_ms(m['macs_ratio'])} "
+                f"| ×{_ms(train)} | ×{_ms(sp['640px_b1_t1'])} | {m['pipeline_seconds']['mean']:.0f} "
+                f"| {m['control_seconds']['mean']:.0f} |"
+            )
+        lines.append("")
+    for r in [x for x in every if x.get("kind") == "yolo_torch_pruning"][-1:]:
+        lines += [
+            f"### Against Torch-Pruning {r['versions'].get('torch_pruning')} at the same MACs", "",
+            f"`{r['command']}`: Torch-Pruning's YOLOv8 procedure (C2f rebuilt without `chunk`, Detect ignored, "
+            "BN-scale importance, one global ratio bisected to slimexport's MACs) on the same sparse models, "
+            "fine-tuned the same epochs with the same seed, measured the same way.", "",
+            "| model | seeds | slimexport mAP50-95 | Torch-Pruning mAP50-95 | slimexport − Torch-Pruning |",
+            "|---|---:|---:|---:|---:|",
+        ]  # fmt: skip
+        for model, res in r["results"].items():
+            rows = res["rows"]
+            ours = ", ".join(f"{100 * x['slimexport_map']['map50_95']:.2f}" for x in rows)
+            theirs = ", ".join(f"{100 * x['map']['map50_95']:.2f}" for x in rows)
+            diff = _ms(res["slimexport_minus_tp_pt"], 1, "+")
+            lines.append(f"| {model} | {len(rows)} | {ours} | {theirs} | {diff} pt |")
+        lines.append("")
+    return lines
+
+
+def latency_target(every: list[dict]) -> list[str]:
+    lines: list[str] = []
+    for r in [x for x in every if x.get("kind") == "latency_target"][-1:]:
+        s = r["summary"]
+        lines += [
+            f"## Pruning to a measured speed-up (`--target-speedup`, {r['machine_tag']}, {r['date'][:10]})", "",
+            f"`{r['command']}`: random weights and BN γ (seeded); the search's chosen model exported the "
+            "pipeline's way and timed again side by side with the unpruned model in a separate run (onnxruntime CPU, "
+            f"batch 1, one thread). {s['within_7pct']} of {s['reached']} reached targets within ±7% (median "
+            f"|error| {s['median_abs_error_pct']:.1f}%); median search {s['median_search_seconds']:.0f} s.", "",
+            "| model | size | target | re-timed speed-up | error | MACs ratio | speed-up ÷ MACs ratio | candidates "
+            "| search s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]  # fmt: skip
+        for x in r["rows"]:
+            note = " (unreachable)" if x["unreachable"] else ""
+            lines.append(
+                f"| {x['model']} | {x['image_size']} | ×{x['target']:g}{note} | ×{x['independent_speedup']:.2f} "
+                f"| {x['error_pct']:+.1f}% | ×{x['macs_ratio']:.2f} | {x['independent_speedup'] / x['macs_ratio']:.2f} "
+                f"| {x['candidates']} | {x['search_seconds']:.0f} |"
+            )
+        lines.append("")
+    return lines
