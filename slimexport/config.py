@@ -14,6 +14,7 @@ from typing import Any
 
 from slimexport.errors import ConfigError
 from slimexport.fields import (  # noqa: F401 - the choices and helpers are imported from here by every layer
+    ALLOCATE,
     BENCH_DEVICES,
     CACHES,
     CALIBRATE,
@@ -74,6 +75,10 @@ class PruneConfig:
     runtime: str = setting("onnxruntime", flag="--runtime", choices=RUNTIMES, help=(
         "Where --target-speedup and --max-latency are measured: onnxruntime (CPU), onnxruntime-cuda (a GPU), "
         "ncnn (the ncnn extra)."))  # fmt: skip
+    allocate: str = setting("gamma", flag="--allocate", choices=ALLOCATE, help=(
+        "With a latency target: gamma, one global |γ| threshold (the paper's); latency, each channel's |γ| divided "
+        "by what it costs on the runtime (a per-layer latency table measured there), so the threshold keeps the "
+        "most importance per ms."))  # fmt: skip
     latency_batch: int = setting(1, flag="--latency-batch", help="Batch size of the latency target's measurements.")
     latency_threads: int = setting(1, flag="--latency-threads", help="Threads of the latency target's measurements.")
     min_channels: int = setting(
@@ -116,6 +121,10 @@ class PruneConfig:
         if self.max_latency is not None and not (_number(self.max_latency) and self.max_latency > 0):
             raise ConfigError(f"--max-latency must be a positive number of ms, got {self.max_latency}")
         _one_of(self.runtime, RUNTIMES, "--runtime")
+        _one_of(self.allocate, ALLOCATE, "--allocate")
+        if self.allocate == "latency" and self.target_speedup is None and self.max_latency is None:
+            raise ConfigError("--allocate latency weighs channels by their measured latency: give --target-speedup "
+                              "or --max-latency")  # fmt: skip
         for flag, v in (("--latency-batch", self.latency_batch), ("--latency-threads", self.latency_threads)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{flag} must be a positive integer, got {v!r}")

@@ -26,6 +26,7 @@ QUANT_TYPES = ("auto", "s8s8", "u8s8")
 OPT_STYLES = ("fixed", "runtime")
 PLATFORMS = ("amd64", "arm")
 SCHEDULES = ("onecycle", "multistep", "constant")
+ALLOCATE = ("gamma", "latency")  # how channels are chosen: one |γ| threshold, or importance per unit of latency
 RUNTIMES = ("onnxruntime", "onnxruntime-cuda", "ncnn")  # where a latency target is measured
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 

@@ -37,7 +37,7 @@ from slimexport.config import PruneConfig
 from slimexport.errors import ConfigError
 from slimexport.fold import fold_dropped
 from slimexport.graph import BN_TYPES, ChannelGraph, Inputs, call, first_sample, trace_channels
-from slimexport.importance import Importance, class_weights, importance, threshold_at
+from slimexport.importance import Importance, class_weights, importance, per_latency, threshold_at
 from slimexport.plan import PRODUCERS, apply_plan, make_plan
 from slimexport.records import PruneRecord
 from slimexport.selfcheck import check_pruned, raw_removed, zero_removed
@@ -176,6 +176,8 @@ def prune_graph(
             "BatchNorm reads too (a pre-activation residual stream); there is nothing for it to prune"
         )
     imp = importance(model, g, cfg.normalize)
+    if cfg.allocate == "latency" and probe is not None:
+        imp = per_latency(imp, g, probe.table(model).layers)
     prunable = imp.prunable
     if not prunable:
         raise ConfigError(f"no channel of {type(model).__name__} can be pruned: {_why_none(g, imp.scores)}")

@@ -136,11 +136,115 @@ class LatencyProbe:
         self.retimed = {"ms": ms["cand"], "base_ms": ms["base"], "speedup": ms["base"] / ms["cand"]}
         return self.retimed
 
+    def table(self, model: nn.Module) -> LatencyTable:
+        """The per-layer latency table of ``model`` on this probe's runtime (``--allocate latency``)."""
+        self.layer_table = LatencyTable(model, self.x, self.cfg)
+        return self.layer_table
+
     def record(self) -> dict[str, Any]:
+        table = getattr(self, "layer_table", None)
         target = ({"target_speedup": self.cfg.target_speedup} if self.cfg.target_speedup is not None
                   else {"max_latency_ms": self.cfg.max_latency})  # fmt: skip
         return target | {
             "runtime": self.cfg.runtime, "batch": self.cfg.latency_batch, "threads": self.cfg.latency_threads,
             "image_shape": list(self.shape), "probes": self.probes, "search_seconds": time.perf_counter() - self.t0,
-            "cache": str(self.cache_file), "retimed": getattr(self, "retimed", None),
-        }  # fmt: skip
+            "cache": str(self.cache_file), "retimed": getattr(self, "retimed", None), "allocate": self.cfg.allocate,
+        } | ({"latency_table": table.record()} if table is not None else {})  # fmt: skip
+
+
+def _conv_graph(cin: int, cout: int, conv: nn.Conv2d, hw: tuple[int, int], batch: int) -> bytes:
+    """One convolution as a standalone ONNX model with the layer's kernel, stride, padding, dilation and groups at
+    ``cin`` → ``cout`` channels (random weights: only its time matters)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from slimexport.runtime import INPUT_NAME, OUTPUT_NAME
+
+    groups = conv.groups if conv.groups == conv.in_channels else 1  # depthwise stays depthwise; grouped taken dense
+    groups = cin if groups > 1 else 1
+    kh, kw = conv.kernel_size
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((cout, cin // groups, kh, kw)).astype(np.float32), "w")
+    pads = [conv.padding[0], conv.padding[1]] * 2 if isinstance(conv.padding, tuple) else [0, 0, 0, 0]
+    node = helper.make_node("Conv", [INPUT_NAME, "w"], [OUTPUT_NAME], kernel_shape=[kh, kw], pads=pads,
+                            strides=list(conv.stride), dilations=list(conv.dilation), group=groups)  # fmt: skip
+    x = helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [batch, cin, *hw])
+    y = helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, None)
+    graph = helper.make_graph([node], "conv", [x], [y], [w])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    return proto.SerializeToString()
+
+
+class LatencyTable:
+    """Per convolution of a model, its latency on the target runtime at its own width and with half its output
+    (and, for a dense conv, half its input) channels, each layer alone: the slopes, ms per channel removed, that
+    latency-aware allocation (``--allocate latency``) weighs channels by. Measured once per layer shape and
+    runtime settings (cached beside the search's measurements) and saved with the run (:meth:`save`)."""
+
+    def __init__(self, model: nn.Module, example_input: torch.Tensor, cfg: PruneConfig):
+        self.device = _device(cfg.runtime)
+        self.batch, self.threads = cfg.latency_batch, cfg.latency_threads
+        self.bench = BenchConfig(batches=[self.batch], threads=[self.threads], device=self.device, seconds=0.1,
+                                 warmup=2, min_runs=10)  # fmt: skip
+        self.cache_file = cache_dir() / "layers.json"
+        try:
+            self.cache = json.loads(self.cache_file.read_text())
+        except (OSError, ValueError):
+            self.cache = {}
+        self.t0 = time.perf_counter()
+        self.layers = self._measure(model, example_input[:1])
+        self.seconds = time.perf_counter() - self.t0
+
+    def _shapes(self, model: nn.Module, x: torch.Tensor) -> dict[str, tuple[nn.Conv2d, tuple[int, int]]]:
+        shapes: dict[str, tuple[nn.Conv2d, tuple[int, int]]] = {}
+
+        def hook(name: str):
+            def record(m, inputs, output) -> None:  # returns None: the output is left as it is
+                shapes.setdefault(name, (m, tuple(inputs[0].shape[2:])))
+
+            return record
+
+        hooks = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+        try:
+            with torch.no_grad():
+                model.eval()(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return shapes
+
+    def _time(self, variants: dict[str, tuple[int, int]], conv: nn.Conv2d, hw: tuple[int, int]) -> dict[str, float]:
+        sig = lambda c: json.dumps([c, conv.kernel_size, conv.stride, str(conv.padding), conv.dilation,  # noqa: E731
+                                    conv.groups == conv.in_channels and conv.groups > 1, hw, self.batch, self.threads,
+                                    self.device, machine_facts().get("cpu", "")])  # fmt: skip
+        todo = {k: c for k, c in variants.items() if sig(c) not in self.cache}
+        for cin in sorted({c[0] for c in todo.values()}):  # one side-by-side run per input width
+            same = {k: c for k, c in todo.items() if c[0] == cin}
+            models = {k: _conv_graph(ci, co, conv, hw, self.batch) for k, (ci, co) in same.items()}
+            for r in latency(models, (cin, *hw), self.bench):
+                self.cache[sig(same[r["model"]])] = r["median_ms"]
+        return {k: self.cache[sig(c)] for k, c in variants.items()}
+
+    def _measure(self, model: nn.Module, x: torch.Tensor) -> dict[str, dict[str, float]]:
+        out = {}
+        for name, (conv, hw) in self._shapes(model, x).items():
+            cin, cout = conv.in_channels, conv.out_channels
+            depthwise = conv.groups == cin and cin > 1
+            half_out, half_in = max(1, cout // 2), max(1, cin // 2)
+            variants = {"full": (cin, cout), "out": (half_in if depthwise else cin, half_out)}
+            if not depthwise and conv.groups == 1:
+                variants["in"] = (half_in, cout)
+            ms = self._time(variants, conv, hw)
+            row = {"ms": ms["full"], "out": max(0.0, (ms["full"] - ms["out"]) / max(1, cout - half_out))}
+            row["in"] = max(0.0, (ms["full"] - ms["in"]) / max(1, cin - half_in)) if "in" in ms else 0.0
+            out[name] = row
+        try:
+            write_json(self.cache_file, self.cache)
+        except OSError:
+            pass
+        return out
+
+    def record(self) -> dict[str, Any]:
+        return {"runtime": self.device, "batch": self.batch, "threads": self.threads, "seconds": self.seconds,
+                "layers": self.layers}  # fmt: skip

@@ -85,7 +85,8 @@ class PruneRecord(TypedDict, total=False):
     latency_target: Annotated[
         dict[str, Any],
         "--target-speedup / --max-latency: `{target_speedup or max_latency_ms, runtime, batch, threads, image_shape, "
-        "probes: [{ms, base_ms, speedup, cached}], retimed: {ms, base_ms, speedup}, search_seconds, cache}`, "
+        "probes: [{ms, base_ms, speedup, cached}], retimed: {ms, base_ms, speedup}, search_seconds, cache, allocate, "
+        "latency_table (--allocate latency: per conv `{ms, out, in}`, ms and ms per output / input channel)}`, "
         "`unreachable` where even the most pruned model is not that fast (it is then the result)",
     ]
     source: Annotated[str, "the checkpoint that was pruned"]

@@ -148,3 +148,50 @@ def test_sweep_targets_are_checked_before_anything_runs(tmp_path):
                        ("percent:2", "--percent"), ("speedup:2,speedup:2", "twice"), ("", "at least one")):  # fmt: skip
         with pytest.raises(Exception, match=match):
             parse_targets(bad)
+
+
+class _Table:
+    def __init__(self, layers):
+        self.layers = layers
+
+
+def test_latency_allocation_prunes_the_channels_that_cost_most_per_importance():
+    """With one conv made expensive in the latency table, --allocate latency takes its channels first: at the same
+    budget it removes more of them than the global |γ| threshold does."""
+    from slimexport.graph import BN_TYPES
+
+    m, x = _model(), torch.randn(1, 3, 32, 32)
+    convs = [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Conv2d)]
+    costly = convs[1]
+    layers = {n: {"ms": 1.0, "out": 1.0 if n == costly else 0.01, "in": 0.0} for n in convs}
+    budget = int(0.7 * count_params(m))
+
+    def width(model):
+        return dict(model.named_modules())[costly].out_channels
+
+    probe = _ParamsProbe(budget)
+    probe.table = lambda model: _Table(layers)
+    gamma, _ = prune_graph(m, x, PruneConfig(percent=None, target_speedup=2.0), probe=_ParamsProbe(budget))
+    lat, rec = prune_graph(m, x, PruneConfig(percent=None, target_speedup=2.0, allocate="latency"), probe=probe)
+    assert width(lat) < width(gamma) and count_params(lat) <= budget
+    assert any(isinstance(mod, BN_TYPES) for mod in lat.modules())
+
+
+def test_allocate_latency_needs_a_latency_target(tmp_path):
+    fails_cleanly(["prune", str(tmp_path / "x.pt"), "--percent", "0.5", "--allocate", "latency"],
+                  "--allocate latency weighs channels by their measured latency")  # fmt: skip
+
+
+def test_the_layer_table_times_every_conv_alone_and_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMEXPORT_LATENCY_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = lat.latency
+    monkeypatch.setattr(lat, "latency", lambda *a, **k: calls.append(1) or real(*a, **k))
+    m, x = _model(), torch.randn(1, 3, 32, 32)
+    cfg = PruneConfig(percent=None, target_speedup=2.0, allocate="latency").validate()
+    table = lat.LatencyTable(m, x, cfg)
+    convs = [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Conv2d)]
+    assert sorted(table.layers) == sorted(convs) and calls
+    assert all(r["ms"] > 0 and r["out"] >= 0 and r["in"] >= 0 for r in table.layers.values())
+    n = len(calls)
+    assert lat.LatencyTable(m, x, cfg).layers == table.layers and len(calls) == n  # read back, nothing timed

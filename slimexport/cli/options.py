@@ -34,7 +34,7 @@ OWN: dict[str, set[str]] = {
     "pipeline": {"sparsity"},  # text, so that it takes "auto"
     "models": {"image_size"},
     "detection-data": {"out", "image_size", "seed", "force"},
-    "sweep": {"out", "refine_epochs", "baseline", "batch", "threads", "resume", "arch"},  # a sweep's own  # the data set's own, not a run's
+    "sweep": {"out", "refine_epochs", "baseline", "batch", "threads", "resume", "arch"},  # a sweep's own
 }
 
 
@@ -50,6 +50,7 @@ ENUMS: dict[tuple[str, ...], type[Enum]] = {
         "Regularizer": C.REGULARIZERS, "Teacher": C.TEACHERS, "Precision": C.PRECISIONS, "DataCache": C.CACHES,
         "Selection": C.SELECTION_MODES, "Calibrate": C.CALIBRATE, "QuantTypes": C.QUANT_TYPES,
         "OptStyle": C.OPT_STYLES, "Platform": C.PLATFORMS, "Runtime": C.RUNTIMES,
+        "Allocate": C.ALLOCATE,
     }.items()
 }  # fmt: skip
 
@@ -123,6 +124,7 @@ MaxMacsOpt = option("max_macs", float | None)
 TargetSpeedupOpt = option("target_speedup", float | None)
 MaxLatencyOpt = option("max_latency", float | None)
 RuntimeOpt = option("runtime")
+AllocateOpt = option("allocate")
 LatencyBatchOpt = option("latency_batch", int, min=1)
 LatencyThreadsOpt = option("latency_threads", int, min=1)
 MinChOpt = option("min_channels", int)

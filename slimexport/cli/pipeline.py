@@ -18,6 +18,7 @@ from slimexport.cli.app import app, handle_errors, say, trusting
 from slimexport.cli.deploying import bench_config
 from slimexport.cli.options import (
     AccuracyOpt,
+    AllocateOpt,
     ArchOpt,
     BatchesOpt,
     BatchOpt,
@@ -133,7 +134,7 @@ def pipeline(
     max_macs: MaxMacsOpt = D.max_macs,
     target_speedup: TargetSpeedupOpt = D.target_speedup, max_latency: MaxLatencyOpt = D.max_latency,
     runtime: RuntimeOpt = D.runtime, latency_batch: LatencyBatchOpt = D.latency_batch,
-    latency_threads: LatencyThreadsOpt = D.latency_threads,
+    latency_threads: LatencyThreadsOpt = D.latency_threads, allocate: AllocateOpt = D.allocate,
     min_channels: MinChOpt = D.min_channels,
     min_keep: MinKeepOpt = D.min_keep,
     normalize: NormalizeOpt = D.normalize,

@@ -13,6 +13,7 @@ import typer
 from slimexport.cli.app import app, handle_errors, say, trusting
 from slimexport.cli.deploying import bench_config
 from slimexport.cli.options import (
+    AllocateOpt,
     BatchesOpt,
     D,
     DataCacheOpt,
@@ -57,6 +58,7 @@ def sweep(
     min_keep: MinKeepOpt = D.min_keep,
     normalize: NormalizeOpt = D.normalize,
     runtime: RuntimeOpt = D.runtime,
+    allocate: AllocateOpt = D.allocate,
     latency_batch: LatencyBatchOpt = D.latency_batch,
     latency_threads: LatencyThreadsOpt = D.latency_threads,
     batch: BatchesOpt = "1",

@@ -9,6 +9,7 @@ import typer
 
 from slimexport.cli.app import app, check_out, handle_errors, say, trusting
 from slimexport.cli.options import (
+    AllocateOpt,
     ArchOpt,
     BatchOpt,
     CompileOpt,
@@ -124,6 +125,7 @@ def prune(
     target_speedup: TargetSpeedupOpt = D.target_speedup,
     max_latency: MaxLatencyOpt = D.max_latency,
     runtime: RuntimeOpt = D.runtime,
+    allocate: AllocateOpt = D.allocate,
     latency_batch: LatencyBatchOpt = D.latency_batch,
     latency_threads: LatencyThreadsOpt = D.latency_threads,
     out: Annotated[Path, typer.Option("--out", "-o", help="Pruned checkpoint to write.")] = Path("pruned.pt"),
