@@ -52,11 +52,12 @@ def build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
     return randomize(torchvision.models.get_model(name, weights=None, num_classes=10)), torch.randn(1, 3, 224, 224)
 
 
-def one(name: str, target: float, seconds: float) -> dict:
+def one(name: str, target: float, seconds: float, allocate: str = "gamma") -> dict:
     model, x = build(name)
     round_to, _ = resolve_round_to("auto")
     t0 = time.perf_counter()
-    pruned, rec = prune_model(model, None, example_input=x, target_speedup=target, round_to=round_to)
+    pruned, rec = prune_model(model, None, example_input=x, target_speedup=target, round_to=round_to,
+                              allocate=allocate)  # fmt: skip
     search = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         paths = {"baseline": Path(tmp) / "b.onnx", "pruned": Path(tmp) / "p.onnx"}
@@ -66,7 +67,7 @@ def one(name: str, target: float, seconds: float) -> dict:
     ms = {r["model"]: r["median_ms"] for r in rows}
     t = rec["latency_target"]
     return {
-        "model": name, "image_size": int(x.shape[-1]), "target": target, "round_to": round_to,
+        "model": name, "image_size": int(x.shape[-1]), "target": target, "round_to": round_to, "allocate": allocate,
         "independent_speedup": ms["baseline"] / ms["pruned"], "median_ms": ms,
         "error_pct": 100 * (ms["baseline"] / ms["pruned"] / target - 1),
         "search_retimed_speedup": t["retimed"]["speedup"], "unreachable": t.get("unreachable"),
@@ -80,22 +81,27 @@ def main() -> None:
     ap.add_argument("--models", default=MODELS)
     ap.add_argument("--targets", default="1.5,2,3")
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--allocate", default="gamma", help="gamma, latency, or both: gamma,latency")
+    ap.add_argument("--latency-targets", default="2", help="the targets --allocate latency is run at")
     ap.add_argument("--work", type=Path, default=ROOT / "work" / "latency_target")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / machine_tag() / "latency_target.json")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name in a.models.split(","):
-        for target in (float(t) for t in a.targets.split(",")):
-            done = a.work / f"{name}-{target:g}.json"
-            if done.is_file():
-                row = json.loads(done.read_text())
-            else:
-                row = one(name, target, a.seconds)
-                done.write_text(json.dumps(row))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    reached = [r for r in rows if not r["unreachable"]]
+    models = a.models.split(",")
+    jobs = [(n, float(t), "gamma") for n in models for t in a.targets.split(",")] if "gamma" in a.allocate else []
+    if "latency" in a.allocate:
+        jobs += [(n, float(t), "latency") for n in models for t in a.latency_targets.split(",")]
+    for name, target, allocate in jobs:
+        done = a.work / f"{name}-{target:g}-{allocate}.json"
+        if done.is_file():
+            row = json.loads(done.read_text())
+        else:
+            row = one(name, target, a.seconds, allocate)
+            done.write_text(json.dumps(row))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    reached = [r for r in rows if not r["unreachable"] and r["allocate"] == "gamma"]
     errors = [abs(r["error_pct"]) for r in reached]
     write_json(a.out, {
         "kind": "latency_target", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

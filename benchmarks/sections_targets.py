@@ -68,14 +68,15 @@ def latency_target(every: list[dict]) -> list[str]:
             "pipeline's way and timed again side by side with the unpruned model in a separate run (onnxruntime CPU, "
             f"batch 1, one thread). {s['within_7pct']} of {s['reached']} reached targets within ±7% (median "
             f"|error| {s['median_abs_error_pct']:.1f}%); median search {s['median_search_seconds']:.0f} s.", "",
-            "| model | size | target | re-timed speed-up | error | MACs ratio | speed-up ÷ MACs ratio | candidates "
-            "| search s |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| model | size | target | allocate | re-timed speed-up | error | MACs ratio | speed-up ÷ MACs ratio "
+            "| candidates | search s |",
+            "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
         ]  # fmt: skip
         for x in r["rows"]:
             note = " (unreachable)" if x["unreachable"] else ""
             lines.append(
-                f"| {x['model']} | {x['image_size']} | ×{x['target']:g}{note} | ×{x['independent_speedup']:.2f} "
+                f"| {x['model']} | {x['image_size']} | ×{x['target']:g}{note} | {x.get('allocate', 'gamma')} "
+                f"| ×{x['independent_speedup']:.2f} "
                 f"| {x['error_pct']:+.1f}% | ×{x['macs_ratio']:.2f} | {x['independent_speedup'] / x['macs_ratio']:.2f} "
                 f"| {x['candidates']} | {x['search_seconds']:.0f} |"
             )
