@@ -448,7 +448,9 @@ def _check_model(cfg: PipelineConfig, ds: Dataset) -> None:
     probe_model(model, ds, f"--arch {cfg.arch}")
     # the prune stage's own refusals (a model it cannot trace, nothing prunable, --prune-stream with nothing to
     # carry), before training; at 0% (an untrained model's |γ| are all alike: its threshold means nothing)
-    prune_model(model, cfg=dataclasses.replace(cfg.prune, percent=0.0, max_macs=None, fold=False, round_to=1))
+    trial = dataclasses.replace(cfg.prune, percent=0.0, max_macs=None, target_speedup=None, max_latency=None,
+                                allocate="gamma", fold=False, round_to=1)  # fmt: skip
+    prune_model(model, cfg=trial)
 
 
 def run_pipeline(cfg: PipelineConfig, command: str = "") -> dict[str, Any]:
