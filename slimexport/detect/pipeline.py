@@ -60,10 +60,11 @@ class _Run:
         return ev.letterboxed(files[:n] if n else files, self.size)
 
     def train(self, model, name: str, epochs: int, sparsity: float = 0.0):
-        return train_detector(
+        trained, rec = train_detector(
             model, self.data, self.dir / "ultralytics" / name, epochs, self.size, self.cfg.batch_size or 16,
             self.device, self.cfg.seed, sparsity, self.cfg.regularizer, self.cfg.polar_t, **self.train_args,
         )  # fmt: skip
+        return trained, rec | {"ultralytics_dir": f"ultralytics/{name}"}  # in the run directory, wherever it moves
 
 
 def _baseline_stage(r: _Run) -> dict[str, Any]:
