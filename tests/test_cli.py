@@ -222,7 +222,7 @@ def test_prune_warns_when_a_layer_is_kept_only_by_its_floor(tmp_path, ckpt):
     [
         (["--max-macs", "0"], "max-macs"),
         (["--max-macs", "1.5"], "max-macs"),
-        (["-p", "0.5", "--max-macs", "0.5"], "not both"),
+        (["-p", "0.5", "--max-macs", "0.5"], "give one of --percent, --max-macs"),
     ],
 )
 def test_bad_macs_budgets(tmp_path, ckpt, args, match):
