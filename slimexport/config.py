@@ -125,6 +125,9 @@ class PruneConfig:
         if self.allocate == "latency" and self.target_speedup is None and self.max_latency is None:
             raise ConfigError("--allocate latency weighs channels by their measured latency: give --target-speedup "
                               "or --max-latency")  # fmt: skip
+        if self.allocate == "latency" and self.runtime == "ncnn":
+            raise ConfigError("--allocate latency: its per-layer table is measured in onnxruntime; with --runtime "
+                              "ncnn use --allocate gamma (the target itself is measured in ncnn)")  # fmt: skip
         for flag, v in (("--latency-batch", self.latency_batch), ("--latency-threads", self.latency_threads)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{flag} must be a positive integer, got {v!r}")

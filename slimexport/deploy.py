@@ -317,6 +317,26 @@ def ncnn_available() -> bool:
     return True
 
 
+def pnnx_convert(model: Path, work: Path, shape: tuple[int, ...]) -> tuple[Path, Path]:
+    """pnnx's conversion of the ONNX ``model`` to ncnn in the folder ``work``: (``.ncnn.param``, ``.ncnn.bin``), or
+    a one-line error naming the model."""
+    import subprocess
+
+    import pnnx
+
+    exe = Path(pnnx.__file__).parent / "pnnx"
+    src = work / model.name
+    if src.resolve() != Path(model).resolve():
+        shutil.copy2(model, src)
+    res = subprocess.run([str(exe), src.name, f"inputshape=[{','.join(str(d) for d in shape)}]"], cwd=work,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    param, weights = work / f"{model.stem}.ncnn.param", work / f"{model.stem}.ncnn.bin"
+    if res.returncode != 0 or not param.is_file() or not weights.is_file():
+        tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or [f"exit code {res.returncode}"]
+        raise SlimExportError(f"pnnx could not convert {model} to ncnn: {tail[0][:200]}")
+    return param, weights
+
+
 def convert_ncnn(
     model: str | os.PathLike, out_dir: str | os.PathLike, ds: Dataset, parity_images: int = 256, atol: float = 1e-2
 ) -> dict[str, Any]:
@@ -325,7 +345,6 @@ def convert_ncnn(
     ``NAME.ncnn.bin`` once verified. ncnn's convolutions (Winograd, other summation orders) differ from
     onnxruntime's in the last digits, so the default tolerance on logits is 1e-2; the record keeps the measured
     difference and the top-1 agreement."""
-    import subprocess
 
     if not ncnn_available():
         raise ConfigError(NCNN_HINT)
@@ -336,20 +355,10 @@ def convert_ncnn(
         raise ConfigError(
             f"{model} is an INT8 (QDQ) model: ncnn takes the FP32 model (its own INT8 uses ncnn2int8's calibration)"
         )
-    exe = Path(pnnx.__file__).parent / "pnnx"
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
     with atomic_dir(out_dir) as work:
-        src = work / model.name
-        shutil.copy2(model, src)
-        shape = f"[1,{ds.in_channels},{ds.image_size[0]},{ds.image_size[1]}]"
-        res = subprocess.run([str(exe), src.name, f"inputshape={shape}"], cwd=work, capture_output=True, text=True,
-                             timeout=600)  # fmt: skip
-        stem = model.stem
-        param, weights = work / f"{stem}.ncnn.param", work / f"{stem}.ncnn.bin"
-        if res.returncode != 0 or not param.is_file() or not weights.is_file():
-            tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or [f"exit code {res.returncode}"]
-            raise SlimExportError(f"pnnx could not convert {model} to ncnn: {tail[0][:200]}")
+        param, weights = pnnx_convert(model, work, (1, ds.in_channels, *ds.image_size))
         built = work / "result"
         built.mkdir()
         os.replace(param, built / param.name)

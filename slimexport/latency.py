@@ -42,13 +42,18 @@ def cache_dir() -> Path:
 
 
 def _device(runtime: str) -> str:
-    if runtime == "onnxruntime":
-        return "cpu"
+    """The device ``latency`` times on for ``runtime`` (ncnn runs on the CPU), or a one-line error where the
+    runtime is not installed."""
     if runtime == "onnxruntime-cuda":
         provider_for("cuda")  # a one-line error where onnxruntime has no CUDA here
         return "cuda"
-    raise ConfigError(f"--runtime {runtime}: latency targets are measured in onnxruntime for now "
-                      "(--runtime onnxruntime or onnxruntime-cuda)")  # fmt: skip
+    if runtime == "ncnn":
+        from slimexport.deploy import ncnn_available
+        from slimexport.runtime import NCNN_HINT
+
+        if not ncnn_available():
+            raise ConfigError(f"--runtime ncnn: {NCNN_HINT}")
+    return "cpu"
 
 
 class LatencyProbe:
@@ -102,14 +107,28 @@ class LatencyProbe:
                 _export_torch(model, self.x, path, 20)
                 return path.read_bytes()
 
+    def _timed(self, models: dict[str, bytes], cfg: BenchConfig) -> dict[str, float]:
+        """Median ms of each ONNX model, side by side, on the runtime (ncnn: converted by pnnx first)."""
+        if self.cfg.runtime != "ncnn":
+            return {r["model"]: r["median_ms"] for r in latency(models, self.shape, cfg)}
+        from slimexport.deploy import pnnx_convert
+
+        with tempfile.TemporaryDirectory(prefix="slimexport-ncnn-") as tmp:
+            params = {}
+            for name, onnx in models.items():
+                (Path(tmp) / name).mkdir()
+                src = Path(tmp) / name / f"{name}.onnx"
+                src.write_bytes(onnx)
+                params[name] = pnnx_convert(src, src.parent, (self.cfg.latency_batch, *self.shape))[0]
+            return {r["model"]: r["median_ms"] for r in latency(params, self.shape, cfg)}
+
     def __call__(self, model: nn.Module) -> tuple[float, float]:
         onnx = self._onnx(model)
         key = hashlib.sha256(onnx).hexdigest()[:32]
         hit = self.cache.get(key)
         cached = hit is not None
         if hit is None:
-            rows = latency({"base": self.base, "cand": onnx}, self.shape, self.bench)
-            ms = {r["model"]: r["median_ms"] for r in rows}
+            ms = self._timed({"base": self.base, "cand": onnx}, self.bench)
             hit = {"ms": ms["cand"], "base_ms": ms["base"]}
             self.cache[key] = hit
             try:
@@ -131,8 +150,7 @@ class LatencyProbe:
         """The chosen model timed again against the unpruned one, longer and past the cache: the search's answer
         checked by a measurement of its own."""
         cfg = BenchConfig(batches=self.bench.batches, threads=self.bench.threads, device=self.device, seconds=seconds)
-        rows = latency({"base": self.base, "cand": self._onnx(model)}, self.shape, cfg)
-        ms = {r["model"]: r["median_ms"] for r in rows}
+        ms = self._timed({"base": self.base, "cand": self._onnx(model)}, cfg)
         self.retimed = {"ms": ms["cand"], "base_ms": ms["base"], "speedup": ms["base"] / ms["cand"]}
         return self.retimed
 

@@ -195,3 +195,19 @@ def test_the_layer_table_times_every_conv_alone_and_is_cached(tmp_path, monkeypa
     assert all(r["ms"] > 0 and r["out"] >= 0 and r["in"] >= 0 for r in table.layers.values())
     n = len(calls)
     assert lat.LatencyTable(m, x, cfg).layers == table.layers and len(calls) == n  # read back, nothing timed
+
+
+@pytest.mark.slow
+def test_a_latency_target_measured_in_ncnn(tmp_path, monkeypatch):
+    from slimexport.deploy import ncnn_available
+
+    if not ncnn_available():
+        pytest.skip("the ncnn extra is not installed")
+    monkeypatch.setenv("SLIMEXPORT_LATENCY_CACHE", str(tmp_path / "cache"))
+    m, x = _model(), torch.randn(1, 3, 32, 32)
+    cfg = PruneConfig(percent=None, target_speedup=1.5, runtime="ncnn").validate()
+    probe = lat.LatencyProbe(m, x, cfg)
+    ms, speedup = probe(prune_graph(m, x, PruneConfig(percent=0.6))[0])
+    assert ms > 0 and speedup > 1.0  # 60% of the channels gone: faster in ncnn too
+    with pytest.raises(Exception, match="per-layer table is measured in onnxruntime"):
+        PruneConfig(percent=None, target_speedup=1.5, runtime="ncnn", allocate="latency").validate()
