@@ -19,6 +19,7 @@ from slimexport.fields import (  # noqa: F401 - the choices and helpers are impo
     CACHES,
     CALIBRATE,
     DEVICES,
+    INT8_KEEP,
     NORMALIZE,
     OPT_STYLES,
     PLATFORMS,
@@ -336,11 +337,19 @@ class QuantizeConfig:
         choices=QUANT_TYPES,
         help=("INT8 activation/weight types: auto (S8S8 on a CPU with VNNI, else U8S8 with reduce_range), s8s8, u8s8."),
     )
+    keep: str = setting("always", flag="--int8-keep", choices=INT8_KEEP, help=(
+        "always: the INT8 model as quantized; auto: INT8 only where it is faster than FP32 here (batch 1, one "
+        "thread) and loses at most --int8-max-drop, the convs whose weights quantize worst put back to FP32 "
+        "(1, 2, 4, ...) until it does; else FP32. The record says which and why."))  # fmt: skip
+    max_drop: float = setting(0.01, flag="--int8-max-drop", help=(
+        "--int8-keep auto: the accuracy INT8 may lose against FP32 (0.01: one point)."))  # fmt: skip
     per_channel: bool = True
     calib_batch: int = 64
     seed: int = 0  # which training images calibrate
 
     def validate(self) -> None:
+        _one_of(self.keep, INT8_KEEP, "--int8-keep")
+        _fraction(self.max_drop, "--int8-max-drop", False, True, "the accuracy INT8 may lose")
         if self.calib_images < 1:
             raise ConfigError(f"--calib-images must be at least 1, got {self.calib_images}")
         _one_of(self.calibrate, CALIBRATE, "--calibrate")

@@ -138,7 +138,7 @@ def _op_counts(path: Path) -> dict[str, int]:
 
 
 def _quantize_static(model: Path, pre: Path, dst: Path, out: Path, reader, cfg: QuantizeConfig, types: dict,
-                     op_types: list[str] | None = None) -> None:  # fmt: skip
+                     op_types: list[str] | None = None, exclude: list[str] | None = None) -> None:  # fmt: skip
     """onnxruntime's pre-processing and static QDQ quantization of ``model`` into ``dst``; its many kinds of failure
     as one line naming the user's files (not the temporary ones)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -159,7 +159,7 @@ def _quantize_static(model: Path, pre: Path, dst: Path, out: Path, reader, cfg: 
             quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
                             reduce_range=types["reduce_range"], activation_type=qtype[types["activation"]],
                             weight_type=qtype[types["weight"]], calibrate_method=methods[cfg.calibrate],
-                            op_types_to_quantize=op_types,
+                            op_types_to_quantize=op_types, nodes_to_exclude=exclude,
                             extra_options={"CalibTensorRangeSymmetric": False})  # fmt: skip
     except SlimExportError:
         raise
@@ -185,6 +185,8 @@ def quantize(
     idx = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(cfg.seed))[:n]  # a fixed subset
     images = ds.normalize(ds.x_train[idx].cpu()).numpy()
     rec = quantize_onnx(model, out, images, cfg, lambda dst: compare(model, dst, ds))
+    if cfg.keep == "auto":
+        rec["keep"] = _keep_auto(model, Path(out), images, cfg, ds, rec)
     return rec | {
         "fp32_accuracy": rec["measured"]["reference_accuracy"],
         "accuracy": rec["measured"]["accuracy"],
@@ -194,6 +196,69 @@ def quantize(
     }
 
 
+def _ms_b1(reference: Path, candidate: Path, image_shape: tuple[int, ...]) -> tuple[float, float]:
+    """Median ms of both models at batch 1, one thread, timed side by side."""
+    from slimexport.config import BenchConfig
+    from slimexport.runtime import latency
+
+    rows = latency({"fp32": reference, "int8": candidate}, image_shape, BenchConfig(batches=[1], threads=[1]))
+    ms = {r["model"]: r["median_ms"] for r in rows}
+    return ms["fp32"], ms["int8"]
+
+
+def weight_errors(model: Path) -> list[tuple[str, float]]:
+    """Each Conv node's weight error under per-output-channel symmetric INT8, relative to its weights' norm,
+    worst first: which layers to put back to FP32 first (data-free; what ``--int8-keep auto`` ranks by)."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(model))
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    out = []
+    for node in proto.graph.node:
+        w = inits.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+        if w is None or w.ndim < 2:
+            continue
+        flat = w.reshape(w.shape[0], -1).astype(np.float64)
+        scale = np.abs(flat).max(axis=1, keepdims=True) / 127.0
+        q = np.round(flat / np.where(scale > 0, scale, 1)) * scale
+        out.append((node.name, float(np.linalg.norm(flat - q) / max(np.linalg.norm(flat), 1e-12))))
+    return sorted(out, key=lambda x: -x[1])
+
+
+def _keep_auto(model: Path, out: Path, images: np.ndarray, cfg: QuantizeConfig, ds: Dataset, rec: dict) -> dict:
+    """``--int8-keep auto``: is the INT8 model faster than FP32 here and within ``max_drop``? If it is faster but
+    loses more, put the convs whose weights quantize worst back to FP32 (1, 2, 4, ... of them) and quantize again,
+    until it fits or half the convs are back; the INT8 file that fits is left at ``out``. Returns the decision."""
+    shape = (ds.in_channels, *ds.image_size)
+    fp32_ms, int8_ms = _ms_b1(model, out, shape)
+    drop = rec["measured"]["reference_accuracy"] - rec["measured"]["accuracy"]
+    tries = [{"fp32_layers": 0, "accuracy_drop": drop, "int8_ms": int8_ms}]
+    base = {"fp32_ms": fp32_ms, "max_drop": cfg.max_drop, "tries": tries}
+    if int8_ms >= fp32_ms:
+        return base | {"chosen": "fp32", "why": f"INT8 is not faster here: {int8_ms:.3g} ms against FP32's "
+                       f"{fp32_ms:.3g} ms (batch 1, one thread)"}  # fmt: skip
+    ranked = [n for n, _ in weight_errors(model)]
+    k = 1
+    while drop > cfg.max_drop and k <= max(1, len(ranked) // 2):
+        excluded = ranked[:k]
+        again = quantize_onnx(model, out, images, cfg, lambda dst: compare(model, dst, ds), exclude=excluded)
+        drop = again["measured"]["reference_accuracy"] - again["measured"]["accuracy"]
+        fp32_ms, int8_ms = _ms_b1(model, out, shape)
+        tries.append({"fp32_layers": k, "layers": excluded, "accuracy_drop": drop, "int8_ms": int8_ms})
+        k *= 2
+    if drop > cfg.max_drop:
+        return base | {"chosen": "fp32", "why": f"INT8 loses {100 * drop:.2f} pt > --int8-max-drop "
+                       f"{100 * cfg.max_drop:.2f} even with {tries[-1]['fp32_layers']} convs back in FP32"}  # fmt: skip
+    if int8_ms >= fp32_ms:
+        return base | {"chosen": "fp32", "why": f"within the accuracy budget only with {tries[-1]['fp32_layers']} "
+                       f"convs in FP32, and then not faster ({int8_ms:.3g} against {fp32_ms:.3g} ms)"}  # fmt: skip
+    n = tries[-1]["fp32_layers"]
+    return base | {"chosen": "int8" if n == 0 else f"int8, {n} conv(s) in FP32",
+                   "why": f"×{fp32_ms / int8_ms:.2f} faster than FP32 at batch 1, one thread, losing "
+                   f"{100 * drop:.2f} pt (≤ {100 * cfg.max_drop:.2f})"}  # fmt: skip
+
+
 def quantize_onnx(
     model: str | os.PathLike,
     out: str | os.PathLike,
@@ -201,6 +266,7 @@ def quantize_onnx(
     cfg: QuantizeConfig,
     measure: Any = None,
     op_types: list[str] | None = None,
+    exclude: list[str] | None = None,
 ) -> dict[str, Any]:
     """The quantizer of any ONNX model with one image input: static QDQ INT8 at ``out`` (atomically), calibrated on
     ``calibration`` (inputs as the model takes them, N first); ``measure(path)``, where given, is called on the
@@ -222,7 +288,7 @@ def quantize_onnx(
         atomic_path(out, suffix=".onnx") as dst,
     ):
         reader = _Calibration(calibration, io_names(ort_session(model))[0], cfg.calib_batch)
-        _quantize_static(model, Path(tmp) / "pre.onnx", dst, out, reader, cfg, types, op_types)
+        _quantize_static(model, Path(tmp) / "pre.onnx", dst, out, reader, cfg, types, op_types, exclude)
         quant_seconds = time.perf_counter() - t0
         measured = measure(dst) if measure is not None else None
         size = dst.stat().st_size
@@ -245,6 +311,7 @@ def quantize_onnx(
         "quantize_seconds": quant_seconds,
         "config": asdict(cfg),
         "op_types": op_types or "default",
+        "fp32_nodes": exclude or [],
     } | ({"measured": measured} if measured is not None else {})
 
 

@@ -26,6 +26,7 @@ QUANT_TYPES = ("auto", "s8s8", "u8s8")
 OPT_STYLES = ("fixed", "runtime")
 PLATFORMS = ("amd64", "arm")
 SCHEDULES = ("onecycle", "multistep", "constant")
+INT8_KEEP = ("always", "auto")  # which INT8 model the deploy keeps: as quantized, or only where it pays
 ALLOCATE = ("gamma", "latency")  # how channels are chosen: one |γ| threshold, or importance per unit of latency
 RUNTIMES = ("onnxruntime", "onnxruntime-cuda", "ncnn")  # where a latency target is measured
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}

@@ -312,6 +312,8 @@ def _variant_rows(r: _Run, res: dict[str, Any]) -> list[dict[str, Any]]:
             row["parity"] = {"reference": f"{base}.onnx", "top1_agreement": q["top1_agreement"],
                              "max_abs_diff": q["max_abs_diff"], "images": q["images"]}  # fmt: skip
             row["types"] = f"{q['activation_type']}/{q['weight_type']}" + (" reduce_range" if q["reduce_range"] else "")
+            if q.get("keep"):  # --int8-keep auto: what was chosen for deployment, and why
+                row["keep"] = {k: q["keep"][k] for k in ("chosen", "why")}
         elif name.endswith("ncnn"):
             row["parity"] = {"reference": "pruned.onnx"} | recs["convert_ncnn"]["record"]["parity"]
             row["bytes"] += r.path(f.replace(".param", ".bin")).stat().st_size  # the weights file too

@@ -255,6 +255,9 @@ def _variants_markdown(rows: list[dict[str, Any]]) -> list[str]:
             f"{_pct(row.get('accuracy'))} | {par.get('top1_agreement', float('nan')):.4f} ({par.get('reference', '')})"
             f" | {par.get('max_abs_diff', float('nan')):.3g} | {lats} |"
         )
+    kept = [f"{row['name']}: **{row['keep']['chosen']}**, {row['keep']['why']}" for row in rows if row.get("keep")]
+    if kept:
+        lines += ["", "INT8 where it pays (`--int8-keep auto`): " + "; ".join(kept) + "."]
     lines += ["", "![accuracy against latency](variants.png)"]
     return lines
 

@@ -173,3 +173,38 @@ def test_without_the_ncnn_extra_the_options_say_so(monkeypatch, fp32, small_npz,
                    "pip install -e '.[ncnn]'", tmp_path)  # fmt: skip
     _fails_cleanly(["pipeline", "--ncnn", "--dataset", small_npz, "--out", str(tmp_path / "run")],
                    "pip install -e '.[ncnn]'", tmp_path)  # fmt: skip
+
+
+def _float_convs(path) -> int:
+    proto = onnx.load(str(path))
+    producer = {o: n.op_type for n in proto.graph.node for o in n.output}
+    return sum(1 for n in proto.graph.node if n.op_type == "Conv" and producer.get(n.input[1]) != "DequantizeLinear")
+
+
+@pytest.mark.parametrize(
+    "timing, max_drop, chosen",
+    [((1.0, 2.0), 0.5, "fp32"),  # INT8 slower here: FP32 is the answer, whatever the accuracy
+     ((2.0, 1.0), 0.5, "int8"),  # faster and within the budget: INT8 as quantized
+     ((2.0, 1.0), 0.0, None)],  # faster but any loss is too much: convs go back to FP32 until none is lost
+)  # fmt: skip
+def test_int8_keep_auto_keeps_int8_only_where_it_pays(fp32, small_ds, tmp_path, monkeypatch, timing, max_drop, chosen):
+    import slimexport.deploy as dep
+    from slimexport.config import QuantizeConfig
+
+    monkeypatch.setattr(dep, "_ms_b1", lambda *a: timing)  # the runtime's answer, fixed: the logic is under test
+    out = tmp_path / "m.int8.onnx"
+    r = quantize(fp32, out, small_ds, QuantizeConfig(keep="auto", max_drop=max_drop))
+    k = r["keep"]
+    assert k["why"] and k["tries"][0]["fp32_layers"] == 0
+    if chosen is not None:
+        assert k["chosen"] == chosen and _float_convs(out) == 0
+        return
+    drops = [t["accuracy_drop"] for t in k["tries"]]
+    if drops[0] <= 0:  # nothing lost to begin with
+        assert k["chosen"] == "int8"
+        return
+    assert len(k["tries"]) > 1 and [t["fp32_layers"] for t in k["tries"][1:]][:2] == [1, 2][: len(k["tries"]) - 1]
+    if k["chosen"].startswith("int8"):  # the file left is the one that fits, with those convs in FP32
+        assert drops[-1] <= 0 and _float_convs(out) == k["tries"][-1]["fp32_layers"]
+    else:
+        assert "even with" in k["why"]

@@ -17,6 +17,8 @@ from slimexport.cli.options import (
     DataDirOpt,
     DatasetOpt,
     ForceOpt,
+    Int8KeepOpt,
+    Int8MaxDropOpt,
     QuantTypesOpt,
     SecondsOpt,
     SelectionOpt,
@@ -139,6 +141,8 @@ def quantize(
     calib_images: CalibImagesOpt = D.calib_images,
     calibrate: CalibrateOpt = D.calibrate,
     types: QuantTypesOpt = D.types,
+    int8_keep: Int8KeepOpt = D.int8_keep,
+    int8_max_drop: Int8MaxDropOpt = D.int8_max_drop,
     force: ForceOpt = D.force,
 ):
     """INT8 static quantization (onnxruntime QDQ, per-channel weights), measured against the FP32 model."""

@@ -50,7 +50,7 @@ ENUMS: dict[tuple[str, ...], type[Enum]] = {
         "Regularizer": C.REGULARIZERS, "Teacher": C.TEACHERS, "Precision": C.PRECISIONS, "DataCache": C.CACHES,
         "Selection": C.SELECTION_MODES, "Calibrate": C.CALIBRATE, "QuantTypes": C.QUANT_TYPES,
         "OptStyle": C.OPT_STYLES, "Platform": C.PLATFORMS, "Runtime": C.RUNTIMES,
-        "Allocate": C.ALLOCATE,
+        "Allocate": C.ALLOCATE, "Int8Keep": C.INT8_KEEP,
     }.items()
 }  # fmt: skip
 
@@ -125,6 +125,8 @@ TargetSpeedupOpt = option("target_speedup", float | None)
 MaxLatencyOpt = option("max_latency", float | None)
 RuntimeOpt = option("runtime")
 AllocateOpt = option("allocate")
+Int8KeepOpt = option("int8_keep")
+Int8MaxDropOpt = option("int8_max_drop", float)
 LatencyBatchOpt = option("latency_batch", int, min=1)
 LatencyThreadsOpt = option("latency_threads", int, min=1)
 MinChOpt = option("min_channels", int)
