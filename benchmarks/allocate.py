@@ -26,6 +26,40 @@ from slimexport.report import machine, versions
 ROOT = Path(__file__).resolve().parent
 
 
+def _torch_pruning(run: Path, target: float, seed: int) -> dict:
+    """Torch-Pruning's BN-scale pruner on the same sparse checkpoint, its global ratio bisected until the exported
+    model measures ``target`` times faster than the unpruned one (the same probe slimexport's search uses), then
+    refined with the pipeline's refine schedule and measured in onnxruntime."""
+    import dataclasses
+
+    from benchmarks.peers import torch_pruning_model
+    from slimexport.bench import ort_accuracy
+    from slimexport.checkpoint import load_checkpoint
+    from slimexport.config import ExportConfig, PipelineConfig, PruneConfig
+    from slimexport.data import load_dataset
+    from slimexport.export import export_model
+    from slimexport.latency import LatencyProbe
+    from slimexport.loop import fit
+
+    ds = load_dataset("embedded")
+    sparse, _ = load_checkpoint(run / "sparse.pt")
+    probe = LatencyProbe(sparse, ds.normalize(ds.x_test[:1]), PruneConfig(percent=None, target_speedup=target))
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(8):  # the smallest ratio that is fast enough
+        mid = (lo + hi) / 2
+        model = torch_pruning_model(run / "sparse.pt", ds, mid)
+        fast = probe(model)[1] >= target
+        best = (mid, model) if fast else best
+        lo, hi = (lo, mid) if fast else (mid, hi)
+    ratio, model = best if best is not None else (hi, torch_pruning_model(run / "sparse.pt", ds, hi))
+    retimed = probe.retime(model)
+    cfg = dataclasses.replace(PipelineConfig(seed=seed).train_config("refine"))
+    fit(model, ds, cfg, description="torch-pruning refine")
+    onnx = run.parent / f"tp-{seed}.onnx"
+    export_model(model, onnx, ds, ExportConfig())
+    return {"seed": seed, "ratio": ratio, "retimed_speedup": retimed["speedup"], "accuracy": ort_accuracy(onnx, ds)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="2")
@@ -33,7 +67,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/slimexport-allocate"))
     ap.add_argument("--out", type=Path, default=ROOT / "results" / machine_tag() / "allocate.json")
     a = ap.parse_args()
-    rows = []
+    rows, peers = [], []
     for seed in a.seeds.split(","):
         for allocate in ("gamma", "latency"):
             out = a.work / f"{allocate}-{seed}"
@@ -51,6 +85,8 @@ def main() -> None:
                    "search_retimed": rep["prune"]["latency_target"]["retimed"]["speedup"]}  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
+        peers.append(_torch_pruning(a.work / f"gamma-{seed}", float(a.target), int(seed)))
+        print(json.dumps(peers[-1]), flush=True)
 
     def stat(allocate: str, key: str) -> dict:
         xs = [r[key] for r in rows if r["allocate"] == allocate]
@@ -59,12 +95,15 @@ def main() -> None:
     summary = {al: {k: stat(al, k) for k in ("accuracy", "speedup", "macs_ratio", "params_ratio")}
                for al in ("gamma", "latency")}  # fmt: skip
     diffs = [100 * (b["accuracy"] - g["accuracy"]) for g, b in zip(rows[0::2], rows[1::2])]
+    tp = [100 * (g["accuracy"] - p["accuracy"]) for g, p in zip(rows[0::2], peers)]
+    summary["gamma_minus_torch_pruning_pt"] = {"mean": statistics.mean(tp), "sd": statistics.stdev(tp) if len(tp) > 1
+                                               else 0.0}  # fmt: skip
     summary["latency_minus_gamma_pt"] = {"mean": statistics.mean(diffs),
                                          "sd": statistics.stdev(diffs) if len(diffs) > 1 else 0.0}  # fmt: skip
     write_json(a.out, {"kind": "allocate", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                        "machine_tag": machine_tag(), "machine": machine(), "versions": versions(),
                        "command": "python -m benchmarks.allocate " + shlex.join(sys.argv[1:]), "target": a.target,
-                       "rows": rows, "summary": summary})  # fmt: skip
+                       "rows": rows, "torch_pruning": peers, "summary": summary})  # fmt: skip
     print(f"wrote {a.out}")
 
 

@@ -82,3 +82,28 @@ def latency_target(every: list[dict]) -> list[str]:
             )
         lines.append("")
     return lines
+
+
+def allocate(every: list[dict]) -> list[str]:
+    lines: list[str] = []
+    for r in [x for x in every if x.get("kind") == "allocate"][-1:]:
+        s = r["summary"]
+        lines += [
+            f"### At one measured speed-up: --allocate latency against the global |γ| threshold and Torch-Pruning "
+            f"({r['machine_tag']}, {r['date'][:10]})", "",
+            f"`{r['command']}`: the default run (vgg11_w25, embedded Fashion-MNIST, 10 + 10 epochs, refine 10) with "
+            f"`--target-speedup {r['target']}`; Torch-Pruning's BN-scale pruner on the same sparse checkpoint, its "
+            "ratio bisected to the same measured speed-up, refined with the same schedule. Accuracy in onnxruntime; "
+            "speed-up measured by the pipeline's bench on the exported models (batch 1, one thread).", "",
+            "| seed | allocate | accuracy | speed-up | MACs ratio | params ratio |", "|---:|---|---:|---:|---:|---:|",
+        ]  # fmt: skip
+        for x in r["rows"]:
+            lines.append(f"| {x['seed']} | {x['allocate']} | {100 * x['accuracy']:.2f}% | ×{x['speedup']:.2f} "
+                         f"| ×{x['macs_ratio']:.2f} | ×{x['params_ratio']:.2f} |")  # fmt: skip
+        for x in r.get("torch_pruning", []):
+            lines.append(f"| {x['seed']} | Torch-Pruning (ratio {x['ratio']:.3f}) | {100 * x['accuracy']:.2f}% "
+                         f"| ×{x['retimed_speedup']:.2f} (search) | | |")  # fmt: skip
+        d, t = s["latency_minus_gamma_pt"], s.get("gamma_minus_torch_pruning_pt")
+        lines += ["", f"latency − gamma: {d['mean']:+.2f} ± {d['sd']:.2f} pt"
+                  + (f"; gamma − Torch-Pruning: {t['mean']:+.2f} ± {t['sd']:.2f} pt" if t else ""), ""]  # fmt: skip
+    return lines
