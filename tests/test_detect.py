@@ -156,6 +156,7 @@ def test_detector_options_that_cannot_work_fail_before_anything_runs(data, tmp_p
     fails_cleanly(["pipeline", "--out", str(tmp_path / "r"), "--arch", "ultralytics:yolov8n.yaml"], "needs --dataset")
     arch = ["--arch", "ultralytics:yolov8n.yaml"]
     fails_cleanly([*base, *arch, "--distill"], "--distill: not for detectors")
+    fails_cleanly([*base, *arch, "--baseline-epochs", "0"], "takes a trained .pt as the baseline, not the yaml")
     fails_cleanly([*base, *arch, "--sparsity", "auto"], "--sparsity auto is for classifiers")
     fails_cleanly([*base, *arch, "--train-args", "nbs=16,lr00=1"], "lr00: not an Ultralytics training argument")
     fails_cleanly([*base, *arch, "--train-args", "epochs=3"], "epochs: set by slimexport's own options")

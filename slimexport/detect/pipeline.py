@@ -72,16 +72,12 @@ def _baseline_stage(r: _Run) -> dict[str, Any]:
     model = ev.read_user_model(src)
     epochs = r.cfg.epochs if r.cfg.baseline_epochs is None else r.cfg.baseline_epochs
     if epochs == 0:
-        if src.suffix in (".yaml", ".yml"):
-            raise ConfigError(f"--baseline-epochs 0 takes a trained .pt as the baseline, not the yaml {src}")
         if ev.nc_of(model) != r.info["nc"]:
             raise ConfigError(f"{src} detects {ev.nc_of(model)} classes but {r.data} has {r.info['nc']}: train it "
                               "on this data first (--baseline-epochs N)")  # fmt: skip
         model.names, rec = dict(enumerate(r.info["names"])), {"epochs": 0}
     else:
-        if (
-            ev.nc_of(model) != r.info["nc"]
-        ):  # as Ultralytics does: a new head for the data's classes, the rest transferred
+        if ev.nc_of(model) != r.info["nc"]:  # as Ultralytics does: a head for the data's classes, the rest kept
             fresh = ev.build(model.yaml, r.info["nc"], None, str(src))
             fresh.load_state_dict(
                 {k: v for k, v in model.state_dict().items() if fresh.state_dict()[k].shape == v.shape}, strict=False
@@ -115,8 +111,8 @@ def _prune_stage(r: _Run) -> dict[str, Any]:
 
 
 def _summary(rec: dict[str, Any]) -> dict[str, Any]:
-    keep = ("percent", "threshold", "round_to", "normalize", "min_channels", "channels_before", "channels_after",
-            "pruned_fraction", "undone", "unprunable")  # fmt: skip
+    keep = ("percent", "max_macs", "latency_target", "threshold", "round_to", "normalize", "min_channels",
+            "channels_before", "channels_after", "pruned_fraction", "undone", "unprunable")  # fmt: skip
     return {k: rec[k] for k in keep if k in rec}
 
 
@@ -313,6 +309,9 @@ def _check_options(cfg: PipelineConfig) -> None:
         flags = ", ".join("--" + f.replace("_", "-") for f in given)
         raise ConfigError(f"{flags}: not for detectors (Ultralytics' trainer trains them with its own schedule)")
     train_args(cfg.train_args)
+    arch = Path(str(cfg.arch).removeprefix(PREFIX))
+    if cfg.baseline_epochs == 0 and arch.suffix in (".yaml", ".yml"):
+        raise ConfigError(f"--baseline-epochs 0 takes a trained .pt as the baseline, not the yaml {arch}")
     if not isinstance(cfg.sparsity, (int, float)):
         raise ConfigError("--sparsity auto is for classifiers: give detectors a number (e.g. 1e-3)")
 
