@@ -98,11 +98,15 @@ def _pipeline(a, model: str, data: Path, pt: Path, seed: int) -> dict:
            *(["--percent", a.percent] if a.percent else ["--max-macs", a.max_macs]),
            "--train-args", a.train_args, "--int8", "--batch", "1", "--threads", "1", "--seconds", "3"]  # fmt: skip
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(f"{shlex.join(cmd)} failed:\n{res.stderr[-3000:]}")
+    if (out / "report.json").is_file() and json.loads((out / "config.json").read_text())["seed"] == seed:
+        seconds = sum(v["seconds"] for v in json.loads((out / "stages.json").read_text()).values())  # a finished run
+    else:
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise SystemExit(f"{shlex.join(cmd)} failed:\n{res.stderr[-3000:]}")
+        seconds = time.perf_counter() - t0
     rep = json.loads((out / "report.json").read_text())
-    return {"seconds": time.perf_counter() - t0, "command": shlex.join(["slimexport", *cmd[3:]]), "report": {
+    return {"seconds": seconds, "command": shlex.join(["slimexport", *cmd[3:]]), "report": {
         k: rep[k] for k in ("baseline", "pruned", "ratios", "int8", "training", "prune")}}  # fmt: skip
 
 

@@ -3,6 +3,7 @@ detection data set, the data checks, the sparsity hook's place in the optimizer 
 trainer that keeps a pruned model's widths, the plain-data checkpoint, and the pipeline end to end from the CLI
 with its artifacts (pruned.pt that YOLO loads, ONNX with mAP in onnxruntime, INT8) and --resume."""
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -13,6 +14,7 @@ from torch import nn
 
 from slimexport.cli import app
 from tests.helpers import digest, fails_cleanly, runner
+from tests.helpers import randomize_bns as randomize
 
 ultralytics = pytest.importorskip("ultralytics")
 
@@ -139,11 +141,20 @@ def test_the_plain_checkpoint_rebuilds_the_pruned_model_and_refuses_foreign_modu
 
     model = ev.build(ev.read_user_model("yolo11n.yaml").yaml, 10, None, "yolo11n.yaml").eval()
     x = torch.rand(1, 3, 64, 64)
-    pruned, rec = prune_model(model, 0.5, example_input=x)
-    ev.save_detector(pruned, tmp_path / "p.ckpt", rec["plan"], {"stage": "pruned"})
+    pruned, rec = prune_model(randomize(model), 0.6, example_input=x, round_to=16)
+    from slimexport.channels import SelectingBatchNorm
+
+    # YOLO11's head: BNs that select channels after a depthwise conv; Ultralytics' fusing cannot hold them
+    assert any(isinstance(m, SelectingBatchNorm) for m in pruned.modules())
+    form = ev.ultralytics_form(pruned).eval()
+    assert not any(isinstance(m, SelectingBatchNorm) for m in form.modules())
+    torch.testing.assert_close(form(x)[0], pruned.eval()(x)[0])  # the same function
+    ev.save_detector(form, tmp_path / "p.ckpt", rec["plan"], {"stage": "pruned"})
     raw = torch.load(tmp_path / "p.ckpt", weights_only=True)  # plain data: no pickled module
     back, _ = ev.load_detector(tmp_path / "p.ckpt")
-    torch.testing.assert_close(back(x)[0], pruned.eval()(x)[0])
+    torch.testing.assert_close(back(x)[0], pruned(x)[0])
+    fused = copy.deepcopy(back).fuse()  # what Ultralytics' val, predict and export do first
+    torch.testing.assert_close(fused(x)[0], pruned(x)[0], atol=1e-3, rtol=1e-3)
     raw["yaml"]["head"][0][2] = "torch_safe_load"  # a name Ultralytics would look up and call
     torch.save(raw, tmp_path / "evil.ckpt")
     with pytest.raises(CheckpointError, match="torch_safe_load"):

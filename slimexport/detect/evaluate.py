@@ -48,7 +48,56 @@ def build(yaml: dict[str, Any], nc: int, plan: dict[str, Any] | None, where: str
     check_yaml_modules(yaml, where)
     with contextlib.redirect_stdout(io.StringIO()):
         model = DetectionModel(copy.deepcopy(yaml), nc=nc, verbose=False)
-    return sync_widths(apply_plan(model, plan)) if plan else model
+    return ultralytics_form(apply_plan(model, plan)) if plan else model
+
+
+def ultralytics_form(model: nn.Module) -> nn.Module:
+    """The pruned model as Ultralytics' code can take it. Where the engine let a BN select its channels out of a
+    wider input (YOLO11's head: a depthwise conv whose input other layers read), the selection goes back into
+    zero weights (:func:`slimexport.rewrite.absorb_selections`: the same function), and the BN becomes a plain
+    BatchNorm again, so Ultralytics' conv+BN fusing (``val``, ``predict``, ``export``) and a pickled ``pruned.pt``
+    work. Then the split blocks' widths are synced (:func:`sync_widths`). Returns a new model where it changes one."""
+    from slimexport.channels import SelectingBatchNorm
+
+    if any(isinstance(m, SelectingBatchNorm) for m in model.modules()):
+        model = _widen_selections(copy.deepcopy(model))
+    for m in model.modules():
+        if isinstance(m, SelectingBatchNorm) and m.slim_selection.num_channels == m.num_features:
+            m.__class__ = next(b for b in type(m).__mro__[1:] if b is not SelectingBatchNorm)
+            del m._modules["slim_selection"]
+    return sync_widths(model)
+
+
+@torch.no_grad()
+def _widen_selections(model: nn.Module) -> nn.Module:
+    """Each selecting BN of an Ultralytics ``Conv`` back to the full width of its conv: the channels it dropped get
+    γ = β = 0 (so SiLU(BN) = 0 there) and zero weights in the conv that reads them, the next module of the same
+    ``Sequential`` (YOLO11's head: DWConv → Conv). The same function, with no index op."""
+    from slimexport.channels import SelectingBatchNorm, set_bn_selection
+
+    mods = dict(model.named_modules())
+    for name, bn in list(mods.items()):
+        if not isinstance(bn, SelectingBatchNorm) or bn.slim_selection.num_channels == bn.num_features:
+            continue
+        owner = name.rsplit(".", 1)[0]
+        parent, _, pos = owner.rpartition(".")
+        nxt = mods.get(f"{parent}.{int(pos) + 1}") if pos.isdigit() else None
+        reader = getattr(nxt, "conv", nxt)
+        if not (isinstance(reader, nn.Conv2d) and reader.groups == 1 and reader.in_channels == bn.num_features):
+            raise CheckpointError(f"{name}: a channel selection Ultralytics' modules cannot hold (prune with "
+                                  "--round-to 1 or report the model)")  # fmt: skip
+        idx, width = torch.as_tensor(bn.slim_selection.indices()), bn.slim_selection.num_channels
+        for attr, fill in (("weight", 0.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
+            old = getattr(bn, attr)
+            wide = torch.full((width,), fill, dtype=old.dtype)
+            wide[idx] = old
+            setattr(bn, attr, nn.Parameter(wide) if isinstance(old, nn.Parameter) else wide)
+        bn.num_features = width
+        set_bn_selection(bn, width, range(width))
+        w = torch.zeros(reader.out_channels, width, *reader.weight.shape[2:], dtype=reader.weight.dtype)
+        w[:, idx] = reader.weight
+        reader.weight, reader.in_channels = nn.Parameter(w), width
+    return model
 
 
 def sync_widths(model: nn.Module) -> nn.Module:
@@ -165,7 +214,7 @@ def save_ultralytics(model: nn.Module, path: str | os.PathLike, train_args: dict
     not half, so it measures what slimexport measured."""
     from ultralytics import __version__
 
-    m = sync_widths(copy.deepcopy(model).float().eval())
+    m = ultralytics_form(copy.deepcopy(model).float().eval())
     m.args = {k: v for k, v in (train_args or {}).items() if isinstance(v, (bool, int, float, str))}
     ckpt = {"date": datetime.now(timezone.utc).isoformat(), "version": __version__, "license": "AGPL-3.0",
             "model": m, "train_args": m.args}  # fmt: skip

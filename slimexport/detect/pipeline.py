@@ -103,7 +103,7 @@ def _sparse_stage(r: _Run) -> dict[str, Any]:
 def _prune_stage(r: _Run) -> dict[str, Any]:
     model, _ = ev.load_detector(r.dir / "sparse.ckpt")
     pruned, rec = prune_model(model, example_input=r.sample(1), cfg=r.cfg.prune)
-    ev.sync_widths(pruned)
+    pruned = ev.ultralytics_form(pruned)  # as build() rebuilds it from the plan: the saved weights fit
     ev.save_detector(pruned, r.dir / "pruned.ckpt", rec["plan"], {"stage": "pruned", "prune": _summary(rec)})
     if rec.get("undone"):
         console.print(f"[yellow]prune: {undone_line(rec['undone'])}[/]")
