@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--allocate", default="gamma", help="gamma, latency, or both: gamma,latency")
     ap.add_argument("--latency-targets", default="2", help="the targets --allocate latency is run at")
+    ap.add_argument("--latency-models", default=None, help="the models --allocate latency is run on (default: all)")
     ap.add_argument("--work", type=Path, default=ROOT / "work" / "latency_target")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / machine_tag() / "latency_target.json")
     a = ap.parse_args()
@@ -91,7 +92,8 @@ def main() -> None:
     models = a.models.split(",")
     jobs = [(n, float(t), "gamma") for n in models for t in a.targets.split(",")] if "gamma" in a.allocate else []
     if "latency" in a.allocate:
-        jobs += [(n, float(t), "latency") for n in models for t in a.latency_targets.split(",")]
+        lat_models = a.latency_models.split(",") if a.latency_models else models
+        jobs += [(n, float(t), "latency") for n in lat_models for t in a.latency_targets.split(",")]
     for name, target, allocate in jobs:
         done = a.work / f"{name}-{target:g}-{allocate}.json"
         if done.is_file():
