@@ -41,6 +41,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "slimexport" / "latency"
 
 
+def read_cache(path: Path) -> dict[str, Any]:
+    """A cache file's measurements; an absent, unreadable or foreign file is an empty cache."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_cache(path: Path, data: dict[str, Any]) -> None:
+    """Write a cache file (atomically); a read-only cache only costs time next run, so it never stops a prune."""
+    try:
+        write_json(path, data)
+    except OSError:
+        pass
+
+
 def _device(runtime: str) -> str:
     """The device ``latency`` times on for ``runtime`` (ncnn runs on the CPU), or a one-line error where the
     runtime is not installed."""
@@ -74,21 +91,15 @@ class LatencyProbe:
         self.base = self._onnx(model)
         self.key = hashlib.sha256(self.base + json.dumps(self._settings(), sort_keys=True).encode()).hexdigest()[:32]
         self.cache_file = cache_dir() / f"{self.key}.json"
-        self.cache = self._read_cache()
+        self.cache = read_cache(self.cache_file)
         self.probes: list[dict[str, Any]] = []
-        self.base_ms: float | None = None
+        self.retimed: dict[str, float] | None = None
+        self.layer_table: LatencyTable | None = None
 
     def _settings(self) -> dict[str, Any]:
         cpu = machine_facts().get("cpu", "")
         return {"runtime": self.cfg.runtime, "batch": self.cfg.latency_batch, "threads": self.cfg.latency_threads,
                 "shape": list(self.shape), "cpu": cpu}  # fmt: skip
-
-    def _read_cache(self) -> dict[str, Any]:
-        try:
-            data = json.loads(self.cache_file.read_text())
-            return data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            return {}
 
     def _onnx(self, model: nn.Module) -> bytes:
         """The candidate as onnxruntime will run it. For speed the TorchScript exporter (about 5× faster than
@@ -131,11 +142,7 @@ class LatencyProbe:
             ms = self._timed({"base": self.base, "cand": onnx}, self.bench)
             hit = {"ms": ms["cand"], "base_ms": ms["base"]}
             self.cache[key] = hit
-            try:
-                write_json(self.cache_file, self.cache)
-            except OSError:  # a read-only cache is no reason to stop a prune: it only costs time next run
-                pass
-        self.base_ms = hit["base_ms"] if self.base_ms is None else self.base_ms
+            write_cache(self.cache_file, self.cache)
         speedup = hit["base_ms"] / hit["ms"]
         self.probes.append({"ms": hit["ms"], "base_ms": hit["base_ms"], "speedup": speedup, "cached": cached})
         return hit["ms"], speedup
@@ -160,13 +167,13 @@ class LatencyProbe:
         return self.layer_table
 
     def record(self) -> dict[str, Any]:
-        table = getattr(self, "layer_table", None)
+        table = self.layer_table
         target = ({"target_speedup": self.cfg.target_speedup} if self.cfg.target_speedup is not None
                   else {"max_latency_ms": self.cfg.max_latency})  # fmt: skip
         return target | {
             "runtime": self.cfg.runtime, "batch": self.cfg.latency_batch, "threads": self.cfg.latency_threads,
             "image_shape": list(self.shape), "probes": self.probes, "search_seconds": time.perf_counter() - self.t0,
-            "cache": str(self.cache_file), "retimed": getattr(self, "retimed", None), "allocate": self.cfg.allocate,
+            "cache": str(self.cache_file), "retimed": self.retimed, "allocate": self.cfg.allocate,
         } | ({"latency_table": table.record()} if table is not None else {})  # fmt: skip
 
 
@@ -198,7 +205,7 @@ class LatencyTable:
     """Per convolution of a model, its latency on the target runtime at its own width and with half its output
     (and, for a dense conv, half its input) channels, each layer alone: the slopes, ms per channel removed, that
     latency-aware allocation (``--allocate latency``) weighs channels by. Measured once per layer shape and
-    runtime settings (cached beside the search's measurements) and saved with the run (:meth:`save`)."""
+    runtime settings (cached beside the search's measurements) and recorded with the prune (``latency_table``)."""
 
     def __init__(self, model: nn.Module, example_input: torch.Tensor, cfg: PruneConfig):
         self.device = _device(cfg.runtime)
@@ -206,10 +213,8 @@ class LatencyTable:
         self.bench = BenchConfig(batches=[self.batch], threads=[self.threads], device=self.device, seconds=0.1,
                                  warmup=2, min_runs=10)  # fmt: skip
         self.cache_file = cache_dir() / "layers.json"
-        try:
-            self.cache = json.loads(self.cache_file.read_text())
-        except (OSError, ValueError):
-            self.cache = {}
+        self.cache = read_cache(self.cache_file)
+        self.cpu = machine_facts().get("cpu", "")  # once: every layer's cache key names it
         self.t0 = time.perf_counter()
         self.layers = self._measure(model, example_input[:1])
         self.seconds = time.perf_counter() - self.t0
@@ -235,7 +240,7 @@ class LatencyTable:
     def _time(self, variants: dict[str, tuple[int, int]], conv: nn.Conv2d, hw: tuple[int, int]) -> dict[str, float]:
         sig = lambda c: json.dumps([c, conv.kernel_size, conv.stride, str(conv.padding), conv.dilation,  # noqa: E731
                                     conv.groups == conv.in_channels and conv.groups > 1, hw, self.batch, self.threads,
-                                    self.device, machine_facts().get("cpu", "")])  # fmt: skip
+                                    self.device, self.cpu])  # fmt: skip
         todo = {k: c for k, c in variants.items() if sig(c) not in self.cache}
         for cin in sorted({c[0] for c in todo.values()}):  # one side-by-side run per input width
             same = {k: c for k, c in todo.items() if c[0] == cin}
@@ -257,10 +262,7 @@ class LatencyTable:
             row = {"ms": ms["full"], "out": max(0.0, (ms["full"] - ms["out"]) / max(1, cout - half_out))}
             row["in"] = max(0.0, (ms["full"] - ms["in"]) / max(1, cin - half_in)) if "in" in ms else 0.0
             out[name] = row
-        try:
-            write_json(self.cache_file, self.cache)
-        except OSError:
-            pass
+        write_cache(self.cache_file, self.cache)
         return out
 
     def record(self) -> dict[str, Any]:

@@ -14,6 +14,16 @@ from slimexport.stats import count_params
 from tests.helpers import TINY_VGG, fails_cleanly, randomize_bns, runner
 
 
+@pytest.fixture
+def timed(tmp_path, monkeypatch) -> list:
+    """A fresh latency cache, and a list that grows by one each time the runtime is asked to time something."""
+    monkeypatch.setenv("SLIMEXPORT_LATENCY_CACHE", str(tmp_path / "cache"))
+    calls: list = []
+    real = lat.latency
+    monkeypatch.setattr(lat, "latency", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
 class _ParamsProbe:
     """A deterministic stand-in for the runtime: a candidate "fits" when it has at most ``budget`` parameters."""
 
@@ -56,11 +66,8 @@ def test_an_unreachable_target_gives_the_nearest_feasible_model_and_says_so():
     assert count_params(pruned) == probe.asked[0] < count_params(m)  # the most the floors allow
 
 
-def test_the_probe_times_in_onnxruntime_and_caches_what_it_timed(tmp_path, monkeypatch):
-    monkeypatch.setenv("SLIMEXPORT_LATENCY_CACHE", str(tmp_path / "cache"))
-    calls = []
-    real = lat.latency
-    monkeypatch.setattr(lat, "latency", lambda *a, **k: calls.append(1) or real(*a, **k))
+def test_the_probe_times_in_onnxruntime_and_caches_what_it_timed(timed):
+    calls = timed
     m, x = _model(), torch.randn(1, 3, 32, 32)
     cfg = PruneConfig(percent=None, target_speedup=1.5).validate()
     candidate = prune_graph(m, x, PruneConfig(percent=0.5))[0]
@@ -182,11 +189,8 @@ def test_allocate_latency_needs_a_latency_target(tmp_path):
                   "--allocate latency weighs channels by their measured latency")  # fmt: skip
 
 
-def test_the_layer_table_times_every_conv_alone_and_is_cached(tmp_path, monkeypatch):
-    monkeypatch.setenv("SLIMEXPORT_LATENCY_CACHE", str(tmp_path / "cache"))
-    calls = []
-    real = lat.latency
-    monkeypatch.setattr(lat, "latency", lambda *a, **k: calls.append(1) or real(*a, **k))
+def test_the_layer_table_times_every_conv_alone_and_is_cached(timed):
+    calls = timed
     m, x = _model(), torch.randn(1, 3, 32, 32)
     cfg = PruneConfig(percent=None, target_speedup=2.0, allocate="latency").validate()
     table = lat.LatencyTable(m, x, cfg)

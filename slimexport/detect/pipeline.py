@@ -13,7 +13,7 @@ the user (``YOLO("pruned.pt")``)."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +53,13 @@ class _Run:
     device: str
     size: int
     train_args: dict[str, Any]
+    files: dict[str, list[Path]] = field(default_factory=dict)  # each split's images, listed once per run
 
     def sample(self, n: int, split: str = "val") -> torch.Tensor:
         """The first ``n`` images of a split, letterboxed as Ultralytics feeds them."""
-        files = images_of(self.data, split)
+        if split not in self.files:
+            self.files[split] = images_of(self.data, split)
+        files = self.files[split]
         return ev.letterboxed(files[:n] if n else files, self.size)
 
     def train(self, model, name: str, epochs: int, sparsity: float = 0.0):
