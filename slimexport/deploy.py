@@ -186,7 +186,8 @@ def quantize(
     images = ds.normalize(ds.x_train[idx].cpu()).numpy()
     rec = quantize_onnx(model, out, images, cfg, lambda dst: compare(model, dst, ds))
     if cfg.keep == "auto":
-        rec["keep"] = _keep_auto(model, Path(out), images, cfg, ds, rec)
+        keep = _keep_auto(model, Path(out), images, cfg, ds, rec)
+        rec = keep.pop("file_record") | {"keep": keep}  # the record of the INT8 file left at ``out``
     return rec | {
         "fp32_accuracy": rec["measured"]["reference_accuracy"],
         "accuracy": rec["measured"]["accuracy"],
@@ -229,12 +230,13 @@ def weight_errors(model: Path) -> list[tuple[str, float]]:
 def _keep_auto(model: Path, out: Path, images: np.ndarray, cfg: QuantizeConfig, ds: Dataset, rec: dict) -> dict:
     """``--int8-keep auto``: is the INT8 model faster than FP32 here and within ``max_drop``? If it is faster but
     loses more, put the convs whose weights quantize worst back to FP32 (1, 2, 4, ... of them) and quantize again,
-    until it fits or half the convs are back; the INT8 file that fits is left at ``out``. Returns the decision."""
+    until it fits or half the convs are back; the INT8 file that fits is left at ``out``. Returns the decision, with
+    ``file_record`` the quantizer's record of the file left at ``out`` (the last one quantized)."""
     shape = (ds.in_channels, *ds.image_size)
     fp32_ms, int8_ms = _ms_b1(model, out, shape)
     drop = rec["measured"]["reference_accuracy"] - rec["measured"]["accuracy"]
     tries = [{"fp32_layers": 0, "accuracy_drop": drop, "int8_ms": int8_ms}]
-    base = {"fp32_ms": fp32_ms, "max_drop": cfg.max_drop, "tries": tries}
+    base = {"fp32_ms": fp32_ms, "max_drop": cfg.max_drop, "tries": tries, "file_record": rec}
     if int8_ms >= fp32_ms:
         return base | {"chosen": "fp32", "why": f"INT8 is not faster here: {int8_ms:.3g} ms against FP32's "
                        f"{fp32_ms:.3g} ms (batch 1, one thread)"}  # fmt: skip
@@ -243,6 +245,7 @@ def _keep_auto(model: Path, out: Path, images: np.ndarray, cfg: QuantizeConfig, 
     while drop > cfg.max_drop and k <= max(1, len(ranked) // 2):
         excluded = ranked[:k]
         again = quantize_onnx(model, out, images, cfg, lambda dst: compare(model, dst, ds), exclude=excluded)
+        base["file_record"] = again
         drop = again["measured"]["reference_accuracy"] - again["measured"]["accuracy"]
         fp32_ms, int8_ms = _ms_b1(model, out, shape)
         tries.append({"fp32_layers": k, "layers": excluded, "accuracy_drop": drop, "int8_ms": int8_ms})
