@@ -150,12 +150,15 @@ def _quantize_static(model: Path, pre: Path, dst: Path, out: Path, reader, cfg: 
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            try:
-                quant_pre_process(str(model), str(pre))
-            except Exception as e:  # noqa: BLE001 - a detector's decode head defeats symbolic shape inference
-                if "symbolic shape" not in str(e):
-                    raise
-                quant_pre_process(str(model), str(pre), skip_symbolic_shape=True)
+            # where symbolic shape inference gives up (a detector's decode head) onnxruntime saves its half-done
+            # model, sym_shape_infer_temp.onnx and a uuid.data, into the working directory: run it in a scratch one
+            with tempfile.TemporaryDirectory(prefix="slimexport-preprocess-") as scratch, contextlib.chdir(scratch):
+                try:
+                    quant_pre_process(str(model.resolve()), str(pre.resolve()))
+                except Exception as e:  # noqa: BLE001 - a detector's decode head defeats symbolic shape inference
+                    if "symbolic shape" not in str(e):
+                        raise
+                    quant_pre_process(str(model.resolve()), str(pre.resolve()), skip_symbolic_shape=True)
             quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
                             reduce_range=types["reduce_range"], activation_type=qtype[types["activation"]],
                             weight_type=qtype[types["weight"]], calibrate_method=methods[cfg.calibrate],

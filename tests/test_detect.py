@@ -181,8 +181,11 @@ def test_detector_options_that_cannot_work_fail_before_anything_runs(data, tmp_p
 
 
 @pytest.mark.slow
-def test_the_detector_pipeline_end_to_end_then_resume(data, tmp_path):
+def test_the_detector_pipeline_end_to_end_then_resume(data, tmp_path, monkeypatch):
     out = tmp_path / "run"
+    cwd = tmp_path / "cwd"  # nothing lands in the working directory (onnxruntime's pre-processing litters it)
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     args = ["pipeline", "--arch", "ultralytics:yolov8n.yaml", "--dataset", f"ultralytics:{data}", "--out", str(out),
             "--epochs", "1", "--refine-epochs", "1", "--image-size", "64", "--batch-size", "8", "--sparsity", "1e-3",
             "--percent", "0.5", "--int8", "--batch", "1", "--threads", "1", "--seconds", "0.05"]  # fmt: skip
@@ -197,6 +200,7 @@ def test_the_detector_pipeline_end_to_end_then_resume(data, tmp_path):
     assert rep["training"]["sparse"]["sparse_steps"] >= 1  # every optimizer step (Ultralytics accumulates to 64)
     for f in ("pruned.pt", "baseline.pt", "pruned.onnx", "pruned.int8.onnx", "gamma_hist.png", "report.md"):
         assert (out / f).is_file(), f
+    assert not any(cwd.iterdir()), sorted(p.name for p in cwd.iterdir())
     from ultralytics import YOLO
 
     yolo = YOLO(str(out / "pruned.pt"))  # Ultralytics loads it with the pruned widths
