@@ -93,9 +93,9 @@ class PruneConfig:
         "--min-channels alone (the paper's)."))  # fmt: skip
     # The Python API's default is exact counts (the paper's); the commands prune for the runtime on this machine.
     round_to: int | str = setting(1, cli_default="auto", flag="--round-to", help=(
-        "Keep a multiple of this many channels per layer. auto: the channel block of onnxruntime's CPU "
-        "convolutions on this machine (16 with AVX-512, 8 with AVX2), the fast choice for deployment; 1: exactly "
-        "the threshold's choice (the paper's)."))  # fmt: skip
+        "Keep a multiple of this many channels per layer. auto: the channel block in whose multiples the "
+        "--runtime's convolutions step, measured there once (a few seconds, cached: 16 on onnxruntime with AVX-512, "
+        "8 with AVX2), the fast choice for deployment; 1: exactly the threshold's choice (the paper's)."))  # fmt: skip
     normalize: str = setting("none", flag="--normalize", choices=NORMALIZE, help=(
         "How |γ| are compared across layers: none, as they are (the paper's); max or mean: each layer's |γ| "
         "divided by its largest or mean |γ|. A BN followed by ReLU and a conv can scale all its γ at no cost, so "
@@ -144,7 +144,7 @@ class PruneConfig:
         )
         r = self.round_to
         if isinstance(r, str) and r.strip().lower() == "auto":
-            self.round_to = "auto"  # resolved from the CPU by the prune stage
+            self.round_to = "auto"  # measured on the runtime by the prune stage
         elif isinstance(r, bool) or not isinstance(r, (int, str)) or not str(r).strip().isdigit() or int(r) < 1:
             raise ConfigError(f"--round-to must be a positive integer or auto, got {r!r}")
         else:

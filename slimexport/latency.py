@@ -177,28 +177,41 @@ class LatencyProbe:
         } | ({"latency_table": table.record()} if table is not None else {})  # fmt: skip
 
 
+def _graph(nodes: list, weights: list, in_shape: list[int]) -> bytes:
+    """A serialized ONNX model of ``nodes`` from ``input`` to ``logits`` (the names slimexport's exports use)."""
+    from onnx import TensorProto, helper
+
+    from slimexport.runtime import INPUT_NAME, OUTPUT_NAME
+
+    x = helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, in_shape)
+    y = helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, None)
+    proto = helper.make_model(helper.make_graph(nodes, "probe", [x], [y], weights),
+                              opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+    proto.ir_version = 8
+    return proto.SerializeToString()
+
+
+def _weight(name: str, shape: tuple[int, ...]):
+    import numpy as np
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(np.random.default_rng(0).standard_normal(shape).astype(np.float32), name)
+
+
 def _conv_graph(cin: int, cout: int, conv: nn.Conv2d, hw: tuple[int, int], batch: int) -> bytes:
     """One convolution as a standalone ONNX model with the layer's kernel, stride, padding, dilation and groups at
     ``cin`` → ``cout`` channels (random weights: only its time matters)."""
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
     from slimexport.runtime import INPUT_NAME, OUTPUT_NAME
 
     groups = conv.groups if conv.groups == conv.in_channels else 1  # depthwise stays depthwise; grouped taken dense
     groups = cin if groups > 1 else 1
     kh, kw = conv.kernel_size
-    rng = np.random.default_rng(0)
-    w = numpy_helper.from_array(rng.standard_normal((cout, cin // groups, kh, kw)).astype(np.float32), "w")
     pads = [conv.padding[0], conv.padding[1]] * 2 if isinstance(conv.padding, tuple) else [0, 0, 0, 0]
     node = helper.make_node("Conv", [INPUT_NAME, "w"], [OUTPUT_NAME], kernel_shape=[kh, kw], pads=pads,
                             strides=list(conv.stride), dilations=list(conv.dilation), group=groups)  # fmt: skip
-    x = helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [batch, cin, *hw])
-    y = helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, None)
-    graph = helper.make_graph([node], "conv", [x], [y], [w])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    proto.ir_version = 8
-    return proto.SerializeToString()
+    return _graph([node], [_weight("w", (cout, cin // groups, kh, kw))], [batch, cin, *hw])
 
 
 class LatencyTable:
@@ -268,3 +281,88 @@ class LatencyTable:
     def record(self) -> dict[str, Any]:
         return {"runtime": self.device, "batch": self.batch, "threads": self.threads, "seconds": self.seconds,
                 "layers": self.layers}  # fmt: skip
+
+
+STEP_WIDTHS = range(33, 65)  # every candidate block below has whole blocks here (and 64 is the last width)
+STEP_CANDIDATES = (32, 16, 8, 4, 2)
+STEP_SHARE = 0.15  # a block is free where rounding up to it costs at most this share of what the channels would
+# cost if time followed the channel count (a runtime that steps every b channels: about 0 at b, 0.25-0.5 at 2b;
+# measured on onnxruntime 1.32 with AVX-512: 0.00-0.03 at 16, 0.26-0.29 at 32 over four fresh measurements)
+# The probes: two convolutions with the scanned width between them, as pruning changes one layer's outputs and the
+# next one's inputs together (the graph's own input and output keep their widths, so their layout conversions
+# cost the same at every width). A 3×3 and a 1×1 pair, most of a CNN's time, about 0.6 ms each on a CPU core.
+STEP_PAIRS = ((3, 28, 64), (1, 56, 64))  # (kernel, height = width, channels outside the pair)
+
+
+def step_from(times: dict[int, float]) -> tuple[int, dict[int, dict[str, float]]]:
+    """The runtime's channel block, read from ``times`` (width → ms, over :data:`STEP_WIDTHS`): the largest
+    candidate block b whose rounding up is nearly free. A runtime that computes in blocks of b channels takes as
+    long at 49 channels as at 64, so rounding up to b costs nothing and a channel pruned inside a block saves
+    nothing. Rounding width c up to a multiple of b is priced against the fastest width at or above c (where a
+    runtime is slow off its blocks, onnxruntime's CPU convolutions at widths that are not a multiple of 4, more
+    channels can be faster), as a share of what those channels would cost if time were proportional to them; b is
+    free where the mean share is at most :data:`STEP_SHARE`. 1 where no block is free. Returns (block, {b: {cost,
+    share}})."""
+    widths = sorted(times)
+    best = {c: min(times[d] for d in widths if d >= c) for c in widths}  # the fastest width at or above c
+    out = {}
+    for b in STEP_CANDIDATES:
+        up = {c: -(-c // b) * b for c in STEP_WIDTHS}
+        cost = sum((times[up[c]] - best[c]) / best[c] for c in STEP_WIDTHS) / len(STEP_WIDTHS)
+        proportional = sum((up[c] - c) / c for c in STEP_WIDTHS) / len(STEP_WIDTHS)
+        out[b] = {"cost": float(cost), "share": float(cost / proportional)}
+    return next((b for b in STEP_CANDIDATES if out[b]["share"] <= STEP_SHARE), 1), out
+
+
+def _pair_graph(k: int, hw: int, other: int, width: int, batch: int) -> bytes:
+    from onnx import helper
+
+    from slimexport.runtime import INPUT_NAME, OUTPUT_NAME
+
+    pads = [k // 2] * 4
+    nodes = [helper.make_node("Conv", [INPUT_NAME, "w1"], ["h"], kernel_shape=[k, k], pads=pads),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], [OUTPUT_NAME], kernel_shape=[k, k], pads=pads)]  # fmt: skip
+    weights = [_weight("w1", (width, other, k, k)), _weight("w2", (other, width, k, k))]
+    return _graph(nodes, weights, [batch, other, hw, hw])
+
+
+def kernel_step(runtime: str = "onnxruntime", batch: int = 1) -> tuple[int, str, dict[str, Any]]:
+    """``--round-to auto``, measured: the channel count in whose multiples ``runtime``'s convolutions step here.
+    Each probe of :data:`STEP_PAIRS` is timed at every width from 33 to 64 side by side (one thread: the block is
+    the kernels' SIMD width, and threads only add noise), the two summed per width, and :func:`step_from` reads
+    the block off them. Cached per runtime, batch, CPU and onnxruntime version (a few seconds, once). Returns
+    (block, why, the record)."""
+    import onnxruntime as ort
+
+    device = _device(runtime)
+    cpu = machine_facts().get("cpu", "")
+    key = json.dumps([runtime, batch, cpu, ort.__version__, STEP_PAIRS, list(STEP_WIDTHS)])
+    cache_file = cache_dir() / "steps.json"
+    cache = read_cache(cache_file)
+    t0 = time.perf_counter()
+    if key not in cache:
+        bench = BenchConfig(batches=[batch], threads=[1], device=device, seconds=0.1, warmup=3, min_runs=20)
+        times = dict.fromkeys(STEP_WIDTHS, 0.0)
+        for k, hw, other in STEP_PAIRS:
+            graphs = {str(c): _pair_graph(k, hw, other, c, batch) for c in STEP_WIDTHS}
+            for r in latency(graphs, (other, hw, hw), bench):
+                times[int(r["model"])] += r["median_ms"]
+        cache[key] = {str(c): t for c, t in times.items()}
+        write_cache(cache_file, cache)
+    times = {int(c): t for c, t in cache[key].items()}
+    block, costs = step_from(times)
+    where = {"onnxruntime": "onnxruntime CPU", "onnxruntime-cuda": "onnxruntime CUDA"}.get(runtime, runtime)
+
+    def said(b: int) -> str:
+        return f"to {b} costs {100 * costs[b]['cost']:.1f}%"
+
+    if block > 1:
+        why = (f"auto: measured on {where}, convolutions step every {block} channels (rounding up {said(block)}"
+               + (f", {said(2 * block)}" if 2 * block in costs else "") + " of the latency)")  # fmt: skip
+    else:
+        why = f"auto: measured on {where}, time follows the channel count (rounding up {said(2)}): exact counts"
+    record = {"block": block, "rounding": {str(b): c for b, c in costs.items()},
+              "ms": {str(c): t for c, t in times.items()}, "seconds": time.perf_counter() - t0,
+              "cache": str(cache_file)}  # fmt: skip
+    return block, why, record

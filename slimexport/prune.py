@@ -29,19 +29,27 @@ from slimexport.stats import count_macs, count_params
 __all__ = ["PruneConfig", "bn_gammas", "prune", "prune_model", "resolve_round_to"]
 
 
-def resolve_round_to(round_to: int | str) -> tuple[int, str]:
-    """``--round-to``: an integer ≥ 1, or ``auto``, the channel block of onnxruntime's CPU convolutions here
-    (its NCHWc kernels: 16 channels with AVX-512, 8 with AVX2), read from the CPU's flags. Returns (value, why)."""
+def resolve_round_to(round_to: int | str, cfg: PruneConfig | None = None) -> tuple[int, str]:
+    """``--round-to``: an integer ≥ 1, or ``auto``: the channel block in whose multiples the target runtime's
+    convolutions step, measured there (:func:`slimexport.latency.kernel_step`; ``cfg.runtime``, onnxruntime's
+    CPU by default). ncnn's block is read from the CPU's flags (its packing follows the SIMD width). Returns
+    (value, why)."""
     if isinstance(round_to, str) and round_to.strip().lower() == "auto":
+        runtime = cfg.runtime if cfg is not None else "onnxruntime"
+        if runtime != "ncnn":
+            from slimexport.latency import kernel_step
+
+            batch = cfg.latency_batch if cfg is not None and runtime == "onnxruntime-cuda" else 1
+            return kernel_step(runtime, batch)[:2]
         from slimexport.runtime import machine_facts
 
         m = machine_facts()
         if m["avx512f"]:
-            return 16, "auto: this CPU has AVX-512, onnxruntime's CPU convolutions work in blocks of 16 channels"
+            return 16, "auto: this CPU has AVX-512, ncnn packs its channels in 16s"
         if m["avx2"]:
-            return 8, "auto: this CPU has AVX2 without AVX-512, onnxruntime's CPU convolutions work in blocks of 8"
+            return 8, "auto: this CPU has AVX2 without AVX-512, ncnn packs its channels in 8s"
         why = "no AVX2/AVX-512 found" if m["flags_known"] else "CPU flags unknown"
-        return 8, f"auto: {why}; 8, a block size that suits most SIMD widths"
+        return 4, f"auto: {why}; ncnn packs its channels in 4s (SSE, NEON)"
     value = PruneConfig(round_to=round_to).validate().round_to  # the one check of --round-to
     return value, "exact channel counts (the paper's)" if value == 1 else f"given: multiples of {value}"
 
@@ -91,7 +99,7 @@ def prune_model(
         kw["percent"] = None
     cfg = (PruneConfig(**kw) if cfg is None else dataclasses.replace(cfg, **kw)).validate()
     if cfg.round_to == "auto":
-        cfg.round_to = resolve_round_to("auto")[0]
+        cfg.round_to = resolve_round_to("auto", cfg)[0]
     latency_target = cfg.target_speedup is not None or cfg.max_latency is not None
     if isinstance(model, GraphModel):
         x = model.example_input() if example_input is None else example_input
@@ -114,7 +122,7 @@ def prune(
     """Read a (sparse-trained) checkpoint, prune it by ``cfg``, write the pruned checkpoint ``out``; returns its
     meta. With ``ds``, the pruned model's test accuracy before refine is recorded."""
     cfg = dataclasses.replace(cfg).validate()
-    round_to, round_why = resolve_round_to(cfg.round_to)
+    round_to, round_why = resolve_round_to(cfg.round_to, cfg)
     cfg.round_to = round_to
     model, ckpt = load_checkpoint(ckpt_path)
     size = tuple(ckpt["data"].get("image_size") or model.config.get("image_size") or (32, 32))

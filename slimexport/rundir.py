@@ -82,7 +82,7 @@ def run_config(cfg: PipelineConfig, device: Any, ds: Any) -> dict[str, Any]:
     :data:`~slimexport.settings_file.RECORDED`, which ``--config`` reads past)."""
     from slimexport.prune import resolve_round_to
 
-    rounded, why = resolve_round_to(cfg.prune.round_to)
+    rounded, why = resolve_round_to(cfg.prune.round_to, cfg.prune)
     cache = {"cache": ds.cache, "reason": ds.cache_reason}
     resolved = {"resolved_device": str(device), "data": ds.summary(), "round_to_resolved": rounded,
                 "round_to_reason": why, "data_cache_resolved": cache}  # fmt: skip

@@ -52,3 +52,10 @@ def make_model():
 # Training's --precision auto probes bf16 against fp32 on CPUs with native bf16 (AMX): a timing, which could pick
 # either on a noisy machine. The suite pins fp32 (subprocesses inherit it); test_workflow tests auto itself.
 os.environ.setdefault("SLIMEXPORT_PRECISION", "fp32")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _latency_cache(tmp_path_factory):
+    """--round-to auto measures the runtime's channel block once (a few seconds) and caches it, as the latency
+    target caches its timings: the suite keeps both in a directory of its own, not the user's ~/.cache."""
+    os.environ["SLIMEXPORT_LATENCY_CACHE"] = str(tmp_path_factory.mktemp("latency-cache"))

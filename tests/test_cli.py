@@ -315,12 +315,12 @@ def test_bad_round_to(tmp_path, ckpt, value):
     _fails_cleanly(["prune", str(ckpt), "--round-to", value, "--out", str(tmp_path / "p.pt")], "--round-to", tmp_path)
 
 
-@pytest.mark.parametrize("avx512, avx2, expected", [(True, True, 16), (False, True, 8), (False, False, 8)])
-def test_round_to_auto_follows_the_cpu(tmp_path, ckpt, monkeypatch, avx512, avx2, expected):
-    import slimexport.runtime
+@pytest.mark.parametrize("expected", [16, 8])
+def test_round_to_auto_follows_the_runtime(tmp_path, ckpt, monkeypatch, expected):
+    import slimexport.latency
 
-    facts = {"cpu": "test", "avx2": avx2, "avx512f": avx512, "vnni": False, "flags_known": True}
-    monkeypatch.setattr(slimexport.runtime, "machine_facts", lambda: facts)
+    why = f"auto: measured on onnxruntime CPU, convolutions step every {expected} channels"
+    monkeypatch.setattr(slimexport.latency, "kernel_step", lambda runtime, batch: (expected, why, {}))
     res = runner.invoke(app, ["prune", str(ckpt), "-p", "0.5", "--out", str(tmp_path / "p.pt")])
     assert res.exit_code == 0, res.output
     rec = read_checkpoint(tmp_path / "p.pt")["meta"]["prune"]

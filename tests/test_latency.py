@@ -215,3 +215,44 @@ def test_a_latency_target_measured_in_ncnn(tmp_path, monkeypatch):
     assert ms > 0 and speedup > 1.0  # 60% of the channels gone: faster in ncnn too
     with pytest.raises(Exception, match="per-layer table is measured in onnxruntime"):
         PruneConfig(percent=None, target_speedup=1.5, runtime="ncnn", allocate="latency").validate()
+
+
+def _staircase(block: int, slow_off: int = 1, overhead: float = 0.2) -> dict[int, float]:
+    """Times of a runtime that computes in blocks of ``block`` channels, and (``slow_off`` > 1) takes a slower
+    path, proportional to the channels, at widths that are not multiples of ``slow_off``."""
+    widths = lat.STEP_WIDTHS
+    return {c: overhead + (-(-c // block) * block if c % slow_off == 0 else 1.4 * c) / 64 for c in widths}
+
+
+@pytest.mark.parametrize("block", [32, 16, 8, 4])
+def test_the_block_is_read_off_a_staircase(block):
+    assert lat.step_from(_staircase(block))[0] == block
+    if block < 32:  # onnxruntime's CPU convolutions: a slow path off multiples of 4, blocks of 16 on it
+        assert lat.step_from(_staircase(block, slow_off=4))[0] == block
+
+
+def test_time_proportional_to_the_channels_means_exact_counts():
+    block, costs = lat.step_from({c: 0.01 + c / 64 for c in lat.STEP_WIDTHS})
+    assert block == 1 and all(v["share"] > 0.5 for v in costs.values())
+
+
+def test_round_to_auto_is_measured_on_the_runtime_once_then_cached(timed):
+    from slimexport.prune import resolve_round_to
+
+    block, why = resolve_round_to("auto")
+    assert block in (1, 2, 4, 8, 16, 32) and why.startswith("auto: measured on onnxruntime CPU")
+    n = len(timed)
+    assert n >= 1 and resolve_round_to("auto") == (block, why) and len(timed) == n  # the second time from the cache
+    assert resolve_round_to(8) == (8, "given: multiples of 8")
+
+
+@pytest.mark.parametrize("avx512, avx2, expected", [(True, True, 16), (False, True, 8), (False, False, 4)])
+def test_round_to_auto_for_ncnn_follows_its_packing(monkeypatch, avx512, avx2, expected):
+    import slimexport.runtime
+    from slimexport.prune import resolve_round_to
+
+    facts = {"cpu": "test", "avx2": avx2, "avx512f": avx512, "vnni": False, "flags_known": True}
+    monkeypatch.setattr(slimexport.runtime, "machine_facts", lambda: facts)
+    monkeypatch.setattr(lat, "kernel_step", lambda *a: pytest.fail("ncnn's block is not measured in onnxruntime"))
+    block, why = resolve_round_to("auto", PruneConfig(runtime="ncnn"))
+    assert block == expected and "ncnn packs" in why
