@@ -137,6 +137,43 @@ def _op_counts(path: Path) -> dict[str, int]:
     return dict(sorted(Counter(n.op_type for n in onnx.load(str(path)).graph.node).items()))
 
 
+PASS_THROUGH = {"Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Sigmoid", "MaxPool"}  # one input, float
+
+
+def _float_inputs(path: Path, names: set[str]) -> None:
+    """Make the nodes ``names`` of the QDQ model at ``path`` read their activations in float: an input that comes
+    through QuantizeLinear → DequantizeLinear is read from before the pair, as it was in the FP32 model (onnxruntime's
+    ``nodes_to_exclude`` leaves the weights float but still rounds the input to the producer's INT8 grid, so an
+    "excluded" conv was only half back in FP32). Pairs nothing reads any more are dropped."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def unround(node) -> None:  # its first (activation) input, read from before the Q/DQ pair
+        src = producer.get(node.input[0])
+        q = producer.get(src.input[0]) if src is not None and src.op_type == "DequantizeLinear" else None
+        if q is not None and q.op_type == "QuantizeLinear":
+            node.input[0] = q.input[0]
+            src = producer.get(node.input[0])
+        if src is not None and src.op_type in PASS_THROUGH:  # a ReLU before it (QDQKeepRemovableActivations)
+            unround(src)
+
+    for node in graph.node:
+        if node.name in names and node.input:
+            unround(node)
+    while True:  # drop the Q/DQ nodes whose outputs nobody reads now
+        read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in read for o in n.output)]  # fmt: skip
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    onnx.save(proto, str(path))
+
+
 def _quantize_static(model: Path, pre: Path, dst: Path, out: Path, reader, cfg: QuantizeConfig, types: dict,
                      op_types: list[str] | None = None, exclude: list[str] | None = None) -> None:  # fmt: skip
     """onnxruntime's pre-processing and static QDQ quantization of ``model`` into ``dst``; its many kinds of failure
@@ -163,7 +200,11 @@ def _quantize_static(model: Path, pre: Path, dst: Path, out: Path, reader, cfg: 
                             reduce_range=types["reduce_range"], activation_type=qtype[types["activation"]],
                             weight_type=qtype[types["weight"]], calibrate_method=methods[cfg.calibrate],
                             op_types_to_quantize=op_types, nodes_to_exclude=exclude,
-                            extra_options={"CalibTensorRangeSymmetric": False})  # fmt: skip
+                            extra_options={"CalibTensorRangeSymmetric": False,
+                                           # an excluded conv's float input must exist to be read (its ReLU)
+                                           "QDQKeepRemovableActivations": bool(exclude)})  # fmt: skip
+            if exclude:
+                _float_inputs(dst, set(exclude))
     except SlimExportError:
         raise
     except Exception as e:  # noqa: BLE001 - onnxruntime's quantizer raises many types
@@ -212,7 +253,8 @@ def _ms_b1(reference: Path, candidate: Path, image_shape: tuple[int, ...]) -> tu
 
 def weight_errors(model: Path) -> list[tuple[str, float]]:
     """Each Conv node's weight error under per-output-channel symmetric INT8, relative to its weights' norm,
-    worst first: which layers to put back to FP32 first (data-free; what ``--int8-keep auto`` ranks by)."""
+    worst first (data-free): which convs the measured ranking (:func:`rank_layers`) looks at first where a model
+    has more than :data:`RANK_MAX` of them."""
     import onnx
     from onnx import numpy_helper
 
@@ -230,11 +272,44 @@ def weight_errors(model: Path) -> list[tuple[str, float]]:
     return sorted(out, key=lambda x: -x[1])
 
 
+RANK_IMAGES = 300  # NNCF's ranking subset
+RANK_MAX = 32  # convs ranked by measurement at most (the worst by weight error, where a model has more)
+
+
+def _logits(path: Path, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    sess = ort_session(path, threads=os.cpu_count() or 1)
+    inp, out = io_names(sess)
+    return np.concatenate([sess.run([out], {inp: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+def rank_layers(model: Path, int8: Path, images: np.ndarray, cfg: QuantizeConfig) -> list[dict[str, Any]]:
+    """Which convs lose most in INT8, measured as NNCF's accuracy control does: on a ranking subset (the
+    :data:`RANK_IMAGES` calibration images whose INT8 output is furthest from FP32's, those whose class changed
+    first), each conv alone is put back in FP32 (quantized again with it excluded) and scored by the top-1
+    agreement with FP32 it restores, then by its mean squared logit error. The calibration images stand in for
+    NNCF's validation subset, so the test images the drop is measured on play no part in the choice. Returns a
+    row per conv (``layer``, ``agreement``, ``mse``), the most harmful first."""
+    ref, q = _logits(model, images), _logits(int8, images)
+    err = ((q - ref) ** 2).mean(axis=1)
+    order = np.lexsort((-err, q.argmax(1) == ref.argmax(1)))[:RANK_IMAGES]  # changed class first, then by error
+    sub, want = images[order], ref[order]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="slimexport-rank-") as tmp:
+        for name, _ in weight_errors(model)[:RANK_MAX]:
+            path = Path(tmp) / "rank.onnx"
+            quantize_onnx(model, path, images, cfg, exclude=[name])
+            got = _logits(path, sub)
+            rows.append({"layer": name, "agreement": float((got.argmax(1) == want.argmax(1)).mean()),
+                         "mse": float(((got - want) ** 2).mean())})  # fmt: skip
+    return sorted(rows, key=lambda r: (-r["agreement"], r["mse"]))
+
+
 def _keep_auto(model: Path, out: Path, images: np.ndarray, cfg: QuantizeConfig, ds: Dataset, rec: dict) -> dict:
     """``--int8-keep auto``: is the INT8 model faster than FP32 here and within ``max_drop``? If it is faster but
-    loses more, put the convs whose weights quantize worst back to FP32 (1, 2, 4, ... of them) and quantize again,
-    until it fits or half the convs are back; the INT8 file that fits is left at ``out``. Returns the decision, with
-    ``file_record`` the quantizer's record of the file left at ``out`` (the last one quantized)."""
+    loses more, the convs are ranked by the accuracy each one alone costs (:func:`rank_layers`) and put back to
+    FP32 one at a time in that order, quantizing again and measuring the drop each time, until it fits or half
+    the convs are back (NNCF's accuracy control); the INT8 file that fits is left at ``out``. Returns the
+    decision, with ``file_record`` the quantizer's record of the file left at ``out`` (the last one quantized)."""
     shape = (ds.in_channels, *ds.image_size)
     fp32_ms, int8_ms = _ms_b1(model, out, shape)
     drop = rec["measured"]["reference_accuracy"] - rec["measured"]["accuracy"]
@@ -243,7 +318,11 @@ def _keep_auto(model: Path, out: Path, images: np.ndarray, cfg: QuantizeConfig, 
     if int8_ms >= fp32_ms:
         return base | {"chosen": "fp32", "why": f"INT8 is not faster here: {int8_ms:.3g} ms against FP32's "
                        f"{fp32_ms:.3g} ms (batch 1, one thread)"}  # fmt: skip
-    ranked = [n for n, _ in weight_errors(model)]
+    if drop > cfg.max_drop:
+        t0 = time.perf_counter()
+        base["ranking"] = rank_layers(model, out, images, cfg)
+        base["ranking_seconds"] = time.perf_counter() - t0
+    ranked = [r["layer"] for r in base.get("ranking", [])]
     k = 1
     while drop > cfg.max_drop and k <= max(1, len(ranked) // 2):
         excluded = ranked[:k]
@@ -252,7 +331,7 @@ def _keep_auto(model: Path, out: Path, images: np.ndarray, cfg: QuantizeConfig, 
         drop = again["measured"]["reference_accuracy"] - again["measured"]["accuracy"]
         fp32_ms, int8_ms = _ms_b1(model, out, shape)
         tries.append({"fp32_layers": k, "layers": excluded, "accuracy_drop": drop, "int8_ms": int8_ms})
-        k *= 2
+        k += 1
     if drop > cfg.max_drop:
         return base | {"chosen": "fp32", "why": f"INT8 loses {100 * drop:.2f} pt > --int8-max-drop "
                        f"{100 * cfg.max_drop:.2f} even with {tries[-1]['fp32_layers']} convs back in FP32"}  # fmt: skip
@@ -262,7 +341,8 @@ def _keep_auto(model: Path, out: Path, images: np.ndarray, cfg: QuantizeConfig, 
     n = tries[-1]["fp32_layers"]
     return base | {"chosen": "int8" if n == 0 else f"int8, {n} conv(s) in FP32",
                    "why": f"×{fp32_ms / int8_ms:.2f} faster than FP32 at batch 1, one thread, losing "
-                   f"{100 * drop:.2f} pt (≤ {100 * cfg.max_drop:.2f})"}  # fmt: skip
+                   f"{100 * drop:.2f} pt (≤ {100 * cfg.max_drop:.2f})" + (f"; the {n} conv(s) whose INT8 cost most "
+                   "accuracy, measured one at a time, stay FP32" if n else "")}  # fmt: skip
 
 
 def quantize_onnx(

@@ -208,3 +208,35 @@ def test_int8_keep_auto_keeps_int8_only_where_it_pays(fp32, small_ds, tmp_path, 
         assert drops[-1] <= 0 and _float_convs(out) == k["tries"][-1]["fp32_layers"]
     else:
         assert "even with" in k["why"]
+
+
+def test_the_ranking_measures_which_conv_loses_accuracy_where_weight_error_cannot_see_it(tmp_path):
+    """NNCF's ranking, each conv alone back in FP32: conv ``b`` reads an activation with one huge channel (its
+    per-tensor INT8 scale then rounds the other channels to nothing), but its own weights lie on the INT8 grid, so
+    the data-free weight error ranks it last. The measured ranking puts it first."""
+    import torch
+    from torch import nn
+
+    import slimexport.deploy as dep
+    from slimexport.config import QuantizeConfig
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(8, 10, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())  # fmt: skip
+    with torch.no_grad():
+        net[0].weight[0] *= 400.0  # channel 0 of the first conv's output is 400× the others
+        net[0].bias[0] = 400.0
+        w = torch.randint(-127, 128, net[2].weight.shape).float() / 127.0
+        w[:, 0] = 0.0  # conv b ignores the huge channel; its weights are exactly on the INT8 grid
+        net[2].weight.copy_(w)
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(net.eval(), (torch.randn(1, 3, 16, 16),), str(path), dynamo=False, input_names=["input"],
+                      output_names=["logits"], dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}})  # fmt: skip
+    b = next(n.name for n in onnx.load(str(path)).graph.node if n.op_type == "Conv" and "2" in n.name)
+    assert dep.weight_errors(path)[-1][0] == b  # the data-free ranking puts it last
+    images = np.random.default_rng(0).standard_normal((64, 3, 16, 16)).astype(np.float32)
+    cfg = QuantizeConfig(calib_images=64)
+    dep.quantize_onnx(path, tmp_path / "q.onnx", images, cfg)
+    ranking = dep.rank_layers(path, tmp_path / "q.onnx", images, cfg)
+    assert len(ranking) == 3 and ranking[0]["layer"] == b, ranking
+    assert ranking[0]["mse"] < min(r["mse"] for r in ranking[1:]) / 4, ranking
