@@ -36,7 +36,7 @@ def render_results(results_root: Path) -> str:
     lines += sections.converged(every) + sections.imagefolder(every) + sections.coverage(every) + sections.speed(every)
     lines += sections.deploy(every) + sections.one_engine(every) + sections.yolo(every) + sections.techniques(every)
     lines += sections_targets.yolo_pipeline(every) + sections_targets.latency_target(every)
-    lines += sections_targets.allocate(every)
+    lines += sections_targets.allocate(every) + sections_targets.int8_keep(every)
     lines += [
         "## Pipeline checks (one epoch per stage): not accuracy",
         "",

@@ -107,3 +107,27 @@ def allocate(every: list[dict]) -> list[str]:
         lines += ["", f"latency − gamma: {d['mean']:+.2f} ± {d['sd']:.2f} pt"
                   + (f"; gamma − Torch-Pruning: {t['mean']:+.2f} ± {t['sd']:.2f} pt" if t else ""), ""]  # fmt: skip
     return lines
+
+
+def int8_keep(every: list[dict]) -> list[str]:
+    lines: list[str] = []
+    for r in [x for x in every if x.get("kind") == "int8_keep"][-1:]:
+        lines += [
+            f"## INT8 fallback: convs ranked by measured accuracy against weight error ({r['machine_tag']}, "
+            f"{r['date'][:10]})", "",
+            f"`{r['command']}`: per architecture and seed a model trained on the embedded Fashion-MNIST subset; the "
+            "budget is half of plain INT8's drop against FP32, so every run falls back. Each ranking's convs go back "
+            "to FP32 one at a time until the drop fits (or half are back). Drops in points on the 2000 test images; "
+            "INT8 ÷ FP32 speed at batch 1, one thread, side by side. Mean ± sd over seeds.", "",
+            "| model | runs | plain INT8 drop | ranking | convs back in FP32 | drop left | fits | INT8 speed ÷ FP32 |",
+            "|---|---:|---:|---|---:|---:|---:|---:|",
+        ]  # fmt: skip
+        for arch, s in r["summary"].items():
+            for sub, name in (("measured", "measured (NNCF)"), ("weight_error", "weight error")):
+                x = s[sub]
+                lines.append(
+                    f"| {arch} | {s['runs']} | {_ms(s['int8_drop'], 100)} | {name} | {_ms(x['fp32_convs'])} "
+                    f"| {_ms(x['drop'], 100)} | {x['fits']}/{s['runs']} | ×{_ms(x['speedup_vs_fp32'])} |"
+                )
+        lines.append("")
+    return lines

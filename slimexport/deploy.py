@@ -293,14 +293,19 @@ def rank_layers(model: Path, int8: Path, images: np.ndarray, cfg: QuantizeConfig
     err = ((q - ref) ** 2).mean(axis=1)
     order = np.lexsort((-err, q.argmax(1) == ref.argmax(1)))[:RANK_IMAGES]  # changed class first, then by error
     sub, want = images[order], ref[order]
+    from slimexport.console import make_progress
+
     rows = []
-    with tempfile.TemporaryDirectory(prefix="slimexport-rank-") as tmp:
-        for name, _ in weight_errors(model)[:RANK_MAX]:
+    convs = [name for name, _ in weight_errors(model)[:RANK_MAX]]
+    with tempfile.TemporaryDirectory(prefix="slimexport-rank-") as tmp, make_progress() as progress:
+        task = progress.add_task("ranking convs for INT8", total=len(convs), info="each alone back in FP32")
+        for name in convs:
             path = Path(tmp) / "rank.onnx"
             quantize_onnx(model, path, images, cfg, exclude=[name])
             got = _logits(path, sub)
             rows.append({"layer": name, "agreement": float((got.argmax(1) == want.argmax(1)).mean()),
                          "mse": float(((got - want) ** 2).mean())})  # fmt: skip
+            progress.advance(task)
     return sorted(rows, key=lambda r: (-r["agreement"], r["mse"]))
 
 

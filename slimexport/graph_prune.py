@@ -37,7 +37,7 @@ from slimexport.config import PruneConfig
 from slimexport.errors import ConfigError
 from slimexport.fold import fold_dropped
 from slimexport.graph import BN_TYPES, ChannelGraph, Inputs, call, first_sample, trace_channels
-from slimexport.importance import Importance, class_weights, importance, per_latency, threshold_at
+from slimexport.importance import Importance, class_weights, from_scores, importance, per_latency, threshold_at
 from slimexport.plan import PRODUCERS, apply_plan, make_plan
 from slimexport.records import PruneRecord
 from slimexport.selfcheck import check_pruned, raw_removed, zero_removed
@@ -177,7 +177,7 @@ def prune_graph(
         )
     imp = importance(model, g, cfg.normalize)
     if cfg.allocate == "latency" and probe is not None:
-        imp = per_latency(imp, g, probe.table(model).layers)
+        imp = per_latency(imp, g, _latency_costs(model, g, imp, cfg.round_to, probe))
     prunable = imp.prunable
     if not prunable:
         raise ConfigError(f"no channel of {type(model).__name__} can be pruned: {_why_none(g, imp.scores)}")
@@ -226,6 +226,30 @@ def prune_graph(
         "plan": plan,
     } | extra
     return new, record
+
+
+def _latency_costs(model: nn.Module, g: ChannelGraph, imp: Importance, round_to: int, probe) -> dict[int, float]:
+    """``--allocate latency``'s table, per class: for each producing layer, about half of its prunable channels
+    (a multiple of ``round_to``, the runtime's block: off it a runtime times its slow path; the lowest scored,
+    with all that depends on them) are pruned from the whole model, and ``probe`` times what that saves per
+    channel (:meth:`~slimexport.latency.LatencyProbe.group_costs`). Layers sharing their channels (a residual
+    stream) are one group. A layer of at most one block is not measured."""
+    groups: dict[str, list[int]] = {}
+    for use in g.uses.values():
+        cls = sorted({c for c in g.classes(use.out).tolist() if c in imp.ok}, key=lambda c: imp.eff[c]) if (
+            use.kind in PRODUCERS) else []  # fmt: skip
+        if len(cls) > round_to and all(set(cls) != set(v) for v in groups.values()):
+            groups[use.name] = cls
+
+    def candidates():
+        for name, cls in groups.items():
+            drop = set(cls[: max(round_to, len(cls) // 2 // round_to * round_to)])
+            removed = choose(g, from_scores(g, {c: float(c not in drop) for c in imp.scores}), 0.5)[0]
+            if removed:
+                yield name, len(cls), len(removed), apply_plan(copy.deepcopy(model), make_plan(g, removed))
+
+    per_group = probe.group_costs(candidates())
+    return {c: per_group[name] for name, cls in groups.items() if name in per_group for c in cls}
 
 
 def _threshold(model, example_input, cfg: PruneConfig, probe, g: ChannelGraph, prunable: dict, at):

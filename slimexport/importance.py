@@ -101,25 +101,15 @@ def importance(model: nn.Module, g: ChannelGraph, normalize: str = "none") -> Im
     return from_scores(g, class_scores(model, g, normalize))
 
 
-def per_latency(imp: Importance, g: ChannelGraph, layers: dict[str, dict[str, float]]) -> Importance:
-    """Latency-aware allocation (``--allocate latency``): each class's score divided by the latency its channels
-    cost, ms per channel summed over the layers they pass through (``layers``: per conv its measured slopes,
-    :class:`slimexport.latency.LatencyTable`), so the threshold keeps the most importance per unit of latency. A
-    class that costs (next to) nothing gets the floor of 5% of the median cost: it is kept, as it saves no time."""
-    costs: dict[int, float] = defaultdict(float)
-    for use in g.uses.values():
-        row = layers.get(use.name)
-        if row is None:
-            continue
-        if use.out is not None:
-            for c in g.classes(use.out).tolist():
-                costs[c] += row["out"]
-        if use.inp is not None and use.kind != "depthwise":  # a depthwise conv's input is its output's class
-            for c in g.classes(use.inp).tolist():
-                costs[c] += row["in"]
+def per_latency(imp: Importance, g: ChannelGraph, costs: dict[int, float]) -> Importance:
+    """Latency-aware allocation (``--allocate latency``): each class's score divided by the latency it costs (ms
+    per channel, measured in the whole model on the runtime: :meth:`slimexport.latency.LatencyProbe.group_costs`),
+    scaled by the median cost, so the threshold keeps the most importance per unit of latency. A class that costs
+    (next to) nothing gets the floor of 5% of the median: it is kept, as it saves no time; one that was not
+    measured (a layer too narrow to halve) costs the median, as under the plain |γ| threshold."""
     positive = sorted(v for c, v in costs.items() if c in imp.scores and v > 0)
     median = positive[len(positive) // 2] if positive else 1.0
-    scores = {c: s * median / max(costs.get(c, 0.0), 0.05 * median) for c, s in imp.scores.items()}
+    scores = {c: s * median / max(costs.get(c, median), 0.05 * median) for c, s in imp.scores.items()}
     return from_scores(g, scores)
 
 

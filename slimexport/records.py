@@ -86,7 +86,8 @@ class PruneRecord(TypedDict, total=False):
         dict[str, Any],
         "--target-speedup / --max-latency: `{target_speedup or max_latency_ms, runtime, batch, threads, image_shape, "
         "probes: [{ms, base_ms, speedup, cached}], retimed: {ms, base_ms, speedup}, search_seconds, cache, allocate, "
-        "latency_table (--allocate latency: per conv `{ms, out, in}`, ms and ms per output / input channel)}`, "
+        "latency_table (--allocate latency: `{groups: [{layer, channels, removed, ms, base_ms, ms_per_channel, "
+        "cached}], seconds}`, each producing layer's channels half pruned in the whole model and timed)}`, "
         "`unreachable` where even the most pruned model is not that fast (it is then the result)",
     ]
     source: Annotated[str, "the checkpoint that was pruned"]

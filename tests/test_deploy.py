@@ -240,3 +240,14 @@ def test_the_ranking_measures_which_conv_loses_accuracy_where_weight_error_canno
     ranking = dep.rank_layers(path, tmp_path / "q.onnx", images, cfg)
     assert len(ranking) == 3 and ranking[0]["layer"] == b, ranking
     assert ranking[0]["mse"] < min(r["mse"] for r in ranking[1:]) / 4, ranking
+
+
+def test_quantize_says_what_int8_keep_auto_chose_and_why(fp32, small_npz, tmp_path):
+    out = tmp_path / "q.onnx"
+    args = ["quantize", str(fp32), "--out", str(out), "--dataset", small_npz, "--int8-keep", "auto",
+            "--calib-images", "64"]  # fmt: skip
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    said = res.stdout.split("--int8-keep auto: deploy ", 1)
+    assert len(said) == 2 and said[1].startswith(("int8", "fp32")), res.stdout
+    assert " ms " in said[1] or " pt " in said[1], res.stdout  # the why: both times, or the accuracy lost

@@ -3,6 +3,8 @@ measured predicate, the probe that times candidates in onnxruntime and caches wh
 the new options. How close the re-timed speed-up lands to the target is measured by `python -m
 benchmarks.latency_target` (a benchmark: timings do not belong in unit tests)."""
 
+import json
+
 import pytest
 import torch
 
@@ -157,11 +159,6 @@ def test_sweep_targets_are_checked_before_anything_runs(tmp_path):
             parse_targets(bad)
 
 
-class _Table:
-    def __init__(self, layers):
-        self.layers = layers
-
-
 def test_latency_allocation_prunes_the_channels_that_cost_most_per_importance():
     """With one conv made expensive in the latency table, --allocate latency takes its channels first: at the same
     budget it removes more of them than the global |γ| threshold does."""
@@ -177,7 +174,7 @@ def test_latency_allocation_prunes_the_channels_that_cost_most_per_importance():
         return dict(model.named_modules())[costly].out_channels
 
     probe = _ParamsProbe(budget)
-    probe.table = lambda model: _Table(layers)
+    probe.group_costs = lambda groups: {name: layers[name]["out"] for name, *_ in groups}
     gamma, _ = prune_graph(m, x, PruneConfig(percent=None, target_speedup=2.0), probe=_ParamsProbe(budget))
     lat, rec = prune_graph(m, x, PruneConfig(percent=None, target_speedup=2.0, allocate="latency"), probe=probe)
     assert width(lat) < width(gamma) and count_params(lat) <= budget
@@ -189,16 +186,28 @@ def test_allocate_latency_needs_a_latency_target(tmp_path):
                   "--allocate latency weighs channels by their measured latency")  # fmt: skip
 
 
-def test_the_layer_table_times_every_conv_alone_and_is_cached(timed):
-    calls = timed
+def test_the_latency_table_times_each_layers_channels_in_the_whole_model_and_is_cached(timed):
+    """--allocate latency's table: per producing layer, about half its channels (a multiple of --round-to) pruned
+    from the whole model and timed against it; every class of a measured layer gets that layer's ms per channel,
+    and a second table on the same model times nothing again."""
+    from slimexport.graph import trace_channels
+    from slimexport.graph_prune import _latency_costs
+    from slimexport.importance import importance
+
     m, x = _model(), torch.randn(1, 3, 32, 32)
     cfg = PruneConfig(percent=None, target_speedup=2.0, allocate="latency").validate()
-    table = lat.LatencyTable(m, x, cfg)
+    g = trace_channels(m, x)
+    imp = importance(m, g)
+    probe = lat.LatencyProbe(m, x, cfg)
+    costs = _latency_costs(m, g, imp, 4, probe)
+    rows = probe.layer_table["groups"]
     convs = [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Conv2d)]
-    assert sorted(table.layers) == sorted(convs) and calls
-    assert all(r["ms"] > 0 and r["out"] >= 0 and r["in"] >= 0 for r in table.layers.values())
-    n = len(calls)
-    assert lat.LatencyTable(m, x, cfg).layers == table.layers and len(calls) == n  # read back, nothing timed
+    assert [r["layer"] for r in rows] == convs and timed  # TINY_VGG: every conv's channels are a group of their own
+    assert all(r["removed"] % 4 == 0 and 0 < r["removed"] < r["channels"] and r["ms_per_channel"] >= 0 for r in rows)
+    assert set(costs) == {c for c in imp.prunable} and all(v >= 0 for v in costs.values())
+    n = len(timed)
+    again = _latency_costs(m, g, imp, 4, lat.LatencyProbe(m, x, cfg))
+    assert again == costs and len(timed) == n  # read back from the cache, nothing timed
 
 
 @pytest.mark.slow
@@ -256,3 +265,17 @@ def test_round_to_auto_for_ncnn_follows_its_packing(monkeypatch, avx512, avx2, e
     monkeypatch.setattr(lat, "kernel_step", lambda *a: pytest.fail("ncnn's block is not measured in onnxruntime"))
     block, why = resolve_round_to("auto", PruneConfig(runtime="ncnn"))
     assert block == expected and "ncnn packs" in why
+
+
+def test_a_foreign_step_cache_is_measured_again_not_trusted(timed):
+    from slimexport.prune import resolve_round_to
+
+    resolve_round_to("auto")
+    cache = lat.cache_dir() / "steps.json"
+    data = lat.read_cache(cache)
+    data = {k: {"33": "junk"} for k in data}
+    cache.write_text(json.dumps(data))
+    n = len(timed)
+    assert resolve_round_to("auto")[0] in (1, 2, 4, 8, 16, 32) and len(timed) > n
+    cache.write_text("not json")
+    assert resolve_round_to("auto")[0] in (1, 2, 4, 8, 16, 32) and len(timed) > n + 1  # an unreadable file too

@@ -160,6 +160,7 @@ def quantize(
         f"{' reduce_range' if r['reduce_range'] else ''} ({r['types_why']}); {r['fp32_bytes']:,} -> {r['bytes']:,} "
         f"bytes (×{1 / r['bytes_ratio']:.2f}); onnxruntime accuracy {r['fp32_accuracy']:.4f} -> {r['accuracy']:.4f}, "
         f"top-1 agreement {r['top1_agreement']:.4f}, max |Δ logits| {r['max_abs_diff']:.3g} on {r['images']} images"
+        + (f"; --int8-keep auto: deploy {r['keep']['chosen']} ({r['keep']['why']})" if r.get("keep") else "")
     )
 
 
