@@ -74,9 +74,10 @@ def main() -> None:
             cmd = [sys.executable, "-m", "slimexport", "pipeline", "--out", str(out), "--force", "--seed", seed,
                    "--target-speedup", a.target, "--allocate", allocate, "--batch", "1", "--threads", "1",
                    "--seconds", "2"]  # fmt: skip
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode != 0:
-                raise SystemExit(f"{shlex.join(cmd)} failed:\n{res.stderr[-3000:]}")
+            if not (out / "report.json").is_file():  # a finished run is kept: an interrupted benchmark resumes
+                res = subprocess.run(cmd, capture_output=True, text=True)
+                if res.returncode != 0:
+                    raise SystemExit(f"{shlex.join(cmd)} failed:\n{res.stderr[-3000:]}")
             rep = json.loads((out / "report.json").read_text())
             sp = next(s for s in rep["ratios"]["speedup"] if s["batch"] == 1 and s["threads"] == 1)
             row = {"seed": int(seed), "allocate": allocate, "baseline_accuracy": rep["baseline"]["accuracy"],

@@ -77,6 +77,7 @@ def main() -> None:
     model = torchvision.models.mobilenet_v2(weights=None, num_classes=10).eval()
     x = torch.randn(1, 3, 224, 224)
     sizes: dict[nn.Module, int] = {}
+
     def size(mod: nn.Module, inputs: tuple, output: torch.Tensor) -> None:  # None: the output is left as it is
         sizes.setdefault(mod, inputs[0].shape[-1])
 

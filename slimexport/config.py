@@ -78,8 +78,8 @@ class PruneConfig:
         "ncnn (the ncnn extra)."))  # fmt: skip
     allocate: str = setting("gamma", flag="--allocate", choices=ALLOCATE, help=(
         "With a latency target: gamma, one global |γ| threshold (the paper's); latency, each channel's |γ| divided "
-        "by what it costs on the runtime (a per-layer latency table measured there), so the threshold keeps the "
-        "most importance per ms."))  # fmt: skip
+        "by what it costs on the runtime (each layer's channels half pruned from the whole model and timed there), "
+        "so the threshold keeps the most importance per ms."))  # fmt: skip
     latency_batch: int = setting(1, flag="--latency-batch", help="Batch size of the latency target's measurements.")
     latency_threads: int = setting(1, flag="--latency-threads", help="Threads of the latency target's measurements.")
     min_channels: int = setting(
@@ -126,9 +126,6 @@ class PruneConfig:
         if self.allocate == "latency" and self.target_speedup is None and self.max_latency is None:
             raise ConfigError("--allocate latency weighs channels by their measured latency: give --target-speedup "
                               "or --max-latency")  # fmt: skip
-        if self.allocate == "latency" and self.runtime == "ncnn":
-            raise ConfigError("--allocate latency: its per-layer table is measured in onnxruntime; with --runtime "
-                              "ncnn use --allocate gamma (the target itself is measured in ncnn)")  # fmt: skip
         for flag, v in (("--latency-batch", self.latency_batch), ("--latency-threads", self.latency_threads)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{flag} must be a positive integer, got {v!r}")

@@ -222,7 +222,7 @@ STEP_WIDTHS = range(33, 65)  # every candidate block below has whole blocks here
 STEP_CANDIDATES = (32, 16, 8, 4, 2)
 STEP_SHARE = 0.15  # a block is free where rounding up to it costs at most this share of what the channels would
 # cost if time followed the channel count (a runtime that steps every b channels: about 0 at b, 0.25-0.5 at 2b;
-# measured on onnxruntime 1.32 with AVX-512: 0.00-0.03 at 16, 0.26-0.29 at 32 over four fresh measurements)
+# onnxruntime 1.32 on an Intel Xeon with AVX-512: 0.00-0.03 at 16, 0.26-0.29 at 32 over four fresh measurements)
 # The probes: two convolutions with the scanned width between them, as pruning changes one layer's outputs and the
 # next one's inputs together (the graph's own input and output keep their widths, so their layout conversions
 # cost the same at every width). A 3×3 and a 1×1 pair, most of a CNN's time, about 0.6 ms each on a CPU core.

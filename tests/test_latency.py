@@ -3,6 +3,7 @@ measured predicate, the probe that times candidates in onnxruntime and caches wh
 the new options. How close the re-timed speed-up lands to the target is measured by `python -m
 benchmarks.latency_target` (a benchmark: timings do not belong in unit tests)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -222,8 +223,18 @@ def test_a_latency_target_measured_in_ncnn(tmp_path, monkeypatch):
     probe = lat.LatencyProbe(m, x, cfg)
     ms, speedup = probe(prune_graph(m, x, PruneConfig(percent=0.6))[0])
     assert ms > 0 and speedup > 1.0  # 60% of the channels gone: faster in ncnn too
-    with pytest.raises(Exception, match="per-layer table is measured in onnxruntime"):
-        PruneConfig(percent=None, target_speedup=1.5, runtime="ncnn", allocate="latency").validate()
+    # --allocate latency's table is measured in ncnn as well: each layer's channels half pruned, converted, timed
+    from slimexport.graph import trace_channels
+    from slimexport.graph_prune import _latency_costs
+    from slimexport.importance import importance
+
+    g = trace_channels(m, x)
+    imp = importance(m, g)
+    probe = lat.LatencyProbe(m, x, dataclasses.replace(cfg, allocate="latency").validate())
+    costs = _latency_costs(m, g, imp, 4, probe)
+    convs = [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Conv2d)]
+    assert [r["layer"] for r in probe.layer_table["groups"]] == convs and set(costs) == set(imp.prunable)
+    assert sum(r["ms_per_channel"] for r in probe.layer_table["groups"]) > 0
 
 
 def _staircase(block: int, slow_off: int = 1, overhead: float = 0.2) -> dict[int, float]:
