@@ -9,8 +9,9 @@ Per architecture and seed: a model trained --epochs on the embedded Fashion-MNIS
 plain INT8's drop against FP32 (onnxruntime, the 2000 test images); then, with the budget at --budget of that drop,
 each ranking's convs go back to FP32 one at a time (as `--int8-keep auto` does) until the drop fits or half the
 convs are back: how many convs it took, the drop left, and INT8's latency against FP32's (batch 1, one thread, side
-by side). The budget is relative so that every run needs a fallback; the speed gate of `--int8-keep auto` (INT8
-must be faster than FP32 here) is left out, so both rankings are compared on every model.
+by side). `--per-tensor`: per-tensor weight scales, where INT8 loses accuracy (with per-channel scales these models
+lose none, and nothing falls back). The budget is relative so that every run needs a fallback; the speed gate of
+`--int8-keep auto` (INT8 must be faster than FP32 here) is left out, so both rankings are compared on every model.
 
 Writes benchmarks/results/<machine>/int8_keep.json; finished rows are kept in --work.
 """
@@ -55,19 +56,20 @@ def _fall_back(onnx: Path, out: Path, images, cfg: QuantizeConfig, ds, ranked: l
             "int8_ms": int8_ms, "fp32_ms": fp32_ms, "tries": tries, "order": ranked}  # fmt: skip
 
 
-def one(arch: str, seed: int, epochs: int, budget_share: float) -> dict:
+def one(arch: str, seed: int, epochs: int, budget_share: float, per_channel: bool) -> dict:
     ds = load_dataset("embedded")
     with tempfile.TemporaryDirectory(prefix="int8-keep-") as tmp:
         tmp = Path(tmp)
         train(tmp / "m.pt", ds, preset_config("fast", epochs, device="cpu", seed=seed), arch=arch)
         export(tmp / "m.pt", tmp / "m.onnx", ds)
         onnx, out = tmp / "m.onnx", tmp / "m.int8.onnx"
-        cfg = QuantizeConfig(seed=seed)
+        cfg = QuantizeConfig(seed=seed, per_channel=per_channel)
         idx = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(seed))  # quantize's subset
         images = ds.normalize(ds.x_train[idx[: cfg.calib_images]]).numpy()
         plain = quantize_onnx(onnx, out, images, cfg, lambda dst: compare(onnx, dst, ds))["measured"]
         drop = plain["reference_accuracy"] - plain["accuracy"]
-        row = {"arch": arch, "seed": seed, "epochs": epochs, "fp32_accuracy": plain["reference_accuracy"],
+        row = {"arch": arch, "seed": seed, "epochs": epochs, "per_channel": per_channel,
+               "fp32_accuracy": plain["reference_accuracy"],
                "int8_drop": drop, "convs": len(weight_errors(onnx))}  # fmt: skip
         if drop <= 0:
             return row | {"note": "plain INT8 lost nothing: no fallback to compare"}
@@ -105,6 +107,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--budget", type=float, default=0.5, help="the budget as a share of plain INT8's drop")
+    ap.add_argument(
+        "--per-tensor",
+        action="store_true",
+        help="per-tensor weight scales (as some NPUs require): "
+        "INT8 then loses accuracy where per-channel scales lose none, and the fallback has work to do",
+    )
     ap.add_argument("--work", type=Path, default=ROOT / "work" / "int8_keep")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / machine_tag() / "int8_keep.json")
     a = ap.parse_args()
@@ -112,8 +120,12 @@ def main() -> None:
     rows = []
     for arch in a.archs.split(","):
         for seed in map(int, a.seeds.split(",")):
-            done = a.work / f"{arch.replace(':', '_')}-{seed}-{a.epochs}.json"
-            row = json.loads(done.read_text()) if done.is_file() else one(arch, seed, a.epochs, a.budget)
+            done = a.work / f"{arch.replace(':', '_')}-{seed}-{a.epochs}-{'tensor' if a.per_tensor else 'channel'}.json"
+            row = (
+                json.loads(done.read_text())
+                if done.is_file()
+                else one(arch, seed, a.epochs, a.budget, not a.per_tensor)
+            )
             done.write_text(json.dumps(row))
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("measured", "weight_error")}), flush=True)

@@ -251,10 +251,13 @@ def _ms_b1(reference: Path, candidate: Path, image_shape: tuple[int, ...]) -> tu
     return ms["fp32"], ms["int8"]
 
 
+WEIGHTED = ("Conv", "Gemm", "MatMul")  # the nodes with weights that INT8 can put back to FP32 one by one
+
+
 def weight_errors(model: Path) -> list[tuple[str, float]]:
-    """Each Conv node's weight error under per-output-channel symmetric INT8, relative to its weights' norm,
-    worst first (data-free): which convs the measured ranking (:func:`rank_layers`) looks at first where a model
-    has more than :data:`RANK_MAX` of them."""
+    """Each weighted node's (:data:`WEIGHTED`: convs and the classifier) weight error under per-output-channel
+    symmetric INT8, relative to its weights' norm, worst first (data-free): which layers the measured ranking
+    (:func:`rank_layers`) looks at first where a model has more than :data:`RANK_MAX` of them."""
     import onnx
     from onnx import numpy_helper
 
@@ -262,7 +265,7 @@ def weight_errors(model: Path) -> list[tuple[str, float]]:
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     out = []
     for node in proto.graph.node:
-        w = inits.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+        w = inits.get(node.input[1]) if node.op_type in WEIGHTED and len(node.input) > 1 else None
         if w is None or w.ndim < 2:
             continue
         flat = w.reshape(w.shape[0], -1).astype(np.float64)
@@ -273,7 +276,7 @@ def weight_errors(model: Path) -> list[tuple[str, float]]:
 
 
 RANK_IMAGES = 300  # NNCF's ranking subset
-RANK_MAX = 32  # convs ranked by measurement at most (the worst by weight error, where a model has more)
+RANK_MAX = 32  # layers ranked by measurement at most (the worst by weight error, where a model has more)
 
 
 def _logits(path: Path, x: np.ndarray, batch: int = 256) -> np.ndarray:
@@ -283,12 +286,12 @@ def _logits(path: Path, x: np.ndarray, batch: int = 256) -> np.ndarray:
 
 
 def rank_layers(model: Path, int8: Path, images: np.ndarray, cfg: QuantizeConfig) -> list[dict[str, Any]]:
-    """Which convs lose most in INT8, measured as NNCF's accuracy control does: on a ranking subset (the
-    :data:`RANK_IMAGES` calibration images whose INT8 output is furthest from FP32's, those whose class changed
-    first), each conv alone is put back in FP32 (quantized again with it excluded) and scored by the top-1
-    agreement with FP32 it restores, then by its mean squared logit error. The calibration images stand in for
-    NNCF's validation subset, so the test images the drop is measured on play no part in the choice. Returns a
-    row per conv (``layer``, ``agreement``, ``mse``), the most harmful first."""
+    """Which layers (convs, the classifier) lose most in INT8, measured as NNCF's accuracy control does: on a
+    ranking subset (the :data:`RANK_IMAGES` calibration images whose INT8 output is furthest from FP32's, those
+    whose class changed first), each layer alone is put back in FP32 (quantized again with it excluded) and scored
+    by the top-1 agreement with FP32 it restores, then by its mean squared logit error. The calibration images
+    stand in for NNCF's validation subset, so the test images the drop is measured on play no part in the choice.
+    Returns a row per layer (``layer``, ``agreement``, ``mse``), the most harmful first."""
     ref, q = _logits(model, images), _logits(int8, images)
     err = ((q - ref) ** 2).mean(axis=1)
     order = np.lexsort((-err, q.argmax(1) == ref.argmax(1)))[:RANK_IMAGES]  # changed class first, then by error
@@ -296,10 +299,10 @@ def rank_layers(model: Path, int8: Path, images: np.ndarray, cfg: QuantizeConfig
     from slimexport.console import make_progress
 
     rows = []
-    convs = [name for name, _ in weight_errors(model)[:RANK_MAX]]
+    layers = [name for name, _ in weight_errors(model)[:RANK_MAX]]
     with tempfile.TemporaryDirectory(prefix="slimexport-rank-") as tmp, make_progress() as progress:
-        task = progress.add_task("ranking convs for INT8", total=len(convs), info="each alone back in FP32")
-        for name in convs:
+        task = progress.add_task("ranking layers for INT8", total=len(layers), info="each alone back in FP32")
+        for name in layers:
             path = Path(tmp) / "rank.onnx"
             quantize_onnx(model, path, images, cfg, exclude=[name])
             got = _logits(path, sub)
@@ -311,9 +314,9 @@ def rank_layers(model: Path, int8: Path, images: np.ndarray, cfg: QuantizeConfig
 
 def _keep_auto(model: Path, out: Path, images: np.ndarray, cfg: QuantizeConfig, ds: Dataset, rec: dict) -> dict:
     """``--int8-keep auto``: is the INT8 model faster than FP32 here and within ``max_drop``? If it is faster but
-    loses more, the convs are ranked by the accuracy each one alone costs (:func:`rank_layers`) and put back to
+    loses more, the layers are ranked by the accuracy each one alone costs (:func:`rank_layers`) and put back to
     FP32 one at a time in that order, quantizing again and measuring the drop each time, until it fits or half
-    the convs are back (NNCF's accuracy control); the INT8 file that fits is left at ``out``. Returns the
+    the layers are back (NNCF's accuracy control); the INT8 file that fits is left at ``out``. Returns the
     decision, with ``file_record`` the quantizer's record of the file left at ``out`` (the last one quantized)."""
     shape = (ds.in_channels, *ds.image_size)
     fp32_ms, int8_ms = _ms_b1(model, out, shape)
@@ -338,15 +341,16 @@ def _keep_auto(model: Path, out: Path, images: np.ndarray, cfg: QuantizeConfig, 
         tries.append({"fp32_layers": k, "layers": excluded, "accuracy_drop": drop, "int8_ms": int8_ms})
         k += 1
     if drop > cfg.max_drop:
+        back = tries[-1]["fp32_layers"]
         return base | {"chosen": "fp32", "why": f"INT8 loses {100 * drop:.2f} pt > --int8-max-drop "
-                       f"{100 * cfg.max_drop:.2f} even with {tries[-1]['fp32_layers']} convs back in FP32"}  # fmt: skip
+                       f"{100 * cfg.max_drop:.2f} even with {back} layers back in FP32"}  # fmt: skip
     if int8_ms >= fp32_ms:
         return base | {"chosen": "fp32", "why": f"within the accuracy budget only with {tries[-1]['fp32_layers']} "
-                       f"convs in FP32, and then not faster ({int8_ms:.3g} against {fp32_ms:.3g} ms)"}  # fmt: skip
+                       f"layers in FP32, and then not faster ({int8_ms:.3g} against {fp32_ms:.3g} ms)"}  # fmt: skip
     n = tries[-1]["fp32_layers"]
-    return base | {"chosen": "int8" if n == 0 else f"int8, {n} conv(s) in FP32",
+    return base | {"chosen": "int8" if n == 0 else f"int8, {n} layer(s) in FP32",
                    "why": f"×{fp32_ms / int8_ms:.2f} faster than FP32 at batch 1, one thread, losing "
-                   f"{100 * drop:.2f} pt (≤ {100 * cfg.max_drop:.2f})" + (f"; the {n} conv(s) whose INT8 cost most "
+                   f"{100 * drop:.2f} pt (≤ {100 * cfg.max_drop:.2f})" + (f"; the {n} layer(s) whose INT8 cost most "
                    "accuracy, measured one at a time, stay FP32" if n else "")}  # fmt: skip
 
 

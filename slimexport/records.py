@@ -140,7 +140,7 @@ class VariantRow(TypedDict, total=False):
     accuracy: Annotated[float, "in its runtime, whole test split"]
     parity: Annotated[dict[str, Any], "`reference`, `top1_agreement`, `max_abs_diff` against the model it came from"]
     types: Annotated[str, "INT8: activation/weight types"]
-    keep: Annotated[dict[str, str], "INT8, --int8-keep auto: `{chosen, why}` (int8, int8 with N convs in FP32, fp32)"]
+    keep: Annotated[dict[str, str], "INT8, --int8-keep auto: `{chosen, why}` (int8, int8 with N layers in FP32, fp32)"]
     latency: Annotated[list[LatencyRow], "per setting"]
 
 
