@@ -170,3 +170,10 @@ def test_the_cli_enums_are_the_librarys_tuples():
 
 def test_the_config_option_is_documented():
     assert "--config" in (Path(__file__).parents[1] / "docs" / "reference.md").read_text()
+
+
+def test_options_whose_flag_differs_from_the_field_reach_the_config(captured):
+    """--int8-keep and --int8-max-drop fill QuantizeConfig.keep and .max_drop (matched by field name they were
+    dropped without a word, and `quantize --int8-keep auto` quantized as always)."""
+    cfg = _run(["--int8", "--int8-keep", "auto", "--int8-max-drop", "0.05"], captured)
+    assert (cfg.quantize.keep, cfg.quantize.max_drop) == ("auto", 0.05)

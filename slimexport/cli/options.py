@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from slimexport import config as C
+from slimexport.fields import option_name
 
 # Every setting a command can take, by option name (PipelineConfig's own and its sections').
 SETTINGS: dict[str, dataclasses.Field] = {}
@@ -92,10 +93,13 @@ def plain(value: Any) -> Any:
 
 
 def fill(cls, options: dict[str, Any], **nested: Any):
-    """A config dataclass from a command's options: every field named like an option takes its value; ``nested``
-    gives the fields built otherwise."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: plain(v) for k, v in options.items() if k in names and k not in nested}, **nested)
+    """A config dataclass from a command's options: every field takes the value of its option, named by its flag
+    (``--int8-keep`` fills ``keep``) or, for a field without one, by the field; ``nested`` gives the fields built
+    otherwise. (Matching field names alone dropped ``--int8-keep`` and ``--int8-max-drop`` without a word.)"""
+    by_option = {option_name(f.metadata["flag"]) if "flag" in f.metadata else f.name: f.name
+                 for f in dataclasses.fields(cls)}  # fmt: skip
+    given = {name: plain(options[opt]) for opt, name in by_option.items() if opt in options and name not in nested}
+    return cls(**given, **nested)
 
 
 # Options several commands share, each built from its setting.
