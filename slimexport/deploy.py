@@ -292,12 +292,12 @@ def rank_layers(model: Path, int8: Path, images: np.ndarray, cfg: QuantizeConfig
     by the top-1 agreement with FP32 it restores, then by its mean squared logit error. The calibration images
     stand in for NNCF's validation subset, so the test images the drop is measured on play no part in the choice.
     Returns a row per layer (``layer``, ``agreement``, ``mse``), the most harmful first."""
+    from slimexport.console import make_progress
+
     ref, q = _logits(model, images), _logits(int8, images)
     err = ((q - ref) ** 2).mean(axis=1)
     order = np.lexsort((-err, q.argmax(1) == ref.argmax(1)))[:RANK_IMAGES]  # changed class first, then by error
     sub, want = images[order], ref[order]
-    from slimexport.console import make_progress
-
     rows = []
     layers = [name for name, _ in weight_errors(model)[:RANK_MAX]]
     with tempfile.TemporaryDirectory(prefix="slimexport-rank-") as tmp, make_progress() as progress:
