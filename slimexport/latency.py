@@ -236,8 +236,9 @@ def step_from(times: dict[int, float]) -> tuple[int, dict[int, dict[str, float]]
     nothing. Rounding width c up to a multiple of b is priced against the fastest width at or above c (where a
     runtime is slow off its blocks, onnxruntime's CPU convolutions at widths that are not a multiple of 4, more
     channels can be faster), as a share of what those channels would cost if time were proportional to them; b is
-    free where the mean share is at most :data:`STEP_SHARE`. 1 where no block is free. Returns (block, {b: {cost,
-    share}})."""
+    free where the mean share is at most :data:`STEP_SHARE`. Where timing noise leaves none that free, the block
+    with the smallest share still beats exact counts as long as that share is under a half (exact counts would land
+    on the slow widths); 1 where none is (time follows the count). Returns (block, {b: {cost, share}})."""
     widths = sorted(times)
     best = {c: min(times[d] for d in widths if d >= c) for c in widths}  # the fastest width at or above c
     out = {}
@@ -246,7 +247,11 @@ def step_from(times: dict[int, float]) -> tuple[int, dict[int, dict[str, float]]
         cost = sum((times[up[c]] - best[c]) / best[c] for c in STEP_WIDTHS) / len(STEP_WIDTHS)
         proportional = sum((up[c] - c) / c for c in STEP_WIDTHS) / len(STEP_WIDTHS)
         out[b] = {"cost": float(cost), "share": float(cost / proportional)}
-    return next((b for b in STEP_CANDIDATES if out[b]["share"] <= STEP_SHARE), 1), out
+    free = next((b for b in STEP_CANDIDATES if out[b]["share"] <= STEP_SHARE), None)
+    if free is None:  # noise: the cheapest block, where rounding to it still costs well under proportional
+        cheapest = min(STEP_CANDIDATES, key=lambda b: out[b]["share"])
+        free = cheapest if out[cheapest]["share"] < 0.5 else 1
+    return free, out
 
 
 def _pair_graph(k: int, hw: int, other: int, width: int, batch: int) -> bytes:
