@@ -235,10 +235,12 @@ def _latency_costs(model: nn.Module, g: ChannelGraph, imp: Importance, round_to:
     channel (:meth:`~slimexport.latency.LatencyProbe.group_costs`). Layers sharing their channels (a residual
     stream) are one group. A layer of at most one block is not measured."""
     groups: dict[str, list[int]] = {}
+    seen: set[frozenset[int]] = set()
     for use in g.uses.values():
         cls = sorted({c for c in g.classes(use.out).tolist() if c in imp.ok}, key=lambda c: imp.eff[c]) if (
             use.kind in PRODUCERS) else []  # fmt: skip
-        if len(cls) > round_to and all(set(cls) != set(v) for v in groups.values()):
+        if len(cls) > round_to and frozenset(cls) not in seen:
+            seen.add(frozenset(cls))
             groups[use.name] = cls
 
     def candidates():

@@ -173,8 +173,9 @@ class LatencyProbe:
         layer's channels: ``(name, channels, removed, the unpruned model with ``removed`` of them pruned)``), the
         ms saved per channel removed, timed side by side with the unpruned model on the runtime (cached). Each
         layer alone in a one-conv graph would also time the layout conversions around it, which a whole model
-        does not do: on onnxruntime's CPU that overstated mobilenet_v2's 112×112 blocks 1.5-1.7× and understated
-        its 7×7 ones 0.7-0.9×. Returns name → ms per channel (≥ 0: a saving below the timer's noise is 0)."""
+        does not do (``python -m benchmarks.table_context``: mobilenet_v2's blocks at 112×112 to 28×28 came out
+        1.4-2.2× too expensive, its 14×14 and 7×7 ones 0.7-1.2×). Returns name → ms per channel (≥ 0: a saving
+        below the timer's noise is 0)."""
         t0 = time.perf_counter()
         bench = dataclasses.replace(self.bench, seconds=TABLE_SECONDS)
         rows, costs = [], {}
